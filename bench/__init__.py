@@ -1,0 +1,1 @@
+"""Benchmarks: black-box HTTP clients of the gateway and of engines. Import nothing of ours."""

@@ -1,0 +1,129 @@
+"""Configuration owned by ``models``: the store, the engines and the served models.
+
+Plain pydantic models; ``serving.settings`` composes them into the one root settings
+object, read from ``weir.toml`` plus ``WEIR_*`` environment overrides.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from models.errors import ConfigError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DEFAULT_STORE = Path("~/.cache/weir/models")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StoreConfig(_Strict):
+    """Where pulled and converted weights live (outside the repo)."""
+
+    path: Path = DEFAULT_STORE
+    verify_on_start: bool = True  # sha256 of every weight file before an engine loads it
+
+    @property
+    def root(self) -> Path:
+        return self.path.expanduser()
+
+
+class EngineConfig(_Strict):
+    """How local engine processes are run and watched."""
+
+    log_dir: Path = Path("~/.cache/weir/logs")
+    start_timeout_s: float = Field(600.0, gt=0)  # longest wait for a fresh engine's /health
+    stop_grace_s: float = Field(10.0, gt=0)  # SIGTERM, then SIGKILL after this
+    health_interval_s: float = Field(2.0, gt=0)
+    health_timeout_s: float = Field(2.0, gt=0)
+    restart_backoff_base_s: float = Field(1.0, gt=0)
+    restart_backoff_cap_s: float = Field(30.0, gt=0)
+    # Engine flags by host kind; a version's own engine_args come after these.
+    cpu_args: list[str] = ["--enforce-eager", "--dtype", "bfloat16"]
+    cuda_args: list[str] = []
+    cpu_env: dict[str, str] = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+class VersionConfig(_Strict):
+    """One version of a model: its weights (or a remote engine) and how to run it."""
+
+    version: str
+    weights: str | None = None  # a store entry name or a local directory
+    url: str | None = None  # a remote engine we do not start, e.g. http://vllm:8000
+    served_name: str | None = None  # the engine's model name (default: the public name)
+    replicas: int = Field(1, ge=1, le=64)
+    engine_args: list[str] = []
+    env: dict[str, str] = {}
+
+    @field_validator("version")
+    @classmethod
+    def _version_name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"version '{value}' must match {_NAME.pattern}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> VersionConfig:
+        if (self.weights is None) == (self.url is None):
+            raise ValueError(f"version '{self.version}': give exactly one of weights or url")
+        return self
+
+
+class ModelConfig(_Strict):
+    """A public model name, its versions and the version its alias points at."""
+
+    name: str
+    task: Literal["chat", "embed"]
+    current: str
+    versions: list[VersionConfig] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _model_name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"model name '{value}' must match {_NAME.pattern}")
+        return value
+
+    @model_validator(mode="after")
+    def _current_exists(self) -> ModelConfig:
+        names = [v.version for v in self.versions]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model '{self.name}': duplicate versions {names}")
+        if self.current not in names:
+            raise ValueError(f"model '{self.name}': current '{self.current}' not in {names}")
+        return self
+
+    def version(self, version: str) -> VersionConfig:
+        for candidate in self.versions:
+            if candidate.version == version:
+                return candidate
+        raise ConfigError(f"model '{self.name}' has no version '{version}'")
+
+
+def default_models() -> list[ModelConfig]:
+    """What ``weir serve`` serves with no config file: a chat and an embedding model."""
+    return [
+        ModelConfig(
+            name="smollm2",
+            task="chat",
+            current="135m-instruct",
+            versions=[
+                VersionConfig(
+                    version="135m-instruct",
+                    weights="smollm2-135m-instruct",
+                    engine_args=["--max-model-len", "2048"],
+                )
+            ],
+        ),
+        ModelConfig(
+            name="minilm",
+            task="embed",
+            current="l6-v2",
+            versions=[VersionConfig(version="l6-v2", weights="all-minilm-l6-v2")],
+        ),
+    ]

@@ -1,0 +1,188 @@
+"""The engine seam: the one adapter that speaks HTTP to a vLLM OpenAI server.
+
+``Engine`` is the interface the gateway uses; ``HttpEngine`` implements it over one
+pooled ``aiohttp`` session, and test fakes implement the same Protocol. Every aiohttp
+or asyncio exception is translated here into ``models.errors`` (chained with ``from``).
+The engine's JSON is passed on as parsed dicts; streams yield the raw payload of each
+SSE ``data:`` event, so the gateway adds no re-framing work to each chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+
+from models.errors import (
+    EngineError,
+    EngineFailed,
+    EngineOverloaded,
+    EngineRejected,
+    EngineTimeout,
+    EngineUnavailable,
+)
+
+JSON = dict[str, Any]
+
+
+class EngineStream(Protocol):
+    """An open streaming response: iterate the SSE payloads, always ``aclose``."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Engine(Protocol):
+    name: str
+
+    async def complete(self, path: str, body: JSON) -> JSON: ...
+
+    async def open_stream(self, path: str, body: JSON) -> EngineStream: ...
+
+    async def health(self) -> bool: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineTimeouts:
+    connect_s: float = 5.0
+    idle_s: float = 120.0  # longest wait for the first byte or the next chunk
+    total_s: float = 600.0  # whole non-streaming request
+    health_s: float = 2.0
+
+
+class HttpEngine:
+    """A vLLM OpenAI server at ``base_url``, reached through a shared session."""
+
+    def __init__(
+        self, name: str, base_url: str, session: aiohttp.ClientSession, timeouts: EngineTimeouts
+    ) -> None:
+        self.name = name
+        self.base_url = base_url.rstrip("/")
+        self._session = session
+        self._timeouts = timeouts
+        self._request_timeout = aiohttp.ClientTimeout(
+            total=timeouts.total_s, sock_connect=timeouts.connect_s, sock_read=timeouts.idle_s
+        )
+        self._stream_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=timeouts.connect_s, sock_read=timeouts.idle_s
+        )
+
+    def __repr__(self) -> str:
+        return f"HttpEngine(name={self.name!r}, base_url={self.base_url!r})"
+
+    async def complete(self, path: str, body: JSON) -> JSON:
+        try:
+            async with self._session.post(
+                self.base_url + path, json=body, timeout=self._request_timeout
+            ) as response:
+                raw = await response.read()
+                if response.status >= 400:
+                    raise self._status_error(response.status, raw)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise self._transport_error(exc) from exc
+        try:
+            parsed: JSON = json.loads(raw)
+        except ValueError as exc:
+            raise EngineFailed("engine sent a body that is not JSON", engine=self.name) from exc
+        return parsed
+
+    async def open_stream(self, path: str, body: JSON) -> EngineStream:
+        """POST and check the status before any byte reaches the client."""
+        try:
+            response = await self._session.post(
+                self.base_url + path, json=body, timeout=self._stream_timeout
+            )
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise self._transport_error(exc) from exc
+        if response.status >= 400:
+            try:
+                raw = await response.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                raise self._transport_error(exc) from exc
+            finally:
+                response.release()
+            raise self._status_error(response.status, raw)
+        return _HttpStream(self, response)
+
+    async def health(self) -> bool:
+        timeout = aiohttp.ClientTimeout(total=self._timeouts.health_s)
+        try:
+            async with self._session.get(self.base_url + "/health", timeout=timeout) as response:
+                return response.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return False
+
+    async def aclose(self) -> None:
+        """The session is shared and owned by whoever made it; nothing to release here."""
+
+    def _transport_error(self, exc: BaseException) -> EngineError:
+        if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+            return EngineTimeout(f"engine {self.name} did not answer in time", engine=self.name)
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return EngineUnavailable(f"engine {self.name} refused the connection", engine=self.name)
+        return EngineFailed(f"connection to engine {self.name} broke: {type(exc).__name__}", engine=self.name)
+
+    def _status_error(self, status: int, raw: bytes) -> EngineError:
+        message, param = _error_fields(raw)
+        text = f"engine {self.name}: {message}" if message else f"engine {self.name}: HTTP {status}"
+        if status == 503 or status == 429:
+            return EngineOverloaded(text, engine=self.name)
+        if 400 <= status < 500 and status != 404:
+            return EngineRejected(message or text, status=status, param=param, engine=self.name)
+        return EngineFailed(text, engine=self.name)
+
+
+def _error_fields(raw: bytes) -> tuple[str, str | None]:
+    """vLLM sends ``{"error": {...}}`` or a flat ``{"object": "error", ...}``."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return "", None
+    if not isinstance(body, dict):
+        return "", None
+    inner = body.get("error", body)
+    if not isinstance(inner, dict):
+        return str(inner), None
+    param = inner.get("param")
+    return str(inner.get("message") or ""), param if isinstance(param, str) else None
+
+
+class _HttpStream:
+    def __init__(self, engine: HttpEngine, response: aiohttp.ClientResponse) -> None:
+        self._engine = engine
+        self._response = response
+        self._finished = False
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[bytes]:
+        buffer = b""
+        try:
+            async for piece in self._response.content.iter_any():
+                buffer += piece
+                while True:
+                    end = buffer.find(b"\n\n")
+                    if end < 0:
+                        break
+                    event, buffer = buffer[:end], buffer[end + 2 :]
+                    for line in event.split(b"\n"):
+                        if line.startswith(b"data:"):
+                            yield line[5:].strip()
+            self._finished = True
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise self._engine._transport_error(exc) from exc
+
+    async def aclose(self) -> None:
+        if self._finished:
+            self._response.release()  # the connection goes back to the pool
+        else:
+            # Dropping the connection is what makes vLLM abort the request.
+            self._response.close()

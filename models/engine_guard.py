@@ -1,0 +1,90 @@
+"""A small guard that owns one engine process group, so no engine outlives the gateway.
+
+Run as ``python -m models.engine_guard --grace S -- CMD ...``. It starts CMD in a new
+session (its own process group, which vLLM's worker processes join), then waits for
+whichever comes first:
+
+- CMD exits: the rest of its group is killed and the guard exits with CMD's status;
+- SIGTERM or SIGINT, or EOF on stdin (the gateway holds the other end of that pipe, so
+  EOF means the gateway died, even by SIGKILL): the group gets SIGTERM, then SIGKILL
+  after the grace period.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+
+def _kill_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _watch_stdin(stop: threading.Event) -> None:
+    try:  # os.read, not sys.stdin: a buffered read holds a lock that aborts interpreter exit
+        while os.read(0, 4096):
+            pass
+    except OSError:
+        pass
+    stop.set()
+
+
+def stop_group(child: subprocess.Popen[bytes], grace_s: float) -> None:
+    pgid = child.pid
+    _kill_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        child.poll()
+        if not _group_alive(pgid):
+            return
+        time.sleep(0.1)
+    _kill_group(pgid, signal.SIGKILL)
+    child.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m models.engine_guard")
+    parser.add_argument("--grace", type=float, default=10.0)
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("no engine command given")
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stop.set())
+    child = subprocess.Popen(command, start_new_session=True, stdin=subprocess.DEVNULL)
+    print(f"engine_guard: engine pid {child.pid}", flush=True)
+    threading.Thread(target=_watch_stdin, args=(stop,), daemon=True).start()
+
+    while not stop.is_set():
+        code = child.poll()
+        if code is not None:
+            _kill_group(child.pid, signal.SIGKILL)  # workers left behind by a dead server
+            print(f"engine_guard: engine exited with {code}", flush=True)
+            return code if code >= 0 else 128 - code
+        stop.wait(0.2)
+    print("engine_guard: stopping engine", flush=True)
+    stop_group(child, args.grace)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

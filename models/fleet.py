@@ -1,0 +1,135 @@
+"""The fleet: every replica of every served version, its health, and which one to use.
+
+A replica is an ``Engine`` (how to talk to it) plus, for local engines, the
+``EngineProcess`` that keeps it running. One monitor task polls every replica's
+``/health``; a local replica that never becomes healthy within the start timeout is
+restarted. Requests go to a healthy replica of the version, round robin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from models.engine_client import Engine
+from models.errors import EngineUnavailable
+from models.supervisor import EngineProcess
+from models.types import ReplicaKey, ServedVersion
+
+log = logging.getLogger("weir.fleet")
+
+
+@dataclass(eq=False)
+class Replica:
+    key: ReplicaKey
+    engine: Engine
+    served_name: str  # the model name the engine itself answers to
+    process: EngineProcess | None = None
+    healthy: bool = False
+    since: float = field(default_factory=time.monotonic)  # last state change or spawn
+
+
+class Fleet:
+    def __init__(
+        self,
+        replicas: Iterable[Replica],
+        *,
+        health_interval_s: float = 2.0,
+        start_timeout_s: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.replicas = list(replicas)
+        self.health_interval_s = health_interval_s
+        self.start_timeout_s = start_timeout_s
+        self.clock = clock
+        self._by_version: dict[str, list[Replica]] = {}
+        for replica in self.replicas:
+            key = f"{replica.key.model}@{replica.key.version}"
+            self._by_version.setdefault(key, []).append(replica)
+        self._turns = {key: itertools.count() for key in self._by_version}
+        self._monitor: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"Fleet(replicas={[str(r.key) for r in self.replicas]!r})"
+
+    async def start(self) -> None:
+        await asyncio.gather(*(r.process.start() for r in self.replicas if r.process))
+        now = self.clock()
+        for replica in self.replicas:
+            replica.since = now
+        self._monitor = asyncio.create_task(self._watch(), name="fleet health")
+
+    async def stop(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+            try:
+                await self._monitor
+            except asyncio.CancelledError:
+                pass
+        await asyncio.gather(*(r.process.stop() for r in self.replicas if r.process))
+        for replica in self.replicas:
+            replica.healthy = False
+            await replica.engine.aclose()
+
+    def pick(self, version: ServedVersion) -> Replica:
+        """A healthy replica of ``version``, round robin; ``EngineUnavailable`` if none."""
+        healthy = [r for r in self._by_version.get(version.key, []) if r.healthy]
+        if not healthy:
+            raise EngineUnavailable(f"no healthy engine for {version.key}", engine=version.key)
+        return healthy[next(self._turns[version.key]) % len(healthy)]
+
+    def readiness(self) -> dict[str, bool]:
+        """Per served version: does it have at least one healthy replica?"""
+        return {key: any(r.healthy for r in reps) for key, reps in self._by_version.items()}
+
+    def ready(self) -> bool:
+        return all(self.readiness().values())
+
+    async def wait_ready(self, timeout_s: float) -> bool:
+        deadline = self.clock() + timeout_s
+        while not self.ready():
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                return False
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 1.0))
+            except asyncio.TimeoutError:
+                pass
+        return True
+
+    async def check_once(self) -> None:
+        results = await asyncio.gather(*(r.engine.health() for r in self.replicas))
+        now = self.clock()
+        for replica, ok in zip(self.replicas, results, strict=True):
+            if replica.process is not None and not replica.process.running:
+                ok = False
+            if ok != replica.healthy:
+                replica.healthy = ok
+                replica.since = now
+                log.info("replica %s is %s", replica.key, "healthy" if ok else "unhealthy")
+                self._changed.set()
+            elif not ok and replica.process is not None:
+                await self._restart_if_stuck(replica, now)
+
+    async def _restart_if_stuck(self, replica: Replica, now: float) -> None:
+        process = replica.process
+        if process is None or not process.running:
+            return
+        if now - max(replica.since, process.started_at) > self.start_timeout_s:
+            log.error("replica %s not healthy after %.0fs; restarting", replica.key, self.start_timeout_s)
+            replica.since = now
+            await process.restart()
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                await self.check_once()
+            except Exception:  # the monitor must outlive any one bad check; log it loudly
+                log.exception("health check round failed")
+            await asyncio.sleep(self.health_interval_s)

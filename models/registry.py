@@ -1,0 +1,49 @@
+"""The registry: public names, aliases and pinned versions, resolved to a served version.
+
+``smollm2`` is an alias for the model's current version; ``smollm2@135m-instruct`` pins
+a version. The registry knows names only: which replicas serve a version is the fleet's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from models.config import ModelConfig
+from models.errors import ConfigError, ModelNotFound
+from models.types import ServedVersion
+
+PIN = "@"
+
+
+class Registry:
+    def __init__(self, models: Iterable[ModelConfig]) -> None:
+        self._models: dict[str, ModelConfig] = {}
+        for model in models:
+            if model.name in self._models:
+                raise ConfigError(f"model '{model.name}' is configured twice")
+            self._models[model.name] = model
+
+    def __repr__(self) -> str:
+        return f"Registry(models={list(self._models)!r})"
+
+    @property
+    def models(self) -> list[ModelConfig]:
+        return list(self._models.values())
+
+    def resolve(self, name: str) -> ServedVersion:
+        """``name`` or ``name@version`` to the version that serves it; ``ModelNotFound``."""
+        base, _, pinned = name.partition(PIN)
+        model = self._models.get(base)
+        if model is None:
+            raise ModelNotFound(name)
+        version = pinned or model.current
+        if all(v.version != version for v in model.versions):
+            raise ModelNotFound(name)
+        return ServedVersion(model=model.name, version=version, task=model.task)
+
+    def served_versions(self) -> list[ServedVersion]:
+        return [
+            ServedVersion(model=m.name, version=v.version, task=m.task)
+            for m in self._models.values()
+            for v in m.versions
+        ]

@@ -1,0 +1,127 @@
+"""Keeps one local engine process alive: start, restart with back-off, stop cleanly.
+
+Each engine runs under ``models.engine_guard``, which owns the engine's process group:
+stopping sends SIGTERM to the whole group and SIGKILL after a grace period, and the
+guard kills the group by itself if this process dies (its stdin pipe closes), so no
+engine is left orphaned even when the gateway is killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from models.backoff import Backoff
+
+log = logging.getLogger("weir.supervisor")
+Sleep = Callable[[float], Awaitable[None]]
+STABLE_AFTER_S = 60.0  # a process that lived this long resets the failure count
+
+
+class EngineProcess:
+    def __init__(
+        self,
+        name: str,
+        command: list[str],
+        *,
+        env: dict[str, str] | None,
+        log_path: Path,
+        grace_s: float,
+        backoff: Backoff,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.command = command
+        self.env = env
+        self.log_path = log_path
+        self.grace_s = grace_s
+        self.backoff = backoff
+        self.clock = clock
+        self.restarts = 0
+        self.started_at = 0.0
+        self._proc: asyncio.subprocess.Process | None = None
+        self._keeper: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"EngineProcess(name={self.name!r}, pid={self.pid}, restarts={self.restarts})"
+
+    @property
+    def pid(self) -> int | None:
+        """The guard's pid (the engine is the guard's child)."""
+        return self._proc.pid if self._proc and self._proc.returncode is None else None
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+    async def start(self) -> None:
+        if self._keeper is None:
+            self._keeper = asyncio.create_task(self._keep(), name=f"keep {self.name}")
+            while self._proc is None and not self._keeper.done():
+                await asyncio.sleep(0.01)
+
+    async def restart(self) -> None:
+        """Stop the current process; the keeper starts a new one after its back-off."""
+        if self._proc and self._proc.returncode is None:
+            self._proc.send_signal(signal.SIGTERM)
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), self.grace_s + 5.0)
+            except asyncio.TimeoutError:
+                log.error("engine %s guard did not stop; killing it", self.name)
+                proc.kill()
+                await proc.wait()
+        if self._keeper is not None:
+            self._keeper.cancel()
+            try:
+                await self._keeper
+            except asyncio.CancelledError:
+                pass
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        guard = [sys.executable, "-m", "models.engine_guard", "--grace", str(self.grace_s), "--"]
+        with self.log_path.open("ab") as log_file:
+            proc = await asyncio.create_subprocess_exec(
+                *guard,
+                *self.command,
+                stdin=subprocess.PIPE,  # never written: its EOF tells the guard we died
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+            )
+        self.started_at = self.clock()
+        log.info("engine %s started (guard pid %d), log %s", self.name, proc.pid, self.log_path)
+        return proc
+
+    async def _keep(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            self._proc = await self._spawn()
+            code = await self._proc.wait()
+            if self._stopping.is_set():
+                break
+            lived = self.clock() - self.started_at
+            failures = 1 if lived >= STABLE_AFTER_S else failures + 1
+            delay = self.backoff.compute(failures)
+            log.warning(
+                "engine %s exited with %s after %.1fs; restart %d in %.1fs (see %s)",
+                self.name, code, lived, self.restarts + 1, delay, self.log_path,
+            )
+            try:
+                await asyncio.wait_for(self._stopping.wait(), delay)
+                break
+            except asyncio.TimeoutError:
+                self.restarts += 1

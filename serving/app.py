@@ -1,0 +1,149 @@
+"""``create_app(settings)``: the gateway application, its middleware and its lifespan.
+
+The lifespan opens the one pooled engine session, starts the fleet (local engines are
+started, remote ones health-checked) and stops every engine on shutdown. The port is
+served at once: ``/healthz`` answers while engines load, ``/readyz`` says when they are up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware import Middleware
+from starlette.responses import Response
+
+from models.engine_client import EngineTimeouts
+from models.errors import WeirModelError
+from models.fleet import Fleet
+from models.launcher import build_fleet, check_weights
+from models.registry import Registry
+from serving.errors import GatewayError, InvalidRequest, MethodNotAllowed, RouteNotFound, render
+from serving.middleware import (
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    RequestIdMiddleware,
+    UnhandledErrorMiddleware,
+    request_id_of,
+)
+from serving.proxy import JSONBytes, Proxy
+from serving.routes import catalog, health, inference
+from serving.settings import Settings
+from serving.validation import invalid_request_from
+
+log = logging.getLogger("weir.gateway")
+FleetFactory = Callable[[aiohttp.ClientSession], Fleet]
+OnReady = Callable[[], None]
+
+
+def _error_response(request: Request, exc: BaseException) -> Response:
+    status, body, headers = render(exc, request_id_of(request.scope))
+    return JSONBytes(body, status_code=status, headers=headers)
+
+
+async def _domain_error(request: Request, exc: Exception) -> Response:
+    return _error_response(request, exc)
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)  # registered for this type only
+    return _error_response(request, invalid_request_from(exc))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    status = getattr(exc, "status_code", 500)
+    mapped: Exception
+    if status == 404:
+        mapped = RouteNotFound(f"No route {request.method} {request.url.path}.")
+    elif status == 405:
+        mapped = MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}.")
+    else:
+        mapped = InvalidRequest(str(getattr(exc, "detail", "")) or "Bad request.")
+    return _error_response(request, mapped)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    fleet_factory: FleetFactory | None = None,
+    weights: dict[str, Path] | None = None,
+    on_ready: OnReady | None = None,
+) -> FastAPI:
+    gateway = settings.gateway
+    registry = Registry(settings.models)
+    timeouts = EngineTimeouts(
+        connect_s=gateway.engine_connect_timeout_s,
+        idle_s=gateway.engine_idle_timeout_s,
+        total_s=gateway.engine_total_timeout_s,
+        health_s=settings.engines.health_timeout_s,
+    )
+
+    def make_fleet(session: aiohttp.ClientSession) -> Fleet:
+        if fleet_factory is not None:
+            return fleet_factory(session)
+        resolved = weights if weights is not None else check_weights(settings.models, settings.store)
+        return build_fleet(settings.models, resolved, settings.engines, session, timeouts)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        connector = aiohttp.TCPConnector(limit=gateway.max_connections, limit_per_host=0)
+        session = aiohttp.ClientSession(
+            connector=connector, json_serialize=lambda obj: orjson.dumps(obj).decode()
+        )
+        fleet = make_fleet(session)
+        app.state.proxy = Proxy(registry, fleet)
+        announcer: asyncio.Task[None] | None = None
+        try:
+            await fleet.start()
+            announcer = asyncio.create_task(_announce(fleet, gateway.ready_timeout_s, on_ready))
+            yield
+        finally:
+            if announcer is not None:
+                announcer.cancel()
+            log.info("stopping engines")
+            await fleet.stop()
+            await session.close()
+
+    app = FastAPI(
+        title="Weir gateway",
+        version="0.1.0",
+        lifespan=lifespan,
+        middleware=[
+            Middleware(RequestIdMiddleware),
+            Middleware(UnhandledErrorMiddleware),
+            Middleware(BodyLimitMiddleware, max_bytes=gateway.max_body_bytes),
+            Middleware(ApiKeyMiddleware, keys=[k.get_secret_value() for k in gateway.api_keys]),
+        ],
+        exception_handlers={
+            WeirModelError: _domain_error,
+            GatewayError: _domain_error,
+            RequestValidationError: _validation_error,
+            StarletteHTTPException: _http_error,
+        },
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.started = int(time.time())
+    app.include_router(inference.router)
+    app.include_router(catalog.router)
+    app.include_router(health.router)
+    return app
+
+
+async def _announce(fleet: Fleet, timeout_s: float, on_ready: OnReady | None) -> None:
+    started = time.monotonic()
+    if await fleet.wait_ready(timeout_s):
+        log.info("all engines ready after %.1fs", time.monotonic() - started)
+        if on_ready is not None:
+            on_ready()
+    else:
+        log.error("engines not ready after %.0fs: %s", timeout_s, fleet.readiness())

@@ -1,0 +1,174 @@
+"""The ``weir`` command: ``weir serve`` and ``weir models pull|list|verify``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from models import catalog
+from models.errors import StoreError
+from models.launcher import check_weights
+from models.store import ModelStore
+from serving.settings import Settings, load_settings
+
+EXAMPLE_BODY = (
+    '{"model": "smollm2", "messages": [{"role": "system", "content": "You are a helpful'
+    ' assistant."}, {"role": "user", "content": "What is the capital of France?"}]}'
+)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    try:
+        return load_settings(args.config)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"weir: {exc}") from None
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from serving.app import create_app
+    from serving.log_config import configure
+
+    configure(args.log_level)
+    settings = _settings(args)
+    gateway = settings.gateway.model_copy(
+        update={
+            k: v
+            for k, v in (
+                ("host", args.host),
+                ("port", args.port),
+                ("allow_unauthenticated", args.allow_unauthenticated or None),
+            )
+            if v is not None
+        }
+    )
+    settings = settings.model_copy(update={"gateway": gateway})
+    if not gateway.api_keys:
+        if not gateway.loopback and not gateway.allow_unauthenticated:
+            print(
+                f"weir: refusing to bind {gateway.host} with no API keys configured: anyone who"
+                " can reach it could use it. Configure gateway.api_keys, bind 127.0.0.1, or pass"
+                " --allow-unauthenticated.",
+                file=sys.stderr,
+            )
+            return 2
+        if gateway.loopback:
+            print(f"weir: no API keys configured: serving on {gateway.host} (loopback) only.")
+        else:
+            print(f"weir: WARNING: no API keys and bound to {gateway.host}: open to the network.")
+    try:
+        weights = check_weights(settings.models, settings.store)
+    except StoreError as exc:
+        print(f"weir: {exc}", file=sys.stderr)
+        return 1
+
+    base = f"http://{gateway.host}:{gateway.port}"
+
+    def banner() -> None:
+        print(
+            f"\nWeir is ready: {base}/v1 (OpenAI base URL)\n"
+            f"  curl {base}/v1/chat/completions -H 'content-type: application/json' \\\n"
+            f"    -d '{EXAMPLE_BODY}'\n",
+            flush=True,
+        )
+
+    app = create_app(settings, weights=weights, on_ready=banner)
+    config = uvicorn.Config(
+        app,
+        host=gateway.host,
+        port=gateway.port,
+        loop="uvloop",
+        http="httptools",
+        log_level=args.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+    print(f"weir: starting engines; gateway listening on {base} (ready when /readyz is 200)")
+    uvicorn.Server(config).run()
+    return 0
+
+
+def _store(args: argparse.Namespace) -> ModelStore:
+    settings = _settings(args)
+    return ModelStore(args.store or settings.store.root)
+
+
+def models_pull(args: argparse.Namespace) -> int:
+    store = _store(args)
+    names = args.names or sorted(catalog.RECIPES)
+    try:
+        for name in names:
+            store.pull(name, force=args.force, report=lambda msg: print(f"weir: {msg}", flush=True))
+    except StoreError as exc:
+        print(f"weir: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def models_list(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    store = _store(args)
+    table = Table(title=f"Model store: {store.root}")
+    for column in ("name", "source", "files", "size"):
+        table.add_column(column)
+    for manifest in store.entries():
+        source = f"{manifest.source.get('package')}=={manifest.source.get('version')}"
+        table.add_row(
+            manifest.name, source, str(len(manifest.files)), f"{manifest.total_bytes / 1e6:.0f} MB"
+        )
+    Console().print(table)
+    return 0
+
+
+def models_verify(args: argparse.Namespace) -> int:
+    store = _store(args)
+    names = args.names or [m.name for m in store.entries()]
+    failed = 0
+    for name in names:
+        try:
+            manifest = store.verify(name)
+            print(f"ok      {name} ({len(manifest.files)} files, sha256 match)")
+        except StoreError as exc:
+            failed += 1
+            print(f"FAILED  {exc}")
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="weir", description=__doc__)
+    parser.add_argument("--config", type=Path, default=None, help="weir.toml (default: built-in)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve_cmd = commands.add_parser("serve", help="start the engines and the gateway")
+    serve_cmd.add_argument("--host", default=None)
+    serve_cmd.add_argument("--port", type=int, default=None)
+    serve_cmd.add_argument("--allow-unauthenticated", action="store_true")
+    serve_cmd.add_argument("--log-level", default="INFO")
+    serve_cmd.set_defaults(func=serve)
+
+    models_cmd = commands.add_parser("models", help="the local model store")
+    models_cmd.add_argument("--store", type=Path, default=None, help="store directory")
+    model_commands = models_cmd.add_subparsers(dest="models_command", required=True)
+    pull = model_commands.add_parser("pull", help="fetch and prepare models")
+    pull.add_argument("names", nargs="*", help=f"default: all of {sorted(catalog.RECIPES)}")
+    pull.add_argument("--force", action="store_true", help="pull again even if present")
+    pull.set_defaults(func=models_pull)
+    model_commands.add_parser("list", help="what is in the store").set_defaults(func=models_list)
+    verify = model_commands.add_parser("verify", help="check sizes and sha256 of weight files")
+    verify.add_argument("names", nargs="*")
+    verify.set_defaults(func=models_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Gateway errors and the one table that turns any error into an OpenAI error response.
+
+The gateway's own tree::
+
+    GatewayError
+    ├── InvalidRequest      400  the body is malformed or breaks a limit (``param`` names the field)
+    ├── WrongTask           400  e.g. embeddings asked of a chat model
+    ├── Unauthenticated     401
+    ├── PermissionDenied    403
+    ├── RouteNotFound       404
+    ├── MethodNotAllowed    405
+    ├── PayloadTooLarge     413
+    └── ClientClosed        499  the client went away (logged only; nobody reads the answer)
+
+``models.errors`` brings the model and engine errors. ``ERROR_TABLE`` maps each class to
+status, OpenAI ``type`` and ``code``, looked up along the MRO (as Starlette finds its
+handlers), so a subclass inherits its parent's row unless it has its own. Anything not
+in the table is a 500 ``internal_error`` that names the request id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from models.errors import (
+    EngineFailed,
+    EngineOverloaded,
+    EngineRejected,
+    EngineTimeout,
+    EngineUnavailable,
+    ModelNotFound,
+    StoreError,
+)
+
+
+class GatewayError(Exception):
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequest(GatewayError):
+    pass
+
+
+class WrongTask(GatewayError):
+    pass
+
+
+class Unauthenticated(GatewayError):
+    pass
+
+
+class PermissionDenied(GatewayError):
+    pass
+
+
+class RouteNotFound(GatewayError):
+    pass
+
+
+class MethodNotAllowed(GatewayError):
+    pass
+
+
+class PayloadTooLarge(GatewayError):
+    pass
+
+
+class ClientClosed(GatewayError):
+    pass
+
+
+@dataclass(frozen=True)
+class ErrorSpec:
+    status: int
+    type: str
+    code: str
+    retry_after_s: int | None = None
+
+
+ERROR_TABLE: dict[type[BaseException], ErrorSpec] = {
+    InvalidRequest: ErrorSpec(400, "invalid_request_error", "invalid_request"),
+    WrongTask: ErrorSpec(400, "invalid_request_error", "model_not_supported"),
+    EngineRejected: ErrorSpec(400, "invalid_request_error", "invalid_request"),
+    Unauthenticated: ErrorSpec(401, "authentication_error", "invalid_api_key"),
+    PermissionDenied: ErrorSpec(403, "permission_error", "permission_denied"),
+    ModelNotFound: ErrorSpec(404, "invalid_request_error", "model_not_found"),
+    RouteNotFound: ErrorSpec(404, "invalid_request_error", "not_found"),
+    MethodNotAllowed: ErrorSpec(405, "invalid_request_error", "method_not_allowed"),
+    PayloadTooLarge: ErrorSpec(413, "invalid_request_error", "payload_too_large"),
+    ClientClosed: ErrorSpec(499, "invalid_request_error", "client_closed_request"),
+    EngineFailed: ErrorSpec(502, "server_error", "engine_error"),
+    EngineUnavailable: ErrorSpec(503, "server_error", "engine_unavailable", retry_after_s=5),
+    EngineOverloaded: ErrorSpec(503, "server_error", "engine_overloaded", retry_after_s=1),
+    StoreError: ErrorSpec(503, "server_error", "model_unavailable", retry_after_s=30),
+    EngineTimeout: ErrorSpec(504, "server_error", "engine_timeout"),
+}
+INTERNAL = ErrorSpec(500, "server_error", "internal_error")
+
+
+def spec_for(exc: BaseException) -> ErrorSpec | None:
+    for cls in type(exc).__mro__:
+        if cls in ERROR_TABLE:
+            return ERROR_TABLE[cls]
+    return None
+
+
+def render(exc: BaseException, request_id: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Status, OpenAI error body and extra headers for ``exc``."""
+    spec = spec_for(exc)
+    if spec is None:
+        spec = INTERNAL
+        message = f"Internal error; quote request id {request_id} when reporting it."
+        param = None
+    else:
+        message = getattr(exc, "message", None) or str(exc)
+        param = getattr(exc, "param", None)
+    body = {"error": {"message": message, "type": spec.type, "param": param, "code": spec.code}}
+    headers = {"retry-after": str(spec.retry_after_s)} if spec.retry_after_s else {}
+    return spec.status, body, headers

@@ -1,0 +1,1 @@
+"""OpenAI wire models. Pydantic only: nothing here knows about engines or HTTP."""

@@ -1,0 +1,47 @@
+"""Make the engine's JSON conform to OpenAI's published response schemas.
+
+vLLM's raw responses carry ``null`` where the spec wants a field absent (``usage
+.prompt_tokens_details``, ``service_tier``, ``message.audio``...) and its own extras
+(``prompt_logprobs``, ``kv_transfer_params``...). We drop null-valued fields except
+those the spec requires to be present even when null, name the model the way the client
+asked for it, and put the served version in ``system_fingerprint``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from models.types import ServedVersion
+
+JSON = dict[str, Any]
+
+# Fields the spec marks required-and-nullable somewhere in our responses.
+KEEP_NULL = frozenset({"content", "refusal", "logprobs", "finish_reason"})
+
+
+def drop_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: drop_nulls(v) for k, v in value.items() if v is not None or k in KEEP_NULL}
+    if isinstance(value, list):
+        return [drop_nulls(v) for v in value]
+    return value
+
+
+def fingerprint(served: ServedVersion) -> str:
+    return f"weir-{served.model}@{served.version}"
+
+
+def clean_generation(body: JSON, requested_model: str, served: ServedVersion) -> JSON:
+    """A chat completion, a completion, or one chunk of either."""
+    cleaned: JSON = drop_nulls(body)
+    cleaned["model"] = requested_model
+    cleaned["system_fingerprint"] = fingerprint(served)
+    return cleaned
+
+
+def clean_embeddings(body: JSON, requested_model: str, served: ServedVersion) -> JSON:
+    cleaned: JSON = drop_nulls(body)
+    cleaned["model"] = requested_model
+    cleaned.pop("created", None)
+    cleaned.pop("id", None)
+    return cleaned

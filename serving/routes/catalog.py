@@ -1,0 +1,34 @@
+"""``/v1/models``: every public name (the alias) and every pinned ``name@version``."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel
+
+from serving.deps import RegistryDep
+
+router = APIRouter(prefix="/v1")
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "weir"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+@router.get("/models", summary="List the served models")
+async def list_models(request: Request, registry: RegistryDep) -> ModelList:
+    created: int = request.app.state.started
+    cards: list[ModelCard] = []
+    for model in registry.models:
+        cards.append(ModelCard(id=model.name, created=created))
+        cards += [ModelCard(id=f"{model.name}@{v.version}", created=created) for v in model.versions]
+    return ModelList(data=cards)

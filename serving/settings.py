@@ -1,0 +1,82 @@
+"""The root settings: one ``weir.toml`` plus ``WEIR_*`` environment overrides.
+
+Nested configs are plain models owned by each package (``models.config`` for the store,
+engines and served models). Built once in ``serving.cli`` and passed down; there is no
+module-level instance. Environment beats the file: ``WEIR_GATEWAY__PORT=9000``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from models.config import EngineConfig, ModelConfig, StoreConfig, default_models
+
+
+class GatewayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_keys: list[SecretStr] = []  # static bearer keys; none means loopback only
+    allow_unauthenticated: bool = False  # required to bind beyond loopback without keys
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # 413 above this
+    engine_connect_timeout_s: float = Field(5.0, gt=0)
+    engine_idle_timeout_s: float = Field(120.0, gt=0)  # first token or next chunk
+    engine_total_timeout_s: float = Field(600.0, gt=0)  # a whole non-streaming request
+    max_connections: int = Field(1000, ge=1)  # pooled connections to all engines
+    ready_timeout_s: float = Field(900.0, gt=0)  # `weir serve` gives up waiting after this
+
+    @property
+    def loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="WEIR_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    gateway: GatewayConfig = GatewayConfig()
+    store: StoreConfig = StoreConfig()
+    engines: EngineConfig = EngineConfig()
+    models: list[ModelConfig] = Field(default_factory=default_models)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = TomlConfigSettingsSource(settings_cls)
+        return (init_settings, env_settings, dotenv_settings, toml, file_secret_settings)
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from ``config`` (a TOML file) under environment overrides and ``overrides``."""
+    if config is None:
+        return Settings(**overrides)
+    if not config.is_file():
+        raise FileNotFoundError(f"config file {config} does not exist")
+    from_file = type(
+        "FileSettings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": config}}
+    )
+    settings: Settings = from_file(**overrides)
+    return settings
