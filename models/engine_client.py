@@ -85,7 +85,7 @@ class HttpEngine:
                 raw = await response.read()
                 if response.status >= 400:
                     raise self._status_error(response.status, raw)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._transport_error(exc) from exc
         try:
             parsed: JSON = json.loads(raw)
@@ -99,12 +99,12 @@ class HttpEngine:
             response = await self._session.post(
                 self.base_url + path, json=body, timeout=self._stream_timeout
             )
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._transport_error(exc) from exc
         if response.status >= 400:
             try:
                 raw = await response.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 raise self._transport_error(exc) from exc
             finally:
                 response.release()
@@ -116,7 +116,7 @@ class HttpEngine:
         try:
             async with self._session.get(self.base_url + "/health", timeout=timeout) as response:
                 return response.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             return False
 
     async def aclose(self) -> None:
@@ -127,7 +127,9 @@ class HttpEngine:
             return EngineTimeout(f"engine {self.name} did not answer in time", engine=self.name)
         if isinstance(exc, aiohttp.ClientConnectorError):
             return EngineUnavailable(f"engine {self.name} refused the connection", engine=self.name)
-        return EngineFailed(f"connection to engine {self.name} broke: {type(exc).__name__}", engine=self.name)
+        return EngineFailed(
+            f"connection to engine {self.name} broke: {type(exc).__name__}", engine=self.name
+        )
 
     def _status_error(self, status: int, raw: bytes) -> EngineError:
         message, param = _error_fields(raw)
@@ -177,7 +179,7 @@ class _HttpStream:
                         if line.startswith(b"data:"):
                             yield line[5:].strip()
             self._finished = True
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._engine._transport_error(exc) from exc
 
     async def aclose(self) -> None:

@@ -9,6 +9,7 @@ restarted. Requests go to a healthy replica of the version, round robin.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -62,15 +63,14 @@ class Fleet:
         now = self.clock()
         for replica in self.replicas:
             replica.since = now
+        await self.check_once()
         self._monitor = asyncio.create_task(self._watch(), name="fleet health")
 
     async def stop(self) -> None:
         if self._monitor is not None:
             self._monitor.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
-            except asyncio.CancelledError:
-                pass
         await asyncio.gather(*(r.process.stop() for r in self.replicas if r.process))
         for replica in self.replicas:
             replica.healthy = False
@@ -97,10 +97,8 @@ class Fleet:
             if remaining <= 0:
                 return False
             self._changed.clear()
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), min(remaining, 1.0))
-            except asyncio.TimeoutError:
-                pass
         return True
 
     async def check_once(self) -> None:
@@ -122,7 +120,9 @@ class Fleet:
         if process is None or not process.running:
             return
         if now - max(replica.since, process.started_at) > self.start_timeout_s:
-            log.error("replica %s not healthy after %.0fs; restarting", replica.key, self.start_timeout_s)
+            log.error(
+                "replica %s not healthy after %.0fs; restarting", replica.key, self.start_timeout_s
+            )
             replica.since = now
             await process.restart()
 

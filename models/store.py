@@ -159,7 +159,9 @@ class ModelStore:
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
-        report(f"{name}: ready ({manifest.total_bytes / 1e6:.0f} MB in {len(manifest.files)} files)")
+        report(
+            f"{name}: ready ({manifest.total_bytes / 1e6:.0f} MB in {len(manifest.files)} files)"
+        )
         return manifest
 
     def _swap_in(self, partial: Path, name: str) -> None:

@@ -9,6 +9,7 @@ engine is left orphaned even when the gateway is killed with SIGKILL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import subprocess
@@ -63,9 +64,9 @@ class EngineProcess:
 
     async def start(self) -> None:
         if self._keeper is None:
-            self._keeper = asyncio.create_task(self._keep(), name=f"keep {self.name}")
-            while self._proc is None and not self._keeper.done():
-                await asyncio.sleep(0.01)
+            proc = await self._spawn()
+            self._proc = proc
+            self._keeper = asyncio.create_task(self._keep(proc), name=f"keep {self.name}")
 
     async def restart(self) -> None:
         """Stop the current process; the keeper starts a new one after its back-off."""
@@ -79,16 +80,14 @@ class EngineProcess:
             proc.send_signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(proc.wait(), self.grace_s + 5.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.error("engine %s guard did not stop; killing it", self.name)
                 proc.kill()
                 await proc.wait()
         if self._keeper is not None:
             self._keeper.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._keeper
-            except asyncio.CancelledError:
-                pass
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,22 +105,29 @@ class EngineProcess:
         log.info("engine %s started (guard pid %d), log %s", self.name, proc.pid, self.log_path)
         return proc
 
-    async def _keep(self) -> None:
+    async def _keep(self, proc: asyncio.subprocess.Process) -> None:
         failures = 0
-        while not self._stopping.is_set():
-            self._proc = await self._spawn()
-            code = await self._proc.wait()
+        while True:
+            code = await proc.wait()
             if self._stopping.is_set():
-                break
+                return
             lived = self.clock() - self.started_at
             failures = 1 if lived >= STABLE_AFTER_S else failures + 1
             delay = self.backoff.compute(failures)
             log.warning(
                 "engine %s exited with %s after %.1fs; restart %d in %.1fs (see %s)",
-                self.name, code, lived, self.restarts + 1, delay, self.log_path,
+                self.name,
+                code,
+                lived,
+                self.restarts + 1,
+                delay,
+                self.log_path,
             )
             try:
                 await asyncio.wait_for(self._stopping.wait(), delay)
-                break
-            except asyncio.TimeoutError:
-                self.restarts += 1
+                return
+            except TimeoutError:
+                pass
+            self.restarts += 1
+            proc = await self._spawn()
+            self._proc = proc

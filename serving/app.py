@@ -36,7 +36,7 @@ from serving.middleware import (
     request_id_of,
 )
 from serving.proxy import JSONBytes, Proxy
-from serving.routes import catalog, health, inference
+from serving.routes import catalog, engines, health, inference
 from serving.settings import Settings
 from serving.validation import invalid_request_from
 
@@ -90,7 +90,9 @@ def create_app(
     def make_fleet(session: aiohttp.ClientSession) -> Fleet:
         if fleet_factory is not None:
             return fleet_factory(session)
-        resolved = weights if weights is not None else check_weights(settings.models, settings.store)
+        resolved = (
+            weights if weights is not None else check_weights(settings.models, settings.store)
+        )
         return build_fleet(settings.models, resolved, settings.engines, session, timeouts)
 
     @asynccontextmanager
@@ -136,6 +138,7 @@ def create_app(
     app.include_router(inference.router)
     app.include_router(catalog.router)
     app.include_router(health.router)
+    app.include_router(engines.router)
     return app
 
 

@@ -29,7 +29,10 @@ def request_id_of(scope: Scope) -> str:
 async def send_error(send: Send, exc: BaseException, request_id: str) -> None:
     status, body, headers = render(exc, request_id)
     raw = orjson.dumps(body)
-    header_list = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+    header_list = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(raw)).encode()),
+    ]
     header_list += [(k.encode(), v.encode()) for k, v in headers.items()]
     await send({"type": "http.response.start", "status": status, "headers": header_list})
     await send({"type": "http.response.body", "body": raw})
@@ -102,28 +105,39 @@ class BodyLimitMiddleware:
             await send_error(send, too_large, request_id_of(scope))
             return
         seen = 0
+        answered = False
 
         async def counting_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, answered
             message = await receive()
-            if message["type"] == "http.request":
+            if message["type"] == "http.request" and not answered:
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise too_large
+                    # Answer now; the app sees a disconnect and whatever it sends is dropped.
+                    answered = True
+                    await send_error(send, too_large, request_id_of(scope))
+                    return {"type": "http.disconnect"}
             return message
 
-        await self.app(scope, counting_receive, send)
+        async def guarded_send(message: Message) -> None:
+            if not answered:
+                await send(message)
+
+        await self.app(scope, counting_receive, guarded_send)
+
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 class ApiKeyMiddleware:
-    """``Authorization: Bearer KEY`` on ``/v1/`` routes, compared in constant time."""
+    """``Authorization: Bearer KEY`` on every route but the probes, in constant time."""
 
     def __init__(self, app: ASGIApp, keys: Sequence[str]) -> None:
         self.app = app
         self.keys = [k.encode() for k in keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         auth = dict(scope["headers"]).get(b"authorization", b"")

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from pydantic import BaseModel
 from starlette.responses import Response, StreamingResponse
 
 from models.fleet import Fleet
@@ -20,6 +19,7 @@ from models.registry import Registry
 from models.types import ServedVersion, Task
 from serving import responses, streaming
 from serving.errors import InvalidRequest, WrongTask
+from serving.protocol.requests import ModelRequest
 
 JSON = dict[str, Any]
 Cleaner = Callable[[JSON, str, ServedVersion], JSON]
@@ -55,12 +55,13 @@ class Proxy:
     def __repr__(self) -> str:
         return f"Proxy(registry={self.registry!r}, fleet={self.fleet!r})"
 
-    async def handle(self, route: Route, request: BaseModel, request_id: str) -> Response:
-        requested: str = getattr(request, "model")
+    async def handle(self, route: Route, request: ModelRequest, request_id: str) -> Response:
+        requested: str = request.model
         served = self.registry.resolve(requested)
         if served.task != route.task:
             raise WrongTask(
-                f"The model '{requested}' is a {served.task} model; it does not serve {route.path}.",
+                f"The model '{requested}' is a {served.task} model; "
+                f"it does not serve {route.path}.",
                 param="model",
             )
         replica = self.fleet.pick(served)

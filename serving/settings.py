@@ -76,7 +76,9 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     if not config.is_file():
         raise FileNotFoundError(f"config file {config} does not exist")
     from_file = type(
-        "FileSettings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": config}}
+        "FileSettings",
+        (Settings,),
+        {"model_config": {**Settings.model_config, "toml_file": config}},
     )
     settings: Settings = from_file(**overrides)
     return settings

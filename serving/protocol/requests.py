@@ -51,9 +51,14 @@ class ChatMessage(_Open):
     tool_call_id: str | None = None
 
 
-class _Sampling(_Open):
+class ModelRequest(_Open):
+    """Any request addressed to a model by its public name (or ``name@version``)."""
+
     model: str = Field(min_length=1, max_length=256)
     stream: bool = False
+
+
+class _Sampling(ModelRequest):
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     temperature: Temperature | None = None
@@ -82,8 +87,7 @@ class CompletionRequest(_Sampling):
     echo: bool | None = None
 
 
-class EmbeddingRequest(_Open):
-    model: str = Field(min_length=1, max_length=256)
+class EmbeddingRequest(ModelRequest):
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)

@@ -30,5 +30,7 @@ async def list_models(request: Request, registry: RegistryDep) -> ModelList:
     cards: list[ModelCard] = []
     for model in registry.models:
         cards.append(ModelCard(id=model.name, created=created))
-        cards += [ModelCard(id=f"{model.name}@{v.version}", created=created) for v in model.versions]
+        cards += [
+            ModelCard(id=f"{model.name}@{v.version}", created=created) for v in model.versions
+        ]
     return ModelList(data=cards)

@@ -21,7 +21,9 @@ async def chat_completions(
 
 
 @router.post("/completions", summary="Create a text completion (JSON or SSE)")
-async def completions(body: CompletionRequest, proxy: ProxyDep, request_id: RequestIdDep) -> Response:
+async def completions(
+    body: CompletionRequest, proxy: ProxyDep, request_id: RequestIdDep
+) -> Response:
     return await proxy.handle(COMPLETIONS, body, request_id)
 
 

@@ -1,0 +1,168 @@
+"""An in-process engine implementing ``models.engine_client.Engine``.
+
+It answers like vLLM's OpenAI server (including its nulls) and can be told to fail:
+``die_after`` chunks into a stream, ``hang`` before answering, or answer with an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from models.engine_client import EngineStream
+from models.errors import EngineError, EngineFailed
+
+JSON = dict[str, Any]
+
+
+@dataclass
+class FakeEngine:
+    name: str = "fake"
+    words: list[str] = field(default_factory=lambda: ["Hello", " there", "!"])
+    die_after: int | None = None  # raise EngineFailed after this many content chunks
+    end_without_done: bool = False
+    hang_s: float = 0.0
+    fail_with: EngineError | None = None
+    healthy: bool = True
+    calls: list[JSON] = field(default_factory=list)
+    closed_streams: int = 0
+
+    async def complete(self, path: str, body: JSON) -> JSON:
+        self.calls.append(body)
+        await self._before()
+        if path == "/v1/embeddings":
+            inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+            data = [
+                {"index": i, "object": "embedding", "embedding": [0.1, 0.2, 0.3]}
+                for i in range(len(inputs))
+            ]
+            return {
+                "id": "embd-1",
+                "object": "list",
+                "created": int(time.time()),
+                "model": body["model"],
+                "data": data,
+                "usage": {
+                    "prompt_tokens": 2,
+                    "total_tokens": 2,
+                    "completion_tokens": 0,
+                    "prompt_tokens_details": None,
+                },
+            }
+        text = "".join(self.words)
+        if path == "/v1/completions":
+            choice: JSON = {
+                "index": 0,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": "stop",
+                "stop_reason": None,
+                "token_ids": None,
+                "prompt_logprobs": None,
+            }
+            obj = "text_completion"
+        else:
+            choice = {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": text,
+                    "refusal": None,
+                    "annotations": None,
+                    "audio": None,
+                    "function_call": None,
+                    "reasoning": None,
+                },
+                "logprobs": None,
+                "finish_reason": "stop",
+                "stop_reason": None,
+                "token_ids": None,
+            }
+            obj = "chat.completion"
+        return {
+            "id": "cmpl-1",
+            "object": obj,
+            "created": int(time.time()),
+            "model": body["model"],
+            "choices": [choice],
+            "service_tier": None,
+            "system_fingerprint": "vllm-fake",
+            "kv_transfer_params": None,
+            "usage": {
+                "prompt_tokens": 5,
+                "completion_tokens": len(self.words),
+                "total_tokens": 5 + len(self.words),
+                "prompt_tokens_details": None,
+            },
+        }
+
+    async def open_stream(self, path: str, body: JSON) -> EngineStream:
+        self.calls.append(body)
+        await self._before()
+        return _FakeStream(self, body)
+
+    async def health(self) -> bool:
+        return self.healthy
+
+    async def aclose(self) -> None:
+        return None
+
+    async def _before(self) -> None:
+        if self.hang_s:
+            await asyncio.sleep(self.hang_s)
+        if self.fail_with is not None:
+            raise self.fail_with
+
+
+class _FakeStream:
+    def __init__(self, engine: FakeEngine, body: JSON) -> None:
+        self.engine = engine
+        self.body = body
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        base = {
+            "id": "chatcmpl-1",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": self.body["model"],
+        }
+        first = {
+            "index": 0,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        }
+        yield orjson.dumps(base | {"choices": [first], "prompt_token_ids": None})
+        for n, word in enumerate(self.engine.words):
+            if self.engine.die_after is not None and n >= self.engine.die_after:
+                raise EngineFailed("connection to engine fake broke: ServerDisconnectedError")
+            last = n == len(self.engine.words) - 1
+            choice = {
+                "index": 0,
+                "delta": {"content": word},
+                "logprobs": None,
+                "finish_reason": "stop" if last else None,
+                "token_ids": None,
+            }
+            yield orjson.dumps(base | {"choices": [choice]})
+            await asyncio.sleep(0)
+        if self.engine.end_without_done:
+            return
+        usage = {
+            "prompt_tokens": 5,
+            "completion_tokens": len(self.engine.words),
+            "total_tokens": 5 + len(self.engine.words),
+        }
+        yield orjson.dumps(base | {"choices": [], "usage": usage})
+        yield b"[DONE]"
+
+    async def aclose(self) -> None:
+        self.engine.closed_streams += 1

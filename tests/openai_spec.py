@@ -1,0 +1,57 @@
+"""Validate our responses against OpenAI's published OpenAPI description.
+
+The spec lives in ``../shared/spec/openai-openapi.yaml`` beside the checkout (override
+with ``WEIR_OPENAI_SPEC``). It is OpenAPI 3.1 but still uses 3.0's ``nullable: true`` in
+places; we rewrite that to JSON Schema before validating.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+
+ROOT = Path(__file__).resolve().parents[1]
+URI = "urn:openai-openapi"
+
+
+def spec_path() -> Path:
+    override = os.environ.get("WEIR_OPENAI_SPEC")
+    return Path(override) if override else ROOT.parent / "shared" / "spec" / "openai-openapi.yaml"
+
+
+def _nullable(node: Any) -> Any:
+    if isinstance(node, dict):
+        node = {k: _nullable(v) for k, v in node.items()}
+        if node.pop("nullable", False):
+            return {"anyOf": [node, {"type": "null"}]}
+        return node
+    if isinstance(node, list):
+        return [_nullable(v) for v in node]
+    return node
+
+
+@functools.cache
+def _registry() -> Registry[Any]:
+    path = spec_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"OpenAI spec not found at {path}; set WEIR_OPENAI_SPEC")
+    with path.open() as handle:
+        document = _nullable(yaml.load(handle, Loader=yaml.CSafeLoader))
+    resource = Resource.from_contents(document, default_specification=DRAFT202012)
+    registry: Registry[Any] = Registry().with_resource(URI, resource)
+    return registry
+
+
+def validate(schema_name: str, instance: Any) -> None:
+    """Raise ``jsonschema.ValidationError`` unless ``instance`` matches the named schema."""
+    validator = jsonschema.Draft202012Validator(
+        {"$ref": f"{URI}#/components/schemas/{schema_name}"}, registry=_registry()
+    )
+    validator.validate(instance)

@@ -1,0 +1,232 @@
+"""The gateway in-process with a fake engine: the contract, headers and errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+from pydantic import SecretStr
+from starlette.testclient import TestClient
+
+from models.fleet import Fleet, Replica
+from models.types import ReplicaKey
+from serving.app import create_app
+from serving.settings import GatewayConfig, Settings
+from tests.fakes.engine import FakeEngine
+from tests.openai_spec import validate
+
+CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+def make_client(chat: FakeEngine, embed: FakeEngine | None = None, **gateway: Any) -> TestClient:
+    settings = Settings(gateway=GatewayConfig(**gateway))
+    embed = embed or FakeEngine(name="embed")
+
+    def fleet(_: object) -> Fleet:
+        return Fleet(
+            [
+                Replica(ReplicaKey("smollm2", "135m-instruct", 0), chat, "smollm2"),
+                Replica(ReplicaKey("minilm", "l6-v2", 0), embed, "minilm"),
+            ],
+            health_interval_s=0.05,
+        )
+
+    return TestClient(create_app(settings, fleet_factory=fleet), raise_server_exceptions=False)
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest.fixture
+def client(engine: FakeEngine) -> Iterator[TestClient]:
+    with make_client(engine) as c:
+        yield c
+
+
+def sse(text: str) -> list[Any]:
+    events = [line[6:] for line in text.split("\n\n") if line.startswith("data: ")]
+    return [e if e == "[DONE]" else orjson.loads(e) for e in events]
+
+
+def test_chat_is_cleaned_to_the_spec_and_labelled(client: TestClient, engine: FakeEngine) -> None:
+    response = client.post("/v1/chat/completions", json=CHAT, headers={"x-request-id": "abc-1"})
+    assert response.status_code == 200
+    body = response.json()
+    validate("CreateChatCompletionResponse", body)
+    assert body["model"] == "smollm2"
+    assert body["system_fingerprint"] == "weir-smollm2@135m-instruct"
+    assert "service_tier" not in body
+    assert "kv_transfer_params" not in body
+    assert response.headers["x-request-id"] == "abc-1"
+    assert response.headers["x-weir-model-version"] == "135m-instruct"
+    assert engine.calls[-1]["model"] == "smollm2"
+
+
+def test_pinned_version_is_served(client: TestClient) -> None:
+    response = client.post("/v1/chat/completions", json=CHAT | {"model": "smollm2@135m-instruct"})
+    assert response.status_code == 200
+    assert response.json()["model"] == "smollm2@135m-instruct"
+
+
+def test_completion_and_embeddings_validate(client: TestClient) -> None:
+    completion = client.post("/v1/completions", json={"model": "smollm2", "prompt": "Hi"})
+    validate("CreateCompletionResponse", completion.json())
+    embeddings = client.post("/v1/embeddings", json={"model": "minilm", "input": ["a", "b"]})
+    validate("CreateEmbeddingResponse", embeddings.json())
+    assert len(embeddings.json()["data"]) == 2
+
+
+def test_stream_chunks_validate_and_end_with_done(client: TestClient) -> None:
+    body = CHAT | {"stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse(response.read().decode())
+    assert events[-1] == "[DONE]"
+    for chunk in events[:-1]:
+        validate("CreateChatCompletionStreamResponse", chunk)
+    assert any(c["choices"] and c["choices"][0]["finish_reason"] for c in events[:-1])
+    assert events[-2]["usage"]["total_tokens"] == 8
+
+
+def test_engine_dying_mid_stream_tells_the_client() -> None:
+    with (
+        make_client(FakeEngine(die_after=1)) as client,
+        client.stream("POST", "/v1/chat/completions", json=CHAT | {"stream": True}) as response,
+    ):
+        events = sse(response.read().decode())
+    assert events[-1] == "[DONE]"
+    validate("ErrorResponse", events[-2])
+    assert events[-2]["error"]["code"] == "engine_error"
+
+
+def test_models_lists_aliases_and_versions(client: TestClient) -> None:
+    body = client.get("/v1/models").json()
+    validate("ListModelsResponse", body)
+    assert {m["id"] for m in body["data"]} == {
+        "smollm2",
+        "smollm2@135m-instruct",
+        "minilm",
+        "minilm@l6-v2",
+    }
+
+
+def test_health_and_readiness(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["versions"] == {"smollm2@135m-instruct": True, "minilm@l6-v2": True}
+
+
+def test_readiness_fails_when_an_engine_is_down() -> None:
+    with make_client(FakeEngine(healthy=False)) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["versions"]["smollm2@135m-instruct"] is False
+        response = client.post("/v1/chat/completions", json=CHAT)
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "engine_unavailable"
+        assert "retry-after" in response.headers
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "param"),
+    [
+        (CHAT | {"model": "nope"}, 404, "model_not_found", "model"),
+        ({"model": "smollm2"}, 400, "invalid_request", "messages"),
+        (CHAT | {"messages": []}, 400, "invalid_request", "messages"),
+        (
+            CHAT | {"messages": [{"role": "wizard", "content": "x"}]},
+            400,
+            "invalid_request",
+            "messages[0].role",
+        ),
+        (CHAT | {"temperature": 9}, 400, "invalid_request", "temperature"),
+        (CHAT | {"n": 1000}, 400, "invalid_request", "n"),
+        (CHAT | {"max_tokens": 0}, 400, "invalid_request", "max_tokens"),
+        ({"model": "minilm", "messages": CHAT["messages"]}, 400, "model_not_supported", "model"),
+        ([1, 2, 3], 400, "invalid_request", None),
+    ],
+)
+def test_bad_input_gets_an_openai_error(
+    client: TestClient, body: Any, status: int, code: str, param: str | None
+) -> None:
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == status
+    validate("ErrorResponse", response.json())
+    assert response.json()["error"]["code"] == code
+    assert response.json()["error"]["param"] == param
+
+
+def test_body_that_is_not_json(client: TestClient) -> None:
+    response = client.post(
+        "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == "The request body is not valid JSON."
+
+
+def test_body_too_large_is_413_before_parsing() -> None:
+    with make_client(FakeEngine(), max_body_bytes=2048) as client:
+        big = CHAT | {"messages": [{"role": "user", "content": "x" * 5000}]}
+        response = client.post("/v1/chat/completions", json=big)
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "payload_too_large"
+
+        def chunks() -> Iterator[bytes]:  # no content-length: counted while reading
+            yield orjson.dumps(big)
+
+        response = client.post("/v1/chat/completions", content=chunks())
+        assert response.status_code == 413
+
+
+def test_unknown_route_and_method(client: TestClient) -> None:
+    assert client.get("/v1/nothing").json()["error"]["code"] == "not_found"
+    response = client.get("/v1/chat/completions")
+    assert response.status_code == 405
+    validate("ErrorResponse", response.json())
+
+
+def test_engine_rejection_keeps_its_param() -> None:
+    from models.errors import EngineRejected
+
+    failing = FakeEngine(
+        fail_with=EngineRejected("max_tokens too big", status=400, param="max_tokens")
+    )
+    with make_client(failing) as client:
+        response = client.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "max_tokens"
+
+
+def test_api_keys_are_enforced() -> None:
+    with make_client(FakeEngine(), api_keys=[SecretStr("sk-right")]) as client:
+        assert client.post("/v1/chat/completions", json=CHAT).status_code == 401
+        wrong = client.post(
+            "/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer sk-wrong"}
+        )
+        assert wrong.status_code == 401
+        assert "sk-wrong" not in wrong.text
+        validate("ErrorResponse", wrong.json())
+        right = client.post(
+            "/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer sk-right"}
+        )
+        assert right.status_code == 200
+        assert client.get("/healthz").status_code == 200  # probes stay open
+
+
+def test_unexpected_exception_is_a_500_with_request_id() -> None:
+    class Broken(FakeEngine):
+        async def complete(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+            raise ZeroDivisionError("hidden")
+
+    with make_client(Broken()) as client:
+        response = client.post("/v1/chat/completions", json=CHAT, headers={"x-request-id": "rid-9"})
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "internal_error"
+    assert "rid-9" in response.json()["error"]["message"]
+    assert "hidden" not in response.text
