@@ -8,6 +8,9 @@ whichever comes first:
 - SIGTERM or SIGINT, or EOF on stdin (the gateway holds the other end of that pipe, so
   EOF means the gateway died, even by SIGKILL): the group gets SIGTERM, then SIGKILL
   after the grace period.
+
+With ``--pidfile`` it records the group's id, so that the supervisor can still kill the
+group if the guard itself is killed with SIGKILL.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ def stop_group(child: subprocess.Popen[bytes], grace_s: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m models.engine_guard")
     parser.add_argument("--grace", type=float, default=10.0)
+    parser.add_argument("--pidfile", default=None, help="write the engine's pid (= its pgid) here")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -71,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     child = subprocess.Popen(command, start_new_session=True, stdin=subprocess.DEVNULL)
     print(f"engine_guard: engine pid {child.pid}", flush=True)
+    if args.pidfile:
+        with open(args.pidfile, "w") as handle:
+            handle.write(str(child.pid))
     threading.Thread(target=_watch_stdin, args=(stop,), daemon=True).start()
 
     while not stop.is_set():

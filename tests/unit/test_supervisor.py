@@ -1,0 +1,200 @@
+"""Engine processes: restarted when killed, gone when stopped, gone when we die."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import aiohttp
+import psutil
+import pytest
+
+from models.backoff import ExponentialBackoff
+from models.engine_client import EngineTimeouts, HttpEngine
+from models.fleet import Fleet, Replica
+from models.launcher import free_port
+from models.supervisor import EngineProcess
+from models.types import ReplicaKey
+
+pytestmark = pytest.mark.anyio
+FAKE_SERVER = Path(__file__).resolve().parents[1] / "fakes" / "engine_server.py"
+
+
+def engine_command(port: int) -> list[str]:
+    return [sys.executable, str(FAKE_SERVER), "--port", str(port), "--child"]
+
+
+def group_pids(guard_pid: int) -> list[int]:
+    """The guard and everything under it: the engine and its worker."""
+    guard = psutil.Process(guard_pid)
+    return [guard_pid] + [p.pid for p in guard.children(recursive=True)]
+
+
+def alive(pids: list[int]) -> list[int]:
+    return [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+
+
+def wait_gone(pids: list[int], timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive(pids)
+
+
+async def await_gone(pids: list[int], timeout_s: float) -> list[int]:
+    """As ``wait_gone``, without blocking the event loop the supervisor runs on."""
+    deadline = time.monotonic() + timeout_s
+    while alive(pids) and time.monotonic() < deadline:  # noqa: ASYNC110 (polling other processes)
+        await asyncio.sleep(0.05)
+    return alive(pids)
+
+
+async def wait_healthy(fleet: Fleet, timeout_s: float = 20.0) -> None:
+    assert await fleet.wait_ready(timeout_s), fleet.readiness()
+
+
+async def wait_restarted(process: EngineProcess, times: int) -> None:
+    deadline = time.monotonic() + 20
+    while process.restarts < times and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    assert process.restarts == times
+
+
+def make_fleet(tmp_path: Path, session: aiohttp.ClientSession) -> tuple[Fleet, EngineProcess]:
+    port = free_port()
+    process = EngineProcess(
+        "fake@v1#0",
+        engine_command(port),
+        env=None,
+        log_path=tmp_path / "engine.log",
+        grace_s=2.0,
+        backoff=ExponentialBackoff(base=0.1, cap=0.5),
+    )
+    engine = HttpEngine("fake", f"http://127.0.0.1:{port}", session, EngineTimeouts(health_s=0.5))
+    replica = Replica(ReplicaKey("fake", "v1", 0), engine, "fake", process)
+    return Fleet([replica], health_interval_s=0.1), process
+
+
+async def test_killed_engine_comes_back_and_stop_leaves_nothing(tmp_path: Path) -> None:
+    async with aiohttp.ClientSession() as session:
+        fleet, process = make_fleet(tmp_path, session)
+        await fleet.start()
+        try:
+            await wait_healthy(fleet)
+            first = group_pids(process.pid or 0)
+            assert len(first) == 3  # guard, engine, engine's worker
+            os.kill(first[1], signal.SIGKILL)  # the engine itself dies
+            assert await await_gone(first, 5.0) == []  # the guard cleans up its group and exits
+            await wait_restarted(process, 1)
+            await wait_healthy(fleet)
+            second = group_pids(process.pid or 0)
+            assert set(second).isdisjoint(first)
+        finally:
+            await fleet.stop()
+        assert await await_gone(second, 5.0) == []
+        assert not fleet.ready()
+
+
+async def test_engine_is_reaped_when_its_guard_is_killed(tmp_path: Path) -> None:
+    async with aiohttp.ClientSession() as session:
+        fleet, process = make_fleet(tmp_path, session)
+        await fleet.start()
+        try:
+            await wait_healthy(fleet)
+            first = group_pids(process.pid or 0)
+            os.kill(first[0], signal.SIGKILL)  # the guard dies and cannot clean up
+            assert await await_gone(first, 5.0) == []  # the supervisor kills the orphaned group
+            await wait_restarted(process, 1)
+            await wait_healthy(fleet)  # and the restarted engine could bind the same port
+        finally:
+            await fleet.stop()
+
+
+async def test_stop_escalates_to_sigkill(tmp_path: Path) -> None:
+    stubborn = tmp_path / "stubborn.py"
+    stubborn.write_text(
+        "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(3600)\n"
+    )
+    process = EngineProcess(
+        "stubborn",
+        [sys.executable, str(stubborn)],
+        env=None,
+        log_path=tmp_path / "stubborn.log",
+        grace_s=0.5,
+        backoff=ExponentialBackoff(),
+    )
+    await process.start()
+    await asyncio.sleep(0.5)
+    pids = group_pids(process.pid or 0)
+    started = time.monotonic()
+    await process.stop()
+    assert time.monotonic() - started < 5
+    assert await await_gone(pids, 2.0) == []
+    assert "stopping engine" in (tmp_path / "stubborn.log").read_text()
+
+
+async def test_crash_loop_backs_off(tmp_path: Path) -> None:
+    process = EngineProcess(
+        "crashy",
+        [sys.executable, "-c", "raise SystemExit(3)"],
+        env=None,
+        log_path=tmp_path / "crashy.log",
+        grace_s=0.5,
+        backoff=ExponentialBackoff(base=0.05, cap=0.2),
+    )
+    await process.start()
+    await asyncio.sleep(1.5)
+    await process.stop()
+    assert 2 <= process.restarts <= 12
+    assert "engine exited with 3" in (tmp_path / "crashy.log").read_text()
+
+
+def test_engines_die_with_a_killed_gateway(tmp_path: Path) -> None:
+    """SIGKILL the process that owns the engines: the guard still stops them."""
+    port = free_port()
+    script = textwrap.dedent(
+        f"""
+        import asyncio, sys
+        from pathlib import Path
+        from models.backoff import ExponentialBackoff
+        from models.supervisor import EngineProcess
+
+        async def main():
+            p = EngineProcess("fake", {engine_command(port)!r}, env=None,
+                              log_path=Path({str(tmp_path / "e.log")!r}), grace_s=1.0,
+                              backoff=ExponentialBackoff())
+            await p.start()
+            print(p.pid, flush=True)
+            await asyncio.sleep(3600)
+
+        asyncio.run(main())
+        """
+    )
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None
+        guard_pid = int(owner.stdout.readline())
+        deadline = time.monotonic() + 10
+        pids = group_pids(guard_pid)
+        while len(pids) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            pids = group_pids(guard_pid)
+        assert len(pids) == 3
+        owner.kill()
+        owner.wait()
+        assert wait_gone(pids, 5.0) == []
+    finally:
+        owner.kill()
+
+
+def test_backoff_doubles_to_its_cap() -> None:
+    backoff = ExponentialBackoff(base=1.0, cap=30.0)
+    assert [backoff.compute(n) for n in range(0, 8)] == [0, 1, 2, 4, 8, 16, 30, 30]
+    jittered = ExponentialBackoff(base=1.0, cap=30.0, jitter=True)
+    assert all(0 <= jittered.compute(5) <= 16 for _ in range(100))
