@@ -138,12 +138,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             str(c), f"{med['direct']:.1f}", f"{med['gateway']:.1f}", f"{ratio:.3f}", str(errors)
         )
     console.print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps({"summary": summary, "rounds": [asdict(r) for r in rounds]}, indent=2)
-    )
-    console.print(f"raw rounds written to {out}")
+    return {"summary": summary, "rounds": [asdict(r) for r in rounds]}
 
 
 def main() -> None:
