@@ -11,7 +11,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(EXTRA)
 # pip on these machines warns about every local index it skips; keep the real output.
-QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+# The braces keep pip's exit status (pipefail) while grep may find nothing to print.
+QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 .PHONY: help setup models serve test lint typecheck unit integration bench clean
 
