@@ -56,6 +56,7 @@ class VersionConfig(_Strict):
     weights: str | None = None  # a store entry name or a local directory
     url: str | None = None  # a remote engine we do not start, e.g. http://vllm:8000
     served_name: str | None = None  # the engine's model name (default: the public name)
+    tokenizer: str | None = None  # for a remote engine: a store entry or directory to count with
     replicas: int = Field(1, ge=1, le=64)
     engine_args: list[str] = []
     env: dict[str, str] = {}

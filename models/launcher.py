@@ -19,6 +19,7 @@ from models.engine_client import EngineTimeouts, HttpEngine
 from models.fleet import Fleet, Replica
 from models.store import ModelStore
 from models.supervisor import EngineProcess
+from models.tokenizer import TokenCounter
 from models.types import ReplicaKey
 
 log = logging.getLogger("weir.launcher")
@@ -48,6 +49,29 @@ def check_weights(models: list[ModelConfig], store: StoreConfig) -> dict[str, Pa
                 model_store.verify(version.weights)
             resolved[f"{model.name}@{version.version}"] = path
     return resolved
+
+
+def load_counters(
+    models: list[ModelConfig], weights: dict[str, Path], store: StoreConfig
+) -> dict[str, TokenCounter]:
+    """A token counter per version: from its weights, or its ``tokenizer`` for remote ones.
+
+    A remote version without ``tokenizer`` gets none: its prompts are not counted.
+    """
+    model_store = ModelStore(store.root)
+    counters: dict[str, TokenCounter] = {}
+    for model in models:
+        for version in model.versions:
+            key = f"{model.name}@{version.version}"
+            if key in weights:
+                directory = weights[key]
+            elif version.tokenizer is not None:
+                directory = model_store.resolve(version.tokenizer)
+            else:
+                log.warning("%s: no tokenizer configured; prompts are not counted", key)
+                continue
+            counters[key] = TokenCounter.from_dir(directory, version.engine_args)
+    return counters
 
 
 def build_fleet(

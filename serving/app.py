@@ -25,8 +25,9 @@ from starlette.responses import Response
 from models.engine_client import EngineTimeouts
 from models.errors import WeirModelError
 from models.fleet import Fleet
-from models.launcher import build_fleet, check_weights
+from models.launcher import build_fleet, check_weights, load_counters
 from models.registry import Registry
+from models.tokenizer import TokenCounter
 from serving.errors import GatewayError, InvalidRequest, MethodNotAllowed, RouteNotFound, render
 from serving.middleware import (
     ApiKeyMiddleware,
@@ -76,8 +77,11 @@ def create_app(
     *,
     fleet_factory: FleetFactory | None = None,
     weights: dict[str, Path] | None = None,
+    counters: dict[str, TokenCounter] | None = None,
     on_ready: OnReady | None = None,
 ) -> FastAPI:
+    """The gateway. Tests pass ``fleet_factory`` (fake engines) and ``counters``; the CLI
+    passes the ``weights`` it already checked. Otherwise both come from ``settings``."""
     gateway = settings.gateway
     registry = Registry(settings.models)
     timeouts = EngineTimeouts(
@@ -87,13 +91,17 @@ def create_app(
         health_s=settings.engines.health_timeout_s,
     )
 
-    def make_fleet(session: aiohttp.ClientSession) -> Fleet:
+    def resolved_weights() -> dict[str, Path]:
+        if weights is not None:
+            return weights
+        if fleet_factory is not None:
+            return {}
+        return check_weights(settings.models, settings.store)
+
+    def make_fleet(session: aiohttp.ClientSession, found: dict[str, Path]) -> Fleet:
         if fleet_factory is not None:
             return fleet_factory(session)
-        resolved = (
-            weights if weights is not None else check_weights(settings.models, settings.store)
-        )
-        return build_fleet(settings.models, resolved, settings.engines, session, timeouts)
+        return build_fleet(settings.models, found, settings.engines, session, timeouts)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -101,8 +109,13 @@ def create_app(
         session = aiohttp.ClientSession(
             connector=connector, json_serialize=lambda obj: orjson.dumps(obj).decode()
         )
-        fleet = make_fleet(session)
-        app.state.proxy = Proxy(registry, fleet)
+        found = await asyncio.to_thread(resolved_weights)
+        if counters is None:
+            loaded = await asyncio.to_thread(load_counters, settings.models, found, settings.store)
+        else:
+            loaded = counters
+        fleet = make_fleet(session, found)
+        app.state.proxy = Proxy(registry, fleet, loaded, settings.contract)
         announcer: asyncio.Task[None] | None = None
         try:
             await fleet.start()

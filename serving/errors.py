@@ -10,6 +10,9 @@ The gateway's own tree::
     ├── RouteNotFound       404
     ├── MethodNotAllowed    405
     ├── PayloadTooLarge     413
+    ├── ContextLengthExceeded 400  prompt + max_tokens over the model's context (both numbers said)
+    ├── RateLimited         429  a limit said no; ``Retry-After`` from ``retry_after_s``
+    ├── InvalidModelOutput  502  the answer broke the requested JSON schema
     └── ClientClosed        499  the client went away (logged only; nobody reads the answer)
 
 ``models.errors`` brings the model and engine errors. ``ERROR_TABLE`` maps each class to
@@ -73,6 +76,20 @@ class ClientClosed(GatewayError):
     pass
 
 
+class ContextLengthExceeded(GatewayError):
+    pass
+
+
+class InvalidModelOutput(GatewayError):
+    pass
+
+
+class RateLimited(GatewayError):
+    def __init__(self, message: str, *, retry_after_s: int, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.retry_after_s = retry_after_s
+
+
 @dataclass(frozen=True)
 class ErrorSpec:
     status: int
@@ -84,6 +101,7 @@ class ErrorSpec:
 ERROR_TABLE: dict[type[BaseException], ErrorSpec] = {
     InvalidRequest: ErrorSpec(400, "invalid_request_error", "invalid_request"),
     WrongTask: ErrorSpec(400, "invalid_request_error", "model_not_supported"),
+    ContextLengthExceeded: ErrorSpec(400, "invalid_request_error", "context_length_exceeded"),
     EngineRejected: ErrorSpec(400, "invalid_request_error", "invalid_request"),
     Unauthenticated: ErrorSpec(401, "authentication_error", "invalid_api_key"),
     PermissionDenied: ErrorSpec(403, "permission_error", "permission_denied"),
@@ -91,7 +109,9 @@ ERROR_TABLE: dict[type[BaseException], ErrorSpec] = {
     RouteNotFound: ErrorSpec(404, "invalid_request_error", "not_found"),
     MethodNotAllowed: ErrorSpec(405, "invalid_request_error", "method_not_allowed"),
     PayloadTooLarge: ErrorSpec(413, "invalid_request_error", "payload_too_large"),
+    RateLimited: ErrorSpec(429, "rate_limit_error", "rate_limit_exceeded", retry_after_s=1),
     ClientClosed: ErrorSpec(499, "invalid_request_error", "client_closed_request"),
+    InvalidModelOutput: ErrorSpec(502, "server_error", "invalid_model_output"),
     EngineFailed: ErrorSpec(502, "server_error", "engine_error"),
     EngineUnavailable: ErrorSpec(503, "server_error", "engine_unavailable", retry_after_s=5),
     EngineOverloaded: ErrorSpec(503, "server_error", "engine_overloaded", retry_after_s=1),
@@ -119,5 +139,6 @@ def render(exc: BaseException, request_id: str) -> tuple[int, dict[str, Any], di
         message = getattr(exc, "message", None) or str(exc)
         param = getattr(exc, "param", None)
     body = {"error": {"message": message, "type": spec.type, "param": param, "code": spec.code}}
-    headers = {"retry-after": str(spec.retry_after_s)} if spec.retry_after_s else {}
+    retry_after = getattr(exc, "retry_after_s", None) or spec.retry_after_s
+    headers = {"retry-after": str(retry_after)} if retry_after else {}
     return spec.status, body, headers

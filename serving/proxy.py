@@ -1,29 +1,37 @@
-"""The use case behind every OpenAI route: resolve, pick a replica, call, clean.
+"""The use case behind every OpenAI route: resolve, check the contract, pick, call, clean.
 
 Routes stay thin: they validate the body (``serving.protocol``) and hand it here with the
-``Route`` that says which engine path serves it, which task the model must have, and how
-the answer is cleaned. Errors are raised, never returned.
+``Route`` that says which engine path serves it, which task the model must have, how the
+contract prepares it and how the answer is cleaned. Errors are raised, never returned.
+The engine call is cancelled the moment the client disconnects.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from starlette.responses import Response, StreamingResponse
+from starlette.requests import Request
+from starlette.responses import Response
 
 from models.fleet import Fleet
 from models.registry import Registry
+from models.tokenizer import TokenCounter
 from models.types import ServedVersion, Task
-from serving import responses, streaming
-from serving.errors import InvalidRequest, WrongTask
+from serving import contract, output_check, responses, streaming
+from serving.disconnect import SSEResponse, run_or_cancel
+from serving.errors import InvalidModelOutput, InvalidRequest, WrongTask
+from serving.middleware import request_id_of
 from serving.protocol.requests import ModelRequest
+from serving.settings import ContractConfig
 
 JSON = dict[str, Any]
 Cleaner = Callable[[JSON, str, ServedVersion], JSON]
+Preparer = Callable[[Any, TokenCounter | None, ContractConfig], contract.Prepared]
 VERSION_HEADER = "x-weir-model-version"
+OUTPUT_VALID_HEADER = "x-weir-output-valid"
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
@@ -31,13 +39,22 @@ SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 class Route:
     path: str
     task: Task
+    prepare: Preparer
     clean: Cleaner
     streams: bool = True
 
 
-CHAT = Route("/v1/chat/completions", "chat", responses.clean_generation)
-COMPLETIONS = Route("/v1/completions", "chat", responses.clean_generation)
-EMBEDDINGS = Route("/v1/embeddings", "embed", responses.clean_embeddings, streams=False)
+CHAT = Route("/v1/chat/completions", "chat", contract.prepare_chat, responses.clean_generation)
+COMPLETIONS = Route(
+    "/v1/completions", "chat", contract.prepare_completion, responses.clean_generation
+)
+EMBEDDINGS = Route(
+    "/v1/embeddings",
+    "embed",
+    contract.prepare_embeddings,
+    responses.clean_embeddings,
+    streams=False,
+)
 
 
 class JSONBytes(Response):
@@ -48,15 +65,23 @@ class JSONBytes(Response):
 
 
 class Proxy:
-    def __init__(self, registry: Registry, fleet: Fleet) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        fleet: Fleet,
+        counters: Mapping[str, TokenCounter],
+        config: ContractConfig,
+    ) -> None:
         self.registry = registry
         self.fleet = fleet
+        self.counters = counters
+        self.config = config
 
     def __repr__(self) -> str:
         return f"Proxy(registry={self.registry!r}, fleet={self.fleet!r})"
 
-    async def handle(self, route: Route, request: ModelRequest, request_id: str) -> Response:
-        requested: str = request.model
+    async def handle(self, route: Route, request: ModelRequest, http: Request) -> Response:
+        requested = request.model
         served = self.registry.resolve(requested)
         if served.task != route.task:
             raise WrongTask(
@@ -64,22 +89,32 @@ class Proxy:
                 f"it does not serve {route.path}.",
                 param="model",
             )
+        if request.stream and not route.streams:
+            raise InvalidRequest(f"{route.path} does not stream", param="stream")
+        prepared = route.prepare(request, self.counters.get(served.key), self.config)
+        http.state.prompt_tokens = prepared.prompt_tokens
         replica = self.fleet.pick(served)
-        body = request.model_dump(exclude_unset=True)
+        body = prepared.body
         body["model"] = replica.served_name
         headers = {VERSION_HEADER: served.version}
-        if body.get("stream"):
-            if not route.streams:
-                raise InvalidRequest(f"{route.path} does not stream", param="stream")
-            stream = await replica.engine.open_stream(route.path, body)
+
+        if request.stream:
+            stream = await run_or_cancel(replica.engine.open_stream(route.path, body), http.receive)
 
             def fix(chunk: JSON) -> JSON:
                 return route.clean(chunk, requested, served)
 
-            return StreamingResponse(
-                streaming.relay(stream, fix, request_id),
-                media_type="text/event-stream",
-                headers=headers | SSE_HEADERS,
-            )
-        answer = await replica.engine.complete(route.path, body)
+            events = streaming.relay(stream, fix, request_id_of(http.scope))
+            return SSEResponse(events, headers=headers | SSE_HEADERS)
+
+        answer = await run_or_cancel(replica.engine.complete(route.path, body), http.receive)
+        schema = output_check.schema_of(body.get("response_format"))
+        if schema is not None:
+            try:
+                output_check.check_chat_output(answer, schema)
+                headers[OUTPUT_VALID_HEADER] = "true"
+            except InvalidModelOutput:
+                if self.config.invalid_output == "reject":
+                    raise
+                headers[OUTPUT_VALID_HEADER] = "false"
         return JSONBytes(route.clean(answer, requested, served), headers=headers)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import (
@@ -46,12 +46,26 @@ class GatewayConfig(BaseModel):
             return False
 
 
+class ContractConfig(BaseModel):
+    """The request contract's configured maxima and policies (hard caps live in protocol)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    strict_fields: bool = False  # reject unknown request fields (400) instead of logging them
+    max_n: int = Field(8, ge=1, le=16)
+    max_tokens: int = Field(8192, ge=1)  # largest max_tokens a client may ask for
+    max_messages: int = Field(256, ge=1, le=2048)
+    max_embedding_inputs: int = Field(256, ge=1, le=2048)
+    invalid_output: Literal["reject", "pass"] = "reject"  # schema-breaking JSON: 502 or header
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="WEIR_", env_nested_delimiter="__", extra="forbid", frozen=True
     )
 
     gateway: GatewayConfig = GatewayConfig()
+    contract: ContractConfig = ContractConfig()
     store: StoreConfig = StoreConfig()
     engines: EngineConfig = EngineConfig()
     models: list[ModelConfig] = Field(default_factory=default_models)

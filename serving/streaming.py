@@ -12,7 +12,7 @@ stream is closed in ``finally``, which drops the connection and makes vLLM abort
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import orjson
@@ -47,7 +47,7 @@ def _engine_error(chunk: dict[str, Any]) -> Exception:
     return EngineFailed(message)
 
 
-async def relay(stream: EngineStream, fix: Fix, request_id: str) -> AsyncIterator[bytes]:
+async def relay(stream: EngineStream, fix: Fix, request_id: str) -> AsyncGenerator[bytes, None]:
     """Pass the engine's chunks through as they come, cleaned by ``fix``."""
     finished = False
     try:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from serving.deps import ProxyDep, RequestIdDep
+from serving.deps import ProxyDep
 from serving.protocol.requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from serving.proxy import CHAT, COMPLETIONS, EMBEDDINGS
 from serving.routes.openapi_errors import GENERATION_ERRORS
@@ -14,19 +14,15 @@ router = APIRouter(prefix="/v1", responses=GENERATION_ERRORS)
 
 
 @router.post("/chat/completions", summary="Create a chat completion (JSON or SSE)")
-async def chat_completions(
-    body: ChatCompletionRequest, proxy: ProxyDep, request_id: RequestIdDep
-) -> Response:
-    return await proxy.handle(CHAT, body, request_id)
+async def chat_completions(body: ChatCompletionRequest, proxy: ProxyDep, http: Request) -> Response:
+    return await proxy.handle(CHAT, body, http)
 
 
 @router.post("/completions", summary="Create a text completion (JSON or SSE)")
-async def completions(
-    body: CompletionRequest, proxy: ProxyDep, request_id: RequestIdDep
-) -> Response:
-    return await proxy.handle(COMPLETIONS, body, request_id)
+async def completions(body: CompletionRequest, proxy: ProxyDep, http: Request) -> Response:
+    return await proxy.handle(COMPLETIONS, body, http)
 
 
 @router.post("/embeddings", summary="Create embeddings")
-async def embeddings(body: EmbeddingRequest, proxy: ProxyDep, request_id: RequestIdDep) -> Response:
-    return await proxy.handle(EMBEDDINGS, body, request_id)
+async def embeddings(body: EmbeddingRequest, proxy: ProxyDep, http: Request) -> Response:
+    return await proxy.handle(EMBEDDINGS, body, http)

@@ -29,8 +29,11 @@ class FakeEngine:
     hang_s: float = 0.0
     fail_with: EngineError | None = None
     healthy: bool = True
+    content: str | None = None  # the whole answer instead of the joined words
+    first_chunk_delay_s: float = 0.0
     calls: list[JSON] = field(default_factory=list)
     closed_streams: int = 0
+    cancelled: int = 0  # calls cancelled while in flight (client went away)
 
     async def complete(self, path: str, body: JSON) -> JSON:
         self.calls.append(body)
@@ -54,7 +57,7 @@ class FakeEngine:
                     "prompt_tokens_details": None,
                 },
             }
-        text = "".join(self.words)
+        text = self.content if self.content is not None else "".join(self.words)
         if path == "/v1/completions":
             choice: JSON = {
                 "index": 0,
@@ -114,7 +117,11 @@ class FakeEngine:
 
     async def _before(self) -> None:
         if self.hang_s:
-            await asyncio.sleep(self.hang_s)
+            try:
+                await asyncio.sleep(self.hang_s)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
         if self.fail_with is not None:
             raise self.fail_with
 
@@ -140,6 +147,12 @@ class _FakeStream:
             "logprobs": None,
             "finish_reason": None,
         }
+        if self.engine.first_chunk_delay_s:
+            try:
+                await asyncio.sleep(self.engine.first_chunk_delay_s)
+            except asyncio.CancelledError:
+                self.engine.cancelled += 1
+                raise
         yield orjson.dumps(base | {"choices": [first], "prompt_token_ids": None})
         for n, word in enumerate(self.engine.words):
             if self.engine.die_after is not None and n >= self.engine.die_after:

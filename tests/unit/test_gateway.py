@@ -10,18 +10,28 @@ import pytest
 from pydantic import SecretStr
 from starlette.testclient import TestClient
 
+from models.config import StoreConfig
 from models.fleet import Fleet, Replica
+from models.store import ModelStore
+from models.tokenizer import TokenCounter
 from models.types import ReplicaKey
 from serving.app import create_app
-from serving.settings import GatewayConfig, Settings
+from serving.settings import ContractConfig, GatewayConfig, Settings
 from tests.fakes.engine import FakeEngine
 from tests.openai_spec import validate
 
 CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}
 
 
-def make_client(chat: FakeEngine, embed: FakeEngine | None = None, **gateway: Any) -> TestClient:
-    settings = Settings(gateway=GatewayConfig(**gateway))
+def make_client(
+    chat: FakeEngine,
+    embed: FakeEngine | None = None,
+    *,
+    counters: dict[str, TokenCounter] | None = None,
+    contract: ContractConfig | None = None,
+    **gateway: Any,
+) -> TestClient:
+    settings = Settings(gateway=GatewayConfig(**gateway), contract=contract or ContractConfig())
     embed = embed or FakeEngine(name="embed")
 
     def fleet(_: object) -> Fleet:
@@ -33,7 +43,8 @@ def make_client(chat: FakeEngine, embed: FakeEngine | None = None, **gateway: An
             health_interval_s=0.05,
         )
 
-    return TestClient(create_app(settings, fleet_factory=fleet), raise_server_exceptions=False)
+    app = create_app(settings, fleet_factory=fleet, counters=counters or {})
+    return TestClient(app, raise_server_exceptions=False)
 
 
 @pytest.fixture
@@ -230,3 +241,59 @@ def test_unexpected_exception_is_a_500_with_request_id() -> None:
     assert response.json()["error"]["code"] == "internal_error"
     assert "rid-9" in response.json()["error"]["message"]
     assert "hidden" not in response.text
+
+
+def smollm2_counter() -> TokenCounter:
+    directory = ModelStore(StoreConfig().root).resolve("smollm2-135m-instruct")
+    return TokenCounter.from_dir(directory, ["--max-model-len", "2048"])
+
+
+def test_context_overflow_never_reaches_the_engine() -> None:
+    engine = FakeEngine()
+    counters = {"smollm2@135m-instruct": smollm2_counter()}
+    with make_client(engine, counters=counters) as client:
+        response = client.post("/v1/chat/completions", json=CHAT | {"max_tokens": 2047})
+        assert response.status_code == 400
+        assert response.json()["error"]["code"] == "context_length_exceeded"
+        assert engine.calls == []
+        ok = client.post("/v1/chat/completions", json=CHAT)
+        assert ok.status_code == 200
+        assert engine.calls[-1]["max_tokens"] == 2048 - smollm2_counter().count_chat(
+            CHAT["messages"]
+        )
+
+
+SCHEMA_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "city",
+        "schema": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("content", "policy", "status", "valid"),
+    [
+        ('{"city": "Paris"}', "reject", 200, "true"),
+        ('{"town": "Paris"}', "reject", 502, None),
+        ("Paris!", "reject", 502, None),
+        ('{"town": "Paris"}', "pass", 200, "false"),
+    ],
+)
+def test_structured_output_is_checked(
+    content: str, policy: str, status: int, valid: str | None
+) -> None:
+    contract = ContractConfig(invalid_output=policy)  # type: ignore[arg-type]
+    with make_client(FakeEngine(content=content), contract=contract) as client:
+        body = CHAT | {"response_format": SCHEMA_FORMAT}
+        response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == status
+    assert response.headers.get("x-weir-output-valid") == valid
+    if status == 502:
+        assert response.json()["error"]["code"] == "invalid_model_output"
+        validate("ErrorResponse", response.json())

@@ -1,0 +1,165 @@
+"""The request contract with the real SmolLM2 tokenizer: counts, budget, maxima, fields."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from models.config import StoreConfig
+from models.store import ModelStore
+from models.tokenizer import TokenCounter, context_length
+from serving.contract import prepare_chat, prepare_completion, prepare_embeddings
+from serving.errors import ContextLengthExceeded, InvalidRequest
+from serving.protocol.requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from serving.settings import ContractConfig
+
+SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
+QUESTION = {"role": "user", "content": "What is the capital of France?"}
+
+
+def store_dir(entry: str) -> Path:
+    """The real model files (``make test`` pulls them first)."""
+    return ModelStore(StoreConfig().root).resolve(entry)
+
+
+@pytest.fixture(scope="module")
+def chat_counter() -> TokenCounter:
+    return TokenCounter.from_dir(store_dir("smollm2-135m-instruct"), ["--max-model-len", "2048"])
+
+
+@pytest.fixture(scope="module")
+def embed_counter() -> TokenCounter:
+    return TokenCounter.from_dir(store_dir("all-minilm-l6-v2"))
+
+
+def chat(**fields: object) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate(
+        {"model": "smollm2", "messages": [SYSTEM, QUESTION]} | fields
+    )
+
+
+def test_counts_match_what_vllm_reports(chat_counter: TokenCounter) -> None:
+    # vLLM's usage.prompt_tokens for the same prompts (checked against the engine in
+    # tests/integration/test_contract_engine.py).
+    assert chat_counter.count_chat([SYSTEM, QUESTION]) == 27
+    assert chat_counter.count_text("Paris is") == 2
+
+
+def test_context_lengths_are_what_vllm_uses(embed_counter: TokenCounter) -> None:
+    assert embed_counter.context == 256  # sentence-transformers max_seq_length
+    assert context_length(store_dir("smollm2-135m-instruct"), []) == 8192
+    assert context_length(store_dir("smollm2-135m-instruct"), ["--max-model-len=1024"]) == 1024
+
+
+def test_absent_max_tokens_is_what_remains(chat_counter: TokenCounter) -> None:
+    prepared = prepare_chat(chat(), chat_counter, ContractConfig())
+    assert prepared.prompt_tokens == 27
+    assert prepared.body["max_tokens"] == 2048 - 27
+    assert prepared.max_tokens == 2048 - 27
+
+
+def test_overflow_is_refused_with_both_numbers(chat_counter: TokenCounter) -> None:
+    with pytest.raises(ContextLengthExceeded) as caught:
+        prepare_chat(chat(max_tokens=2030), chat_counter, ContractConfig())
+    message = caught.value.message
+    assert "2048" in message
+    assert "2057" in message
+    assert "27 in the prompt" in message
+    assert caught.value.param == "messages"
+
+
+def test_long_prompt_alone_overflows(chat_counter: TokenCounter) -> None:
+    long = {"role": "user", "content": "word " * 3000}
+    with pytest.raises(ContextLengthExceeded, match="no room"):
+        prepare_chat(chat(messages=[long]), chat_counter, ContractConfig())
+
+
+def test_max_completion_tokens_counts_too(chat_counter: TokenCounter) -> None:
+    prepared = prepare_chat(chat(max_completion_tokens=100), chat_counter, ContractConfig())
+    assert prepared.max_tokens == 100
+    assert "max_tokens" not in prepared.body
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"n": 9}, "n"),
+        ({"max_tokens": 9000}, "max_tokens"),
+        ({"max_completion_tokens": 9000}, "max_completion_tokens"),
+        ({"messages": [QUESTION] * 257}, "messages"),
+    ],
+)
+def test_configured_maxima(
+    chat_counter: TokenCounter, fields: dict[str, object], param: str
+) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        prepare_chat(chat(**fields), chat_counter, ContractConfig())
+    assert caught.value.param == param
+
+
+def test_unknown_fields_are_logged_by_name_or_refused(
+    chat_counter: TokenCounter, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="weir.contract"):
+        prepared = prepare_chat(
+            chat(frobnicate="secret value", top_k=5), chat_counter, ContractConfig()
+        )
+    assert prepared.body["frobnicate"] == "secret value"  # passed on
+    assert "frobnicate" in caplog.text
+    assert "secret value" not in caplog.text  # names only, never values
+    assert "top_k" not in caplog.text  # a known vLLM extension
+    with pytest.raises(InvalidRequest) as caught:
+        prepare_chat(chat(frobnicate=1), chat_counter, ContractConfig(strict_fields=True))
+    assert caught.value.param == "frobnicate"
+
+
+def test_template_errors_are_client_errors(chat_counter: TokenCounter) -> None:
+    strict = TokenCounter(
+        chat_counter.tokenizer,
+        context=100,
+        chat_template="{% if messages[0].role != 'user' %}{{ raise_exception('user first') }}{% endif %}",
+    )
+    with pytest.raises(InvalidRequest, match="user first") as caught:
+        prepare_chat(chat(), strict, ContractConfig())
+    assert caught.value.param == "messages"
+    empty = chat(messages=[{"role": "user", "content": None}])
+    assert prepare_chat(empty, chat_counter, ContractConfig()).prompt_tokens is not None
+
+
+def test_completion_budget_uses_the_longest_prompt(chat_counter: TokenCounter) -> None:
+    request = CompletionRequest(model="smollm2", prompt=["Paris is", "word " * 1000])
+    prepared = prepare_completion(request, chat_counter, ContractConfig())
+    longest = chat_counter.count_text("word " * 1000)
+    assert prepared.body["max_tokens"] == 2048 - longest
+    assert prepared.prompt_tokens == 2 + longest
+    token_ids = CompletionRequest(model="smollm2", prompt=[1, 2, 3], max_tokens=2046)
+    with pytest.raises(ContextLengthExceeded):
+        prepare_completion(token_ids, chat_counter, ContractConfig())
+
+
+def test_embedding_inputs(embed_counter: TokenCounter) -> None:
+    prepared = prepare_embeddings(
+        EmbeddingRequest(model="minilm", input=["a b", "hello world"]),
+        embed_counter,
+        ContractConfig(),
+    )
+    assert prepared.prompt_tokens == 8
+    with pytest.raises(InvalidRequest) as caught:
+        prepare_embeddings(
+            EmbeddingRequest(model="minilm", input=["x"] * 300), embed_counter, ContractConfig()
+        )
+    assert caught.value.param == "input"
+    with pytest.raises(ContextLengthExceeded, match="input 1"):
+        prepare_embeddings(
+            EmbeddingRequest(model="minilm", input=["ok", "word " * 300]),
+            embed_counter,
+            ContractConfig(),
+        )
+
+
+def test_without_a_counter_nothing_is_counted() -> None:
+    prepared = prepare_chat(chat(max_tokens=5), None, ContractConfig())
+    assert prepared.prompt_tokens is None
+    assert prepared.max_tokens == 5

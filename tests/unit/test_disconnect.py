@@ -1,0 +1,86 @@
+"""A client that goes away cancels the engine call at once, streamed or not."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+import pytest
+from starlette.types import Message
+
+from models.fleet import Fleet, Replica
+from models.types import ReplicaKey
+from serving.app import create_app
+from serving.settings import Settings
+from tests.fakes.engine import FakeEngine
+
+pytestmark = pytest.mark.anyio
+
+
+async def call_and_leave(
+    engine: FakeEngine, body: dict[str, Any], leave_after_s: float
+) -> list[Message]:
+    """Drive the ASGI app directly: send the body, then disconnect after a while."""
+
+    def fleet(_: object) -> Fleet:
+        replica = Replica(ReplicaKey("smollm2", "135m-instruct", 0), engine, "smollm2")
+        return Fleet([replica], health_interval_s=0.05)
+
+    app = create_app(Settings(), fleet_factory=fleet, counters={})
+    raw = orjson.dumps(body)
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+        "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"",
+        "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("t", 80),
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())],
+    }  # fmt: skip
+    sent: list[Message] = []
+    delivered = False
+
+    async def receive() -> Message:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await asyncio.sleep(leave_after_s)
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async with app.router.lifespan_context(app):
+        await asyncio.wait_for(app(scope, receive, send), timeout=5)
+    return sent
+
+
+CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+async def test_non_streaming_call_is_cancelled_on_disconnect() -> None:
+    engine = FakeEngine(hang_s=30)
+    started = time.monotonic()
+    await call_and_leave(engine, CHAT, leave_after_s=0.2)
+    assert time.monotonic() - started < 3
+    assert engine.cancelled == 1
+
+
+async def test_stream_waiting_for_first_token_is_cancelled_on_disconnect() -> None:
+    engine = FakeEngine(first_chunk_delay_s=30)
+    started = time.monotonic()
+    sent = await call_and_leave(engine, CHAT | {"stream": True}, leave_after_s=0.2)
+    assert time.monotonic() - started < 3
+    assert sent[0]["status"] == 200
+    assert engine.cancelled == 1
+    assert engine.closed_streams == 1
+
+
+async def test_a_finished_stream_is_closed_once() -> None:
+    engine = FakeEngine()
+    sent = await call_and_leave(engine, CHAT | {"stream": True}, leave_after_s=10)
+    bodies = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert bodies.endswith(b"data: [DONE]\n\n")
+    assert sent[-1]["more_body"] is False
+    assert engine.closed_streams == 1
+    assert engine.cancelled == 0
