@@ -119,7 +119,9 @@ def test_template_errors_are_client_errors(chat_counter: TokenCounter) -> None:
     strict = TokenCounter(
         chat_counter.tokenizer,
         context=100,
-        chat_template="{% if messages[0].role != 'user' %}{{ raise_exception('user first') }}{% endif %}",
+        chat_template=(
+            "{% if messages[0].role != 'user' %}{{ raise_exception('user first') }}{% endif %}"
+        ),
     )
     with pytest.raises(InvalidRequest, match="user first") as caught:
         prepare_chat(chat(), strict, ContractConfig())

@@ -34,7 +34,9 @@ async def call_and_leave(
         "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
         "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"",
         "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("t", 80),
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())],
+        "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())
+        ],
     }  # fmt: skip
     sent: list[Message] = []
     delivered = False

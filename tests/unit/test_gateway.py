@@ -20,7 +20,7 @@ from serving.settings import ContractConfig, GatewayConfig, Settings
 from tests.fakes.engine import FakeEngine
 from tests.openai_spec import validate
 
-CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}
+CHAT: dict[str, Any] = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}
 
 
 def make_client(
@@ -288,7 +288,7 @@ SCHEMA_FORMAT = {
 def test_structured_output_is_checked(
     content: str, policy: str, status: int, valid: str | None
 ) -> None:
-    contract = ContractConfig(invalid_output=policy)  # type: ignore[arg-type]
+    contract = ContractConfig.model_validate({"invalid_output": policy})
     with make_client(FakeEngine(content=content), contract=contract) as client:
         body = CHAT | {"response_format": SCHEMA_FORMAT}
         response = client.post("/v1/chat/completions", json=body)
