@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import AsyncGenerator, Awaitable, Mapping
 from typing import TypeVar
 
-from starlette.responses import Response
+from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from serving.errors import ClientClosed
@@ -39,13 +39,13 @@ async def run_or_cancel(work: Awaitable[T], receive: Receive) -> T:
     return task.result()
 
 
-class SSEResponse(Response):
-    media_type = "text/event-stream"
+class SSEResponse(StreamingResponse):
+    """Starlette's StreamingResponse, but it always watches for the client leaving."""
 
     def __init__(
         self, events: AsyncGenerator[bytes, None], headers: Mapping[str, str] | None = None
     ) -> None:
-        super().__init__(content=None, headers=headers)
+        super().__init__(events, headers=headers, media_type="text/event-stream")
         self.events = events
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

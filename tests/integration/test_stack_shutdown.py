@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 
 import pytest
@@ -13,9 +14,12 @@ pytestmark = pytest.mark.integration
 
 def test_ctrl_c_leaves_no_engine_process(stack: Stack) -> None:
     assert len(stack.tree()) >= 4  # two guards, two engines (plus vLLM's workers)
-    assert stack.stop() == 0
+    # uvicorn re-raises the SIGINT after its graceful shutdown, as Ctrl-C in a shell expects
+    assert stack.stop() in (0, -signal.SIGINT)
     deadline = time.monotonic() + 15
     while alive(stack.descendants) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert alive(stack.descendants) == []
-    assert "stopping engines" in stack.log_path.read_text()
+    log = stack.log_path.read_text()
+    assert "stopping engines" in log
+    assert "Application shutdown complete" in log
