@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
+import orjson
 
 from models.errors import (
     EngineError,
@@ -27,6 +28,14 @@ from models.errors import (
 )
 
 JSON = dict[str, Any]
+
+
+def json_dumps(obj: Any) -> str:
+    """orjson for speed; the standard library for what orjson refuses (ints past 64 bits)."""
+    try:
+        return orjson.dumps(obj).decode()
+    except TypeError:
+        return json.dumps(obj)
 
 
 class EngineStream(Protocol):

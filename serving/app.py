@@ -15,14 +15,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
-import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.responses import Response
 
-from models.engine_client import EngineTimeouts
+from models.engine_client import EngineTimeouts, json_dumps
 from models.errors import WeirModelError
 from models.fleet import Fleet
 from models.launcher import build_fleet, check_weights, load_counters
@@ -106,9 +105,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(limit=gateway.max_connections, limit_per_host=0)
-        session = aiohttp.ClientSession(
-            connector=connector, json_serialize=lambda obj: orjson.dumps(obj).decode()
-        )
+        session = aiohttp.ClientSession(connector=connector, json_serialize=json_dumps)
         found = await asyncio.to_thread(resolved_weights)
         if counters is None:
             loaded = await asyncio.to_thread(load_counters, settings.models, found, settings.store)

@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import jsonschema
 from jinja2 import TemplateError
 
 from models.tokenizer import TokenCounter
@@ -87,6 +88,36 @@ def _check_requested(requested: int | None, config: ContractConfig, param: str) 
         )
 
 
+RESPONSE_FORMATS = frozenset({"text", "json_object", "json_schema"})
+
+
+def check_response_format(response_format: JSON | None) -> None:
+    if response_format is None:
+        return
+    kind = response_format.get("type")
+    if kind not in RESPONSE_FORMATS:
+        raise InvalidRequest(
+            f"response_format.type must be one of {sorted(RESPONSE_FORMATS)}.",
+            param="response_format.type",
+        )
+    if kind != "json_schema":
+        return
+    spec = response_format.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise InvalidRequest(
+            "response_format.json_schema.schema must be a JSON Schema object.",
+            param="response_format.json_schema.schema",
+        )
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise InvalidRequest(
+            f"response_format.json_schema.schema is not a valid JSON Schema: {exc.message}",
+            param="response_format.json_schema.schema",
+        ) from exc
+
+
 def prepare_chat(
     request: ChatCompletionRequest, counter: TokenCounter | None, config: ContractConfig
 ) -> Prepared:
@@ -98,6 +129,7 @@ def prepare_chat(
         )
     if request.n > config.max_n:
         raise InvalidRequest(f"n is {request.n}; at most {config.max_n} is allowed.", param="n")
+    check_response_format(request.response_format)
     param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
     requested = request.max_completion_tokens or request.max_tokens
     _check_requested(requested, config, param)

@@ -32,6 +32,7 @@ Cleaner = Callable[[JSON, str, ServedVersion], JSON]
 Preparer = Callable[[Any, TokenCounter | None, ContractConfig], contract.Prepared]
 VERSION_HEADER = "x-weir-model-version"
 OUTPUT_VALID_HEADER = "x-weir-output-valid"
+TASK_NAMES = {"chat": "a chat model", "embed": "an embedding model"}
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
@@ -85,7 +86,7 @@ class Proxy:
         served = self.registry.resolve(requested)
         if served.task != route.task:
             raise WrongTask(
-                f"The model '{requested}' is a {served.task} model; "
+                f"The model '{requested}' is {TASK_NAMES[served.task]}; "
                 f"it does not serve {route.path}.",
                 param="model",
             )

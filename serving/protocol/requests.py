@@ -65,7 +65,7 @@ class _Sampling(ModelRequest):
     top_p: TopP | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     stop: Stop | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     user: str | None = Field(None, max_length=256)
