@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import statistics
@@ -146,9 +147,9 @@ def main() -> None:
                 f"{targets['gateway, counting']}/v1/chat/completions",
                 json=body | {"max_tokens": 2000},
             )
-            prompt_tokens = int(
-                check.json()["error"]["message"].split("(")[1].split(" in the prompt")[0]
-            )
+            # the gateway's own count, as its context_length_exceeded message states it
+            found = re.search(r"\((\d+) in the prompt", check.json()["error"]["message"])
+            prompt_tokens = int(found.group(1)) if found else 0
     finally:
         for proc in procs:
             os.killpg(proc.pid, signal.SIGINT)
