@@ -27,7 +27,14 @@ from models.fleet import Fleet
 from models.launcher import build_fleet, check_weights, load_counters
 from models.registry import Registry
 from models.tokenizer import TokenCounter
-from serving.errors import GatewayError, InvalidRequest, MethodNotAllowed, RouteNotFound, render
+from serving.errors import (
+    ClientClosed,
+    GatewayError,
+    InvalidRequest,
+    MethodNotAllowed,
+    RouteNotFound,
+    render,
+)
 from serving.middleware import (
     ApiKeyMiddleware,
     BodyLimitMiddleware,
@@ -51,6 +58,8 @@ def _error_response(request: Request, exc: BaseException) -> Response:
 
 
 async def _domain_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, ClientClosed):
+        log.info("client closed request %s before the answer", request_id_of(request.scope))
     return _error_response(request, exc)
 
 
