@@ -90,7 +90,7 @@ class CompletionRequest(_Sampling):
 class EmbeddingRequest(ModelRequest):
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
+    dimensions: int | None = Field(None, ge=1, le=65536)
     user: str | None = Field(None, max_length=256)
 
     def input_count(self) -> int:
