@@ -1,11 +1,12 @@
 """A small guard that owns one engine process group, so no engine outlives the gateway.
 
-Run as ``python -m models.engine_guard --grace S -- CMD ...``. It starts CMD in a new
+Run as ``python -m models.engine_guard --grace S -- CMD ...``. It ignores SIGINT (a Ctrl-C
+meant for the gateway reaches its whole process group) and starts CMD in a new
 session (its own process group, which vLLM's worker processes join), then waits for
 whichever comes first:
 
 - CMD exits: the rest of its group is killed and the guard exits with CMD's status;
-- SIGTERM or SIGINT, or EOF on stdin (the gateway holds the other end of that pipe, so
+- SIGTERM, or EOF on stdin (the gateway holds the other end of that pipe, so
   EOF means the gateway died, even by SIGKILL): the group gets SIGTERM, then SIGKILL
   after the grace period.
 
@@ -71,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no engine command given")
 
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
+    # Ctrl-C reaches the whole foreground group; the gateway stops engines in its own order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     child = subprocess.Popen(command, start_new_session=True, stdin=subprocess.DEVNULL)
     print(f"engine_guard: engine pid {child.pid}", flush=True)
     if args.pidfile:

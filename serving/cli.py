@@ -86,7 +86,11 @@ def serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=30,
     )
     print(f"weir: starting engines; gateway listening on {base} (ready when /readyz is 200)")
-    uvicorn.Server(config).run()
+    try:
+        uvicorn.Server(config).run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly
+        print("weir: stopped", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -101,6 +101,22 @@ async def test_killed_engine_comes_back_and_stop_leaves_nothing(tmp_path: Path) 
         assert not fleet.ready()
 
 
+async def test_ctrl_c_to_the_group_is_left_to_the_gateway(tmp_path: Path) -> None:
+    """A terminal's SIGINT reaches the guards too; they leave stopping to the gateway."""
+    async with aiohttp.ClientSession() as session:
+        fleet, process = make_fleet(tmp_path, session)
+        await fleet.start()
+        try:
+            await wait_healthy(fleet)
+            before = group_pids(process.pid or 0)
+            os.kill(before[0], signal.SIGINT)  # the guard
+            await asyncio.sleep(1.0)
+            assert alive(before) == before
+            assert process.restarts == 0
+        finally:
+            await fleet.stop()
+
+
 async def test_engine_is_reaped_when_its_guard_is_killed(tmp_path: Path) -> None:
     async with aiohttp.ClientSession() as session:
         fleet, process = make_fleet(tmp_path, session)
