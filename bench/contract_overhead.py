@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -52,6 +53,12 @@ url = "http://127.0.0.1:{mock_port}"
 {tokenizer}
 engine_args = ["--max-model-len", "2048"]
 """
+
+
+def weir_command() -> str:
+    """The ``weir`` next to this interpreter (a venv's bin), else the one on PATH."""
+    beside = Path(sys.executable).parent / "weir"
+    return str(beside) if beside.exists() else (shutil.which("weir") or "weir")
 
 
 def free_port() -> int:
@@ -108,7 +115,7 @@ def main() -> None:
         )
         procs.append(
             start(
-                ["weir", "--config", str(config), "serve", "--log-level", "WARNING"],
+                [weir_command(), "--config", str(config), "serve", "--log-level", "WARNING"],
                 work / f"{name}.log",
             )
         )
@@ -120,8 +127,8 @@ def main() -> None:
             "gateway, no counting": f"http://127.0.0.1:{off_port}",
             "gateway, counting": f"http://127.0.0.1:{on_port}",
         }
-        # ~1,000 SmolLM2 tokens: each "word N" is about 3 tokens.
-        text = " ".join(f"word {n}" for n in range(args.prompt_tokens // 3))
+        # ~10 SmolLM2 tokens a sentence: 100 sentences make a ~1,000-token prompt.
+        text = "The quick brown fox jumps over the lazy dog. " * (args.prompt_tokens // 10)
         body = {
             "model": "smollm2",
             "messages": [

@@ -77,7 +77,10 @@ async def run_round(
                     return
                 try:
                     prompt = f"Tell me a long story about a lighthouse keeper, part {n}."
-                    totals["tokens"] += await one_stream(session, base, model, max_tokens, prompt)
+                    # await first: `totals[...] += await ...` reads the total before the
+                    # await and loses the other workers' additions made meanwhile
+                    tokens = await one_stream(session, base, model, max_tokens, prompt)
+                    totals["tokens"] += tokens
                 except (TimeoutError, aiohttp.ClientError):
                     totals["errors"] += 1
 
