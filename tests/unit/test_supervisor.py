@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
@@ -81,55 +83,50 @@ def make_fleet(tmp_path: Path, session: aiohttp.ClientSession) -> tuple[Fleet, E
     return Fleet([replica], health_interval_s=0.1), process
 
 
-async def test_killed_engine_comes_back_and_stop_leaves_nothing(tmp_path: Path) -> None:
+@asynccontextmanager
+async def running_fleet(tmp_path: Path) -> AsyncIterator[tuple[Fleet, EngineProcess]]:
+    """A one-replica fleet of the fake engine, healthy on entry, stopped on exit."""
     async with aiohttp.ClientSession() as session:
         fleet, process = make_fleet(tmp_path, session)
         await fleet.start()
         try:
             await wait_healthy(fleet)
-            first = group_pids(process.pid or 0)
-            assert len(first) == 3  # guard, engine, engine's worker
-            os.kill(first[1], signal.SIGKILL)  # the engine itself dies
-            assert await await_gone(first, 5.0) == []  # the guard cleans up its group and exits
-            await wait_restarted(process, 1)
-            await wait_healthy(fleet)
-            second = group_pids(process.pid or 0)
-            assert set(second).isdisjoint(first)
+            yield fleet, process
         finally:
             await fleet.stop()
-        assert await await_gone(second, 5.0) == []
-        assert not fleet.ready()
+
+
+async def test_killed_engine_comes_back_and_stop_leaves_nothing(tmp_path: Path) -> None:
+    async with running_fleet(tmp_path) as (fleet, process):
+        first = group_pids(process.pid or 0)
+        assert len(first) == 3  # guard, engine, engine's worker
+        os.kill(first[1], signal.SIGKILL)  # the engine itself dies
+        assert await await_gone(first, 5.0) == []  # the guard cleans up its group and exits
+        await wait_restarted(process, 1)
+        await wait_healthy(fleet)
+        second = group_pids(process.pid or 0)
+        assert set(second).isdisjoint(first)
+    assert await await_gone(second, 5.0) == []  # stopped: nothing left
+    assert not fleet.ready()
 
 
 async def test_ctrl_c_to_the_group_is_left_to_the_gateway(tmp_path: Path) -> None:
     """A terminal's SIGINT reaches the guards too; they leave stopping to the gateway."""
-    async with aiohttp.ClientSession() as session:
-        fleet, process = make_fleet(tmp_path, session)
-        await fleet.start()
-        try:
-            await wait_healthy(fleet)
-            before = group_pids(process.pid or 0)
-            os.kill(before[0], signal.SIGINT)  # the guard
-            await asyncio.sleep(1.0)
-            assert alive(before) == before
-            assert process.restarts == 0
-        finally:
-            await fleet.stop()
+    async with running_fleet(tmp_path) as (_, process):
+        before = group_pids(process.pid or 0)
+        os.kill(before[0], signal.SIGINT)  # the guard
+        await asyncio.sleep(1.0)
+        assert alive(before) == before
+        assert process.restarts == 0
 
 
 async def test_engine_is_reaped_when_its_guard_is_killed(tmp_path: Path) -> None:
-    async with aiohttp.ClientSession() as session:
-        fleet, process = make_fleet(tmp_path, session)
-        await fleet.start()
-        try:
-            await wait_healthy(fleet)
-            first = group_pids(process.pid or 0)
-            os.kill(first[0], signal.SIGKILL)  # the guard dies and cannot clean up
-            assert await await_gone(first, 5.0) == []  # the supervisor kills the orphaned group
-            await wait_restarted(process, 1)
-            await wait_healthy(fleet)  # and the restarted engine could bind the same port
-        finally:
-            await fleet.stop()
+    async with running_fleet(tmp_path) as (fleet, process):
+        first = group_pids(process.pid or 0)
+        os.kill(first[0], signal.SIGKILL)  # the guard dies and cannot clean up
+        assert await await_gone(first, 5.0) == []  # the supervisor kills the orphaned group
+        await wait_restarted(process, 1)
+        await wait_healthy(fleet)  # and the restarted engine could bind the same port
 
 
 async def test_stop_escalates_to_sigkill(tmp_path: Path) -> None:
