@@ -1,4 +1,8 @@
-"""Typed dependency aliases for the routes."""
+"""Typed dependency aliases for the routes.
+
+All async: FastAPI runs a plain ``def`` dependency in a worker thread, a thread hop on
+every request for what is an attribute lookup.
+"""
 
 from __future__ import annotations
 
@@ -12,22 +16,22 @@ from serving.middleware import request_id_of
 from serving.proxy import Proxy
 
 
-def _proxy(request: Request) -> Proxy:
+async def _proxy(request: Request) -> Proxy:
     proxy: Proxy = request.app.state.proxy
     return proxy
 
 
-def _registry(request: Request) -> Registry:
+async def _registry(request: Request) -> Registry:
     registry: Registry = request.app.state.registry
     return registry
 
 
-def _fleet(request: Request) -> Fleet:
+async def _fleet(request: Request) -> Fleet:
     fleet: Fleet = request.app.state.proxy.fleet
     return fleet
 
 
-def _request_id(request: Request) -> str:
+async def _request_id(request: Request) -> str:
     return request_id_of(request.scope)
 
 
