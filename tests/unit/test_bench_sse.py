@@ -73,7 +73,7 @@ def test_events_split_across_reads_are_timed_when_complete() -> None:
     ("data", "error"),
     [
         (
-            b'data: {"error": {"message": "x", "type": "server_error", "code": "engine_error"}}\n\n',
+            b'data: {"error": {"type": "server_error", "code": "engine_error"}}\n\n',
             "engine_error",
         ),
         (b"data: not json\n\n", "bad_chunk"),
