@@ -235,7 +235,8 @@ def plain_request(environment: Environment, session: requests.Session, kind: str
         path, body = "/v1/chat/completions", payload.chat_body(variant.model, stream=False)
     wall = time.time_ns()
     started = time.perf_counter_ns()
-    status, error, usage = 0, None, {}
+    status, error = 0, None
+    usage: dict[str, Any] = {}
     try:
         response = session.post(f"{variant.base_url}{path}", json=body, timeout=TIMEOUT_S)
         status = response.status_code

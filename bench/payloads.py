@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,7 +234,12 @@ def cache_heavy(seed: int, distinct: int = 8, output_tokens: int = 32) -> Iterat
         yield rng.choice(pool)
 
 
-GENERATORS = {"fixed": fixed, "uniform": uniform, "sharegpt": sharegpt, "cache": cache_heavy}
+GENERATORS: dict[str, Callable[[int], Iterator[Payload]]] = {
+    "fixed": fixed,
+    "uniform": uniform,
+    "sharegpt": sharegpt,
+    "cache": cache_heavy,
+}
 
 
 def make(name: str, seed: int) -> Iterator[Payload]:

@@ -185,18 +185,18 @@ def html(results: dict[str, Any], images: list[tuple[str, str]], title: str) -> 
     figures = "".join(
         f"<h2>{caption}</h2><img src='data:image/png;base64,{data}'>" for caption, data in images
     )
-    return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>"
+    style = (
         "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}</style></head>"
-        f"<body><h1>{title}</h1><p>window {results['window_s']:.1f} s; SLO {results['slo']}</p>"
-        "<table><tr>"
-        + "".join(f"<th>{h}</th>" for h in head)
-        + "</tr>"
-        + "".join(rows)
-        + "</table>"
-        f"{figures}<h2>Errors</h2><pre>{json.dumps({k: v['errors'] for k, v in results['variants'].items()}, indent=2)}</pre>"
-        "</body></html>"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}"
+    )
+    errors = json.dumps({k: v["errors"] for k, v in results["variants"].items()}, indent=2)
+    header = "".join(f"<th>{h}</th>" for h in head)
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
+        f"<style>{style}</style></head><body><h1>{title}</h1>"
+        f"<p>window {results['window_s']:.1f} s; SLO {results['slo']}</p>"
+        f"<table><tr>{header}</tr>{''.join(rows)}</table>{figures}"
+        f"<h2>Errors</h2><pre>{errors}</pre></body></html>"
     )
 
 

@@ -1,4 +1,4 @@
-"""The ``weir`` command: ``weir serve`` and ``weir models pull|list|verify``."""
+"""The ``weir`` command: ``weir serve``, ``weir models pull|list|verify``, ``weir bench``."""
 
 from __future__ import annotations
 
@@ -142,6 +142,14 @@ def models_verify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    """``weir bench run|compare ...``: the black-box benchmark suite in ``bench/``."""
+    import subprocess
+
+    module = {"run": "bench.run", "compare": "bench.compare"}[args.bench_command]
+    return subprocess.call([sys.executable, "-m", module, *args.rest])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="weir", description=__doc__)
     parser.add_argument("--config", type=Path, default=None, help="weir.toml (default: built-in)")
@@ -165,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify = model_commands.add_parser("verify", help="check sizes and sha256 of weight files")
     verify.add_argument("names", nargs="*")
     verify.set_defaults(func=models_verify)
+    bench_cmd = commands.add_parser(
+        "bench", help="Locust benchmarks: run a scenario, compare two runs (--help for each)"
+    )
+    bench_cmd.add_argument("bench_command", choices=["run", "compare"])
+    bench_cmd.add_argument("rest", nargs=argparse.REMAINDER)
+    bench_cmd.set_defaults(func=bench)
     return parser
 
 
