@@ -1,0 +1,319 @@
+"""The gateway's own cost, against a fast mock upstream, gateway and direct in one run.
+
+Starts ``bench.mock_engine`` and one ``weir serve`` in front of it (API key auth on),
+then measures, interleaving direct and gateway:
+
+1. added latency of a non-streaming chat request at concurrency 1 (p50, p99);
+2. for streams from a paced mock (a chunk every ``--interval-ms``): added TTFT, and the
+   inter-token gaps on both paths (no coalescing: the gateway's gaps match the mock's);
+3. with ``wrk`` (Debian's package), requests/s and p99 at rising connection counts, and
+   the highest rate the gateway holds with p99 added latency under 10 ms.
+
+Black-box: it runs the ``weir`` command and speaks HTTP; it imports nothing of Weir's.
+
+    python -m bench.overhead [--requests 2000] [--wrk-seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+
+from bench.sse import SSETimer
+
+KEY = "sk-bench-overhead"
+CONFIG = """
+[gateway]
+port = {port}
+api_keys = ["{key}"]
+
+[engines]
+log_dir = "{logs}"
+
+[[models]]
+name = "smollm2"
+task = "chat"
+current = "mock"
+
+[[models.versions]]
+version = "mock"
+url = "http://127.0.0.1:{mock_port}"
+"""
+BODY = {
+    "model": "smollm2",
+    "messages": [{"role": "user", "content": "What is the capital of France?"}],
+    "max_tokens": 16,
+}
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = '{body}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {key}"
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def weir_command() -> str:
+    beside = Path(sys.executable).parent / "weir"
+    return str(beside) if beside.exists() else (shutil.which("weir") or "weir")
+
+
+def wait_for(url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} not ready in {timeout_s}s")
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 10) - 1]
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as handle:
+        return subprocess.Popen(
+            cmd, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def added_latency(targets: dict[str, str], requests: int) -> dict[str, list[float]]:
+    samples: dict[str, list[float]] = {t: [] for t in targets}
+    headers = {"authorization": f"Bearer {KEY}"}
+    with httpx.Client(timeout=10, headers=headers) as client:
+        for _ in range(100):
+            for base in targets.values():
+                client.post(f"{base}/v1/chat/completions", json=BODY).raise_for_status()
+        for n in track(range(requests), description="non-streaming, c=1"):
+            for target in list(targets) if n % 2 == 0 else list(reversed(targets)):
+                started = time.perf_counter_ns()
+                client.post(f"{targets[target]}/v1/chat/completions", json=BODY).raise_for_status()
+                samples[target].append((time.perf_counter_ns() - started) / 1e6)
+    return samples
+
+
+def stream_timing(targets: dict[str, str], requests: int) -> dict[str, dict[str, list[float]]]:
+    out: dict[str, dict[str, list[float]]] = {t: {"ttft": [], "gaps": []} for t in targets}
+    body = BODY | {"stream": True}
+    headers = {"authorization": f"Bearer {KEY}"}
+    with httpx.Client(timeout=10, headers=headers) as client:
+        for n in track(range(requests), description="streaming, c=1"):
+            for target in list(targets) if n % 2 == 0 else list(reversed(targets)):
+                timer = SSETimer()
+                with client.stream(
+                    "POST", f"{targets[target]}/v1/chat/completions", json=body
+                ) as response:
+                    for piece in response.iter_raw():
+                        timer.feed(piece)
+                timing = timer.finish()
+                if not timing.ok or timing.ttft_ms is None:
+                    raise SystemExit(f"{target}: stream did not end cleanly")
+                out[target]["ttft"].append(timing.ttft_ms)
+                out[target]["gaps"].extend(timing.gaps_ms)
+    return out
+
+
+def wrk(url: str, connections: int, seconds: int, script: Path) -> dict[str, float]:
+    threads = str(min(connections, 2))
+    cmd = [
+        "wrk",
+        "-t",
+        threads,
+        "-c",
+        str(connections),
+        "-d",
+        f"{seconds}s",
+        "--latency",
+        "-s",
+        str(script),
+        url,
+    ]
+    text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))  # type: ignore[union-attr]
+    values = {}
+    for q in ("50", "99"):
+        found = re.search(rf"\s{q}(?:\.000)?%\s+([\d.]+)(us|ms|s)\b", text)
+        if found is None:
+            raise SystemExit(f"cannot read p{q} from wrk:\n{text}")
+        scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[found.group(2)]
+        values[f"p{q}"] = float(found.group(1)) * scale
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    return {"rps": rps, **values, "non2xx": float(non2xx.group(1)) if non2xx else 0.0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--stream-requests", type=int, default=300)
+    parser.add_argument("--interval-ms", type=float, default=10.0)
+    parser.add_argument("--wrk-seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, nargs="+", default=[1, 4, 16, 32, 64])
+    parser.add_argument("--out", default="bench-results/overhead.json")
+    args = parser.parse_args()
+    console = Console(width=120)
+    work = Path(tempfile.mkdtemp(prefix="weir-overhead-"))
+    mock, paced, gate, paced_gate = free_port(), free_port(), free_port(), free_port()
+    mock_cmd = [sys.executable, "-m", "bench.mock_engine"]
+    procs = [
+        start([*mock_cmd, "--port", str(mock)], work / "mock.log"),
+        start(
+            [*mock_cmd, "--port", str(paced), "--interval-ms", str(args.interval_ms)],
+            work / "paced.log",
+        ),
+    ]
+    for port, upstream in ((gate, mock), (paced_gate, paced)):
+        config = work / f"gw-{port}.toml"
+        config.write_text(CONFIG.format(port=port, key=KEY, logs=work, mock_port=upstream))
+        procs.append(
+            start(
+                [weir_command(), "--config", str(config), "serve", "--log-level", "WARNING"],
+                work / f"gw-{port}.log",
+            )
+        )
+    results: dict[str, Any] = {}
+    try:
+        for port in (mock, paced):
+            wait_for(f"http://127.0.0.1:{port}/health")
+        for port in (gate, paced_gate):
+            wait_for(f"http://127.0.0.1:{port}/readyz")
+        direct = {"direct": f"http://127.0.0.1:{mock}", "gateway": f"http://127.0.0.1:{gate}"}
+        latency = added_latency(direct, args.requests)
+        results["c1"] = {t: {"p50": pct(s, 50), "p99": pct(s, 99)} for t, s in latency.items()}
+        streams = stream_timing(
+            {"direct": f"http://127.0.0.1:{paced}", "gateway": f"http://127.0.0.1:{paced_gate}"},
+            args.stream_requests,
+        )
+        results["stream"] = {
+            t: {
+                "ttft_p50": pct(v["ttft"], 50), "ttft_p99": pct(v["ttft"], 99),
+                "gap_p50": pct(v["gaps"], 50), "gap_p99": pct(v["gaps"], 99),
+                "gap_p1": pct(v["gaps"], 1), "coalesced": sum(g < 1.0 for g in v["gaps"]),
+                "gaps": len(v["gaps"]),
+            }
+            for t, v in streams.items()
+        }  # fmt: skip
+        if shutil.which("wrk"):
+            script = work / "post.lua"
+            script.write_text(WRK_SCRIPT.format(body=json.dumps(BODY), key=KEY))
+            sweep = []
+            for connections in track(args.connections, description="wrk sweep"):
+                row = {"connections": connections}
+                for target, base in direct.items():
+                    row[target] = wrk(
+                        f"{base}/v1/chat/completions", connections, args.wrk_seconds, script
+                    )
+                sweep.append(row)
+            results["wrk"] = sweep
+    finally:
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGINT)
+        for proc in procs:
+            proc.wait(30)
+    report(console, results)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    console.print(f"written to {out}")
+
+
+def report(console: Console, results: dict[str, Any]) -> None:
+    c1 = results["c1"]
+    table = Table(title="Non-streaming chat, concurrency 1 (ms)")
+    for column in ("path", "p50", "p99"):
+        table.add_column(column, justify="right")
+    for target, value in c1.items():
+        table.add_row(target, f"{value['p50']:.3f}", f"{value['p99']:.3f}")
+    table.add_row(
+        "added by the gateway",
+        f"{c1['gateway']['p50'] - c1['direct']['p50']:+.3f}",
+        f"{c1['gateway']['p99'] - c1['direct']['p99']:+.3f}",
+    )
+    console.print(table)
+    st = results["stream"]
+    table = Table(title="Streams from a paced mock, concurrency 1 (ms)")
+    for column in ("path", "TTFT p50", "TTFT p99", "gap p1", "gap p50", "gap p99", "gaps < 1 ms"):
+        table.add_column(column, justify="right")
+    for target, v in st.items():
+        table.add_row(
+            target,
+            f"{v['ttft_p50']:.3f}",
+            f"{v['ttft_p99']:.3f}",
+            f"{v['gap_p1']:.3f}",
+            f"{v['gap_p50']:.3f}",
+            f"{v['gap_p99']:.3f}",
+            f"{v['coalesced']}/{v['gaps']}",
+        )
+    table.add_row(
+        "added",
+        f"{st['gateway']['ttft_p50'] - st['direct']['ttft_p50']:+.3f}",
+        f"{st['gateway']['ttft_p99'] - st['direct']['ttft_p99']:+.3f}",
+        "",
+        f"{st['gateway']['gap_p50'] - st['direct']['gap_p50']:+.3f}",
+        f"{st['gateway']['gap_p99'] - st['direct']['gap_p99']:+.3f}",
+        "",
+    )
+    console.print(table)
+    if "wrk" in results:
+        table = Table(title="wrk: closed loop at rising connections (latency ms)")
+        for column in (
+            "connections",
+            "direct req/s",
+            "direct p99",
+            "gateway req/s",
+            "gateway p50",
+            "gateway p99",
+            "p99 added",
+        ):
+            table.add_column(column, justify="right")
+        best = 0.0
+        for row in results["wrk"]:
+            d, g = row["direct"], row["gateway"]
+            added = g["p99"] - d["p99"]
+            if added < 10 and g["non2xx"] == 0:
+                best = max(best, g["rps"])
+            table.add_row(
+                str(row["connections"]),
+                f"{d['rps']:.0f}",
+                f"{d['p99']:.2f}",
+                f"{g['rps']:.0f}",
+                f"{g['p50']:.2f}",
+                f"{g['p99']:.2f}",
+                f"{added:+.2f}",
+            )
+        console.print(table)
+        results["max_rps_p99_added_under_10ms"] = best
+        console.print(f"highest gateway rate with p99 added under 10 ms: {best:.0f} requests/s")
+
+
+if __name__ == "__main__":
+    main()
