@@ -78,7 +78,9 @@ def main() -> None:
     parser.add_argument("a", type=Path)
     parser.add_argument("b", type=Path)
     args = parser.parse_args()
-    Console().print(compare(json.loads(args.a.read_text()), json.loads(args.b.read_text())))
+    Console(width=max(120, Console().width)).print(
+        compare(json.loads(args.a.read_text()), json.loads(args.b.read_text()))
+    )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from typing import Any
 import gevent
 import requests
 from gevent.lock import BoundedSemaphore
-from locust import HttpUser, User, between, constant, events, task
+from locust import HttpUser, LoadTestShape, User, between, constant, events, task
 from locust.env import Environment
 
 from bench import payloads, shapes
@@ -336,16 +336,16 @@ class ArrivalUser(User):
         gevent.spawn(one)
 
 
-def _staged_shape() -> Iterator[type[shapes.StagedShape]]:
+def _staged_shape() -> Iterator[type[LoadTestShape]]:
     """A shape class only when ``bench.run`` asked for one (Locust uses any it finds)."""
     table = os.environ.get("WEIR_BENCH_STAGES")
     if table:
-        rows = json.loads(table)
+        rows = [shapes.Stage(**row) for row in json.loads(table)]
 
-        class Staged(shapes.StagedShape):
-            pass
+        class Staged(LoadTestShape):
+            def tick(self) -> tuple[int, float] | None:
+                return shapes.tick(rows, self.get_run_time())
 
-        Staged.table = [shapes.Stage(**row) for row in rows]
         yield Staged
 
 

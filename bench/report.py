@@ -47,6 +47,16 @@ def load(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def grouped(samples: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Samples by variant, and by request kind too when a run mixed several kinds."""
+    mixed = len({s["kind"] for s in samples}) > 1
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for sample in samples:
+        label = f"{sample['variant']}/{sample['kind']}" if mixed else str(sample["variant"])
+        groups.setdefault(label, []).append(sample)
+    return dict(sorted(groups.items()))
+
+
 def _stats(values_ms: list[float], rng: np.random.Generator) -> dict[str, Any]:
     if not values_ms:
         return {"count": 0}
@@ -68,8 +78,7 @@ def summarise(samples: list[dict[str, Any]], slo: SLO, seed: int = 0) -> dict[st
     end = max(s["start_wall_ns"] + s["e2e_ns"] for s in samples)
     window_s = max((end - start) / 1e9, 1e-9)
     variants: dict[str, Any] = {}
-    for label in sorted({s["variant"] for s in samples}):
-        mine = [s for s in samples if s["variant"] == label]
+    for label, mine in grouped(samples).items():
         ok = [s for s in mine if not s.get("error") and s.get("status") == 200]
         errors = Counter(str(s.get("error") or s.get("status")) for s in mine if s not in ok)
         output_tokens = sum(int(s.get("completion_tokens") or 0) for s in ok)
@@ -102,14 +111,15 @@ def plots(samples: list[dict[str, Any]], results: dict[str, Any]) -> list[tuple[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = sorted(results["variants"])
+    groups = grouped(samples)
+    labels = list(groups)
     out: list[tuple[str, str]] = []
     figure, axes = plt.subplots(1, 3, figsize=(15, 4))
     for axis, (key, title) in zip(
         axes, (("ttft", "TTFT"), ("gaps", "inter-token gap"), ("e2e", "end to end")), strict=True
     ):
         for label in labels:
-            ok = [s for s in samples if s["variant"] == label and not s.get("error")]
+            ok = [s for s in groups[label] if not s.get("error")]
             if key == "ttft":
                 values = [s["ttft_ns"] / 1e6 for s in ok if s.get("ttft_ns") is not None]
             elif key == "gaps":
@@ -149,9 +159,7 @@ def plots(samples: list[dict[str, Any]], results: dict[str, Any]) -> list[tuple[
     figure, axes = plt.subplots(1, 2, figsize=(15, 4))
     start = min(s["start_wall_ns"] for s in samples)
     for label in labels:
-        mine = sorted(
-            (s for s in samples if s["variant"] == label), key=lambda s: s["start_wall_ns"]
-        )
+        mine = sorted(groups[label], key=lambda s: s["start_wall_ns"])
         seconds = np.array([(s["start_wall_ns"] + s["e2e_ns"] - start) / 1e9 for s in mine])
         if len(seconds) == 0:
             continue

@@ -95,7 +95,7 @@ def main() -> None:
     if args.shape != "constant" and args.scenario != "open-loop":
         table = shapes.stages(args.shape, args.users, args.duration)
         env["WEIR_BENCH_STAGES"] = json.dumps([stage.__dict__ for stage in table])
-    console = Console()
+    console = Console(width=max(160, Console().width))
     command = locust_command(args, samples, out)
     console.print(f"[bold]{args.scenario}[/] against {args.host}: {' '.join(command[3:])}")
     log = (out / "locust.log").open("wb")

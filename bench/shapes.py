@@ -1,15 +1,15 @@
-"""Load shapes as data: a stage table, and Locust's ``tick()`` reading it.
+"""Load shapes as data: a stage table, and the ``tick`` that Locust's shape class reads.
 
 A stage holds ``users`` (spawned at ``spawn_rate`` a second) until ``until_s`` seconds
 into the run. Open-loop arrival (Poisson) is not a shape but a user class in the
-locustfile, because it must send on schedule whatever the responses do.
+locustfile, because it must send on schedule whatever the responses do. This module does
+not import Locust (which monkey-patches the process on import); the locustfile wraps
+``tick`` in a ``LoadTestShape``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from locust import LoadTestShape
 
 
 @dataclass(frozen=True)
@@ -59,14 +59,9 @@ def stages(name: str, users: int, duration_s: float) -> list[Stage]:
         raise SystemExit(f"unknown shape {name!r}; known: {sorted(SHAPES)}") from None
 
 
-class StagedShape(LoadTestShape):
-    """Follows ``self.table``; the locustfile fills it from the command line at init."""
-
-    table: list[Stage] = []
-
-    def tick(self) -> tuple[int, float] | None:
-        elapsed = self.get_run_time()
-        for stage in self.table:
-            if elapsed < stage.until_s:
-                return stage.users, stage.spawn_rate
-        return None
+def tick(table: list[Stage], elapsed_s: float) -> tuple[int, float] | None:
+    """Users and spawn rate at ``elapsed_s``; None once the table is over (the run stops)."""
+    for stage in table:
+        if elapsed_s < stage.until_s:
+            return stage.users, stage.spawn_rate
+    return None
