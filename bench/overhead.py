@@ -9,6 +9,10 @@ then measures, interleaving direct and gateway:
 3. with ``wrk`` (Debian's package), requests/s and p99 at rising connection counts, and
    the highest rate the gateway holds with p99 added latency under 10 ms.
 
+When a ``litellm`` command is found (``--litellm``, else on PATH), LiteLLM's proxy is
+started in front of the same mock with the same key and measured in the same run as a
+peer column (1 and 3).
+
 Black-box: it runs the ``weir`` command and speaks HTTP; it imports nothing of Weir's.
 
     python -m bench.overhead [--requests 2000] [--wrk-seconds 10]
@@ -61,6 +65,16 @@ BODY = {
     "messages": [{"role": "user", "content": "What is the capital of France?"}],
     "max_tokens": 16,
 }
+LITELLM_CONFIG = """
+model_list:
+  - model_name: smollm2
+    litellm_params:
+      model: openai/smollm2
+      api_base: http://127.0.0.1:{mock_port}/v1
+      api_key: unused
+general_settings:
+  master_key: {key}
+"""
 WRK_SCRIPT = """
 wrk.method = "POST"
 wrk.body = '{body}'
@@ -178,6 +192,7 @@ def main() -> None:
     parser.add_argument("--interval-ms", type=float, default=10.0)
     parser.add_argument("--wrk-seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, nargs="+", default=[1, 4, 16, 32, 64])
+    parser.add_argument("--litellm", default=shutil.which("litellm") or "", help="litellm binary")
     parser.add_argument("--out", default="bench-results/overhead.json")
     args = parser.parse_args()
     console = Console(width=120)
@@ -200,6 +215,24 @@ def main() -> None:
                 work / f"gw-{port}.log",
             )
         )
+    litellm_port = free_port()
+    if args.litellm:
+        config = work / "litellm.yaml"
+        config.write_text(LITELLM_CONFIG.format(mock_port=mock, key=KEY))
+        procs.append(
+            start(
+                [
+                    args.litellm,
+                    "--config",
+                    str(config),
+                    "--port",
+                    str(litellm_port),
+                    "--num_workers",
+                    "1",
+                ],
+                work / "litellm.log",
+            )
+        )
     results: dict[str, Any] = {}
     try:
         for port in (mock, paced):
@@ -207,6 +240,9 @@ def main() -> None:
         for port in (gate, paced_gate):
             wait_for(f"http://127.0.0.1:{port}/readyz")
         direct = {"direct": f"http://127.0.0.1:{mock}", "gateway": f"http://127.0.0.1:{gate}"}
+        if args.litellm:
+            wait_for(f"http://127.0.0.1:{litellm_port}/health/liveliness", timeout_s=180)
+            direct["litellm"] = f"http://127.0.0.1:{litellm_port}"
         latency = added_latency(direct, args.requests)
         results["c1"] = {t: {"p50": pct(s, 50), "p99": pct(s, 99)} for t, s in latency.items()}
         streams = stream_timing(
