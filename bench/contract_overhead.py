@@ -17,17 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import httpx
@@ -35,55 +29,7 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-GATEWAY_CONFIG = """
-[gateway]
-port = {port}
-
-[engines]
-log_dir = "{logs}"
-
-[[models]]
-name = "smollm2"
-task = "chat"
-current = "mock"
-
-[[models.versions]]
-version = "mock"
-url = "http://127.0.0.1:{mock_port}"
-{tokenizer}
-engine_args = ["--max-model-len", "2048"]
-"""
-
-
-def weir_command() -> str:
-    """The ``weir`` next to this interpreter (a venv's bin), else the one on PATH."""
-    beside = Path(sys.executable).parent / "weir"
-    return str(beside) if beside.exists() else (shutil.which("weir") or "weir")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(url: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"{url} not ready in {timeout_s}s")
-
-
-def start(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as handle:
-        return subprocess.Popen(
-            cmd, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
-        )
+from bench.procs import free_port, gateway_config, start, stop_all, wait_for, weir_command
 
 
 def percentile(samples: list[float], q: int) -> float:
@@ -106,13 +52,11 @@ def main() -> None:
         )
     ]
     for port, tokenizer, name in (
-        (on_port, 'tokenizer = "smollm2-135m-instruct"', "on"),
-        (off_port, "", "off"),
+        (on_port, "smollm2-135m-instruct", "on"),
+        (off_port, None, "off"),
     ):
         config = work / f"gateway-{name}.toml"
-        config.write_text(
-            GATEWAY_CONFIG.format(port=port, logs=work, mock_port=mock_port, tokenizer=tokenizer)
-        )
+        config.write_text(gateway_config(port, mock_port, work, tokenizer=tokenizer))
         procs.append(
             start(
                 [weir_command(), "--config", str(config), "serve", "--log-level", "WARNING"],
@@ -158,10 +102,7 @@ def main() -> None:
             found = re.search(r"\((\d+) in the prompt", check.json()["error"]["message"])
             prompt_tokens = int(found.group(1)) if found else 0
     finally:
-        for proc in procs:
-            os.killpg(proc.pid, signal.SIGINT)
-        for proc in procs:
-            proc.wait(30)
+        stop_all(procs)
     stats = {t: {"p50": percentile(s, 50), "p99": percentile(s, 99)} for t, s in samples.items()}
     direct, off, on = (stats[t] for t in targets)
     table = Table(

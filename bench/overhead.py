@@ -22,16 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -40,26 +37,10 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from bench.procs import free_port, gateway_config, start, stop_all, wait_for, weir_command
 from bench.sse import SSETimer
 
 KEY = "sk-bench-overhead"
-CONFIG = """
-[gateway]
-port = {port}
-api_keys = ["{key}"]
-
-[engines]
-log_dir = "{logs}"
-
-[[models]]
-name = "smollm2"
-task = "chat"
-current = "mock"
-
-[[models.versions]]
-version = "mock"
-url = "http://127.0.0.1:{mock_port}"
-"""
 BODY = {
     "model": "smollm2",
     "messages": [{"role": "user", "content": "What is the capital of France?"}],
@@ -83,40 +64,8 @@ wrk.headers["Authorization"] = "Bearer {key}"
 """
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def weir_command() -> str:
-    beside = Path(sys.executable).parent / "weir"
-    return str(beside) if beside.exists() else (shutil.which("weir") or "weir")
-
-
-def wait_for(url: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"{url} not ready in {timeout_s}s")
-
-
 def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 10) - 1]
-
-
-def start(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as handle:
-        return subprocess.Popen(
-            cmd, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
-        )
 
 
 def added_latency(targets: dict[str, str], requests: int) -> dict[str, list[float]]:
@@ -208,7 +157,7 @@ def main() -> None:
     ]
     for port, upstream in ((gate, mock), (paced_gate, paced)):
         config = work / f"gw-{port}.toml"
-        config.write_text(CONFIG.format(port=port, key=KEY, logs=work, mock_port=upstream))
+        config.write_text(gateway_config(port, upstream, work, key=KEY))
         procs.append(
             start(
                 [weir_command(), "--config", str(config), "serve", "--log-level", "WARNING"],
@@ -271,10 +220,7 @@ def main() -> None:
                 sweep.append(row)
             results["wrk"] = sweep
     finally:
-        for proc in procs:
-            os.killpg(proc.pid, signal.SIGINT)
-        for proc in procs:
-            proc.wait(30)
+        stop_all(procs)
     report(console, results)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

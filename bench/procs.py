@@ -1,0 +1,89 @@
+"""Starting what a benchmark measures: a mock engine, ``weir serve`` in front of it.
+
+Black-box: ``weir`` runs as a command and is reached over HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+GATEWAY_CONFIG = """
+[gateway]
+port = {port}
+api_keys = {keys}
+
+[engines]
+log_dir = "{logs}"
+
+[[models]]
+name = "smollm2"
+task = "chat"
+current = "mock"
+
+[[models.versions]]
+version = "mock"
+url = "http://127.0.0.1:{mock_port}"
+engine_args = ["--max-model-len", "2048"]
+{tokenizer}
+"""
+
+
+def gateway_config(
+    port: int, mock_port: int, logs: Path, *, key: str | None = None, tokenizer: str | None = None
+) -> str:
+    """A weir.toml serving ``smollm2`` from a remote (mock) engine."""
+    return GATEWAY_CONFIG.format(
+        port=port,
+        mock_port=mock_port,
+        logs=logs,
+        keys=f'["{key}"]' if key else "[]",
+        tokenizer=f'tokenizer = "{tokenizer}"' if tokenizer else "",
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def weir_command() -> str:
+    """The ``weir`` next to this interpreter (a venv's bin), else the one on PATH."""
+    beside = Path(sys.executable).parent / "weir"
+    return str(beside) if beside.exists() else (shutil.which("weir") or "weir")
+
+
+def wait_for(url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} not ready in {timeout_s}s")
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` in its own process group, output to ``log``."""
+    with log.open("wb") as handle:
+        return subprocess.Popen(
+            cmd, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Ctrl-C to each group, then wait for all of them."""
+    for proc in procs:
+        os.killpg(proc.pid, signal.SIGINT)
+    for proc in procs:
+        proc.wait(30)
