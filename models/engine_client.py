@@ -97,7 +97,7 @@ class HttpEngine:
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._transport_error(exc) from exc
         try:
-            parsed: JSON = json.loads(raw)
+            parsed: JSON = orjson.loads(raw)
         except ValueError as exc:
             raise EngineFailed("engine sent a body that is not JSON", engine=self.name) from exc
         return parsed
