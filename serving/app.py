@@ -35,6 +35,7 @@ from serving.errors import (
     RouteNotFound,
     render,
 )
+from serving.keys.store import make_key_store
 from serving.middleware import (
     ApiKeyMiddleware,
     BodyLimitMiddleware,
@@ -43,7 +44,7 @@ from serving.middleware import (
     request_id_of,
 )
 from serving.proxy import JSONBytes, Proxy
-from serving.routes import catalog, engines, health, inference
+from serving.routes import admin, catalog, engines, health, inference
 from serving.settings import Settings
 from serving.validation import invalid_request_from
 
@@ -92,6 +93,12 @@ def create_app(
     passes the ``weights`` it already checked. Otherwise both come from ``settings``."""
     gateway = settings.gateway
     registry = Registry(settings.models)
+    keys = settings.keys
+    key_store = (
+        make_key_store(keys.file, keys.redis_url, keys.timeout_s)
+        if keys.enabled or keys.admin_key is not None
+        else None
+    )
     timeouts = EngineTimeouts(
         connect_s=gateway.engine_connect_timeout_s,
         idle_s=gateway.engine_idle_timeout_s,
@@ -133,6 +140,8 @@ def create_app(
             log.info("stopping engines")
             await fleet.stop()
             await session.close()
+            if key_store is not None:
+                await key_store.aclose()
 
     app = FastAPI(
         title="Weir gateway",
@@ -142,7 +151,12 @@ def create_app(
             Middleware(RequestIdMiddleware),
             Middleware(UnhandledErrorMiddleware),
             Middleware(BodyLimitMiddleware, max_bytes=gateway.max_body_bytes),
-            Middleware(ApiKeyMiddleware, keys=[k.get_secret_value() for k in gateway.api_keys]),
+            Middleware(
+                ApiKeyMiddleware,
+                keys=[k.get_secret_value() for k in gateway.api_keys],
+                store=key_store if keys.enabled else None,
+                admin_key=keys.admin_key.get_secret_value() if keys.admin_key else None,
+            ),
         ],
         exception_handlers={
             WeirModelError: _domain_error,
@@ -153,11 +167,13 @@ def create_app(
     )
     app.state.settings = settings
     app.state.registry = registry
+    app.state.key_store = key_store
     app.state.started = int(time.time())
     app.include_router(inference.router)
     app.include_router(catalog.router)
     app.include_router(health.router)
     app.include_router(engines.router)
+    app.include_router(admin.router)
     return app
 
 

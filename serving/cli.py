@@ -45,7 +45,7 @@ def serve(args: argparse.Namespace) -> int:
         }
     )
     settings = settings.model_copy(update={"gateway": gateway})
-    if not gateway.api_keys:
+    if not gateway.api_keys and not settings.keys.enabled:
         if not gateway.loopback and not gateway.allow_unauthenticated:
             print(
                 f"weir: refusing to bind {gateway.host} with no API keys configured: anyone who"
@@ -142,6 +142,69 @@ def models_verify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def keys(args: argparse.Namespace) -> int:
+    """``weir keys create|list|revoke``, on the configured store (Redis or the file)."""
+    import asyncio
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from serving.keys.store import KeyStoreUnavailable, UnknownKey, make_key_store
+    from serving.routes.admin import KeyCreate, create_key
+
+    config = _settings(args).keys
+    store = make_key_store(config.file, config.redis_url, config.timeout_s)
+
+    async def run() -> int:
+        try:
+            if args.keys_command == "create":
+                spec = KeyCreate(
+                    name=args.name,
+                    models=[m for m in (args.models or "").split(",") if m],
+                    rpm=args.rpm,
+                    tpm=args.tpm,
+                    tokens_per_day=args.tokens_per_day,
+                    max_concurrency=args.max_concurrency,
+                )
+                secret, record = await create_key(store, spec)
+                print(f"created key {record.id} ({record.name}); its secret, shown only now:")
+                print(secret)
+            elif args.keys_command == "list":
+                table = Table(title=f"API keys in {store!r}")
+                for column in (
+                    "id",
+                    "name",
+                    "models",
+                    "rpm",
+                    "tpm",
+                    "tokens/day",
+                    "concurrency",
+                    "revoked",
+                ):
+                    table.add_column(column)
+                for r in await store.list():
+                    table.add_row(
+                        r.id, r.name, ",".join(r.models) or "*", str(r.rpm or "-"),
+                        str(r.tpm or "-"), str(r.tokens_per_day or "-"),
+                        str(r.max_concurrency or "-"), "yes" if r.revoked else "",
+                    )  # fmt: skip
+                Console(width=max(140, Console().width)).print(table)
+            else:
+                record = await store.revoke(args.key_id)
+                print(f"revoked key {record.id} ({record.name})")
+        except KeyStoreUnavailable as exc:
+            print(f"weir: {exc}", file=sys.stderr)
+            return 1
+        except UnknownKey as exc:
+            print(f"weir: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await store.aclose()
+        return 0
+
+    return asyncio.run(run())
+
+
 def bench(args: argparse.Namespace) -> int:
     """``weir bench run|compare ...``: the black-box benchmark suite in ``bench/``."""
     import subprocess
@@ -173,6 +236,18 @@ def build_parser() -> argparse.ArgumentParser:
     verify = model_commands.add_parser("verify", help="check sizes and sha256 of weight files")
     verify.add_argument("names", nargs="*")
     verify.set_defaults(func=models_verify)
+    keys_cmd = commands.add_parser("keys", help="API keys: create, list, revoke")
+    key_commands = keys_cmd.add_subparsers(dest="keys_command", required=True)
+    create = key_commands.add_parser("create", help="make a key; prints its secret once")
+    create.add_argument("--name", required=True)
+    create.add_argument("--models", default="", help="comma-separated; default: every model")
+    for flag in ("--rpm", "--tpm", "--tokens-per-day", "--max-concurrency"):
+        create.add_argument(flag, type=int, default=None)
+    key_commands.add_parser("list", help="keys and their limits, never secrets")
+    revoke = key_commands.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id")
+    keys_cmd.set_defaults(func=keys)
+
     bench_cmd = commands.add_parser(
         "bench", help="Locust benchmarks: run a scenario, compare two runs (--help for each)"
     )

@@ -13,6 +13,7 @@ The gateway's own tree::
     ├── ContextLengthExceeded 400  prompt + max_tokens over the model's context (both numbers said)
     ├── RateLimited         429  a limit said no; ``Retry-After`` from ``retry_after_s``
     ├── InvalidModelOutput  502  the answer broke the requested JSON schema
+    ├── AuthUnavailable     503  the key store cannot be reached
     └── ClientClosed        499  the client went away (logged only; nobody reads the answer)
 
 ``models.errors`` brings the model and engine errors. ``ERROR_TABLE`` maps each class to
@@ -84,6 +85,10 @@ class InvalidModelOutput(GatewayError):
     pass
 
 
+class AuthUnavailable(GatewayError):
+    pass
+
+
 class RateLimited(GatewayError):
     def __init__(self, message: str, *, retry_after_s: int, param: str | None = None) -> None:
         super().__init__(message, param=param)
@@ -116,6 +121,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorSpec] = {
     EngineUnavailable: ErrorSpec(503, "server_error", "engine_unavailable", retry_after_s=5),
     EngineOverloaded: ErrorSpec(503, "server_error", "engine_overloaded", retry_after_s=1),
     StoreError: ErrorSpec(503, "server_error", "model_unavailable", retry_after_s=30),
+    AuthUnavailable: ErrorSpec(503, "server_error", "auth_unavailable", retry_after_s=1),
     EngineTimeout: ErrorSpec(504, "server_error", "engine_timeout"),
 }
 INTERNAL = ErrorSpec(500, "server_error", "internal_error")

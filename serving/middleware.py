@@ -14,7 +14,14 @@ from collections.abc import Sequence
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.errors import PayloadTooLarge, Unauthenticated, render
+from serving.errors import (
+    AuthUnavailable,
+    PayloadTooLarge,
+    PermissionDenied,
+    Unauthenticated,
+    render,
+)
+from serving.keys.store import KeyStore, KeyStoreUnavailable
 
 log = logging.getLogger("weir.gateway")
 REQUEST_ID = "x-request-id"
@@ -127,27 +134,76 @@ class BodyLimitMiddleware:
 
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+ADMIN_PREFIX = "/weir/admin/"
+
+
+def _bearer(scope: Scope) -> str | None:
+    auth: bytes = dict(scope["headers"]).get(b"authorization", b"")
+    scheme, _, token = auth.partition(b" ")
+    if scheme.lower() != b"bearer" or not token.strip():
+        return None
+    return token.strip().decode(errors="replace")
 
 
 class ApiKeyMiddleware:
-    """``Authorization: Bearer KEY`` on every route but the probes, in constant time."""
+    """``Authorization: Bearer KEY`` on every route but the probes.
 
-    def __init__(self, app: ASGIApp, keys: Sequence[str]) -> None:
+    Static keys (``gateway.api_keys``) are compared in constant time; store keys are
+    looked up by their sha256. The record of the key used goes to ``state["key"]``.
+    ``/weir/admin/`` takes the admin key only. Keys never appear in errors or logs.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: Sequence[str],
+        store: KeyStore | None = None,
+        admin_key: str | None = None,
+    ) -> None:
         self.app = app
         self.keys = [k.encode() for k in keys]
+        self.store = store
+        self.admin_key = admin_key.encode() if admin_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        auth = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = auth.partition(b" ")
+        rid = request_id_of(scope)
+        token = _bearer(scope)
+        if scope["path"].startswith(ADMIN_PREFIX):
+            if self.admin_key is None:
+                await send_error(
+                    send, PermissionDenied("The admin API is off: set keys.admin_key."), rid
+                )
+                return
+            if token is None or not hmac.compare_digest(token.encode(), self.admin_key):
+                await send_error(send, Unauthenticated("Missing or invalid admin key."), rid)
+                return
+            await self.app(scope, receive, send)
+            return
+        if not self.keys and self.store is None:
+            await self.app(scope, receive, send)
+            return
+        denied = Unauthenticated("Missing or invalid API key.")
+        if token is None:
+            await send_error(send, denied, rid)
+            return
         matched = False
         for key in self.keys:  # compare against every key: timing says nothing
-            matched |= hmac.compare_digest(token.strip(), key)
-        if scheme.lower() != b"bearer" or not matched:
-            await send_error(
-                send, Unauthenticated("Missing or invalid API key."), request_id_of(scope)
-            )
-            return
+            matched |= hmac.compare_digest(token.encode(), key)
+        if not matched:
+            if self.store is None:
+                await send_error(send, denied, rid)
+                return
+            try:
+                record = await self.store.lookup(token)
+            except KeyStoreUnavailable:
+                log.error("key store unreachable for request %s", rid)
+                await send_error(send, AuthUnavailable("The key store is unreachable."), rid)
+                return
+            if record is None or record.revoked:
+                await send_error(send, denied, rid)
+                return
+            scope.setdefault("state", {})["key"] = record
         await self.app(scope, receive, send)

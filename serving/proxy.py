@@ -22,7 +22,8 @@ from models.tokenizer import TokenCounter
 from models.types import ServedVersion, Task
 from serving import contract, output_check, responses, streaming
 from serving.disconnect import SSEResponse, run_or_cancel
-from serving.errors import InvalidModelOutput, InvalidRequest, WrongTask
+from serving.errors import InvalidModelOutput, InvalidRequest, PermissionDenied, WrongTask
+from serving.keys.records import KeyRecord
 from serving.middleware import request_id_of
 from serving.protocol.requests import ModelRequest
 from serving.settings import ContractConfig
@@ -83,6 +84,10 @@ class Proxy:
 
     async def handle(self, route: Route, request: ModelRequest, http: Request) -> Response:
         requested = request.model
+        key: KeyRecord | None = getattr(http.state, "key", None)
+        if key is not None and not key.allows(requested.partition("@")[0]):
+            # said before the registry is asked: no hint whether the model exists
+            raise PermissionDenied("This API key may not use the requested model.", param="model")
         served = self.registry.resolve(requested)
         if served.task != route.task:
             raise WrongTask(

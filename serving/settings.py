@@ -46,6 +46,18 @@ class GatewayConfig(BaseModel):
             return False
 
 
+class KeysConfig(BaseModel):
+    """API keys from a store: Redis (shared by gateways) when ``redis_url`` is set, else a file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False  # every /v1 and /weir request needs a key from the store
+    redis_url: str | None = None  # e.g. redis://127.0.0.1:6379/0 (run it with noeviction)
+    file: Path = Path("~/.config/weir/keys.json")  # the store without Redis; one process only
+    admin_key: SecretStr | None = None  # Bearer key for /weir/admin/*; unset: admin API off
+    timeout_s: float = Field(0.5, gt=0)  # Redis connect and read timeout
+
+
 class ContractConfig(BaseModel):
     """The request contract's configured maxima and policies (hard caps live in protocol)."""
 
@@ -66,6 +78,7 @@ class Settings(BaseSettings):
 
     gateway: GatewayConfig = GatewayConfig()
     contract: ContractConfig = ContractConfig()
+    keys: KeysConfig = KeysConfig()
     store: StoreConfig = StoreConfig()
     engines: EngineConfig = EngineConfig()
     models: list[ModelConfig] = Field(default_factory=default_models)

@@ -1,0 +1,60 @@
+"""The key record and how secrets become ids and hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PREFIX = "sk-weir-"
+ID_LENGTH = 12
+
+
+def new_secret() -> str:
+    return PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def same_hash(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeyRecord:
+    hash: str
+    name: str
+    models: tuple[str, ...] = ()  # empty: every model
+    rpm: int | None = None  # requests per minute
+    tpm: int | None = None  # tokens per minute
+    tokens_per_day: int | None = None
+    max_concurrency: int | None = None
+    created: float = field(default_factory=time.time)
+    revoked: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.hash[:ID_LENGTH]
+
+    def allows(self, model: str) -> bool:
+        return not self.models or model in self.models
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["models"] = list(self.models)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> KeyRecord:
+        return cls(**{**data, "models": tuple(data.get("models") or ())})
+
+    def public(self) -> dict[str, Any]:
+        """What lists and the admin API show: everything but the full hash."""
+        data = self.to_dict()
+        data.pop("hash")
+        return {"id": self.id, **data}
