@@ -58,15 +58,24 @@ class FileKeyStore:
     def __init__(self, path: Path) -> None:
         self.path = path.expanduser()
         self._lock = asyncio.Lock()
+        self._cache: tuple[tuple[int, int, int], dict[str, KeyRecord]] | None = None
 
     def __repr__(self) -> str:
         return f"FileKeyStore(path={str(self.path)!r})"
 
     def _read(self) -> dict[str, KeyRecord]:
-        if not self.path.is_file():
+        """The records, re-read only when the file changed (a stat per lookup, not a parse)."""
+        try:
+            info = self.path.stat()
+        except FileNotFoundError:
             return {}
-        raw = json.loads(self.path.read_text())
-        return {h: KeyRecord.from_dict(r) for h, r in raw.items()}
+        # every write is a new file (os.replace), so the inode changes even within one
+        # mtime tick
+        stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
+        if self._cache is None or self._cache[0] != stamp:
+            raw = json.loads(self.path.read_text())
+            self._cache = (stamp, {h: KeyRecord.from_dict(r) for h, r in raw.items()})
+        return dict(self._cache[1])
 
     def _write(self, records: dict[str, KeyRecord]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
