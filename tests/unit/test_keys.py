@@ -211,3 +211,12 @@ def test_cli_create_list_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[st
     record: KeyRecord = next(iter(stored.values()))
     assert record.revoked
     assert record.tpm == 1000
+
+
+@pytest.mark.anyio
+async def test_file_store_sees_keys_written_by_another_process(tmp_path: Path) -> None:
+    gateway, cli = FileKeyStore(tmp_path / "keys.json"), FileKeyStore(tmp_path / "keys.json")
+    first, _ = await create_key(cli, KeyCreate(name="one"))
+    assert await gateway.lookup(first) is not None  # read and cached
+    second, _ = await create_key(cli, KeyCreate(name="two"))  # within the same mtime tick, likely
+    assert await gateway.lookup(second) is not None
