@@ -15,6 +15,12 @@ from models.types import ServedVersion
 PIN = "@"
 
 
+def split_name(name: str) -> tuple[str, str]:
+    """``smollm2@v1`` to ``("smollm2", "v1")``; an unpinned name has version ``""``."""
+    base, _, pinned = name.partition(PIN)
+    return base, pinned
+
+
 class Registry:
     def __init__(self, models: Iterable[ModelConfig]) -> None:
         self._models: dict[str, ModelConfig] = {}
@@ -32,7 +38,7 @@ class Registry:
 
     def resolve(self, name: str) -> ServedVersion:
         """``name`` or ``name@version`` to the version that serves it; ``ModelNotFound``."""
-        base, _, pinned = name.partition(PIN)
+        base, pinned = split_name(name)
         model = self._models.get(base)
         if model is None:
             raise ModelNotFound(name)

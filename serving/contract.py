@@ -81,6 +81,11 @@ def _budget(prompt_tokens: int, requested: int | None, counter: TokenCounter, pa
     return requested
 
 
+def _check_n(n: int, config: ContractConfig) -> None:
+    if n > config.max_n:
+        raise InvalidRequest(f"n is {n}; at most {config.max_n} is allowed.", param="n")
+
+
 def _check_requested(requested: int | None, config: ContractConfig, param: str) -> None:
     if requested is not None and requested > config.max_tokens:
         raise InvalidRequest(
@@ -127,8 +132,7 @@ def prepare_chat(
             f"{len(request.messages)} messages; at most {config.max_messages} are allowed.",
             param="messages",
         )
-    if request.n > config.max_n:
-        raise InvalidRequest(f"n is {request.n}; at most {config.max_n} is allowed.", param="n")
+    _check_n(request.n, config)
     check_response_format(request.response_format)
     param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
     requested = request.max_completion_tokens or request.max_tokens
@@ -152,8 +156,7 @@ def prepare_completion(
     request: CompletionRequest, counter: TokenCounter | None, config: ContractConfig
 ) -> Prepared:
     check_fields(request, config)
-    if request.n > config.max_n:
-        raise InvalidRequest(f"n is {request.n}; at most {config.max_n} is allowed.", param="n")
+    _check_n(request.n, config)
     _check_requested(request.max_tokens, config, "max_tokens")
     body = request.model_dump(exclude_unset=True)
     if counter is None:

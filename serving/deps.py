@@ -12,7 +12,6 @@ from fastapi import Depends, Request
 
 from models.fleet import Fleet
 from models.registry import Registry
-from serving.middleware import request_id_of
 from serving.proxy import Proxy
 
 
@@ -31,11 +30,6 @@ async def _fleet(request: Request) -> Fleet:
     return fleet
 
 
-async def _request_id(request: Request) -> str:
-    return request_id_of(request.scope)
-
-
 ProxyDep = Annotated[Proxy, Depends(_proxy)]
 RegistryDep = Annotated[Registry, Depends(_registry)]
 FleetDep = Annotated[Fleet, Depends(_fleet)]
-RequestIdDep = Annotated[str, Depends(_request_id)]

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from models.fleet import Fleet
-from models.registry import Registry
+from models.registry import Registry, split_name
 from models.tokenizer import TokenCounter
 from models.types import ServedVersion, Task
 from serving import contract, output_check, responses, streaming
@@ -85,7 +85,7 @@ class Proxy:
     async def handle(self, route: Route, request: ModelRequest, http: Request) -> Response:
         requested = request.model
         key: KeyRecord | None = getattr(http.state, "key", None)
-        if key is not None and not key.allows(requested.partition("@")[0]):
+        if key is not None and not key.allows(split_name(requested)[0]):
             # said before the registry is asked: no hint whether the model exists
             raise PermissionDenied("This API key may not use the requested model.", param="model")
         served = self.registry.resolve(requested)
