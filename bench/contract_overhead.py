@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from bench.procs import free_port, gateway_config, start, stop_all, wait_for, weir_command
+from bench.procs import free_port, gateway_config, start, start_gateway, stop_all, wait_for
 
 
 def percentile(samples: list[float], q: int) -> float:
@@ -55,14 +55,8 @@ def main() -> None:
         (on_port, "smollm2-135m-instruct", "on"),
         (off_port, None, "off"),
     ):
-        config = work / f"gateway-{name}.toml"
-        config.write_text(gateway_config(port, mock_port, work, tokenizer=tokenizer))
-        procs.append(
-            start(
-                [weir_command(), "--config", str(config), "serve", "--log-level", "WARNING"],
-                work / f"{name}.log",
-            )
-        )
+        config = gateway_config(port, mock_port, work, tokenizer=tokenizer)
+        procs.append(start_gateway(config, work, f"gateway-{name}"))
     try:
         for port in (mock_port, on_port, off_port):
             wait_for(f"http://127.0.0.1:{port}/{'health' if port == mock_port else 'readyz'}")

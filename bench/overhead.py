@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from bench.procs import free_port, gateway_config, start, stop_all, wait_for, weir_command
+from bench.procs import free_port, gateway_config, start, start_gateway, stop_all, wait_for
 from bench.sse import SSETimer
 
 KEY = "sk-bench-overhead"
@@ -156,13 +156,8 @@ def main() -> None:
         ),
     ]
     for port, upstream in ((gate, mock), (paced_gate, paced)):
-        config = work / f"gw-{port}.toml"
-        config.write_text(gateway_config(port, upstream, work, key=KEY))
         procs.append(
-            start(
-                [weir_command(), "--config", str(config), "serve", "--log-level", "WARNING"],
-                work / f"gw-{port}.log",
-            )
+            start_gateway(gateway_config(port, upstream, work, key=KEY), work, f"gw-{port}")
         )
     litellm_port = free_port()
     if args.litellm:

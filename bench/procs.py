@@ -81,6 +81,14 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
         )
 
 
+def start_gateway(config_text: str, work: Path, name: str) -> subprocess.Popen[bytes]:
+    """``weir serve`` with ``config_text`` as its weir.toml; logs to ``work/name.log``."""
+    config = work / f"{name}.toml"
+    config.write_text(config_text)
+    command = [weir_command(), "--config", str(config), "serve", "--log-level", "WARNING"]
+    return start(command, work / f"{name}.log")
+
+
 def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
     """Ctrl-C to each group, then wait for all of them."""
     for proc in procs:
