@@ -36,6 +36,8 @@ from serving.errors import (
     render,
 )
 from serving.keys.store import make_key_store
+from serving.limits.limiter import Limiter
+from serving.limits.stores import make_limit_store
 from serving.middleware import (
     ApiKeyMiddleware,
     BodyLimitMiddleware,
@@ -44,7 +46,7 @@ from serving.middleware import (
     request_id_of,
 )
 from serving.proxy import JSONBytes, Proxy
-from serving.routes import admin, catalog, engines, health, inference
+from serving.routes import admin, admin_limits, catalog, engines, health, inference
 from serving.settings import Settings
 from serving.validation import invalid_request_from
 
@@ -99,6 +101,17 @@ def create_app(
         if keys.enabled or keys.admin_key is not None
         else None
     )
+    limits = settings.limits
+    limiter = (
+        Limiter(
+            make_limit_store(limits.store_url(keys), limits.timeout_s),
+            policy=limits.on_redis_down,
+            lease_s=limits.lease_s,
+            retry_s=limits.retry_s,
+        )
+        if limits.enabled
+        else None
+    )
     timeouts = EngineTimeouts(
         connect_s=gateway.engine_connect_timeout_s,
         idle_s=gateway.engine_idle_timeout_s,
@@ -128,7 +141,9 @@ def create_app(
         else:
             loaded = counters
         fleet = make_fleet(session, found)
-        app.state.proxy = Proxy(registry, fleet, loaded, settings.contract)
+        app.state.proxy = Proxy(
+            registry, fleet, loaded, settings.contract, limiter, limits.model_tpm
+        )
         announcer: asyncio.Task[None] | None = None
         try:
             await fleet.start()
@@ -142,6 +157,8 @@ def create_app(
             await session.close()
             if key_store is not None:
                 await key_store.aclose()
+            if limiter is not None:
+                await limiter.aclose()
 
     app = FastAPI(
         title="Weir gateway",
@@ -168,12 +185,14 @@ def create_app(
     app.state.settings = settings
     app.state.registry = registry
     app.state.key_store = key_store
+    app.state.limiter = limiter
     app.state.started = int(time.time())
     app.include_router(inference.router)
     app.include_router(catalog.router)
     app.include_router(health.router)
     app.include_router(engines.router)
     app.include_router(admin.router)
+    app.include_router(admin_limits.router)
     return app
 
 

@@ -205,6 +205,77 @@ def keys(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def limits(args: argparse.Namespace) -> int:
+    """``weir limits show|set``: per-model token budgets, in Redis for every gateway, or
+    through the running gateway's admin API when limits are in-process."""
+    import asyncio
+    import json
+
+    settings = _settings(args)
+    url = settings.limits.store_url(settings.keys)
+    tpm = None if args.limits_command == "show" or args.clear else args.tpm
+    if args.limits_command == "set" and (tpm is None or tpm < 0) and not args.clear:
+        print("weir: give --tpm N (N >= 0) or --clear", file=sys.stderr)
+        return 2
+    if url is None:
+        return _limits_over_http(settings, args.limits_command, args.model, tpm)
+
+    from serving.limits.limiter import Limiter
+    from serving.limits.redis_store import RedisLimitStore
+    from serving.limits.store import LimitStoreUnavailable
+    from serving.routes.admin_limits import limits_view
+
+    async def run() -> int:
+        limiter = Limiter(RedisLimitStore(url, timeout_s=settings.limits.timeout_s))
+        try:
+            if args.limits_command == "set":
+                await limiter.store.set_model_tpm(args.model, tpm)
+                print(
+                    f"{args.model}: tokens per minute {tpm if tpm is not None else 'as configured'}"
+                )
+            else:
+                print(
+                    json.dumps(
+                        await limits_view(limiter, dict(settings.limits.model_tpm)), indent=2
+                    )
+                )
+        except LimitStoreUnavailable as exc:
+            print(f"weir: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await limiter.aclose()
+        return 0
+
+    return asyncio.run(run())
+
+
+def _limits_over_http(settings: Settings, command: str, model: str | None, tpm: int | None) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    gateway = settings.gateway
+    admin = settings.keys.admin_key
+    if admin is None:
+        print("weir: limits are in-process and keys.admin_key is unset: no way in", file=sys.stderr)
+        return 1
+    base = f"http://{gateway.host}:{gateway.port}/weir/admin/limits"
+    request = urllib.request.Request(
+        base if command == "show" else f"{base}/models/{model}",
+        method="GET" if command == "show" else "PUT",
+        data=None if command == "show" else json.dumps({"tpm": tpm}).encode(),
+        headers={"authorization": f"Bearer {admin.get_secret_value()}",
+                 "content-type": "application/json"},
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            print(json.dumps(json.loads(answer.read()), indent=2))
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"weir: gateway at {base} did not answer: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def bench(args: argparse.Namespace) -> int:
     """``weir bench run|compare ...``: the black-box benchmark suite in ``bench/``."""
     import subprocess
@@ -247,6 +318,15 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = key_commands.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("key_id")
     keys_cmd.set_defaults(func=keys)
+
+    limits_cmd = commands.add_parser("limits", help="per-model token budgets at runtime")
+    limit_commands = limits_cmd.add_subparsers(dest="limits_command", required=True)
+    limit_commands.add_parser("show", help="budgets and outstanding reservations")
+    set_cmd = limit_commands.add_parser("set", help="change a model's tokens per minute now")
+    set_cmd.add_argument("model")
+    set_cmd.add_argument("--tpm", type=int, default=None, help="tokens per minute (0 stops it)")
+    set_cmd.add_argument("--clear", action="store_true", help="back to the configured budget")
+    limits_cmd.set_defaults(func=limits, model=None, clear=False, tpm=None)
 
     bench_cmd = commands.add_parser(
         "bench", help="Locust benchmarks: run a scenario, compare two runs (--help for each)"

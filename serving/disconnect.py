@@ -9,7 +9,7 @@ and closes the stream generator so the engine connection is dropped at once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Awaitable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import TypeVar
 
 from starlette.responses import StreamingResponse
@@ -40,25 +40,37 @@ async def run_or_cancel(work: Awaitable[T], receive: Receive) -> T:
 
 
 class SSEResponse(StreamingResponse):
-    """Starlette's StreamingResponse, but it always watches for the client leaving."""
+    """Starlette's StreamingResponse, but it always watches for the client leaving.
+
+    ``on_close`` runs last, however the response ended (even if the stream never started).
+    """
 
     def __init__(
-        self, events: AsyncGenerator[bytes, None], headers: Mapping[str, str] | None = None
+        self,
+        events: AsyncGenerator[bytes, None],
+        headers: Mapping[str, str] | None = None,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(events, headers=headers, media_type="text/event-stream")
         self.events = events
+        self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        pump = asyncio.ensure_future(self._pump(send))
-        watcher = asyncio.ensure_future(until_disconnect(receive))
+        pump: asyncio.Future[None] | None = None
+        watcher: asyncio.Future[None] | None = None
         try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            pump = asyncio.ensure_future(self._pump(send))
+            watcher = asyncio.ensure_future(until_disconnect(receive))
             await asyncio.wait({pump, watcher}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (pump, watcher):
+            tasks = [t for t in (pump, watcher) if t is not None]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(pump, watcher, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             await self.events.aclose()  # closes the engine stream if the pump did not finish
+            if self.on_close is not None:
+                self.on_close()
 
     async def _pump(self, send: Send) -> None:
         async for event in self.events:

@@ -11,9 +11,10 @@ The gateway's own tree::
     ├── MethodNotAllowed    405
     ├── PayloadTooLarge     413
     ├── ContextLengthExceeded 400  prompt + max_tokens over the model's context (both numbers said)
-    ├── RateLimited         429  a limit said no; ``Retry-After`` from ``retry_after_s``
+    ├── RateLimited         429  a limit said no; ``Retry-After`` and ``x-ratelimit-*`` headers
     ├── InvalidModelOutput  502  the answer broke the requested JSON schema
     ├── AuthUnavailable     503  the key store cannot be reached
+    ├── LimitsUnavailable   503  the rate-limit store cannot be reached (policy: fail closed)
     └── ClientClosed        499  the client went away (logged only; nobody reads the answer)
 
 ``models.errors`` brings the model and engine errors. ``ERROR_TABLE`` maps each class to
@@ -90,8 +91,22 @@ class AuthUnavailable(GatewayError):
 
 
 class RateLimited(GatewayError):
-    def __init__(self, message: str, *, retry_after_s: int, param: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: int,
+        headers: dict[str, str] | None = None,
+        param: str | None = None,
+    ) -> None:
         super().__init__(message, param=param)
+        self.retry_after_s = retry_after_s
+        self.headers = headers or {}
+
+
+class LimitsUnavailable(GatewayError):
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
         self.retry_after_s = retry_after_s
 
 
@@ -122,6 +137,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorSpec] = {
     EngineOverloaded: ErrorSpec(503, "server_error", "engine_overloaded", retry_after_s=1),
     StoreError: ErrorSpec(503, "server_error", "model_unavailable", retry_after_s=30),
     AuthUnavailable: ErrorSpec(503, "server_error", "auth_unavailable", retry_after_s=1),
+    LimitsUnavailable: ErrorSpec(503, "server_error", "rate_limits_unavailable", retry_after_s=1),
     EngineTimeout: ErrorSpec(504, "server_error", "engine_timeout"),
 }
 INTERNAL = ErrorSpec(500, "server_error", "internal_error")
@@ -147,4 +163,7 @@ def render(exc: BaseException, request_id: str) -> tuple[int, dict[str, Any], di
     body = {"error": {"message": message, "type": spec.type, "param": param, "code": spec.code}}
     retry_after = getattr(exc, "retry_after_s", None) or spec.retry_after_s
     headers = {"retry-after": str(retry_after)} if retry_after else {}
+    extra = getattr(exc, "headers", None) if isinstance(exc, GatewayError) else None
+    if isinstance(extra, dict):
+        headers.update(extra)
     return spec.status, body, headers

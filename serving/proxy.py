@@ -24,6 +24,8 @@ from serving import contract, output_check, responses, streaming
 from serving.disconnect import SSEResponse, run_or_cancel
 from serving.errors import InvalidModelOutput, InvalidRequest, PermissionDenied, WrongTask
 from serving.keys.records import KeyRecord
+from serving.limits.limiter import UNLIMITED_TICKET, Limiter, Ticket, Unlimited
+from serving.limits.plan import plan, reservation_size
 from serving.middleware import request_id_of
 from serving.protocol.requests import ModelRequest
 from serving.settings import ContractConfig
@@ -73,11 +75,15 @@ class Proxy:
         fleet: Fleet,
         counters: Mapping[str, TokenCounter],
         config: ContractConfig,
+        limiter: Limiter | None = None,
+        model_tpm: Mapping[str, int] | None = None,
     ) -> None:
         self.registry = registry
         self.fleet = fleet
         self.counters = counters
         self.config = config
+        self.limiter = limiter
+        self.model_tpm = model_tpm or {}
 
     def __repr__(self) -> str:
         return f"Proxy(registry={self.registry!r}, fleet={self.fleet!r})"
@@ -99,21 +105,65 @@ class Proxy:
             raise InvalidRequest(f"{route.path} does not stream", param="stream")
         prepared = route.prepare(request, self.counters.get(served.key), self.config)
         http.state.prompt_tokens = prepared.prompt_tokens
+        ticket = await self._admit(key, served, prepared, getattr(request, "n", 1) or 1)
+        http.state.ticket = ticket
+        try:
+            return await self._serve(route, request, http, served, prepared, ticket)
+        except BaseException:
+            ticket.finish(None)  # failed, timed out or cancelled before an answer: release
+            raise
+
+    async def _admit(
+        self, key: KeyRecord | None, served: ServedVersion, prepared: contract.Prepared, n: int
+    ) -> Ticket | Unlimited:
+        if self.limiter is None:
+            return UNLIMITED_TICKET
+        tokens = reservation_size(prepared.prompt_tokens, prepared.max_tokens, n)
+        checks = plan(key, served.model, tokens, self.model_tpm.get(served.model))
+        return await self.limiter.admit(served.model, checks)
+
+    async def _serve(
+        self,
+        route: Route,
+        request: ModelRequest,
+        http: Request,
+        served: ServedVersion,
+        prepared: contract.Prepared,
+        ticket: Ticket | Unlimited,
+    ) -> Response:
+        requested = request.model
         replica = self.fleet.pick(served)
         body = prepared.body
         body["model"] = replica.served_name
-        headers = {VERSION_HEADER: served.version}
+        headers = {VERSION_HEADER: served.version, **ticket.headers}
 
         if request.stream:
-            stream = await run_or_cancel(replica.engine.open_stream(route.path, body), http.receive)
+            options = body.get("stream_options") or {}
+            wants_usage = bool(options.get("include_usage"))
+            body["stream_options"] = {**options, "include_usage": True}  # what settles limits
+            used: list[int] = []
 
-            def fix(chunk: JSON) -> JSON:
+            def fix(chunk: JSON) -> JSON | None:
+                usage = chunk.get("usage")
+                if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
+                    used.append(usage["total_tokens"])
+                if not wants_usage:
+                    if usage and not chunk.get("choices"):
+                        return None
+                    chunk.pop("usage", None)
                 return route.clean(chunk, requested, served)
 
-            events = streaming.relay(stream, fix, request_id_of(http.scope))
-            return SSEResponse(events, headers=headers | SSE_HEADERS)
+            def ended(ok: bool) -> None:
+                ticket.finish((used[-1] if used else ticket.reserved) if ok else None)
+
+            stream = await run_or_cancel(replica.engine.open_stream(route.path, body), http.receive)
+            events = streaming.relay(stream, fix, request_id_of(http.scope), ended)
+            return SSEResponse(
+                events, headers=headers | SSE_HEADERS, on_close=lambda: ticket.finish(None)
+            )
 
         answer = await run_or_cancel(replica.engine.complete(route.path, body), http.receive)
+        ticket.finish(_total_tokens(answer, ticket.reserved))
         schema = output_check.schema_of(body.get("response_format"))
         if schema is not None:
             try:
@@ -124,3 +174,10 @@ class Proxy:
                     raise
                 headers[OUTPUT_VALID_HEADER] = "false"
         return JSONBytes(route.clean(answer, requested, served), headers=headers)
+
+
+def _total_tokens(answer: JSON, fallback: int) -> int:
+    """What the engine says the request used; the reservation if it does not say."""
+    usage = answer.get("usage")
+    total = usage.get("total_tokens") if isinstance(usage, dict) else None
+    return total if isinstance(total, int) else fallback

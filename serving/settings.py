@@ -58,6 +58,24 @@ class KeysConfig(BaseModel):
     timeout_s: float = Field(0.5, gt=0)  # Redis connect and read timeout
 
 
+class LimitsConfig(BaseModel):
+    """Rate limits and token quotas. Per-key limits live on the keys; these are the store,
+    the Redis-down policy and the per-model token budgets."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    redis_url: str | None = None  # default: keys.redis_url; none: in-process (one process)
+    on_redis_down: Literal["closed", "open"] = "closed"  # 503, or admit against local counters
+    timeout_s: float = Field(0.25, gt=0)  # Redis connect and read timeout on the hot path
+    retry_s: float = Field(1.0, gt=0)  # after a Redis failure, skip it for this long
+    lease_s: float = Field(900.0, gt=0)  # a reservation not settled by then is dropped
+    model_tpm: dict[str, int] = {}  # model -> tokens per minute (runtime: weir limits set)
+
+    def store_url(self, keys: KeysConfig) -> str | None:
+        return self.redis_url or keys.redis_url
+
+
 class ContractConfig(BaseModel):
     """The request contract's configured maxima and policies (hard caps live in protocol)."""
 
@@ -79,6 +97,7 @@ class Settings(BaseSettings):
     gateway: GatewayConfig = GatewayConfig()
     contract: ContractConfig = ContractConfig()
     keys: KeysConfig = KeysConfig()
+    limits: LimitsConfig = LimitsConfig()
     store: StoreConfig = StoreConfig()
     engines: EngineConfig = EngineConfig()
     models: list[ModelConfig] = Field(default_factory=default_models)

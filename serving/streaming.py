@@ -24,7 +24,8 @@ from serving.errors import render
 log = logging.getLogger("weir.streaming")
 
 DONE = b"data: [DONE]\n\n"
-Fix = Callable[[dict[str, Any]], dict[str, Any]]
+Fix = Callable[[dict[str, Any]], dict[str, Any] | None]  # None: drop the chunk
+Ended = Callable[[bool], None]
 
 
 def event(payload: dict[str, Any]) -> bytes:
@@ -47,14 +48,22 @@ def _engine_error(chunk: dict[str, Any]) -> Exception:
     return EngineFailed(message)
 
 
-async def relay(stream: EngineStream, fix: Fix, request_id: str) -> AsyncGenerator[bytes, None]:
-    """Pass the engine's chunks through as they come, cleaned by ``fix``."""
+async def relay(
+    stream: EngineStream, fix: Fix, request_id: str, ended: Ended | None = None
+) -> AsyncGenerator[bytes, None]:
+    """Pass the engine's chunks through as they come, cleaned by ``fix``.
+
+    ``ended(True)`` is called before a clean ``[DONE]``, ``ended(False)`` before an error
+    event; neither when the client goes away first.
+    """
     finished = False
     try:
         async for payload in stream:
             if payload == b"[DONE]":
                 if not finished:
                     raise EngineFailed("engine ended the stream without a finish_reason")
+                if ended is not None:
+                    ended(True)
                 yield DONE
                 return
             try:
@@ -66,13 +75,17 @@ async def relay(stream: EngineStream, fix: Fix, request_id: str) -> AsyncGenerat
             choices = chunk.get("choices") or ()
             if any(choice.get("finish_reason") for choice in choices):
                 finished = True
-            yield event(fix(chunk))
+            fixed = fix(chunk)
+            if fixed is not None:
+                yield event(fixed)
         raise EngineFailed("engine stream ended without [DONE]")
     except Exception as exc:
         if isinstance(exc, WeirModelError):
             log.warning("stream %s ended with an error: %s", request_id, exc)
         else:
             log.exception("stream %s failed unexpectedly", request_id)
+        if ended is not None:
+            ended(False)
         yield error_event(exc, request_id)
         yield DONE
     finally:

@@ -1,0 +1,180 @@
+"""``RedisLimitStore``: every check and reservation in one Lua script, one round trip.
+
+The script reads Redis's own clock (``TIME``), so every gateway agrees on the window,
+whatever its host clock says. Counters are ``<scope>:<window start>`` strings that expire
+two windows after they start (never before their window ends); concurrency slots are a
+sorted set of reservation ids scored by lease end; each admitted request leaves a
+``res:<id>`` hash that ``settle`` consumes exactly once (a second settle is a no-op), and
+that expires with its lease if the gateway holding it dies. All keys share the ``{rl}``
+hash tag, so on Redis Cluster they live in one slot and the scripts stay legal.
+
+Run this Redis with ``maxmemory-policy noeviction``: an evicted counter is a limit lost.
+Errors of the client become ``LimitStoreUnavailable`` here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from serving.limits.plan import PREFIX, Check
+from serving.limits.store import Decision, LimitStoreUnavailable, Outstanding, Standing
+
+MODEL_TPM = PREFIX + "model-tpm"
+RESERVATION = PREFIX + "res:"
+
+# KEYS[1] reservation hash, KEYS[2] model-tpm hash, KEYS[3..] one scope per check.
+# ARGV: rid, lease_s, model, then per check: kind, limit, window_s, amount.
+# Returns {denied index (0: admitted), then per check: limit, remaining, reset in ms}.
+ADMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local rid, lease, model = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local n = #KEYS - 2
+local out, keys, denied = {}, {}, 0
+for i = 1, n do
+  local j = 3 + (i - 1) * 4
+  local kind, limit = ARGV[j + 1], tonumber(ARGV[j + 2])
+  local window, amount = tonumber(ARGV[j + 3]), tonumber(ARGV[j + 4])
+  local scope = KEYS[i + 2]
+  if kind == 'model_tokens' then
+    local set = redis.call('HGET', KEYS[2], model)
+    if set then limit = tonumber(set) end
+  end
+  local used, reset
+  if kind == 'concurrency' then
+    redis.call('ZREMRANGEBYSCORE', scope, '-inf', now)
+    used = redis.call('ZCARD', scope)
+    reset = 1
+    keys[i] = scope
+  else
+    local start = math.floor(now / window) * window
+    keys[i] = scope .. ':' .. start
+    used = tonumber(redis.call('GET', keys[i]) or '0')
+    reset = start + window - now
+  end
+  local remaining = -1
+  if limit >= 0 then
+    remaining = limit - used - amount
+    if remaining < 0 then
+      if denied == 0 then denied = i end
+      remaining = limit - used
+      if remaining < 0 then remaining = 0 end
+    end
+  end
+  out[#out + 1] = limit
+  out[#out + 1] = remaining
+  out[#out + 1] = math.floor(reset * 1000)
+end
+if denied == 0 then
+  local record, tokens = {}, 0
+  for i = 1, n do
+    local j = 3 + (i - 1) * 4
+    local kind, window, amount = ARGV[j + 1], tonumber(ARGV[j + 3]), tonumber(ARGV[j + 4])
+    if kind == 'concurrency' then
+      redis.call('ZADD', keys[i], now + lease, rid)
+      redis.call('EXPIRE', keys[i], math.ceil(lease) * 2)
+    else
+      redis.call('INCRBY', keys[i], amount)
+      redis.call('EXPIRE', keys[i], window * 2)
+      if kind ~= 'requests' and amount > tokens then tokens = amount end
+    end
+    record[#record + 1] = 'k' .. i
+    record[#record + 1] = kind .. '|' .. amount .. '|' .. keys[i]
+  end
+  record[#record + 1] = 'tokens'
+  record[#record + 1] = tokens
+  redis.call('HSET', KEYS[1], unpack(record))
+  redis.call('EXPIRE', KEYS[1], math.ceil(lease))
+end
+table.insert(out, 1, denied)
+return out
+"""
+
+# KEYS[1] reservation hash. ARGV: rid, used tokens. Returns 1 if settled now, 0 if it
+# was settled before or its lease ran out.
+SETTLE = """
+local fields = redis.call('HGETALL', KEYS[1])
+if #fields == 0 then return 0 end
+local used = tonumber(ARGV[2])
+for i = 1, #fields, 2 do
+  if string.sub(fields[i], 1, 1) == 'k' then
+    local kind, amount, key = string.match(fields[i + 1], '^([^|]+)|([^|]+)|(.+)$')
+    if kind == 'concurrency' then
+      redis.call('ZREM', key, ARGV[1])
+    elseif kind ~= 'requests' and redis.call('EXISTS', key) == 1 then
+      local value = redis.call('INCRBY', key, used - tonumber(amount))
+      if value < 0 then redis.call('SET', key, 0, 'KEEPTTL') end
+    end
+  end
+end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+
+class RedisLimitStore:
+    def __init__(self, url: str, *, timeout_s: float = 0.25) -> None:
+        self.url = url
+        self._redis = aioredis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
+        self._admit = self._redis.register_script(ADMIT)
+        self._settle = self._redis.register_script(SETTLE)
+
+    def __repr__(self) -> str:
+        return f"RedisLimitStore(url={self.url!r})"
+
+    async def admit(
+        self, rid: str, model: str, checks: Sequence[Check], lease_s: float
+    ) -> Decision:
+        keys = [RESERVATION + rid, MODEL_TPM, *(c.scope for c in checks)]
+        args: list[Any] = [rid, lease_s, model]
+        for c in checks:
+            args += [c.kind, c.limit, c.window_s, c.amount]
+        raw = await self._call(self._admit(keys=keys, args=args))
+        denied = int(raw[0])
+        standings = tuple(
+            Standing(c, int(raw[1 + 3 * i]), int(raw[2 + 3 * i]), int(raw[3 + 3 * i]) / 1000)
+            for i, c in enumerate(checks)
+        )
+        if denied:
+            return Decision(False, standings, standings[denied - 1])
+        return Decision(True, standings)
+
+    async def settle(self, rid: str, used_tokens: int) -> bool:
+        done = await self._call(self._settle(keys=[RESERVATION + rid], args=[rid, used_tokens]))
+        return bool(done)
+
+    async def set_model_tpm(self, model: str, tpm: int | None) -> None:
+        if tpm is None:
+            await self._call(self._redis.hdel(MODEL_TPM, model))
+        else:
+            await self._call(self._redis.hset(MODEL_TPM, model, tpm))
+
+    async def model_tpms(self) -> dict[str, int]:
+        raw = await self._call(self._redis.hgetall(MODEL_TPM))
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    async def outstanding(self) -> Outstanding:
+        try:
+            names = [n async for n in self._redis.scan_iter(match=RESERVATION + "*", count=1000)]
+        except (RedisError, OSError) as exc:
+            raise LimitStoreUnavailable(f"limit store unreachable: {type(exc).__name__}") from exc
+        tokens = 0
+        for name in names:
+            value = await self._call(self._redis.hget(name, "tokens"))
+            tokens += int(value or 0)
+        return Outstanding(len(names), tokens)
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+    async def _call(self, awaitable: Awaitable[Any]) -> Any:
+        try:
+            return await awaitable
+        except (RedisError, OSError) as exc:
+            raise LimitStoreUnavailable(f"limit store unreachable: {type(exc).__name__}") from exc

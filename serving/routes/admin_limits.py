@@ -1,0 +1,60 @@
+"""``/weir/admin/limits``: the per-model token budgets at runtime, and what is reserved now."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.errors import LimitsUnavailable, RouteNotFound
+from serving.limits.limiter import Limiter
+from serving.limits.store import LimitStoreUnavailable
+
+router = APIRouter(prefix="/weir/admin/limits")
+
+
+class ModelLimit(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tpm: int | None = Field(ge=0, description="tokens per minute; null: back to the configured")
+
+
+def _limiter(request: Request) -> Limiter:
+    limiter: Limiter | None = request.app.state.limiter
+    if limiter is None:
+        raise RouteNotFound("Limits are off (limits.enabled = false).")
+    return limiter
+
+
+async def limits_view(limiter: Limiter, configured: dict[str, int]) -> dict[str, Any]:
+    try:
+        runtime = await limiter.store.model_tpms()
+        outstanding = await limiter.store.outstanding()
+    except LimitStoreUnavailable as exc:
+        raise LimitsUnavailable(str(exc), retry_after_s=1) from None
+    models = sorted(set(configured) | set(runtime))
+    return {
+        "store": repr(limiter.store),
+        "on_redis_down": limiter.policy,
+        "models": {
+            m: {"configured_tpm": configured.get(m), "runtime_tpm": runtime.get(m)} for m in models
+        },
+        "outstanding": {"reservations": outstanding.reservations, "tokens": outstanding.tokens},
+    }
+
+
+@router.get("", summary="Model token budgets and outstanding reservations")
+async def show(request: Request) -> dict[str, Any]:
+    configured = dict(request.app.state.settings.limits.model_tpm)
+    return await limits_view(_limiter(request), configured)
+
+
+@router.put("/models/{model}", summary="Set (or clear) a model's tokens-per-minute at runtime")
+async def set_model(model: str, spec: ModelLimit, request: Request) -> dict[str, Any]:
+    limiter = _limiter(request)
+    try:
+        await limiter.store.set_model_tpm(model, spec.tpm)
+    except LimitStoreUnavailable as exc:
+        raise LimitsUnavailable(str(exc), retry_after_s=1) from None
+    return {"model": model, "runtime_tpm": spec.tpm}
