@@ -1,10 +1,16 @@
 """A fast mock upstream that speaks the OpenAI API like vLLM's server, for overhead runs.
 
-Non-streaming answers are returned at once; streams send ``--chunks`` content chunks
-``--interval-ms`` apart, then a finish chunk, a usage chunk and ``[DONE]``. ``/health``
-and ``/v1/models`` answer as vLLM's do. Black-box: imports nothing of Weir's.
+Non-streaming answers come after ``--delay-ms`` (default at once) and use ``max_tokens``
+completion tokens when the request gives it (as vLLM with ``ignore_eos`` would); streams
+send ``--chunks`` content chunks ``--interval-ms`` apart, then a finish chunk, a usage
+chunk and ``[DONE]``. ``/health`` and ``/v1/models`` answer as vLLM's do.
 
-    python -m bench.mock_engine --port 9100 [--chunks 16] [--interval-ms 10]
+Faults on demand, for tests, by a marker in the last message: ``[fail]`` answers 500,
+``[hang]`` never answers (60 s), ``[break]`` drops a stream half-way, ``[slow]`` streams
+at 200 ms a chunk.
+Black-box: imports nothing of Weir's.
+
+    python -m bench.mock_engine --port 9100 [--chunks 16] [--interval-ms 10] [--delay-ms 0]
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from aiohttp import web
 ANSWER = "The capital of France is Paris."
 
 
-def completion(model: str, prompt_tokens: int) -> dict[str, object]:
+def completion(model: str, prompt_tokens: int, completion_tokens: int) -> dict[str, object]:
     return {
         "id": "chatcmpl-mock",
         "object": "chat.completion",
@@ -38,13 +44,20 @@ def completion(model: str, prompt_tokens: int) -> dict[str, object]:
         "system_fingerprint": None,
         "usage": {
             "prompt_tokens": prompt_tokens,
-            "completion_tokens": 8,
-            "total_tokens": prompt_tokens + 8,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
         },
     }
 
 
-def make_app(chunks: int, interval_s: float) -> web.Application:
+def _marker(body: dict[str, object]) -> str:
+    messages = body.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+        return str(messages[-1].get("content", ""))
+    return ""
+
+
+def make_app(chunks: int, interval_s: float, delay_s: float = 0.0) -> web.Application:
     async def health(_: web.Request) -> web.Response:
         return web.Response(status=200)
 
@@ -56,8 +69,18 @@ def make_app(chunks: int, interval_s: float) -> web.Application:
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         model = str(body.get("model", "mock"))
+        marker = _marker(body)
+        if "[fail]" in marker:
+            error = {"object": "error", "message": "injected failure", "code": 500}
+            return web.json_response(error, status=500)
+        if "[hang]" in marker:
+            await asyncio.sleep(60)
         if not body.get("stream"):
-            return web.json_response(completion(model, 10))
+            if delay_s:
+                await asyncio.sleep(delay_s)
+            max_tokens = body.get("max_tokens")
+            used = max_tokens if isinstance(max_tokens, int) else 8
+            return web.json_response(completion(model, 10, used))
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await response.prepare(request)
         base = {
@@ -83,8 +106,13 @@ def make_app(chunks: int, interval_s: float) -> web.Application:
             }
         )
         for n in range(chunks):
-            if interval_s:
-                await asyncio.sleep(interval_s)
+            if "[break]" in marker and n == chunks // 2:
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+            pause = 0.2 if "[slow]" in marker else interval_s
+            if pause:
+                await asyncio.sleep(pause)
             last = n == chunks - 1
             choice = {
                 "index": 0,
@@ -121,13 +149,15 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=9100)
     parser.add_argument("--chunks", type=int, default=16)
     parser.add_argument("--interval-ms", type=float, default=0.0)
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="before non-stream answers")
     args = parser.parse_args()
     web.run_app(
-        make_app(args.chunks, args.interval_ms / 1000),
+        make_app(args.chunks, args.interval_ms / 1000, args.delay_ms / 1000),
         host="127.0.0.1",
         port=args.port,
         print=None,
         access_log=None,
+        shutdown_timeout=1.0,  # [hang] handlers would hold a graceful stop for a minute
     )
 
 

@@ -19,10 +19,14 @@ EXAMPLE_BODY = (
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    from pydantic import ValidationError
+
     try:
         return load_settings(args.config)
     except FileNotFoundError as exc:
         raise SystemExit(f"weir: {exc}") from None
+    except ValidationError as exc:
+        raise SystemExit(f"weir: invalid configuration: {exc}") from None
 
 
 def serve(args: argparse.Namespace) -> int:

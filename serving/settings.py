@@ -11,7 +11,7 @@ import ipaddress
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -65,15 +65,24 @@ class LimitsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = True
+    store: Literal["auto", "memory", "redis"] = "auto"  # auto: Redis when a URL is known
     redis_url: str | None = None  # default: keys.redis_url; none: in-process (one process)
     on_redis_down: Literal["closed", "open"] = "closed"  # 503, or admit against local counters
-    timeout_s: float = Field(0.25, gt=0)  # Redis connect and read timeout on the hot path
+    timeout_s: float = Field(0.5, gt=0)  # Redis connect, read and pool wait on the hot path
     retry_s: float = Field(1.0, gt=0)  # after a Redis failure, skip it for this long
     lease_s: float = Field(900.0, gt=0)  # a reservation not settled by then is dropped
     model_tpm: dict[str, int] = {}  # model -> tokens per minute (runtime: weir limits set)
 
     def store_url(self, keys: KeysConfig) -> str | None:
-        return self.redis_url or keys.redis_url
+        """The Redis the limits live in; None means the in-process store."""
+        if self.store == "memory":
+            return None
+        url = self.redis_url or keys.redis_url
+        if self.store == "redis" and url is None:
+            raise ValueError(
+                "limits.store is redis but neither limits.redis_url nor keys.redis_url is set"
+            )
+        return url
 
 
 class ContractConfig(BaseModel):
@@ -101,6 +110,12 @@ class Settings(BaseSettings):
     store: StoreConfig = StoreConfig()
     engines: EngineConfig = EngineConfig()
     models: list[ModelConfig] = Field(default_factory=default_models)
+
+    @model_validator(mode="after")
+    def _limits_have_their_store(self) -> Settings:
+        if self.limits.store == "redis" and self.limits.store_url(self.keys) is None:
+            raise ValueError("limits.store is redis, but no limits.redis_url or keys.redis_url")
+        return self
 
     @classmethod
     def settings_customise_sources(

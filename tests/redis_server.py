@@ -16,15 +16,25 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path) -> None:
+    """``durable``: every write is fsynced to an append-only file, so a killed and
+    restarted server (same ``port``, same ``workdir``) comes back with its data."""
+
+    def __init__(self, workdir: Path, *, port: int | None = None, durable: bool = False) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (.ci/run installs it with apt-get)")
-        self.port = free_port()
+        self.workdir = workdir
+        self.durable = durable
+        self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        persistence = (
+            ["--appendonly", "yes", "--appendfsync", "always"]
+            if durable
+            else ["--appendonly", "no"]
+        )
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(workdir), "--maxmemory-policy", "noeviction"],
+             *persistence, "--dir", str(workdir), "--maxmemory-policy", "noeviction"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
@@ -39,6 +49,14 @@ class RedisServer:
                 time.sleep(0.05)
         self.stop()
         raise RuntimeError("redis-server did not start")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no last save."""
+        self.process.kill()
+        self.process.wait()
+
+    def restart(self) -> RedisServer:
+        return RedisServer(self.workdir, port=self.port, durable=self.durable)
 
     def stop(self) -> None:
         self.process.terminate()

@@ -117,11 +117,18 @@ return 1
 
 
 class RedisLimitStore:
-    def __init__(self, url: str, *, timeout_s: float = 0.25) -> None:
+    def __init__(self, url: str, *, timeout_s: float = 0.5, connections: int = 64) -> None:
         self.url = url
-        self._redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        # a bounded pool: a burst of requests queues for a connection (at most timeout_s)
+        # instead of opening hundreds at once
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=connections,
+            timeout=timeout_s,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
         )
+        self._redis = aioredis.Redis(connection_pool=pool)
         self._admit = self._redis.register_script(ADMIT)
         self._settle = self._redis.register_script(SETTLE)
 
@@ -172,6 +179,7 @@ class RedisLimitStore:
 
     async def aclose(self) -> None:
         await self._redis.aclose()
+        await self._redis.connection_pool.disconnect()
 
     async def _call(self, awaitable: Awaitable[Any]) -> Any:
         try:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import redis
 
+from serving.cli import main
 from serving.errors import LimitsUnavailable, RateLimited
 from serving.keys.records import KeyRecord
 from serving.limits.headers import duration
@@ -215,3 +218,19 @@ async def test_limiter_fails_open_to_a_local_bound() -> None:
     first.finish(5)
     second.finish(None)
     await limiter.aclose()
+
+
+def test_cli_sets_and_shows_model_budgets(
+    redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    redis.Redis.from_url(redis_url).flushdb()
+    config = tmp_path / "weir.toml"
+    config.write_text(f'[limits]\nredis_url = "{redis_url}"\nmodel_tpm = {{ smollm2 = 900 }}\n')
+    assert main(["--config", str(config), "limits", "set", "smollm2", "--tpm", "100"]) == 0
+    assert main(["--config", str(config), "limits", "show"]) == 0
+    shown = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert shown["models"]["smollm2"] == {"configured_tpm": 900, "runtime_tpm": 100}
+    assert shown["outstanding"] == {"reservations": 0, "tokens": 0}
+    assert main(["--config", str(config), "limits", "set", "smollm2", "--clear"]) == 0
+    assert redis.Redis.from_url(redis_url).hgetall("weir:{rl}:model-tpm") == {}
+    assert main(["--config", str(config), "limits", "set", "smollm2"]) == 2
