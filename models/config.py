@@ -75,6 +75,35 @@ class VersionConfig(_Strict):
         return self
 
 
+class TimeoutConfig(_Strict):
+    """Per-model engine timeouts; unset ones take the gateway's ``engine_*_timeout_s``."""
+
+    connect_s: float | None = Field(None, gt=0)  # TCP connect to a replica
+    ttft_s: float | None = Field(None, gt=0)  # a stream's first chunk
+    idle_s: float | None = Field(None, gt=0)  # between two chunks (or any read)
+    total_s: float | None = Field(None, gt=0)  # a whole request, streamed or not
+
+
+class RoutingConfig(_Strict):
+    """How requests reach a version's replicas: bulkhead, breakers, retries, affinity."""
+
+    max_in_flight: int = Field(64, ge=1)  # per version, across its replicas
+    max_queue: int = Field(128, ge=0)  # waiting for a slot; beyond: 503 engine_overloaded
+    queue_timeout_s: float = Field(5.0, gt=0)  # the longest wait for a slot
+    prefix_affinity: bool = False  # same long prompt prefix -> same replica (prefix cache)
+    affinity_prefix_chars: int = Field(512, ge=16)  # how much of the prompt is the prefix
+    affinity_slack: int = Field(4, ge=0)  # leave the affine replica when this much busier
+    breaker_failures: int = Field(5, ge=1)  # consecutive engine faults that open a breaker
+    breaker_open_s: float = Field(10.0, gt=0)  # open this long, then half-open
+    breaker_probes: int = Field(1, ge=1)  # requests let through while half-open
+    retries: int = Field(2, ge=0)  # further attempts after an engine fault, before any byte
+    retry_budget: float = Field(0.1, ge=0, le=1)  # retries at most this share of requests
+    retry_budget_window_s: float = Field(10.0, gt=0)
+    retry_budget_floor: int = Field(10, ge=0)  # retries always allowed per window
+    backoff_base_s: float = Field(0.02, ge=0)  # full jitter: uniform(0, base * 2**(n-1))
+    backoff_cap_s: float = Field(1.0, ge=0)
+
+
 class ModelConfig(_Strict):
     """A public model name, its versions and the version its alias points at."""
 
@@ -82,6 +111,9 @@ class ModelConfig(_Strict):
     task: Literal["chat", "embed"]
     current: str
     versions: list[VersionConfig] = Field(min_length=1)
+    fallbacks: list[str] = []  # names tried in order when every replica is open or overloaded
+    routing: RoutingConfig = RoutingConfig()
+    timeouts: TimeoutConfig = TimeoutConfig()
 
     @field_validator("name")
     @classmethod

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from models.breaker import CircuitBreaker
 from models.engine_client import Engine
 from models.errors import EngineUnavailable
 from models.supervisor import EngineProcess
@@ -32,6 +33,8 @@ class Replica:
     process: EngineProcess | None = None
     healthy: bool = False
     since: float = field(default_factory=time.monotonic)  # last state change or spawn
+    outstanding: int = 0  # requests sent to it and not yet ended
+    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
 
 
 class Fleet:
@@ -75,6 +78,9 @@ class Fleet:
         for replica in self.replicas:
             replica.healthy = False
             await replica.engine.aclose()
+
+    def replicas_of(self, version: ServedVersion) -> list[Replica]:
+        return self._by_version.get(version.key, [])
 
     def pick(self, version: ServedVersion) -> Replica:
         """A healthy replica of ``version``, round robin; ``EngineUnavailable`` if none."""

@@ -6,6 +6,7 @@ Local versions get a vLLM process per replica on a free loopback port; versions 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 from pathlib import Path
@@ -86,12 +87,19 @@ def build_fleet(
     log_dir = engines.log_dir.expanduser()
     replicas: list[Replica] = []
     for model in models:
+        own = model.timeouts
+        model_timeouts = dataclasses.replace(
+            timeouts,
+            connect_s=own.connect_s or timeouts.connect_s,
+            idle_s=own.idle_s or timeouts.idle_s,
+            total_s=own.total_s or timeouts.total_s,
+        )
         for version in model.versions:
             served_name = version.served_name or model.name
             for index in range(version.replicas):
                 key = ReplicaKey(model.name, version.version, index)
                 if version.url is not None:
-                    engine = HttpEngine(str(key), version.url, session, timeouts)
+                    engine = HttpEngine(str(key), version.url, session, model_timeouts)
                     replicas.append(Replica(key, engine, served_name))
                     continue
                 port = free_port()
@@ -112,7 +120,7 @@ def build_fleet(
                     grace_s=engines.stop_grace_s,
                     backoff=backoff,
                 )
-                engine = HttpEngine(str(key), f"http://127.0.0.1:{port}", session, timeouts)
+                engine = HttpEngine(str(key), f"http://127.0.0.1:{port}", session, model_timeouts)
                 replicas.append(Replica(key, engine, served_name, process))
     log.info("fleet on a %s host: %d replicas", host, len(replicas))
     return Fleet(

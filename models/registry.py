@@ -28,6 +28,22 @@ class Registry:
             if model.name in self._models:
                 raise ConfigError(f"model '{model.name}' is configured twice")
             self._models[model.name] = model
+        self._fallbacks = {
+            m.name: [self._fallback(m, f) for f in m.fallbacks] for m in self._models.values()
+        }
+
+    def _fallback(self, model: ModelConfig, name: str) -> ServedVersion:
+        try:
+            target = self.resolve(name)
+        except ModelNotFound:
+            raise ConfigError(f"model '{model.name}': fallback '{name}' is not served") from None
+        if target.task != model.task:
+            raise ConfigError(
+                f"model '{model.name}': fallback '{name}' is not a {model.task} model"
+            )
+        if target.model == model.name and target.version == model.current:
+            raise ConfigError(f"model '{model.name}': falls back to itself")
+        return target
 
     def __repr__(self) -> str:
         return f"Registry(models={list(self._models)!r})"
@@ -46,6 +62,10 @@ class Registry:
         if all(v.version != version for v in model.versions):
             raise ModelNotFound(name)
         return ServedVersion(model=model.name, version=version, task=model.task)
+
+    def fallbacks(self, model: str) -> list[ServedVersion]:
+        """The versions to try, in order, when ``model``'s own cannot take a request."""
+        return self._fallbacks.get(model, [])
 
     def served_versions(self) -> list[ServedVersion]:
         return [

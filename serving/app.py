@@ -27,6 +27,7 @@ from models.fleet import Fleet
 from models.launcher import build_fleet, check_weights, load_counters
 from models.registry import Registry
 from models.tokenizer import TokenCounter
+from serving.dispatch import Deadlines, Dispatcher
 from serving.errors import (
     ClientClosed,
     GatewayError,
@@ -141,8 +142,10 @@ def create_app(
         else:
             loaded = counters
         fleet = make_fleet(session, found)
+        deadlines = Deadlines(gateway.engine_ttft_timeout_s, gateway.engine_total_timeout_s)
+        dispatcher = Dispatcher(fleet, settings.models, deadlines)
         app.state.proxy = Proxy(
-            registry, fleet, loaded, settings.contract, limiter, limits.model_tpm
+            registry, dispatcher, loaded, settings.contract, limiter, limits.model_tpm
         )
         announcer: asyncio.Task[None] | None = None
         try:

@@ -22,7 +22,14 @@ from models.tokenizer import TokenCounter
 from models.types import ServedVersion, Task
 from serving import contract, output_check, responses, streaming
 from serving.disconnect import SSEResponse, run_or_cancel
-from serving.errors import InvalidModelOutput, InvalidRequest, PermissionDenied, WrongTask
+from serving.dispatch import Dispatcher
+from serving.errors import (
+    GatewayError,
+    InvalidModelOutput,
+    InvalidRequest,
+    PermissionDenied,
+    WrongTask,
+)
 from serving.keys.records import KeyRecord
 from serving.limits.limiter import UNLIMITED_TICKET, Limiter, Ticket, Unlimited
 from serving.limits.plan import plan, reservation_size
@@ -34,6 +41,7 @@ JSON = dict[str, Any]
 Cleaner = Callable[[JSON, str, ServedVersion], JSON]
 Preparer = Callable[[Any, TokenCounter | None, ContractConfig], contract.Prepared]
 VERSION_HEADER = "x-weir-model-version"
+FALLBACK_HEADER = "x-weir-fallback"
 OUTPUT_VALID_HEADER = "x-weir-output-valid"
 TASK_NAMES = {"chat": "a chat model", "embed": "an embedding model"}
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
@@ -72,14 +80,15 @@ class Proxy:
     def __init__(
         self,
         registry: Registry,
-        fleet: Fleet,
+        dispatcher: Dispatcher,
         counters: Mapping[str, TokenCounter],
         config: ContractConfig,
         limiter: Limiter | None = None,
         model_tpm: Mapping[str, int] | None = None,
     ) -> None:
         self.registry = registry
-        self.fleet = fleet
+        self.dispatcher = dispatcher
+        self.fleet: Fleet = dispatcher.fleet
         self.counters = counters
         self.config = config
         self.limiter = limiter
@@ -122,6 +131,32 @@ class Proxy:
         checks = plan(key, served.model, tokens, self.model_tpm.get(served.model))
         return await self.limiter.admit(served.model, checks)
 
+    def _target(
+        self,
+        route: Route,
+        request: ModelRequest,
+        served: ServedVersion,
+        prepared: contract.Prepared,
+    ) -> tuple[ServedVersion, contract.Prepared, bool]:
+        """``served``, or the first of its fallbacks that can take the request when it can't."""
+        if self.dispatcher.available(served):
+            return served, prepared, False
+        for fallback in self.registry.fallbacks(served.model):
+            if fallback.task != route.task or not self.dispatcher.available(fallback):
+                continue
+            try:
+                again = route.prepare(request, self.counters.get(fallback.key), self.config)
+            except GatewayError:
+                continue  # e.g. the prompt does not fit the fallback's context
+            return fallback, again, True
+        return served, prepared, False  # nothing better: queue for it or fail as it fails
+
+    def _affinity(self, served: ServedVersion, body: JSON) -> str | None:
+        routing = self.dispatcher.routing.get(served.model)
+        if routing is None or not routing.prefix_affinity:
+            return None
+        return prompt_prefix(body, routing.affinity_prefix_chars)
+
     async def _serve(
         self,
         route: Route,
@@ -132,10 +167,13 @@ class Proxy:
         ticket: Ticket | Unlimited,
     ) -> Response:
         requested = request.model
-        replica = self.fleet.pick(served)
+        target, prepared, fell_back = self._target(route, request, served, prepared)
+        slot = await self.dispatcher.admit(target)
         body = prepared.body
-        body["model"] = replica.served_name
-        headers = {VERSION_HEADER: served.version, **ticket.headers}
+        headers = {VERSION_HEADER: target.version, **ticket.headers}
+        if fell_back:
+            headers[FALLBACK_HEADER] = target.key
+        affinity = self._affinity(target, body)
 
         if request.stream:
             options = body.get("stream_options") or {}
@@ -151,18 +189,35 @@ class Proxy:
                     if usage and not chunk.get("choices"):
                         return None
                     chunk.pop("usage", None)
-                return route.clean(chunk, requested, served)
+                return route.clean(chunk, requested, target)
 
-            def ended(ok: bool) -> None:
-                ticket.finish((used[-1] if used else ticket.reserved) if ok else None)
+            try:
+                stream, attempt = await run_or_cancel(
+                    self.dispatcher.open_stream(target, route.path, body, affinity), http.receive
+                )
+            except BaseException:
+                slot.release()
+                raise
 
-            stream = await run_or_cancel(replica.engine.open_stream(route.path, body), http.receive)
+            def ended(error: BaseException | None) -> None:
+                ticket.finish((used[-1] if used else ticket.reserved) if error is None else None)
+                attempt.end(error)
+                slot.release()
+
+            def closed() -> None:  # the client left, or the stream never started
+                ticket.finish(None)
+                attempt.end(None, left=True)
+                slot.release()
+
             events = streaming.relay(stream, fix, request_id_of(http.scope), ended)
-            return SSEResponse(
-                events, headers=headers | SSE_HEADERS, on_close=lambda: ticket.finish(None)
-            )
+            return SSEResponse(events, headers=headers | SSE_HEADERS, on_close=closed)
 
-        answer = await run_or_cancel(replica.engine.complete(route.path, body), http.receive)
+        try:
+            answer, _ = await run_or_cancel(
+                self.dispatcher.complete(target, route.path, body, affinity), http.receive
+            )
+        finally:
+            slot.release()
         ticket.finish(_total_tokens(answer, ticket.reserved))
         schema = output_check.schema_of(body.get("response_format"))
         if schema is not None:
@@ -173,7 +228,21 @@ class Proxy:
                 if self.config.invalid_output == "reject":
                     raise
                 headers[OUTPUT_VALID_HEADER] = "false"
-        return JSONBytes(route.clean(answer, requested, served), headers=headers)
+        return JSONBytes(route.clean(answer, requested, target), headers=headers)
+
+
+def prompt_prefix(body: JSON, chars: int) -> str:
+    """The first ``chars`` characters of the prompt, as the engine's prefix cache sees it."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        parts = []
+        for message in messages:
+            content = message.get("content") if isinstance(message, dict) else None
+            parts.append(content if isinstance(content, str) else str(content))
+        text = "\x1e".join(parts)
+    else:
+        text = str(body.get("prompt", body.get("input", "")))
+    return text[:chars]
 
 
 def _total_tokens(answer: JSON, fallback: int) -> int:

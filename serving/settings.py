@@ -31,8 +31,9 @@ class GatewayConfig(BaseModel):
     allow_unauthenticated: bool = False  # required to bind beyond loopback without keys
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # 413 above this
     engine_connect_timeout_s: float = Field(5.0, gt=0)
-    engine_idle_timeout_s: float = Field(120.0, gt=0)  # first token or next chunk
-    engine_total_timeout_s: float = Field(600.0, gt=0)  # a whole non-streaming request
+    engine_idle_timeout_s: float = Field(120.0, gt=0)  # any read: headers, the next chunk
+    engine_ttft_timeout_s: float = Field(120.0, gt=0)  # a stream's first chunk
+    engine_total_timeout_s: float = Field(600.0, gt=0)  # a whole request, streamed or not
     max_connections: int = Field(1000, ge=1)  # pooled connections to all engines
     ready_timeout_s: float = Field(900.0, gt=0)  # `weir serve` gives up waiting after this
 

@@ -25,7 +25,7 @@ log = logging.getLogger("weir.streaming")
 
 DONE = b"data: [DONE]\n\n"
 Fix = Callable[[dict[str, Any]], dict[str, Any] | None]  # None: drop the chunk
-Ended = Callable[[bool], None]
+Ended = Callable[[BaseException | None], None]
 
 
 def event(payload: dict[str, Any]) -> bytes:
@@ -53,7 +53,7 @@ async def relay(
 ) -> AsyncGenerator[bytes, None]:
     """Pass the engine's chunks through as they come, cleaned by ``fix``.
 
-    ``ended(True)`` is called before a clean ``[DONE]``, ``ended(False)`` before an error
+    ``ended(None)`` is called before a clean ``[DONE]``, ``ended(error)`` before an error
     event; neither when the client goes away first.
     """
     finished = False
@@ -63,7 +63,7 @@ async def relay(
                 if not finished:
                     raise EngineFailed("engine ended the stream without a finish_reason")
                 if ended is not None:
-                    ended(True)
+                    ended(None)
                 yield DONE
                 return
             try:
@@ -85,7 +85,7 @@ async def relay(
         else:
             log.exception("stream %s failed unexpectedly", request_id)
         if ended is not None:
-            ended(False)
+            ended(exc)
         yield error_event(exc, request_id)
         yield DONE
     finally:
