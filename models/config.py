@@ -55,6 +55,7 @@ class VersionConfig(_Strict):
     version: str
     weights: str | None = None  # a store entry name or a local directory
     url: str | None = None  # a remote engine we do not start, e.g. http://vllm:8000
+    urls: list[str] = []  # several remote replicas of this version, one URL each
     served_name: str | None = None  # the engine's model name (default: the public name)
     tokenizer: str | None = None  # for a remote engine: a store entry or directory to count with
     replicas: int = Field(1, ge=1, le=64)
@@ -70,9 +71,21 @@ class VersionConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> VersionConfig:
-        if (self.weights is None) == (self.url is None):
-            raise ValueError(f"version '{self.version}': give exactly one of weights or url")
+        given = [self.weights is not None, self.url is not None, bool(self.urls)]
+        if sum(given) != 1:
+            raise ValueError(f"version '{self.version}': give exactly one of weights, url or urls")
         return self
+
+    @property
+    def remote(self) -> list[str]:
+        """The remote engines' URLs (one per replica); empty for local weights."""
+        if self.urls:
+            return list(self.urls)
+        return [self.url] * self.replicas if self.url is not None else []
+
+    @property
+    def replica_count(self) -> int:
+        return len(self.urls) if self.urls else self.replicas
 
 
 class TimeoutConfig(_Strict):

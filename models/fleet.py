@@ -3,14 +3,13 @@
 A replica is an ``Engine`` (how to talk to it) plus, for local engines, the
 ``EngineProcess`` that keeps it running. One monitor task polls every replica's
 ``/health``; a local replica that never becomes healthy within the start timeout is
-restarted. Requests go to a healthy replica of the version, round robin.
+restarted. Which replica gets a request is ``models.router``'s choice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -18,7 +17,6 @@ from dataclasses import dataclass, field
 
 from models.breaker import CircuitBreaker
 from models.engine_client import Engine
-from models.errors import EngineUnavailable
 from models.supervisor import EngineProcess
 from models.types import ReplicaKey, ServedVersion
 
@@ -34,6 +32,7 @@ class Replica:
     healthy: bool = False
     since: float = field(default_factory=time.monotonic)  # last state change or spawn
     outstanding: int = 0  # requests sent to it and not yet ended
+    requests: int = 0  # attempts sent to it, ever
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
 
 
@@ -54,7 +53,6 @@ class Fleet:
         for replica in self.replicas:
             key = f"{replica.key.model}@{replica.key.version}"
             self._by_version.setdefault(key, []).append(replica)
-        self._turns = {key: itertools.count() for key in self._by_version}
         self._monitor: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
 
@@ -81,13 +79,6 @@ class Fleet:
 
     def replicas_of(self, version: ServedVersion) -> list[Replica]:
         return self._by_version.get(version.key, [])
-
-    def pick(self, version: ServedVersion) -> Replica:
-        """A healthy replica of ``version``, round robin; ``EngineUnavailable`` if none."""
-        healthy = [r for r in self._by_version.get(version.key, []) if r.healthy]
-        if not healthy:
-            raise EngineUnavailable(f"no healthy engine for {version.key}", engine=version.key)
-        return healthy[next(self._turns[version.key]) % len(healthy)]
 
     def readiness(self) -> dict[str, bool]:
         """Per served version: does it have at least one healthy replica?"""

@@ -96,10 +96,11 @@ def build_fleet(
         )
         for version in model.versions:
             served_name = version.served_name or model.name
-            for index in range(version.replicas):
+            remote = version.remote
+            for index in range(version.replica_count):
                 key = ReplicaKey(model.name, version.version, index)
-                if version.url is not None:
-                    engine = HttpEngine(str(key), version.url, session, model_timeouts)
+                if remote:
+                    engine = HttpEngine(str(key), remote[index], session, model_timeouts)
                     replicas.append(Replica(key, engine, served_name))
                     continue
                 port = free_port()

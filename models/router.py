@@ -28,12 +28,14 @@ class LeastOutstanding:
         """One of ``candidates`` (not empty)."""
         least = min(r.outstanding for r in candidates)
         if affinity is not None:
-            preferred = max(candidates, key=lambda r: _score(affinity, str(r.key)))
+            digest = hashlib.blake2b(affinity.encode(), digest_size=16).digest()
+            preferred = max(candidates, key=lambda r: _score(digest, r))
             if preferred.outstanding <= least + self.slack:
                 return preferred
         idle = [r for r in candidates if r.outstanding == least]
         return idle[next(self._turn) % len(idle)]
 
 
-def _score(affinity: str, replica: str) -> bytes:
-    return hashlib.blake2b(f"{affinity}\x00{replica}".encode(), digest_size=8).digest()
+def _score(digest: bytes, replica: Replica) -> bytes:
+    """Rendezvous weight: the same on every gateway process (no salted ``hash``)."""
+    return hashlib.blake2b(digest + str(replica.key).encode(), digest_size=8).digest()

@@ -217,6 +217,7 @@ class Dispatcher:
         while True:
             attempt = Attempt(self._choose(served, affinity, tried))
             attempt.replica.outstanding += 1
+            attempt.replica.requests += 1
             try:
                 result = await call(attempt.replica)
             except EngineError as exc:

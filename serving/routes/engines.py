@@ -1,4 +1,4 @@
-"""``/weir/engines``: our namespaced view of the replicas (URLs, health, restarts).
+"""``/weir/engines``: the replicas (URLs, health, restarts, breakers, load) and bulkheads.
 
 Operators use it to find the engines' own ``/metrics`` (the ``vllm:*`` series) and
 benchmarks use it to reach an engine directly.
@@ -9,7 +9,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from pydantic import BaseModel
 
-from serving.deps import FleetDep
+from serving.deps import ProxyDep
 
 router = APIRouter(prefix="/weir")
 
@@ -22,14 +22,36 @@ class ReplicaView(BaseModel):
     healthy: bool
     local: bool
     restarts: int
+    breaker: str  # closed | open | half_open
+    breaker_trips: int
+    outstanding: int
+    requests: int
+
+
+class BulkheadView(BaseModel):
+    version: str
+    in_flight: int
+    queued: int
+    max_in_flight: int
+    max_queue: int
+    rejected: int
 
 
 class EngineList(BaseModel):
     data: list[ReplicaView]
+    bulkheads: list[BulkheadView]
 
 
-@router.get("/engines", summary="Engine replicas and their health")
-async def list_engines(fleet: FleetDep) -> EngineList:
+@router.get("/engines", summary="Engine replicas, their health and load")
+async def list_engines(proxy: ProxyDep) -> EngineList:
+    fleet = proxy.fleet
+    bulkheads = [
+        BulkheadView(
+            version=key, in_flight=b.in_flight, queued=b.queued, max_in_flight=b.max_in_flight,
+            max_queue=b.max_queue, rejected=b.rejected,
+        )
+        for key, b in proxy.dispatcher.bulkheads.items()
+    ]  # fmt: skip
     views = [
         ReplicaView(
             replica=str(r.key),
@@ -39,7 +61,11 @@ async def list_engines(fleet: FleetDep) -> EngineList:
             healthy=r.healthy,
             local=r.process is not None,
             restarts=r.process.restarts if r.process else 0,
+            breaker=r.breaker.state,
+            breaker_trips=r.breaker.trips,
+            outstanding=r.outstanding,
+            requests=r.requests,
         )
         for r in fleet.replicas
     ]
-    return EngineList(data=views)
+    return EngineList(data=views, bulkheads=bulkheads)
