@@ -41,6 +41,7 @@ class EngineConfig(_Strict):
     stop_grace_s: float = Field(10.0, gt=0)  # SIGTERM, then SIGKILL after this
     health_interval_s: float = Field(2.0, gt=0)
     health_timeout_s: float = Field(2.0, gt=0)
+    unhealthy_after: int = Field(3, ge=1)  # failed checks in a row before leaving rotation
     restart_backoff_base_s: float = Field(1.0, gt=0)
     restart_backoff_cap_s: float = Field(30.0, gt=0)
     # Engine flags by host kind; a version's own engine_args come after these.

@@ -3,7 +3,9 @@
 A replica is an ``Engine`` (how to talk to it) plus, for local engines, the
 ``EngineProcess`` that keeps it running. One monitor task polls every replica's
 ``/health``; a local replica that never becomes healthy within the start timeout is
-restarted. Which replica gets a request is ``models.router``'s choice.
+restarted. A healthy replica leaves the rotation after ``unhealthy_after`` failed checks
+in a row (a busy CPU engine can be slow to answer one), or at once when its process has
+died. Which replica gets a request is ``models.router``'s choice.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class Replica:
     process: EngineProcess | None = None
     healthy: bool = False
     since: float = field(default_factory=time.monotonic)  # last state change or spawn
+    failed_checks: int = 0  # health checks failed in a row
     outstanding: int = 0  # requests sent to it and not yet ended
     requests: int = 0  # attempts sent to it, ever
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
@@ -43,11 +46,13 @@ class Fleet:
         *,
         health_interval_s: float = 2.0,
         start_timeout_s: float = 600.0,
+        unhealthy_after: int = 1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.replicas = list(replicas)
         self.health_interval_s = health_interval_s
         self.start_timeout_s = start_timeout_s
+        self.unhealthy_after = unhealthy_after
         self.clock = clock
         self._by_version: dict[str, list[Replica]] = {}
         for replica in self.replicas:
@@ -102,8 +107,12 @@ class Fleet:
         results = await asyncio.gather(*(r.engine.health() for r in self.replicas))
         now = self.clock()
         for replica, ok in zip(self.replicas, results, strict=True):
-            if replica.process is not None and not replica.process.running:
+            replica.failed_checks = 0 if ok else replica.failed_checks + 1
+            dead = replica.process is not None and not replica.process.running
+            if dead:
                 ok = False
+            elif not ok and replica.healthy and replica.failed_checks < self.unhealthy_after:
+                continue  # a busy engine may miss one check; a dead process never waits
             if ok != replica.healthy:
                 replica.healthy = ok
                 replica.since = now

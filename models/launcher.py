@@ -128,4 +128,5 @@ def build_fleet(
         replicas,
         health_interval_s=engines.health_interval_s,
         start_timeout_s=engines.start_timeout_s,
+        unhealthy_after=engines.unhealthy_after,
     )

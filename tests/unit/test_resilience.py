@@ -11,7 +11,7 @@ from models.backoff import ExponentialBackoff
 from models.breaker import CircuitBreaker
 from models.bulkhead import Bulkhead
 from models.errors import EngineOverloaded
-from models.fleet import Replica
+from models.fleet import Fleet, Replica
 from models.retry_budget import RetryBudget
 from models.router import LeastOutstanding, eligible
 from models.types import ReplicaKey
@@ -144,3 +144,21 @@ async def test_bulkhead_wait_is_bounded_and_a_cancelled_waiter_leaves_no_trace()
     assert bulkhead.queued == 0
     held.release()
     assert bulkhead.in_flight == 0
+
+
+@pytest.mark.anyio
+async def test_a_busy_replica_may_miss_a_health_check_but_not_three() -> None:
+
+    engine = FakeEngine()
+    fleet = Fleet([Replica(ReplicaKey("m", "v", 0), engine, "m")], unhealthy_after=3)
+    await fleet.check_once()
+    assert fleet.ready()
+    engine.healthy = False
+    await fleet.check_once()
+    await fleet.check_once()
+    assert fleet.ready()  # two slow answers in a row: still in rotation
+    await fleet.check_once()
+    assert not fleet.ready()
+    engine.healthy = True
+    await fleet.check_once()
+    assert fleet.ready()  # one good answer brings it back
