@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import aiohttp
 import orjson
+from opentelemetry.propagate import inject
 
 from models.errors import (
     EngineError,
@@ -89,7 +90,7 @@ class HttpEngine:
     async def complete(self, path: str, body: JSON) -> JSON:
         try:
             async with self._session.post(
-                self.base_url + path, json=body, timeout=self._request_timeout
+                self.base_url + path, json=body, timeout=self._request_timeout, headers=_trace()
             ) as response:
                 raw = await response.read()
                 if response.status >= 400:
@@ -106,7 +107,7 @@ class HttpEngine:
         """POST and check the status before any byte reaches the client."""
         try:
             response = await self._session.post(
-                self.base_url + path, json=body, timeout=self._stream_timeout
+                self.base_url + path, json=body, timeout=self._stream_timeout, headers=_trace()
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._transport_error(exc) from exc
@@ -148,6 +149,13 @@ class HttpEngine:
         if 400 <= status < 500 and status != 404:
             return EngineRejected(message or text, status=status, param=param, engine=self.name)
         return EngineFailed(text, engine=self.name)
+
+
+def _trace() -> dict[str, str]:
+    """W3C ``traceparent`` (and ``tracestate``) of the current span, for the engine."""
+    headers: dict[str, str] = {}
+    inject(headers)
+    return headers
 
 
 def _error_fields(raw: bytes) -> tuple[str, str | None]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from opentelemetry.sdk.trace import TracerProvider
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.responses import Response
@@ -43,11 +44,14 @@ from serving.middleware import (
     ApiKeyMiddleware,
     BodyLimitMiddleware,
     RequestIdMiddleware,
+    TracingMiddleware,
     UnhandledErrorMiddleware,
     request_id_of,
 )
+from serving.observe.metrics import Metrics
+from serving.observe.tracing import make_provider, tracer_from
 from serving.proxy import JSONBytes, Proxy
-from serving.routes import admin, admin_limits, catalog, engines, health, inference
+from serving.routes import admin, admin_limits, catalog, engines, health, inference, metrics_route
 from serving.settings import Settings
 from serving.validation import invalid_request_from
 
@@ -91,6 +95,7 @@ def create_app(
     weights: dict[str, Path] | None = None,
     counters: dict[str, TokenCounter] | None = None,
     on_ready: OnReady | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> FastAPI:
     """The gateway. Tests pass ``fleet_factory`` (fake engines) and ``counters``; the CLI
     passes the ``weights`` it already checked. Otherwise both come from ``settings``."""
@@ -103,6 +108,15 @@ def create_app(
         else None
     )
     limits = settings.limits
+    observe = settings.observability
+    provider = tracer_provider if tracer_provider is not None else make_provider()
+    tracer = tracer_from(provider)
+    metrics = Metrics.create() if observe.metrics else None
+
+    def count_retry(model: str) -> None:
+        if metrics is not None:
+            metrics.retries.labels(model).inc()
+
     limiter = (
         Limiter(
             make_limit_store(limits.store_url(keys), limits.timeout_s),
@@ -143,10 +157,13 @@ def create_app(
             loaded = counters
         fleet = make_fleet(session, found)
         deadlines = Deadlines(gateway.engine_ttft_timeout_s, gateway.engine_total_timeout_s)
-        dispatcher = Dispatcher(fleet, settings.models, deadlines)
-        app.state.proxy = Proxy(
-            registry, dispatcher, loaded, settings.contract, limiter, limits.model_tpm
+        dispatcher = Dispatcher(
+            fleet, settings.models, deadlines, tracer=tracer, on_retry=count_retry
         )
+        app.state.proxy = Proxy(
+            registry, dispatcher, loaded, settings.contract, limiter, limits.model_tpm,
+            metrics=metrics, tracer=tracer, log_requests=observe.access_log,
+        )  # fmt: skip
         announcer: asyncio.Task[None] | None = None
         try:
             await fleet.start()
@@ -162,6 +179,8 @@ def create_app(
                 await key_store.aclose()
             if limiter is not None:
                 await limiter.aclose()
+            if provider is not None and tracer_provider is None:
+                provider.shutdown()  # flushes the batch exporter
 
     app = FastAPI(
         title="Weir gateway",
@@ -169,6 +188,7 @@ def create_app(
         lifespan=lifespan,
         middleware=[
             Middleware(RequestIdMiddleware),
+            Middleware(TracingMiddleware, tracer=tracer),
             Middleware(UnhandledErrorMiddleware),
             Middleware(BodyLimitMiddleware, max_bytes=gateway.max_body_bytes),
             Middleware(
@@ -176,6 +196,7 @@ def create_app(
                 keys=[k.get_secret_value() for k in gateway.api_keys],
                 store=key_store if keys.enabled else None,
                 admin_key=keys.admin_key.get_secret_value() if keys.admin_key else None,
+                tracer=tracer,
             ),
         ],
         exception_handlers={
@@ -196,6 +217,7 @@ def create_app(
     app.include_router(engines.router)
     app.include_router(admin.router)
     app.include_router(admin_limits.router)
+    app.include_router(metrics_route.router)
     return app
 
 

@@ -35,8 +35,8 @@ def serve(args: argparse.Namespace) -> int:
     from serving.app import create_app
     from serving.log_config import configure
 
-    configure(args.log_level)
     settings = _settings(args)
+    configure(args.log_level, settings.observability.log_format)
     gateway = settings.gateway.model_copy(
         update={
             k: v

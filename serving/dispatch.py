@@ -19,6 +19,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Tracer
+
 from models.backoff import ExponentialBackoff
 from models.bulkhead import Bulkhead, Slot
 from models.config import ModelConfig, RoutingConfig
@@ -106,9 +109,13 @@ class Dispatcher:
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Sleep = asyncio.sleep,
+        tracer: Tracer | None = None,
+        on_retry: Callable[[str], None] | None = None,
     ) -> None:
         self.fleet = fleet
         self.sleep = sleep
+        self.tracer = tracer or trace.NoOpTracer()
+        self.on_retry = on_retry
         self.routing: dict[str, RoutingConfig] = {}
         self.deadlines: dict[str, Deadlines] = {}
         self.bulkheads: dict[str, Bulkhead] = {}
@@ -219,12 +226,19 @@ class Dispatcher:
             attempt.replica.outstanding += 1
             attempt.replica.requests += 1
             try:
-                result = await call(attempt.replica)
+                with self.tracer.start_as_current_span(
+                    "weir.engine", kind=SpanKind.CLIENT, record_exception=False
+                ) as span:
+                    span.set_attribute("weir.replica", str(attempt.replica.key))
+                    span.set_attribute("weir.attempt", failures + 1)
+                    result = await call(attempt.replica)
             except EngineError as exc:
                 attempt.end(exc)
                 if not is_fault(exc) or failures >= routing.retries or not budget.spend():
                     raise
                 failures += 1
+                if self.on_retry is not None:
+                    self.on_retry(served.model)
                 tried.add(id(attempt.replica))
                 await self.sleep(self.backoffs[served.model].compute(failures))
                 continue

@@ -98,10 +98,12 @@ class RateLimited(GatewayError):
         retry_after_s: int,
         headers: dict[str, str] | None = None,
         param: str | None = None,
+        limit: str = "unknown",
     ) -> None:
         super().__init__(message, param=param)
         self.retry_after_s = retry_after_s
         self.headers = headers or {}
+        self.limit = limit  # which one said no: rpm, tpm, tokens_per_day, ...
 
 
 class LimitsUnavailable(GatewayError):

@@ -12,6 +12,8 @@ import uuid
 from collections.abc import Sequence
 
 import orjson
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.errors import (
@@ -22,6 +24,7 @@ from serving.errors import (
     render,
 )
 from serving.keys.store import KeyStore, KeyStoreUnavailable
+from serving.observe.tracing import extract
 
 log = logging.getLogger("weir.gateway")
 REQUEST_ID = "x-request-id"
@@ -133,8 +136,44 @@ class BodyLimitMiddleware:
         await self.app(scope, counting_receive, guarded_send)
 
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # metrics carry no secrets
 ADMIN_PREFIX = "/weir/admin/"
+
+
+class TracingMiddleware:
+    """A server span per ``/v1`` request, continuing an incoming W3C ``traceparent``.
+
+    The span stays current for the whole exchange, streams included, so the gateway's
+    own spans (auth, limits, engine) nest under it and the engine call carries it on.
+    """
+
+    def __init__(self, app: ASGIApp, tracer: Tracer, prefix: str = "/v1/") -> None:
+        self.app = app
+        self.tracer = tracer
+        self.prefix = prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
+            await self.app(scope, receive, send)
+            return
+        carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        name = f"{scope['method']} {scope['path']}"
+        with self.tracer.start_as_current_span(
+            name, context=extract(carrier), kind=SpanKind.SERVER
+        ) as span:
+            span.set_attribute("http.request.method", scope["method"])
+            span.set_attribute("url.path", scope["path"])
+            span.set_attribute("weir.request_id", request_id_of(scope))
+
+            async def traced_send(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    status = int(message["status"])
+                    span.set_attribute("http.response.status_code", status)
+                    if status >= 500:
+                        span.set_status(Status(StatusCode.ERROR))
+                await send(message)
+
+            await self.app(scope, receive, traced_send)
 
 
 def _bearer(scope: Scope) -> str | None:
@@ -159,8 +198,10 @@ class ApiKeyMiddleware:
         keys: Sequence[str],
         store: KeyStore | None = None,
         admin_key: str | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.app = app
+        self.tracer = tracer or trace.NoOpTracer()
         self.keys = [k.encode() for k in keys]
         self.store = store
         self.admin_key = admin_key.encode() if admin_key else None
@@ -197,7 +238,8 @@ class ApiKeyMiddleware:
                 await send_error(send, denied, rid)
                 return
             try:
-                record = await self.store.lookup(token)
+                with self.tracer.start_as_current_span("weir.auth"):
+                    record = await self.store.lookup(token)
             except KeyStoreUnavailable:
                 log.error("key store unreachable for request %s", rid)
                 await send_error(send, AuthUnavailable("The key store is unreachable."), rid)

@@ -8,11 +8,14 @@ The engine call is cancelled the moment the client disconnects.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -28,12 +31,16 @@ from serving.errors import (
     InvalidModelOutput,
     InvalidRequest,
     PermissionDenied,
+    RateLimited,
     WrongTask,
+    spec_for,
 )
 from serving.keys.records import KeyRecord
 from serving.limits.limiter import UNLIMITED_TICKET, Limiter, Ticket, Unlimited
 from serving.limits.plan import plan, reservation_size
 from serving.middleware import request_id_of
+from serving.observe.metrics import Metrics
+from serving.observe.record import Observation
 from serving.protocol.requests import ModelRequest
 from serving.settings import ContractConfig
 
@@ -85,7 +92,13 @@ class Proxy:
         config: ContractConfig,
         limiter: Limiter | None = None,
         model_tpm: Mapping[str, int] | None = None,
+        metrics: Metrics | None = None,
+        tracer: Tracer | None = None,
+        log_requests: bool = True,
     ) -> None:
+        self.metrics = metrics
+        self.tracer = tracer or trace.NoOpTracer()
+        self.log_requests = log_requests
         self.registry = registry
         self.dispatcher = dispatcher
         self.fleet: Fleet = dispatcher.fleet
@@ -98,12 +111,35 @@ class Proxy:
         return f"Proxy(registry={self.registry!r}, fleet={self.fleet!r})"
 
     async def handle(self, route: Route, request: ModelRequest, http: Request) -> Response:
-        requested = request.model
         key: KeyRecord | None = getattr(http.state, "key", None)
+        obs = Observation(
+            self.metrics, route.path, bool(request.stream), request_id_of(http.scope),
+            key.id if key is not None else "-", self.log_requests,
+        )  # fmt: skip
+        try:
+            return await self._handle(route, request, http, key, obs)
+        except BaseException as exc:
+            spec = spec_for(exc)
+            status, code = (spec.status, spec.code) if spec else (500, "internal_error")
+            if isinstance(exc, RateLimited) and self.metrics is not None:
+                self.metrics.limit_rejections.labels(exc.limit).inc()
+            obs.finish(status, error_type=code)
+            raise
+
+    async def _handle(
+        self,
+        route: Route,
+        request: ModelRequest,
+        http: Request,
+        key: KeyRecord | None,
+        obs: Observation,
+    ) -> Response:
+        requested = request.model
         if key is not None and not key.allows(split_name(requested)[0]):
             # said before the registry is asked: no hint whether the model exists
             raise PermissionDenied("This API key may not use the requested model.", param="model")
         served = self.registry.resolve(requested)
+        obs.served(served.model, served.version)
         if served.task != route.task:
             raise WrongTask(
                 f"The model '{requested}' is {TASK_NAMES[served.task]}; "
@@ -113,11 +149,13 @@ class Proxy:
         if request.stream and not route.streams:
             raise InvalidRequest(f"{route.path} does not stream", param="stream")
         prepared = route.prepare(request, self.counters.get(served.key), self.config)
+        obs.asked(prepared.body)
         http.state.prompt_tokens = prepared.prompt_tokens
-        ticket = await self._admit(key, served, prepared, getattr(request, "n", 1) or 1)
+        with self.tracer.start_as_current_span("weir.limits"):
+            ticket = await self._admit(key, served, prepared, getattr(request, "n", 1) or 1)
         http.state.ticket = ticket
         try:
-            return await self._serve(route, request, http, served, prepared, ticket)
+            return await self._serve(route, request, http, served, prepared, ticket, obs)
         except BaseException:
             ticket.finish(None)  # failed, timed out or cancelled before an answer: release
             raise
@@ -165,26 +203,36 @@ class Proxy:
         served: ServedVersion,
         prepared: contract.Prepared,
         ticket: Ticket | Unlimited,
+        obs: Observation,
     ) -> Response:
         requested = request.model
         target, prepared, fell_back = self._target(route, request, served, prepared)
+        queued = time.perf_counter()
         slot = await self.dispatcher.admit(target)
+        if self.metrics is not None:
+            wait = time.perf_counter() - queued
+            self.metrics.queue_wait.labels(target.model, target.version).observe(wait)
         body = prepared.body
         headers = {VERSION_HEADER: target.version, **ticket.headers}
         if fell_back:
             headers[FALLBACK_HEADER] = target.key
+            obs.fell_back(target.model, target.version)
+            if self.metrics is not None:
+                self.metrics.fallbacks.labels(served.model, target.key).inc()
         affinity = self._affinity(target, body)
 
         if request.stream:
             options = body.get("stream_options") or {}
             wants_usage = bool(options.get("include_usage"))
             body["stream_options"] = {**options, "include_usage": True}  # what settles limits
-            used: list[int] = []
+            used: list[JSON] = []
 
             def fix(chunk: JSON) -> JSON | None:
                 usage = chunk.get("usage")
                 if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
-                    used.append(usage["total_tokens"])
+                    used.append(usage)
+                if _has_content(chunk):
+                    obs.content()
                 if not wants_usage:
                     if usage and not chunk.get("choices"):
                         return None
@@ -200,14 +248,19 @@ class Proxy:
                 raise
 
             def ended(error: BaseException | None) -> None:
-                ticket.finish((used[-1] if used else ticket.reserved) if error is None else None)
+                total = used[-1]["total_tokens"] if used else ticket.reserved
+                ticket.finish(total if error is None else None)
                 attempt.end(error)
                 slot.release()
+                spec = spec_for(error) if error is not None else None
+                code = None if error is None else (spec.code if spec else "internal_error")
+                obs.finish(200, error_type=code, usage=used[-1] if used else None)
 
             def closed() -> None:  # the client left, or the stream never started
                 ticket.finish(None)
                 attempt.end(None, left=True)
                 slot.release()
+                obs.finish(499, error_type="client_closed_request")
 
             events = streaming.relay(stream, fix, request_id_of(http.scope), ended)
             return SSEResponse(events, headers=headers | SSE_HEADERS, on_close=closed)
@@ -219,6 +272,8 @@ class Proxy:
         finally:
             slot.release()
         ticket.finish(_total_tokens(answer, ticket.reserved))
+        usage = answer.get("usage")
+        obs.finish(200, usage=usage if isinstance(usage, dict) else None)
         schema = output_check.schema_of(body.get("response_format"))
         if schema is not None:
             try:
@@ -229,6 +284,16 @@ class Proxy:
                     raise
                 headers[OUTPUT_VALID_HEADER] = "false"
         return JSONBytes(route.clean(answer, requested, target), headers=headers)
+
+
+def _has_content(chunk: JSON) -> bool:
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and delta.get("content"):
+            return True
+        if choice.get("text"):
+            return True
+    return False
 
 
 def prompt_prefix(body: JSON, chars: int) -> str:

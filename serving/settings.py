@@ -86,6 +86,16 @@ class LimitsConfig(BaseModel):
         return url
 
 
+class ObservabilityConfig(BaseModel):
+    """Metrics, the per-request log line and its format. Tracing follows ``OTEL_*``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metrics: bool = True  # GET /metrics
+    access_log: bool = True  # one line per request (ids, sizes, times; never content)
+    log_format: Literal["text", "json"] = "text"
+
+
 class ContractConfig(BaseModel):
     """The request contract's configured maxima and policies (hard caps live in protocol)."""
 
@@ -108,6 +118,7 @@ class Settings(BaseSettings):
     contract: ContractConfig = ContractConfig()
     keys: KeysConfig = KeysConfig()
     limits: LimitsConfig = LimitsConfig()
+    observability: ObservabilityConfig = ObservabilityConfig()
     store: StoreConfig = StoreConfig()
     engines: EngineConfig = EngineConfig()
     models: list[ModelConfig] = Field(default_factory=default_models)

@@ -159,4 +159,6 @@ def _refusal(denied: Standing, headers: dict[str, str]) -> RateLimited:
             f" needs {check.amount}. Retry after the window resets."
         )
     retry_after = max(1, math.ceil(denied.reset_s))
-    return RateLimited(message, retry_after_s=retry_after, headers=headers, param=None)
+    return RateLimited(
+        message, retry_after_s=retry_after, headers=headers, param=None, limit=check.name
+    )

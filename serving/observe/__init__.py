@@ -1,0 +1,1 @@
+"""Observability: Prometheus metrics, OpenTelemetry traces and the per-request log line."""
