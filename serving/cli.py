@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from models import catalog
 from models.errors import StoreError
@@ -62,6 +63,8 @@ def serve(args: argparse.Namespace) -> int:
             print(f"weir: no API keys configured: serving on {gateway.host} (loopback) only.")
         else:
             print(f"weir: WARNING: no API keys and bound to {gateway.host}: open to the network.")
+    if args.workers > 1:
+        return _serve_workers(args, settings)
     try:
         weights = check_weights(settings.models, settings.store)
     except StoreError as exc:
@@ -96,6 +99,69 @@ def serve(args: argparse.Namespace) -> int:
         print("weir: stopped", file=sys.stderr)
         return 130
     return 0
+
+
+CONFIG_ENV = "WEIR_CONFIG_FILE"
+
+
+def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
+    """``--workers N``: N gateway processes on one port (uvicorn's workers), sharing
+    Redis for keys, limits and the cache, and one metrics directory."""
+    import os
+    import shutil
+    import tempfile
+
+    import uvicorn
+
+    local = [f"{m.name}@{v.version}" for m in settings.models for v in m.versions if not v.remote]
+    if local:
+        print(
+            f"weir: --workers needs remote engines (url or urls) for every version; these"
+            f" would be started once per worker: {', '.join(local)}. Run `weir serve` for the"
+            " engines, or vLLM itself, and point the gateways at them.",
+            file=sys.stderr,
+        )
+        return 2
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if metrics_dir:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        os.makedirs(metrics_dir)
+    else:
+        metrics_dir = tempfile.mkdtemp(prefix="weir-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    if args.config is not None:
+        os.environ[CONFIG_ENV] = str(args.config.resolve())
+    os.environ["WEIR_LOG_LEVEL"] = args.log_level
+    gateway = settings.gateway
+    host = args.host or gateway.host
+    port = args.port if args.port is not None else gateway.port
+    print(f"weir: {args.workers} gateway workers on http://{host}:{port} (metrics: {metrics_dir})")
+    uvicorn.run(
+        "serving.cli:app_from_environment",
+        factory=True,
+        workers=args.workers,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        log_level=args.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+def app_from_environment() -> Any:
+    """The app for one worker process: config from ``WEIR_CONFIG_FILE``, env overrides."""
+    import os
+
+    from serving.app import create_app
+    from serving.log_config import configure
+
+    config = os.environ.get(CONFIG_ENV)
+    settings = load_settings(Path(config) if config else None)
+    configure(os.environ.get("WEIR_LOG_LEVEL", "INFO"), settings.observability.log_format)
+    return create_app(settings)
 
 
 def _store(args: argparse.Namespace) -> ModelStore:
@@ -298,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--port", type=int, default=None)
     serve_cmd.add_argument("--allow-unauthenticated", action="store_true")
     serve_cmd.add_argument("--log-level", default="INFO")
+    serve_cmd.add_argument(
+        "--workers", type=int, default=1, help="gateway processes (remote engines only)"
+    )
     serve_cmd.set_defaults(func=serve)
 
     models_cmd = commands.add_parser("models", help="the local model store")

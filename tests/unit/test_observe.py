@@ -157,13 +157,13 @@ def test_traces_continue_the_callers_and_reach_the_engine(tmp_path: Path) -> Non
 
     app = create_app(Settings(), fleet_factory=fleet, counters={}, tracer_provider=provider)
     caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736"
-    parent = f"00-{caller_trace}-00f067aa0ba902b7-01"
+    caller = f"00-{caller_trace}-00f067aa0ba902b7-01"
     try:
         with TestClient(app) as client:
             answer = client.post(
                 "/v1/chat/completions",
                 json=CHAT | {"max_tokens": 7},
-                headers={"traceparent": parent},
+                headers={"traceparent": caller},
             )
             assert answer.status_code == 200
     finally:

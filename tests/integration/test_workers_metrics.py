@@ -1,0 +1,70 @@
+"""``weir serve --workers 2``: two gateway processes on one port, metrics still exact."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from bench.procs import free_port, start, stop_all, wait_for, weir_command
+from tests.unit.test_observe import sample
+
+CONFIG = """
+[gateway]
+port = {port}
+
+[[models]]
+name = "smollm2"
+task = "chat"
+current = "mock"
+
+[[models.versions]]
+version = "mock"
+url = "http://127.0.0.1:{mock}"
+"""
+REQUESTS = 120
+BODY = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+
+
+async def burst(base: str) -> list[int]:
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=40)) as client:
+        answers = await asyncio.gather(
+            *(client.post(f"{base}/v1/chat/completions", json=BODY) for _ in range(REQUESTS))
+        )
+    return [a.status_code for a in answers]
+
+
+def test_two_workers_count_every_request_once(tmp_path: Path) -> None:
+    mock, port = free_port(), free_port()
+    config = tmp_path / "weir.toml"
+    config.write_text(CONFIG.format(port=port, mock=mock))
+    procs = [
+        start([sys.executable, "-m", "bench.mock_engine", "--port", str(mock)], tmp_path / "m.log")
+    ]
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"http://127.0.0.1:{mock}/health")
+        command = [weir_command(), "--config", str(config), "serve", "--workers", "2"]
+        procs.append(start(command, tmp_path / "gateway.log"))
+        wait_for(f"{base}/readyz", 60)
+        assert asyncio.run(burst(base)) == [200] * REQUESTS
+        scrapes = [httpx.get(f"{base}/metrics").text for _ in range(6)]
+    finally:
+        stop_all(procs)
+    log = (tmp_path / "gateway.log").read_text()
+    assert log.count("Started server process") == 2, log
+    version = {"model": "smollm2", "model_version": "mock"}
+    for text in scrapes:  # whichever worker answers, it reports both
+        assert sample(text, "weir_requests_total", **version, status="200") == REQUESTS
+        assert sample(text, "tokens_used_total", **version, type="completion") == 3 * REQUESTS
+
+
+def test_workers_refuse_local_engines(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [weir_command(), "serve", "--workers", "2"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert "--workers needs remote engines" in done.stderr
