@@ -346,6 +346,48 @@ def _limits_over_http(settings: Settings, command: str, model: str | None, tpm: 
     return 0
 
 
+def file_sd(engines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Prometheus ``file_sd`` entries for the engines in a ``/weir/engines`` answer."""
+    from urllib.parse import urlsplit
+
+    entries = []
+    for engine in engines:
+        url = engine.get("base_url")
+        if not url:
+            continue
+        parts = urlsplit(url)
+        labels = {"model": engine["model"], "model_version": engine["version"],
+                  "replica": engine["replica"]}  # fmt: skip
+        entries.append({"targets": [parts.netloc], "labels": labels})
+    return entries
+
+
+def scrape_targets(args: argparse.Namespace) -> int:
+    """``weir scrape-targets``: the engines' ``/metrics`` as a Prometheus file_sd list."""
+    import json
+    import os
+    import urllib.error
+    import urllib.request
+
+    settings = _settings(args)
+    base = args.url or f"http://{settings.gateway.host}:{settings.gateway.port}"
+    key = os.environ.get("WEIR_API_KEY")
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    request = urllib.request.Request(f"{base}/weir/engines", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            engines = json.loads(answer.read())["data"]
+    except (urllib.error.URLError, OSError, KeyError, ValueError) as exc:
+        print(f"weir: could not read {base}/weir/engines: {exc}", file=sys.stderr)
+        return 1
+    text = json.dumps(file_sd(engines), indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
 def bench(args: argparse.Namespace) -> int:
     """``weir bench run|compare ...``: the black-box benchmark suite in ``bench/``."""
     import subprocess
@@ -400,6 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
     set_cmd.add_argument("--tpm", type=int, default=None, help="tokens per minute (0 stops it)")
     set_cmd.add_argument("--clear", action="store_true", help="back to the configured budget")
     limits_cmd.set_defaults(func=limits, model=None, clear=False, tpm=None)
+
+    targets = commands.add_parser(
+        "scrape-targets", help="the engines' /metrics as Prometheus file_sd JSON"
+    )
+    targets.add_argument("--url", default=None, help="gateway base URL (default: the config's)")
+    targets.add_argument("--out", default=None, help="write here instead of stdout")
+    targets.set_defaults(func=scrape_targets)
 
     bench_cmd = commands.add_parser(
         "bench", help="Locust benchmarks: run a scenario, compare two runs (--help for each)"

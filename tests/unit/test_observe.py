@@ -235,3 +235,52 @@ def test_no_secret_or_content_reaches_logs_or_metrics(
     assert re.fullmatch(r"[0-9a-f]{16}", line["prompt_hash"])
     assert line["prompt_tokens"] == 5
     assert access[1].__dict__["ttft_ms"] is not None
+
+
+def metric_names(expr: str) -> set[str]:
+    names = re.findall(r"(vllm:[a-z_:]+|weir_[a-z_]+|tokens_used_total|model_errors_total)", expr)
+    return set(names)
+
+
+def family(name: str) -> str:
+    for suffix in ("_bucket", "_count", "_sum"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def test_every_dashboard_metric_exists(client: TestClient) -> None:
+    import importlib.util
+    import json
+
+    spec = importlib.util.find_spec("vllm")
+    assert spec is not None
+    assert spec.submodule_search_locations
+    loggers = Path(next(iter(spec.submodule_search_locations))) / "v1" / "metrics" / "loggers.py"
+    vllm_names = set(re.findall(r'"(vllm:[a-z_:]+)"', loggers.read_text()))
+    client.post("/v1/chat/completions", json=CHAT, headers=key(client))
+    ours_text = client.get("/metrics").text
+    our_families = set(re.findall(r"^# TYPE (\S+) ", ours_text, flags=re.MULTILINE))
+    board = json.loads(Path("deploy/grafana/weir.json").read_text())
+    queried = {n for p in board["panels"] for t in p["targets"] for n in metric_names(t["expr"])}
+    assert len(queried) >= 15
+    for name in sorted(queried):
+        base = family(name)
+        if name.startswith("vllm:"):
+            # counters are exposed with _total; vLLM names them without it
+            assert base in vllm_names or base.removesuffix("_total") in vllm_names, name
+        else:
+            assert base in our_families or base.removesuffix("_total") in our_families, name
+
+
+def test_scrape_targets_lists_engine_endpoints() -> None:
+    from serving.cli import file_sd
+
+    engines: list[dict[str, Any]] = [
+        {"replica": "m@v#0", "model": "m", "version": "v", "base_url": "http://10.0.0.5:8001"},
+        {"replica": "m@v#1", "model": "m", "version": "v", "base_url": None},
+    ]
+    assert file_sd(engines) == [
+        {"targets": ["10.0.0.5:8001"],
+         "labels": {"model": "m", "model_version": "v", "replica": "m@v#0"}}
+    ]  # fmt: skip
