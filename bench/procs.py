@@ -73,20 +73,30 @@ def wait_for(url: str, timeout_s: float = 60) -> None:
     raise SystemExit(f"{url} not ready in {timeout_s}s")
 
 
-def start(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
-    """Start ``cmd`` in its own process group, output to ``log``."""
+def start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` in its own process group, output to ``log``; ``env`` adds variables."""
     with log.open("wb") as handle:
         return subprocess.Popen(
-            cmd, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **env} if env else None,
         )
 
 
-def start_gateway(config_text: str, work: Path, name: str) -> subprocess.Popen[bytes]:
+def start_gateway(
+    config_text: str,
+    work: Path,
+    name: str,
+    env: dict[str, str] | None = None,
+    log_level: str = "WARNING",
+) -> subprocess.Popen[bytes]:
     """``weir serve`` with ``config_text`` as its weir.toml; logs to ``work/name.log``."""
     config = work / f"{name}.toml"
     config.write_text(config_text)
-    command = [weir_command(), "--config", str(config), "serve", "--log-level", "WARNING"]
-    return start(command, work / f"{name}.log")
+    command = [weir_command(), "--config", str(config), "serve", "--log-level", log_level]
+    return start(command, work / f"{name}.log", env)
 
 
 def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:

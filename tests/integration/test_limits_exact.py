@@ -59,6 +59,10 @@ name = "smollm2"
 task = "chat"
 current = "mock"
 
+[models.routing]  # faults here are injected per request: no retries, no breaker trips
+retries = 0
+breaker_failures = 1000000
+
 [[models.versions]]
 version = "mock"
 url = "http://127.0.0.1:{mock}"
