@@ -28,6 +28,8 @@ from models.fleet import Fleet
 from models.launcher import build_fleet, check_weights, load_counters
 from models.registry import Registry
 from models.tokenizer import TokenCounter
+from serving.cache.service import Cache
+from serving.cache.store import CacheStore, MemoryCacheStore, RedisCacheStore
 from serving.dispatch import Deadlines, Dispatcher
 from serving.errors import (
     ClientClosed,
@@ -112,6 +114,7 @@ def create_app(
     provider = tracer_provider if tracer_provider is not None else make_provider()
     tracer = tracer_from(provider)
     metrics = Metrics.create() if observe.metrics else None
+    cache = _make_cache(settings, metrics)
 
     def count_retry(model: str) -> None:
         if metrics is not None:
@@ -163,6 +166,7 @@ def create_app(
         app.state.proxy = Proxy(
             registry, dispatcher, loaded, settings.contract, limiter, limits.model_tpm,
             metrics=metrics, tracer=tracer, log_requests=observe.access_log,
+            cache=cache, cache_embeddings=settings.cache.embeddings,
         )  # fmt: skip
         announcer: asyncio.Task[None] | None = None
         try:
@@ -179,6 +183,8 @@ def create_app(
                 await key_store.aclose()
             if limiter is not None:
                 await limiter.aclose()
+            if cache is not None:
+                await cache.aclose()
             if provider is not None and tracer_provider is None:
                 provider.shutdown()  # flushes the batch exporter
 
@@ -219,6 +225,29 @@ def create_app(
     app.include_router(admin_limits.router)
     app.include_router(metrics_route.router)
     return app
+
+
+def _make_cache(settings: Settings, metrics: Metrics | None) -> Cache | None:
+    config = settings.cache
+    if not config.enabled:
+        return None
+    store: CacheStore = (
+        RedisCacheStore(config.redis_url, timeout_s=config.timeout_s)
+        if config.redis_url
+        else MemoryCacheStore(max_bytes=config.memory_max_bytes)
+    )
+
+    def count(kind: str, result: str, n: int) -> None:
+        if metrics is not None and n:
+            metrics.cache.labels(kind, result).inc(n)
+
+    return Cache(
+        store,
+        ttl_s=config.ttl_s,
+        max_entry_bytes=config.max_entry_bytes,
+        charge_hits=config.charge_hits,
+        count=count,
+    )
 
 
 async def _announce(fleet: Fleet, timeout_s: float, on_ready: OnReady | None) -> None:

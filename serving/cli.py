@@ -235,6 +235,8 @@ def keys(args: argparse.Namespace) -> int:
                     tpm=args.tpm,
                     tokens_per_day=args.tokens_per_day,
                     max_concurrency=args.max_concurrency,
+                    cache=not args.no_cache,
+                    cache_namespace=args.cache_namespace,
                 )
                 secret, record = await create_key(store, spec)
                 print(f"created key {record.id} ({record.name}); its secret, shown only now:")
@@ -429,6 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--models", default="", help="comma-separated; default: every model")
     for flag in ("--rpm", "--tpm", "--tokens-per-day", "--max-concurrency"):
         create.add_argument(flag, type=int, default=None)
+    create.add_argument("--no-cache", action="store_true", help="never use the response cache")
+    create.add_argument(
+        "--cache-namespace", default=None, help="keys with the same namespace share cached answers"
+    )
     key_commands.add_parser("list", help="keys and their limits, never secrets")
     revoke = key_commands.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("key_id")

@@ -40,7 +40,7 @@ KNOWN_EXTRAS = frozenset(
         "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output",
         "truncate_prompt_tokens", "add_generation_prompt", "continue_final_message",
         "chat_template_kwargs", "guided_json", "guided_regex", "guided_choice",
-        "guided_grammar", "structured_outputs", "priority", "request_id", "normalize",
+        "guided_grammar", "structured_outputs", "priority", "request_id", "normalize", "weir",
     }
 )  # fmt: skip
 

@@ -23,6 +23,7 @@ from serving.errors import (
     Unauthenticated,
     render,
 )
+from serving.keys.records import hash_secret
 from serving.keys.store import KeyStore, KeyStoreUnavailable
 from serving.observe.tracing import extract
 
@@ -233,7 +234,10 @@ class ApiKeyMiddleware:
         matched = False
         for key in self.keys:  # compare against every key: timing says nothing
             matched |= hmac.compare_digest(token.encode(), key)
-        if not matched:
+        if matched:
+            # a static key is its own cache tenant, known by a short hash
+            scope.setdefault("state", {})["static_key"] = hash_secret(token)[:12]
+        else:
             if self.store is None:
                 await send_error(send, denied, rid)
                 return

@@ -9,7 +9,7 @@ The engine call is cancelled the moment the client disconnects.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,11 +19,24 @@ from opentelemetry.trace import Tracer
 from starlette.requests import Request
 from starlette.responses import Response
 
+from models.errors import EngineFailed
 from models.fleet import Fleet
 from models.registry import Registry, split_name
 from models.tokenizer import TokenCounter
 from models.types import ServedVersion, Task
 from serving import contract, output_check, responses, streaming
+from serving.cache.entries import (
+    CONTROL_HEADER,
+    RESULT_HEADER,
+    Assembler,
+    Mode,
+    embedding_key,
+    mode_for,
+    replay,
+    replayable,
+    response_key,
+)
+from serving.cache.service import Cache
 from serving.disconnect import SSEResponse, run_or_cancel
 from serving.dispatch import Dispatcher
 from serving.errors import (
@@ -76,6 +89,12 @@ EMBEDDINGS = Route(
 )
 
 
+@dataclass(frozen=True)
+class CachePlan:
+    mode: Mode
+    key: str  # empty when the mode is bypass, and for embeddings (keyed per input)
+
+
 class JSONBytes(Response):
     media_type = "application/json"
 
@@ -95,7 +114,11 @@ class Proxy:
         metrics: Metrics | None = None,
         tracer: Tracer | None = None,
         log_requests: bool = True,
+        cache: Cache | None = None,
+        cache_embeddings: bool = True,
     ) -> None:
+        self.cache = cache
+        self.cache_embeddings = cache_embeddings
         self.metrics = metrics
         self.tracer = tracer or trace.NoOpTracer()
         self.log_requests = log_requests
@@ -154,8 +177,13 @@ class Proxy:
         with self.tracer.start_as_current_span("weir.limits"):
             ticket = await self._admit(key, served, prepared, getattr(request, "n", 1) or 1)
         http.state.ticket = ticket
+        plan = self._cache_plan(route, http, key, served, prepared)
         try:
-            return await self._serve(route, request, http, served, prepared, ticket, obs)
+            if plan is not None and plan.mode == "use" and route.streams:
+                hit = await self._from_cache(request, served, plan, ticket, obs)
+                if hit is not None:
+                    return hit
+            return await self._serve(route, request, http, served, prepared, ticket, obs, plan)
         except BaseException:
             ticket.finish(None)  # failed, timed out or cancelled before an answer: release
             raise
@@ -204,6 +232,7 @@ class Proxy:
         prepared: contract.Prepared,
         ticket: Ticket | Unlimited,
         obs: Observation,
+        plan: CachePlan | None = None,
     ) -> Response:
         requested = request.model
         target, prepared, fell_back = self._target(route, request, served, prepared)
@@ -213,6 +242,7 @@ class Proxy:
             wait = time.perf_counter() - queued
             self.metrics.queue_wait.labels(target.model, target.version).observe(wait)
         body = prepared.body
+        body.pop("weir", None)  # our extension never reaches the engine
         headers = {VERSION_HEADER: target.version, **ticket.headers}
         if fell_back:
             headers[FALLBACK_HEADER] = target.key
@@ -220,14 +250,23 @@ class Proxy:
             if self.metrics is not None:
                 self.metrics.fallbacks.labels(served.model, target.key).inc()
         affinity = self._affinity(target, body)
+        cache = self.cache
+        # a fallback's answer is not the requested version's: never stored under its key
+        store_key = plan.key if cache and plan and plan.mode != "bypass" and not fell_back else None
+        if plan is not None and route.streams:
+            headers[RESULT_HEADER] = "miss" if plan.mode != "bypass" else "bypass"
+            obs.cache = headers[RESULT_HEADER]
 
         if request.stream:
             options = body.get("stream_options") or {}
             wants_usage = bool(options.get("include_usage"))
             body["stream_options"] = {**options, "include_usage": True}  # what settles limits
             used: list[JSON] = []
+            assembler = Assembler() if store_key else None
 
             def fix(chunk: JSON) -> JSON | None:
+                if assembler is not None:
+                    assembler.add(chunk)
                 usage = chunk.get("usage")
                 if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
                     used.append(usage)
@@ -255,6 +294,10 @@ class Proxy:
                 spec = spec_for(error) if error is not None else None
                 code = None if error is None else (spec.code if spec else "internal_error")
                 obs.finish(200, error_type=code, usage=used[-1] if used else None)
+                entry = assembler.entry() if assembler is not None and error is None else None
+                if cache is not None and store_key is not None and entry is not None:
+                    entry["system_fingerprint"] = responses.fingerprint(target)
+                    cache.store_soon(store_key, entry)
 
             def closed() -> None:  # the client left, or the stream never started
                 ticket.finish(None)
@@ -265,16 +308,23 @@ class Proxy:
             events = streaming.relay(stream, fix, request_id_of(http.scope), ended)
             return SSEResponse(events, headers=headers | SSE_HEADERS, on_close=closed)
 
+        charged: int | None = None
         try:
-            answer, _ = await run_or_cancel(
-                self.dispatcher.complete(target, route.path, body, affinity), http.receive
-            )
+            if route is EMBEDDINGS and plan is not None and plan.mode == "use":
+                answer, charged = await self._embed_cached(
+                    target, body, affinity, http, prepared, headers
+                )
+            else:
+                answer, _ = await run_or_cancel(
+                    self.dispatcher.complete(target, route.path, body, affinity), http.receive
+                )
         finally:
             slot.release()
-        ticket.finish(_total_tokens(answer, ticket.reserved))
+        total = _total_tokens(answer, ticket.reserved)
+        ticket.finish(total if charged is None else charged)
         usage = answer.get("usage")
-        obs.finish(200, usage=usage if isinstance(usage, dict) else None)
         schema = output_check.schema_of(body.get("response_format"))
+        storable = store_key is not None
         if schema is not None:
             try:
                 output_check.check_chat_output(answer, schema)
@@ -283,7 +333,127 @@ class Proxy:
                 if self.config.invalid_output == "reject":
                     raise
                 headers[OUTPUT_VALID_HEADER] = "false"
-        return JSONBytes(route.clean(answer, requested, target), headers=headers)
+                storable = False
+        obs.finish(200, usage=usage if isinstance(usage, dict) else None)
+        cleaned = route.clean(answer, requested, target)
+        if storable and cache is not None and store_key is not None and route.streams:
+            cache.store_soon(store_key, cleaned)
+        return JSONBytes(cleaned, headers=headers)
+
+    def _cache_plan(
+        self,
+        route: Route,
+        http: Request,
+        key: KeyRecord | None,
+        served: ServedVersion,
+        prepared: contract.Prepared,
+    ) -> CachePlan | None:
+        """How this request may use the cache; None when the cache is off for it."""
+        if self.cache is None or (key is not None and not key.cache):
+            return None
+        body = prepared.body
+        control = http.headers.get(CONTROL_HEADER)
+        if route is EMBEDDINGS:
+            float_vectors = body.get("encoding_format") in (None, "float")
+            use = self.cache_embeddings and float_vectors and control != "bypass"
+            return CachePlan("use" if use else "bypass", "")
+        mode = mode_for(body, control)
+        if mode == "bypass":
+            self._count("response", "bypass")
+            return CachePlan(mode, "")
+        static = getattr(http.state, "static_key", None)
+        scope = key.cache_scope if key else (f"static:{static}" if static else "anonymous")
+        return CachePlan(mode, response_key(scope, served.model, served.version, route.path, body))
+
+    async def _from_cache(
+        self,
+        request: ModelRequest,
+        served: ServedVersion,
+        plan: CachePlan,
+        ticket: Ticket | Unlimited,
+        obs: Observation,
+    ) -> Response | None:
+        assert self.cache is not None
+        entry = await self.cache.lookup(plan.key)
+        if entry is None or (request.stream and not replayable(entry)):
+            self._count("response", "miss")
+            return None
+        self._count("response", "hit")
+        usage = entry.get("usage") if isinstance(entry.get("usage"), dict) else None
+        charge = _total_tokens(entry, 0) if self.cache.charge_hits else 0
+        ticket.finish(charge)
+        obs.cache = "hit"
+        obs.finish(200)  # no engine tokens were used
+        entry["model"] = request.model
+        entry["system_fingerprint"] = responses.fingerprint(served)
+        headers = {VERSION_HEADER: served.version, RESULT_HEADER: "hit", **ticket.headers}
+        if not request.stream:
+            return JSONBytes(entry, headers=headers)
+        options = getattr(request, "stream_options", None)
+        wants_usage = bool(getattr(options, "include_usage", False)) and usage is not None
+        chunks = replay(entry, wants_usage)
+
+        async def events() -> AsyncGenerator[bytes, None]:
+            for chunk in chunks:
+                yield streaming.event(chunk)
+            yield streaming.DONE
+
+        return SSEResponse(events(), headers=headers | SSE_HEADERS)
+
+    async def _embed_cached(
+        self,
+        target: ServedVersion,
+        body: JSON,
+        affinity: str | None,
+        http: Request,
+        prepared: contract.Prepared,
+        headers: dict[str, str],
+    ) -> tuple[JSON, int]:
+        """Embeddings with cached vectors reused: one lookup, only the misses to the engine.
+        Returns the answer and the tokens to charge (the misses' only)."""
+        assert self.cache is not None
+        raw = body["input"]
+        single = isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int))
+        inputs: list[Any] = [raw] if single else list(raw)
+        dims = body.get("dimensions")
+        keys = [embedding_key(target.model, target.version, dims, text) for text in inputs]
+        vectors = await self.cache.lookup_vectors(keys)
+        missing = [i for i, v in enumerate(vectors) if v is None]
+        engine_tokens = 0
+        model = body.get("model")
+        if missing:
+            sub = body | {"input": [inputs[i] for i in missing]}
+            answer, _ = await run_or_cancel(
+                self.dispatcher.complete(target, EMBEDDINGS.path, sub, affinity), http.receive
+            )
+            data = sorted(answer.get("data") or [], key=lambda d: int(d.get("index", 0)))
+            if len(data) != len(missing):
+                raise EngineFailed(f"engine returned {len(data)} embeddings for {len(missing)}")
+            for i, item in zip(missing, data, strict=True):
+                vectors[i] = item["embedding"]
+            self.cache.store_vectors_soon([(keys[i], data[n]["embedding"])
+                                           for n, i in enumerate(missing)])  # fmt: skip
+            engine_tokens = _total_tokens(answer, 0)
+            model = answer.get("model", model)
+        hits = len(inputs) - len(missing)
+        self._count("embedding", "hit", hits)
+        self._count("embedding", "miss", len(missing))
+        headers[RESULT_HEADER] = "hit" if not missing else ("miss" if not hits else "partial")
+        headers["x-weir-cache-hits"] = f"{hits}/{len(inputs)}"
+        prompt = prepared.prompt_tokens if prepared.prompt_tokens is not None else engine_tokens
+        answer = {
+            "object": "list",
+            "data": [{"object": "embedding", "index": i, "embedding": v}
+                     for i, v in enumerate(vectors)],
+            "model": model,
+            "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
+        }  # fmt: skip
+        charged = prompt if self.cache.charge_hits else engine_tokens
+        return answer, charged
+
+    def _count(self, kind: str, result: str, n: int = 1) -> None:
+        if self.metrics is not None and n:
+            self.metrics.cache.labels(kind, result).inc(n)
 
 
 def _has_content(chunk: JSON) -> bool:

@@ -86,6 +86,21 @@ class LimitsConfig(BaseModel):
         return url
 
 
+class CacheConfig(BaseModel):
+    """The response and embedding caches. Deterministic requests only, scoped per tenant."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    redis_url: str | None = None  # its own Redis (allkeys-lru); none: in-process LRU
+    timeout_s: float = Field(0.1, gt=0)  # the longest a request waits on the cache
+    ttl_s: int = Field(3600, ge=1)
+    max_entry_bytes: int = Field(256 * 1024, ge=1024)  # larger answers are not stored
+    memory_max_bytes: int = Field(64 * 2**20, ge=2**20)  # the in-process store's bound
+    charge_hits: bool = False  # a hit charges its tokens to the key's token limits
+    embeddings: bool = True  # cache embeddings per (version, text)
+
+
 class ObservabilityConfig(BaseModel):
     """Metrics, the per-request log line and its format. Tracing follows ``OTEL_*``."""
 
@@ -119,6 +134,7 @@ class Settings(BaseSettings):
     keys: KeysConfig = KeysConfig()
     limits: LimitsConfig = LimitsConfig()
     observability: ObservabilityConfig = ObservabilityConfig()
+    cache: CacheConfig = CacheConfig()
     store: StoreConfig = StoreConfig()
     engines: EngineConfig = EngineConfig()
     models: list[ModelConfig] = Field(default_factory=default_models)

@@ -34,12 +34,18 @@ class KeyRecord:
     tpm: int | None = None  # tokens per minute
     tokens_per_day: int | None = None
     max_concurrency: int | None = None
+    cache: bool = True  # may this key's requests use the response cache
+    cache_namespace: str | None = None  # keys sharing a namespace share cached answers
     created: float = field(default_factory=time.time)
     revoked: bool = False
 
     @property
     def id(self) -> str:
         return self.hash[:ID_LENGTH]
+
+    @property
+    def cache_scope(self) -> str:
+        return f"ns:{self.cache_namespace}" if self.cache_namespace else f"key:{self.id}"
 
     def allows(self, model: str) -> bool:
         return not self.models or model in self.models
@@ -51,7 +57,9 @@ class KeyRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> KeyRecord:
-        return cls(**{**data, "models": tuple(data.get("models") or ())})
+        known = {f for f in cls.__dataclass_fields__}
+        fields = {k: v for k, v in data.items() if k in known}
+        return cls(**{**fields, "models": tuple(data.get("models") or ())})
 
     def public(self) -> dict[str, Any]:
         """What lists and the admin API show: everything but the full hash."""

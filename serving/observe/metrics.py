@@ -57,6 +57,7 @@ class Metrics:
     fallbacks: Counter
     breaker: Gauge
     healthy: Gauge
+    cache: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
@@ -115,6 +116,11 @@ class Metrics:
             healthy=Gauge(
                 "weir_engine_replicas_healthy", "Healthy engine replicas per model version",
                 VERSION, registry=reg, multiprocess_mode="min",
+            ),
+            cache=Counter(
+                "weir_cache_requests",
+                "Cache lookups by kind (response|embedding) and result (hit|miss|bypass|error)",
+                ["kind", "result"], registry=reg,
             ),
         )  # fmt: skip
 

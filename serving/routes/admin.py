@@ -23,6 +23,8 @@ class KeyCreate(BaseModel):
     tpm: int | None = Field(None, ge=1)
     tokens_per_day: int | None = Field(None, ge=1)
     max_concurrency: int | None = Field(None, ge=1)
+    cache: bool = True
+    cache_namespace: str | None = Field(None, min_length=1, max_length=64)
 
 
 def _store(request: Request) -> KeyStore:

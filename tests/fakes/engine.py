@@ -40,9 +40,10 @@ class FakeEngine:
         await self._before()
         if path == "/v1/embeddings":
             inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+            # a vector that says which text it is for (exact in float32)
             data = [
-                {"index": i, "object": "embedding", "embedding": [0.1, 0.2, 0.3]}
-                for i in range(len(inputs))
+                {"index": i, "object": "embedding", "embedding": [float(len(str(text))), 0.5, -1.0]}
+                for i, text in enumerate(inputs)
             ]
             return {
                 "id": "embd-1",

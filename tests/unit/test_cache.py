@@ -1,0 +1,250 @@
+"""The response and embedding caches at the gateway (fake engine; memory and real Redis)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+from pydantic import SecretStr
+from starlette.testclient import TestClient
+
+from models.errors import EngineFailed
+from models.fleet import Fleet, Replica
+from models.types import ReplicaKey
+from serving.app import create_app
+from serving.cache.store import MemoryCacheStore
+from serving.settings import CacheConfig, KeysConfig, Settings
+from tests.fakes.engine import FakeEngine
+from tests.openai_spec import validate
+from tests.redis_server import free_port
+from tests.unit.test_observe import sample
+
+ADMIN = "admin-for-cache-tests"
+CHAT: dict[str, Any] = {
+    "model": "smollm2",
+    "messages": [{"role": "user", "content": "Capital of France?"}],
+    "temperature": 0,
+    "max_tokens": 20,
+}
+
+
+class Rig:
+    def __init__(self, client: TestClient, chat: FakeEngine, embed: FakeEngine) -> None:
+        self.client = client
+        self.chat = chat
+        self.embed = embed
+
+    def key(self, **fields: Any) -> dict[str, str]:
+        made = self.client.post(
+            "/weir/admin/keys", json={"name": "c", **fields},
+            headers={"authorization": f"Bearer {ADMIN}"},
+        ).json()  # fmt: skip
+        return {"authorization": f"Bearer {made['key']}"}
+
+    def drain(self) -> None:
+        cache = self.client.app.state.proxy.cache  # type: ignore[attr-defined]
+        self.client.portal.call(cache.drain)  # type: ignore[union-attr]
+
+
+def make_rig(tmp_path: Path, cache: CacheConfig) -> tuple[TestClient, FakeEngine, FakeEngine]:
+    chat, embed = FakeEngine(), FakeEngine(name="embed")
+
+    def fleet(_: object) -> Fleet:
+        return Fleet(
+            [
+                Replica(ReplicaKey("smollm2", "135m-instruct", 0), chat, "smollm2"),
+                Replica(ReplicaKey("minilm", "l6-v2", 0), embed, "minilm"),
+            ],
+            health_interval_s=0.05,
+        )
+
+    keys = KeysConfig(enabled=True, file=tmp_path / "keys.json", admin_key=SecretStr(ADMIN))
+    app = create_app(Settings(keys=keys, cache=cache), fleet_factory=fleet, counters={})
+    return TestClient(app, raise_server_exceptions=False), chat, embed
+
+
+@pytest.fixture(params=["memory", "redis"])
+def rig(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str) -> Iterator[Rig]:
+    if request.param == "redis":
+        redis.Redis.from_url(redis_url).flushdb()
+        config = CacheConfig(redis_url=redis_url)
+    else:
+        config = CacheConfig()
+    client, chat, embed = make_rig(tmp_path, config)
+    with client:
+        yield Rig(client, chat, embed)
+
+
+def post(rig: Rig, body: dict[str, Any], auth: dict[str, str], **headers: str) -> Any:
+    answer = rig.client.post("/v1/chat/completions", json=body, headers=auth | headers)
+    rig.drain()
+    return answer
+
+
+def test_second_identical_deterministic_request_is_a_hit(rig: Rig) -> None:
+    auth = rig.key(tpm=10_000)
+    first = post(rig, CHAT, auth)
+    second = post(rig, CHAT, auth)
+    assert (first.headers["x-weir-cache"], second.headers["x-weir-cache"]) == ("miss", "hit")
+    assert len(rig.chat.calls) == 1  # the hit never reached the engine
+    assert second.json()["choices"] == first.json()["choices"]
+    assert second.json()["usage"] == first.json()["usage"]  # usage still reported
+    validate("CreateChatCompletionResponse", second.json())
+    # the hit charged no tokens: after it, only the first request's 8 are gone (the next
+    # request's own reservation of 20 shows in its header)
+    after = post(rig, CHAT | {"temperature": 0.5}, auth)
+    assert after.headers["x-ratelimit-remaining-tokens"] == str(10_000 - 8 - 20)
+    seeded = CHAT | {"temperature": 0.9, "seed": 7}
+    assert [post(rig, seeded, auth).headers["x-weir-cache"] for _ in range(2)] == ["miss", "hit"]
+
+
+def test_only_deterministic_requests_and_controls(rig: Rig) -> None:
+    auth = rig.key()
+    sampled = CHAT | {"temperature": 0.7}
+    assert [post(rig, sampled, auth).headers["x-weir-cache"] for _ in range(2)] == ["bypass"] * 2
+    assert post(rig, CHAT, auth).headers["x-weir-cache"] == "miss"
+    assert (
+        post(rig, CHAT, auth, **{"x-weir-cache-control": "bypass"}).headers["x-weir-cache"]
+        == "bypass"
+    )
+    assert (
+        post(rig, CHAT, auth, **{"x-weir-cache-control": "refresh"}).headers["x-weir-cache"]
+        == "miss"
+    )
+    by_field = CHAT | {"weir": {"cache": "bypass"}}
+    assert post(rig, by_field, auth).headers["x-weir-cache"] == "bypass"
+    assert "weir" not in rig.chat.calls[-1]  # the extension never reaches the engine
+    assert len(rig.chat.calls) == 6  # 2 sampled, 1 miss, bypass, refresh, bypass by field
+    assert post(rig, CHAT, auth).headers["x-weir-cache"] == "hit"  # what refresh stored
+    off = rig.key(cache=False)
+    assert "x-weir-cache" not in post(rig, CHAT, off).headers
+    assert len(rig.chat.calls) == 7
+
+
+def test_tenants_never_share_unless_they_share_a_namespace(rig: Rig) -> None:
+    a, b = rig.key(), rig.key()
+    team1, team2 = rig.key(cache_namespace="team"), rig.key(cache_namespace="team")
+    results = [post(rig, CHAT, auth).headers["x-weir-cache"] for auth in (a, b, a, b)]
+    assert results == ["miss", "miss", "hit", "hit"]
+    assert [post(rig, CHAT, auth).headers["x-weir-cache"] for auth in (team1, team2)] == [
+        "miss",
+        "hit",
+    ]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"max_tokens": 21}, {"top_p": 0.5}, {"stop": ["x"]}, {"seed": 1},
+        {"presence_penalty": 0.1}, {"frequency_penalty": 0.1}, {"n": 2},
+        {"logit_bias": {"50256": -100}}, {"response_format": {"type": "text"}},
+        {"messages": [{"role": "system", "content": "Be brief."}, *CHAT["messages"]]},
+        {"model": "smollm2@135m-instruct", "messages": [{"role": "user", "content": "Other"}]},
+        {"top_k": 5}, {"min_tokens": 2}, {"repetition_penalty": 1.1},
+    ],
+)  # fmt: skip
+def test_any_generation_parameter_changes_the_entry(rig: Rig, change: dict[str, Any]) -> None:
+    auth = rig.key()
+    assert post(rig, CHAT, auth).headers["x-weir-cache"] == "miss"
+    assert post(rig, CHAT | change, auth).headers["x-weir-cache"] == "miss"
+    # naming the version explicitly is the same version: same entry
+    pinned = CHAT | {"model": "smollm2@135m-instruct"}
+    assert post(rig, pinned, auth).headers["x-weir-cache"] == "hit"
+
+
+def stream(rig: Rig, body: dict[str, Any], auth: dict[str, str]) -> tuple[Any, list[Any]]:
+    answer = rig.client.post("/v1/chat/completions", json=body | {"stream": True}, headers=auth)
+    rig.drain()
+    lines = [line[6:] for line in answer.text.splitlines() if line.startswith("data: ")]
+    return answer, lines
+
+
+def test_streams_are_stored_and_replayed(rig: Rig) -> None:
+    auth = rig.key()
+    miss, _lines = stream(rig, CHAT, auth)
+    assert miss.headers["x-weir-cache"] == "miss"
+    hit, replayed = stream(rig, CHAT | {"stream_options": {"include_usage": True}}, auth)
+    assert hit.headers["x-weir-cache"] == "hit"
+    assert replayed[-1] == "[DONE]"
+    chunks = [orjson.loads(x) for x in replayed[:-1]]
+    for chunk in chunks:
+        validate("CreateChatCompletionStreamResponse", chunk)
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == "Hello there!"
+    assert chunks[-1]["usage"]["completion_tokens"] == 3
+    plain = post(rig, CHAT, auth)  # a stream's entry serves a plain request too
+    assert plain.headers["x-weir-cache"] == "hit"
+    assert plain.json()["choices"][0]["message"]["content"] == "Hello there!"
+    assert len(rig.chat.calls) == 1
+
+
+def test_broken_and_failed_answers_are_never_stored(rig: Rig) -> None:
+    auth = rig.key()
+    rig.chat.die_after = 1
+    broken, _lines = stream(rig, CHAT, auth)
+    assert "engine_error" in broken.text
+    rig.chat.die_after = None
+    rig.chat.fail_with = EngineFailed("boom")
+    assert post(rig, CHAT, auth).status_code == 502
+    rig.chat.fail_with = None
+    assert post(rig, CHAT, auth).headers["x-weir-cache"] == "miss"
+
+
+def test_cache_down_never_fails_a_request(tmp_path: Path) -> None:
+    dead = CacheConfig(redis_url=f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.1)
+    client, chat, embed = make_rig(tmp_path, dead)
+    with client:
+        rig = Rig(client, chat, embed)
+        auth = rig.key()
+        answers = [post(rig, CHAT, auth) for _ in range(3)]
+        assert [a.status_code for a in answers] == [200, 200, 200]
+        assert [a.headers["x-weir-cache"] for a in answers] == ["miss"] * 3
+        embedded = client.post("/v1/embeddings", json={"model": "minilm", "input": ["a", "bb"]},
+                               headers=auth)  # fmt: skip
+        assert embedded.status_code == 200
+        text = client.get("/metrics").text
+    assert sample(text, "weir_cache_requests_total", kind="response", result="error") >= 3
+
+
+def test_embeddings_send_only_misses_and_keep_order(rig: Rig) -> None:
+    auth = rig.key()
+    texts = [("x" * n) for n in range(1, 65)]
+    half = texts[::2]
+    first = rig.client.post("/v1/embeddings", json={"model": "minilm", "input": half}, headers=auth)
+    rig.drain()
+    assert first.headers["x-weir-cache"] == "miss"
+    answer = rig.client.post(
+        "/v1/embeddings", json={"model": "minilm", "input": texts}, headers=auth
+    )
+    rig.drain()
+    assert answer.headers["x-weir-cache"] == "partial"
+    assert answer.headers["x-weir-cache-hits"] == "32/64"
+    assert rig.embed.calls[-1]["input"] == texts[1::2]  # only the misses went to the engine
+    vectors = [d["embedding"] for d in answer.json()["data"]]
+    assert vectors == [[float(len(t)), 0.5, -1.0] for t in texts]
+    assert [d["index"] for d in answer.json()["data"]] == list(range(64))
+    validate("CreateEmbeddingResponse", answer.json())
+    again = rig.client.post(
+        "/v1/embeddings", json={"model": "minilm", "input": texts}, headers=auth
+    )
+    assert again.headers["x-weir-cache"] == "hit"
+    assert len(rig.embed.calls) == 2
+
+
+def test_memory_store_is_bounded_lru() -> None:
+    import asyncio
+
+    store = MemoryCacheStore(max_bytes=100)
+
+    async def run() -> list[bytes | None]:
+        await store.set_many([("a", b"x" * 40), ("b", b"y" * 40)], 60)
+        await store.get_many(["a"])  # a is now the most recent
+        await store.set_many([("c", b"z" * 40)], 60)  # over 100 bytes: b goes
+        return await store.get_many(["a", "b", "c"])
+
+    assert asyncio.run(run()) == [b"x" * 40, None, b"z" * 40]
+    assert store.size_bytes == 80
