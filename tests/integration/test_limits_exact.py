@@ -59,9 +59,11 @@ name = "smollm2"
 task = "chat"
 current = "mock"
 
-[models.routing]  # faults here are injected per request: no retries, no breaker trips
-retries = 0
+[models.routing]  # faults here are injected per request: no retries, no breaker trips;
+retries = 0       # and a bulkhead wider than the test's 200 clients
 breaker_failures = 1000000
+max_in_flight = 1000
+max_queue = 1000
 
 [[models.versions]]
 version = "mock"

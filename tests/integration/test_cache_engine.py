@@ -1,0 +1,227 @@
+"""The caches with the real engines and a real Redis (its own server, killed at the end).
+
+A second gateway runs in front of the session stack's engines, with keys in one Redis
+and the cache in another, so the cache can be stopped without touching anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from bench.procs import free_port, start_gateway, stop_all, wait_for
+from serving.keys.store import RedisKeyStore
+from serving.routes.admin import KeyCreate, create_key
+from tests.integration.stack import Stack
+from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.integration
+
+CONFIG = """
+[gateway]
+port = {port}
+
+[keys]
+enabled = true
+redis_url = "{keys}"
+
+[cache]
+redis_url = "{cache}"
+timeout_s = 0.2
+
+[[models]]
+name = "smollm2"
+task = "chat"
+current = "135m-instruct"
+
+[[models.versions]]
+version = "135m-instruct"
+urls = {chat}
+tokenizer = "smollm2-135m-instruct"
+
+[[models]]
+name = "minilm"
+task = "embed"
+current = "l6-v2"
+
+[[models.versions]]
+version = "l6-v2"
+urls = {embed}
+tokenizer = "all-minilm-l6-v2"
+"""
+
+
+@dataclass
+class Rig:
+    base: str
+    engines: list[str]
+    cache: RedisServer
+    keys: list[dict[str, str]]
+
+
+def chat(content: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": "smollm2",
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": content},
+        ],
+        "temperature": 0,
+        "max_tokens": 6,
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def rig(stack: Stack, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    work = tmp_path_factory.mktemp("cache")
+    cache = RedisServer(work)
+    engines = httpx.get(f"{stack.base_url}/weir/engines").json()["data"]
+    chat_urls = [e["base_url"] for e in engines if e["model"] == "smollm2"]
+    embed_urls = [e["base_url"] for e in engines if e["model"] == "minilm"]
+    port = free_port()
+    text = CONFIG.format(
+        port=port, keys=redis_url, cache=cache.url,
+        chat=str(chat_urls).replace("'", '"'), embed=str(embed_urls).replace("'", '"'),
+    )  # fmt: skip
+
+    async def make_keys() -> list[dict[str, str]]:
+        store = RedisKeyStore(redis_url)
+        made = [await create_key(store, KeyCreate(name=f"tenant-{n}")) for n in range(2)]
+        await store.aclose()
+        return [{"authorization": f"Bearer {secret}"} for secret, _ in made]
+
+    keys = asyncio.run(make_keys())
+    proc = start_gateway(text, work, "gateway")
+    try:
+        wait_for(f"http://127.0.0.1:{port}/readyz", 120)
+        yield Rig(f"http://127.0.0.1:{port}", chat_urls, cache, keys)
+    finally:
+        stop_all([proc])
+        cache.stop()
+
+
+def generated_tokens(rig: Rig) -> float:
+    total = 0.0
+    for url in rig.engines:
+        text = httpx.get(f"{url}/metrics").text
+        found = re.findall(r"^vllm:generation_tokens_total\{[^}]*\} ([0-9.e+]+)$", text, re.M)
+        total += sum(float(v) for v in found)
+    return total
+
+
+def test_a_hit_never_reaches_the_engine(rig: Rig) -> None:
+    body = chat("Name a colour.")
+    with httpx.Client(base_url=rig.base, headers=rig.keys[0], timeout=60) as client:
+        miss = client.post("/v1/chat/completions", json=body)
+        assert miss.headers["x-weir-cache"] == "miss"
+        before = generated_tokens(rig)
+        hit = client.post("/v1/chat/completions", json=body)
+        assert hit.headers["x-weir-cache"] == "hit"
+        assert generated_tokens(rig) == before  # vllm:generation_tokens_total did not move
+    assert hit.json()["choices"][0]["message"] == miss.json()["choices"][0]["message"]
+
+
+def test_tenants_never_see_each_others_entries(rig: Rig) -> None:
+    prompts = [f"Say the number {n}." for n in range(20)]
+    order = list(itertools.islice(itertools.cycle(itertools.product(range(2), prompts)), 1000))
+    seen: dict[tuple[int, str], list[tuple[str, str]]] = {}
+
+    async def run() -> None:
+        limits = httpx.Limits(max_connections=16)
+        async with httpx.AsyncClient(base_url=rig.base, timeout=120, limits=limits) as client:
+            gate = asyncio.Semaphore(16)
+
+            async def one(tenant: int, prompt: str) -> None:
+                async with gate:
+                    answer = await client.post(
+                        "/v1/chat/completions", json=chat(prompt), headers=rig.keys[tenant]
+                    )
+                answer.raise_for_status()
+                content = answer.json()["choices"][0]["message"]["content"]
+                seen.setdefault((tenant, prompt), []).append(
+                    (answer.headers["x-weir-cache"], content)
+                )
+
+            # each tenant's first request per prompt goes first, then the rest at once
+            await asyncio.gather(*(one(t, p) for t, p in order[:40]))
+            await asyncio.gather(*(one(t, p) for t, p in order[40:]))
+
+    asyncio.run(run())
+    assert sum(len(v) for v in seen.values()) == 1000
+    cross_hits = sum(results[0][0] == "hit" for results in seen.values())
+    assert cross_hits == 0  # every tenant's first ask of every prompt was its own miss
+    for results in seen.values():
+        assert [r[0] for r in results[1:]] == ["hit"] * (len(results) - 1)
+        assert len({r[1] for r in results}) == 1
+
+
+def test_parameters_and_streams(rig: Rig) -> None:
+    base = chat("Name a fruit.")
+    with httpx.Client(base_url=rig.base, headers=rig.keys[0], timeout=60) as client:
+        assert client.post("/v1/chat/completions", json=base).headers["x-weir-cache"] == "miss"
+        for change in ({"max_tokens": 5}, {"top_p": 0.9}, {"seed": 3}, {"stop": ["."]}):
+            answer = client.post("/v1/chat/completions", json=base | change)
+            assert answer.headers["x-weir-cache"] == "miss", change
+        stored = client.post("/v1/chat/completions", json=base).json()
+        with client.stream("POST", "/v1/chat/completions", json=base | {"stream": True}) as s:
+            assert s.headers["x-weir-cache"] == "hit"
+            lines = [x for x in s.iter_lines() if x.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        replayed = "".join(
+            c["choices"][0]["delta"].get("content") or ""
+            for c in (httpx.Response(200, content=x[6:]).json() for x in lines[:-1])
+            if c["choices"]
+        )
+        assert replayed == stored["choices"][0]["message"]["content"]
+        # a stream the client leaves midway is not stored
+        left = chat("Write a long story about a lighthouse.", max_tokens=200)
+        with client.stream("POST", "/v1/chat/completions", json=left | {"stream": True}) as s:
+            for n, _ in enumerate(s.iter_lines()):
+                if n > 4:
+                    break
+        after = client.post("/v1/chat/completions", json=left | {"max_tokens": 200})
+        assert after.headers["x-weir-cache"] == "miss"
+
+
+def test_embeddings_reuse_cached_vectors(rig: Rig) -> None:
+    texts = [f"document number {n} about caching" for n in range(64)]
+    with httpx.Client(base_url=rig.base, headers=rig.keys[0], timeout=60) as client:
+        first = client.post("/v1/embeddings", json={"model": "minilm", "input": texts[:32]})
+        assert first.headers["x-weir-cache"] == "miss"
+        mixed = client.post("/v1/embeddings", json={"model": "minilm", "input": texts})
+        assert mixed.headers["x-weir-cache-hits"] == "32/64"
+        fresh = client.post(
+            "/v1/embeddings", json={"model": "minilm", "input": texts},
+            headers={"x-weir-cache-control": "bypass"},
+        )  # fmt: skip
+    a = [d["embedding"] for d in mixed.json()["data"]]
+    b = [d["embedding"] for d in fresh.json()["data"]]
+    assert len(a) == 64
+    # the engine runs in bfloat16: a vector computed in another batch differs in the last
+    # bits, so compare directions
+    for va, vb in zip(a, b, strict=True):
+        dot = sum(x * y for x, y in zip(va, vb, strict=True))
+        norms = sum(x * x for x in va) ** 0.5 * sum(y * y for y in vb) ** 0.5
+        assert dot / norms > 0.999
+    assert mixed.json()["usage"]["prompt_tokens"] == fresh.json()["usage"]["prompt_tokens"]
+
+
+def test_cache_redis_killed_fails_nothing(rig: Rig) -> None:
+    rig.cache.kill()
+    with httpx.Client(base_url=rig.base, headers=rig.keys[1], timeout=60) as client:
+        for n in range(5):
+            answer = client.post("/v1/chat/completions", json=chat(f"Count to {n}."))
+            assert answer.status_code == 200
+            assert answer.headers["x-weir-cache"] == "miss"
+        embedded = client.post("/v1/embeddings", json={"model": "minilm", "input": ["a", "b"]})
+        assert embedded.status_code == 200
+        metrics = client.get("/metrics").text
+    assert re.search(r'weir_cache_requests_total\{kind="response",result="error"\} [1-9]', metrics)
