@@ -54,6 +54,15 @@ PANELS: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
+        "Cache hit rate by kind",
+        "percentunit",
+        [
+            'sum by (kind) (rate(weir_cache_requests_total{result="hit"}[5m])) / sum by (kind) '
+            '(rate(weir_cache_requests_total{result=~"hit|miss"}[5m]))',
+            'sum by (kind) (rate(weir_cache_requests_total{result="error"}[5m]))',
+        ],
+    ),
+    (
         "Rate-limit rejections/s by limit",
         "reqps",
         ["sum by (limit) (rate(weir_ratelimit_rejections_total[5m]))"],
