@@ -374,7 +374,9 @@ class Proxy:
         obs: Observation,
     ) -> Response | None:
         assert self.cache is not None
-        entry = await self.cache.lookup(plan.key)
+        with self.tracer.start_as_current_span("weir.cache") as span:
+            entry = await self.cache.lookup(plan.key)
+            span.set_attribute("weir.cache.hit", entry is not None)
         if entry is None or (request.stream and not replayable(entry)):
             self._count("response", "miss")
             return None
@@ -417,7 +419,9 @@ class Proxy:
         inputs: list[Any] = [raw] if single else list(raw)
         dims = body.get("dimensions")
         keys = [embedding_key(target.model, target.version, dims, text) for text in inputs]
-        vectors = await self.cache.lookup_vectors(keys)
+        with self.tracer.start_as_current_span("weir.cache") as span:
+            vectors = await self.cache.lookup_vectors(keys)
+            span.set_attribute("weir.cache.hits", sum(v is not None for v in vectors))
         missing = [i for i, v in enumerate(vectors) if v is None]
         engine_tokens = 0
         model = body.get("model")

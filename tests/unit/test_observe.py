@@ -181,7 +181,7 @@ def test_traces_continue_the_callers_and_reach_the_engine(tmp_path: Path) -> Non
     assert attributes["gen_ai.usage.input_tokens"] == 4
     assert attributes["gen_ai.usage.output_tokens"] == 1
     assert attributes["http.response.status_code"] == 200
-    for child in ("weir.limits", "weir.engine"):
+    for child in ("weir.limits", "weir.cache", "weir.engine"):
         parent = spans[child].parent
         assert parent is not None
         assert parent.span_id == server_span.context.span_id
