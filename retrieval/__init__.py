@@ -1,4 +1,4 @@
-"""Retrieval: FAISS indexes, the docstore and RAG context building (issue 8).
+"""Retrieval: a durable docstore, FAISS indexes per collection, and search.
 
-Nothing is served from here yet; the package exists so the layout is in place.
+Imports nothing of ``serving``: the gateway hands in an embedding function and a tokenizer.
 """
