@@ -10,6 +10,10 @@ def split(text: str, tokenizer: tokenizers.Tokenizer, size: int, overlap: int) -
     the tokens' character offsets so no word is split inside."""
     if size <= overlap:
         raise ValueError(f"chunk size {size} must exceed the overlap {overlap}")
+    if tokenizer.truncation is not None:
+        tokenizer.no_truncation()  # the model's own limit would cut the document short
+    if tokenizer.padding is not None:
+        tokenizer.no_padding()
     offsets = [o for o in tokenizer.encode(text, add_special_tokens=False).offsets if o != (0, 0)]
     if not offsets:
         return [text] if text.strip() else []

@@ -2,8 +2,8 @@
 
 ``flat`` (exact) is the default; ``ivf`` and ``hnsw`` are for large collections. FAISS
 ids are our chunk ids (flat and HNSW through an id map, IVF natively). HNSW cannot remove
-vectors: removed ids are tombstones, filtered out of results and dropped at the next
-rebuild. An IVF index
+vectors: removed ids stay as tombstones, filtered out of results (and saved with the
+snapshot). An IVF index
 trains on the vectors it is built with; until there are enough, it searches exactly.
 
 On a host with CUDA and faiss-gpu, searches run on a GPU copy of the index (refreshed

@@ -74,7 +74,7 @@ class Retrieval:
         root: Path,
         embed: Embed,
         split: Split,
-        dim: int,
+        dim: int | None = None,
         *,
         params: IndexParams | None = None,
         consistency: Consistency = "strong",
@@ -83,7 +83,7 @@ class Retrieval:
         self.root = root
         self.embed = embed
         self.split = split
-        self.dim = dim
+        self.dim = dim  # None: learnt from the first embedding
         self.params = params or IndexParams()
         self.consistency = consistency
         self.snapshot_every = snapshot_every
@@ -120,9 +120,11 @@ class Retrieval:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
 
     # collections
-    def create_collection(self, tenant: str, name: str) -> None:
+    async def create_collection(self, tenant: str, name: str) -> None:
         if not NAME.match(name):
             raise InvalidName(f"collection name must match {NAME.pattern}")
+        if self.dim is None:  # ask the embedding model once
+            self.dim = len((await self.embed(["dimension probe"]))[0])
         if not self.docstore.create_collection(tenant, name, self.dim):
             raise CollectionExists(f"collection {name} exists")
         self._indexes[(tenant, name)] = VectorIndex(self.dim, self.params)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from models.fleet import Fleet
 from models.launcher import build_fleet, check_weights, load_counters
 from models.registry import Registry
 from models.tokenizer import TokenCounter
+from retrieval.service import RetrievalError
 from serving.cache.service import Cache
 from serving.cache.store import CacheStore, MemoryCacheStore, RedisCacheStore
 from serving.dispatch import Deadlines, Dispatcher
@@ -53,7 +54,17 @@ from serving.middleware import (
 from serving.observe.metrics import Metrics
 from serving.observe.tracing import make_provider, tracer_from
 from serving.proxy import JSONBytes, Proxy
-from serving.routes import admin, admin_limits, catalog, engines, health, inference, metrics_route
+from serving.rag import RetrievalGate
+from serving.routes import (
+    admin,
+    admin_limits,
+    catalog,
+    collections,
+    engines,
+    health,
+    inference,
+    metrics_route,
+)
 from serving.settings import Settings
 from serving.validation import invalid_request_from
 
@@ -168,6 +179,20 @@ def create_app(
             metrics=metrics, tracer=tracer, log_requests=observe.access_log,
             cache=cache, cache_embeddings=settings.cache.embeddings,
         )  # fmt: skip
+        proxy: Proxy = app.state.proxy
+        if settings.retrieval.enabled:
+            embed_model = settings.retrieval.embedding_model
+
+            async def embed(texts: list[str]) -> list[list[float]]:
+                return await proxy.embed_texts(embed_model, texts)
+
+            def count_retrieval(result: str) -> None:
+                if metrics is not None:
+                    metrics.retrieval.labels(result).inc()
+
+            counter = _counter_for(registry, loaded, embed_model)
+            proxy.rag = RetrievalGate(settings.retrieval, embed, counter, count_retrieval)
+            app.state.retrieval = proxy.rag
         announcer: asyncio.Task[None] | None = None
         try:
             await fleet.start()
@@ -185,6 +210,8 @@ def create_app(
                 await limiter.aclose()
             if cache is not None:
                 await cache.aclose()
+            if getattr(app.state, "retrieval", None) is not None:
+                await app.state.retrieval.aclose()
             if provider is not None and tracer_provider is None:
                 provider.shutdown()  # flushes the batch exporter
 
@@ -210,6 +237,7 @@ def create_app(
             GatewayError: _domain_error,
             RequestValidationError: _validation_error,
             StarletteHTTPException: _http_error,
+            RetrievalError: _domain_error,
         },
     )
     app.state.settings = settings
@@ -224,7 +252,17 @@ def create_app(
     app.include_router(admin.router)
     app.include_router(admin_limits.router)
     app.include_router(metrics_route.router)
+    app.include_router(collections.router)
     return app
+
+
+def _counter_for(
+    registry: Registry, counters: Mapping[str, TokenCounter], model: str
+) -> TokenCounter | None:
+    try:
+        return counters.get(registry.resolve(model).key)
+    except WeirModelError:
+        return None
 
 
 def _make_cache(settings: Settings, metrics: Metrics | None) -> Cache | None:

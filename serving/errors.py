@@ -37,6 +37,13 @@ from models.errors import (
     ModelNotFound,
     StoreError,
 )
+from retrieval.service import (
+    CollectionExists,
+    CollectionNotFound,
+    DocumentNotFound,
+    InvalidName,
+    RetrievalError,
+)
 
 
 class GatewayError(Exception):
@@ -106,6 +113,10 @@ class RateLimited(GatewayError):
         self.limit = limit  # which one said no: rpm, tpm, tokens_per_day, ...
 
 
+class RetrievalUnavailable(GatewayError):
+    """Retrieval was required for this request and could not be done."""
+
+
 class LimitsUnavailable(GatewayError):
     def __init__(self, message: str, *, retry_after_s: int) -> None:
         super().__init__(message)
@@ -141,6 +152,12 @@ ERROR_TABLE: dict[type[BaseException], ErrorSpec] = {
     AuthUnavailable: ErrorSpec(503, "server_error", "auth_unavailable", retry_after_s=1),
     LimitsUnavailable: ErrorSpec(503, "server_error", "rate_limits_unavailable", retry_after_s=1),
     EngineTimeout: ErrorSpec(504, "server_error", "engine_timeout"),
+    InvalidName: ErrorSpec(400, "invalid_request_error", "invalid_request"),
+    CollectionNotFound: ErrorSpec(404, "invalid_request_error", "collection_not_found"),
+    DocumentNotFound: ErrorSpec(404, "invalid_request_error", "document_not_found"),
+    CollectionExists: ErrorSpec(409, "invalid_request_error", "collection_exists"),
+    RetrievalError: ErrorSpec(502, "server_error", "retrieval_error"),
+    RetrievalUnavailable: ErrorSpec(503, "server_error", "retrieval_unavailable", retry_after_s=1),
 }
 INTERNAL = ErrorSpec(500, "server_error", "internal_error")
 

@@ -31,6 +31,7 @@ from serving.cache.entries import (
     Assembler,
     Mode,
     embedding_key,
+    extension,
     mode_for,
     replay,
     replayable,
@@ -55,6 +56,7 @@ from serving.middleware import request_id_of
 from serving.observe.metrics import Metrics
 from serving.observe.record import Observation
 from serving.protocol.requests import ModelRequest
+from serving.rag import RetrievalGate
 from serving.settings import ContractConfig
 
 JSON = dict[str, Any]
@@ -62,6 +64,7 @@ Cleaner = Callable[[JSON, str, ServedVersion], JSON]
 Preparer = Callable[[Any, TokenCounter | None, ContractConfig], contract.Prepared]
 VERSION_HEADER = "x-weir-model-version"
 FALLBACK_HEADER = "x-weir-fallback"
+RETRIEVAL_HEADER = "x-weir-retrieval"
 OUTPUT_VALID_HEADER = "x-weir-output-valid"
 TASK_NAMES = {"chat": "a chat model", "embed": "an embedding model"}
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
@@ -116,7 +119,9 @@ class Proxy:
         log_requests: bool = True,
         cache: Cache | None = None,
         cache_embeddings: bool = True,
+        rag: RetrievalGate | None = None,
     ) -> None:
+        self.rag = rag
         self.cache = cache
         self.cache_embeddings = cache_embeddings
         self.metrics = metrics
@@ -171,6 +176,9 @@ class Proxy:
             )
         if request.stream and not route.streams:
             raise InvalidRequest(f"{route.path} does not stream", param="stream")
+        spec = extension(request.model_extra or {}).get("retrieval")
+        if spec is not None:
+            request = await self._augment(route, request, http, spec)
         prepared = route.prepare(request, self.counters.get(served.key), self.config)
         obs.asked(prepared.body)
         http.state.prompt_tokens = prepared.prompt_tokens
@@ -196,6 +204,23 @@ class Proxy:
         tokens = reservation_size(prepared.prompt_tokens, prepared.max_tokens, n)
         checks = plan(key, served.model, tokens, self.model_tpm.get(served.model))
         return await self.limiter.admit(served.model, checks)
+
+    async def _augment(
+        self, route: Route, request: ModelRequest, http: Request, spec: Any
+    ) -> ModelRequest:
+        """RAG: the request with retrieved passages in its messages (or as it was)."""
+        if route is not CHAT or self.rag is None:
+            raise InvalidRequest(
+                "weir.retrieval works on chat completions, with retrieval on.",
+                param="weir.retrieval",
+            )
+        with self.tracer.start_as_current_span("weir.retrieval"):
+            asked = request.model_dump(exclude_unset=True)
+            messages, found = await self.rag.augment(http, asked, spec)
+        http.state.rag = found
+        if messages is None:
+            return request
+        return type(request).model_validate({**asked, "messages": messages})
 
     def _target(
         self,
@@ -256,6 +281,11 @@ class Proxy:
         if plan is not None and route.streams:
             headers[RESULT_HEADER] = "miss" if plan.mode != "bypass" else "bypass"
             obs.cache = headers[RESULT_HEADER]
+        rag: JSON | None = getattr(http.state, "rag", None)
+        if rag is not None:
+            headers[RETRIEVAL_HEADER] = rag["status"]
+            if rag["status"] != "ok":
+                store_key = None  # an answer without its context is not that request's
 
         if request.stream:
             options = body.get("stream_options") or {}
@@ -336,6 +366,8 @@ class Proxy:
                 storable = False
         obs.finish(200, usage=usage if isinstance(usage, dict) else None)
         cleaned = route.clean(answer, requested, target)
+        if rag is not None:
+            cleaned["weir"] = {"retrieval": rag}
         if storable and cache is not None and store_key is not None and route.streams:
             cache.store_soon(store_key, cleaned)
         return JSONBytes(cleaned, headers=headers)
@@ -407,7 +439,7 @@ class Proxy:
         target: ServedVersion,
         body: JSON,
         affinity: str | None,
-        http: Request,
+        http: Request | None,
         prepared: contract.Prepared,
         headers: dict[str, str],
     ) -> tuple[JSON, int]:
@@ -427,9 +459,8 @@ class Proxy:
         model = body.get("model")
         if missing:
             sub = body | {"input": [inputs[i] for i in missing]}
-            answer, _ = await run_or_cancel(
-                self.dispatcher.complete(target, EMBEDDINGS.path, sub, affinity), http.receive
-            )
+            call = self.dispatcher.complete(target, EMBEDDINGS.path, sub, affinity)
+            answer, _ = await (run_or_cancel(call, http.receive) if http else call)
             data = sorted(answer.get("data") or [], key=lambda d: int(d.get("index", 0)))
             if len(data) != len(missing):
                 raise EngineFailed(f"engine returned {len(data)} embeddings for {len(missing)}")
@@ -454,6 +485,29 @@ class Proxy:
         }  # fmt: skip
         charged = prompt if self.cache.charge_hits else engine_tokens
         return answer, charged
+
+    async def embed_texts(self, model: str, texts: list[str], batch: int = 64) -> list[list[float]]:
+        """Vectors for ``texts`` from ``model``, through its bulkhead and the embedding cache
+        (what retrieval uses for ingest and queries)."""
+        served = self.registry.resolve(model)
+        if served.task != "embed":
+            raise WrongTask(f"The model '{model}' is not an embedding model.", param="model")
+        vectors: list[list[float]] = []
+        for start in range(0, len(texts), batch):
+            part = texts[start : start + batch]
+            body: JSON = {"model": model, "input": part}
+            slot = await self.dispatcher.admit(served)
+            try:
+                if self.cache is not None and self.cache_embeddings:
+                    prepared = contract.Prepared(body, None, None)
+                    answer, _ = await self._embed_cached(served, body, None, None, prepared, {})
+                else:
+                    answer, _ = await self.dispatcher.complete(served, EMBEDDINGS.path, body, None)
+            finally:
+                slot.release()
+            data = sorted(answer.get("data") or [], key=lambda d: int(d.get("index", 0)))
+            vectors += [list(d["embedding"]) for d in data]
+        return vectors
 
     def _count(self, kind: str, result: str, n: int = 1) -> None:
         if self.metrics is not None and n:

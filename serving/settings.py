@@ -101,6 +101,25 @@ class CacheConfig(BaseModel):
     embeddings: bool = True  # cache embeddings per (version, text)
 
 
+class RetrievalConfig(BaseModel):
+    """Collections, search and RAG. The docstore and indexes live under ``path``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    path: Path = Path("~/.local/share/weir/retrieval")  # opened on first use
+    embedding_model: str = "minilm"
+    chunk_tokens: int = Field(256, ge=16)
+    chunk_overlap: int = Field(32, ge=0)
+    index: Literal["flat", "ivf", "hnsw"] = "flat"  # ivf/hnsw for large collections
+    consistency: Literal["strong", "eventual"] = "strong"  # ack after the index, or before
+    snapshot_every: int = Field(1000, ge=1)  # index snapshot every N writes (and on stop)
+    timeout_s: float = Field(2.0, gt=0)  # RAG: longer than this and the answer is degraded
+    max_top_k: int = Field(50, ge=1)
+    max_documents: int = Field(256, ge=1)  # per request
+    max_document_bytes: int = Field(1_000_000, ge=1)
+
+
 class ObservabilityConfig(BaseModel):
     """Metrics, the per-request log line and its format. Tracing follows ``OTEL_*``."""
 
@@ -135,6 +154,7 @@ class Settings(BaseSettings):
     limits: LimitsConfig = LimitsConfig()
     observability: ObservabilityConfig = ObservabilityConfig()
     cache: CacheConfig = CacheConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
     store: StoreConfig = StoreConfig()
     engines: EngineConfig = EngineConfig()
     models: list[ModelConfig] = Field(default_factory=default_models)

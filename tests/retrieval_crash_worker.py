@@ -19,7 +19,7 @@ async def main(root: Path, start: int, count: int) -> None:
     service = Retrieval(root, embed, split, DIM, params=IndexParams("flat"), snapshot_every=7)
     service.open()
     if not service.docstore.collections("t"):
-        service.create_collection("t", "docs")
+        await service.create_collection("t", "docs")
     for n in range(start, start + count):
         doc_id = f"doc-{n}"
         await service.upsert("t", "docs", [Document(f"text of document {n}", doc_id, {"n": n})])

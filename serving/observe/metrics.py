@@ -58,6 +58,7 @@ class Metrics:
     breaker: Gauge
     healthy: Gauge
     cache: Counter
+    retrieval: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
@@ -121,6 +122,10 @@ class Metrics:
                 "weir_cache_requests",
                 "Cache lookups by kind (response|embedding) and result (hit|miss|bypass|error)",
                 ["kind", "result"], registry=reg,
+            ),
+            retrieval=Counter(
+                "weir_retrieval_requests", "RAG retrievals by result (ok|degraded|refused)",
+                ["result"], registry=reg,
             ),
         )  # fmt: skip
 

@@ -12,7 +12,7 @@ DIM = 384
 def vector(text: str, dim: int = DIM) -> list[float]:
     seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
     values = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
-    return [float(v) for v in values / np.linalg.norm(values)]
+    return [float(v) for v in (values / np.linalg.norm(values)).astype(np.float32)]
 
 
 async def embed(texts: list[str]) -> list[list[float]]:

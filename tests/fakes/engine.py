@@ -16,8 +16,14 @@ import orjson
 
 from models.engine_client import EngineStream
 from models.errors import EngineError, EngineFailed
+from tests.fakes.embedder import vector
 
 JSON = dict[str, Any]
+
+
+def embedding_of(text: Any) -> list[float]:
+    """The fake's vector for a text: 16 float32-exact numbers, the same every time."""
+    return vector(str(text), 16)
 
 
 @dataclass
@@ -42,7 +48,7 @@ class FakeEngine:
             inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
             # a vector that says which text it is for (exact in float32)
             data = [
-                {"index": i, "object": "embedding", "embedding": [float(len(str(text))), 0.5, -1.0]}
+                {"index": i, "object": "embedding", "embedding": embedding_of(text)}
                 for i, text in enumerate(inputs)
             ]
             return {

@@ -18,7 +18,7 @@ from models.types import ReplicaKey
 from serving.app import create_app
 from serving.cache.store import MemoryCacheStore
 from serving.settings import CacheConfig, KeysConfig, Settings
-from tests.fakes.engine import FakeEngine
+from tests.fakes.engine import FakeEngine, embedding_of
 from tests.openai_spec import validate
 from tests.redis_server import free_port
 from tests.unit.test_observe import sample
@@ -225,7 +225,7 @@ def test_embeddings_send_only_misses_and_keep_order(rig: Rig) -> None:
     assert answer.headers["x-weir-cache-hits"] == "32/64"
     assert rig.embed.calls[-1]["input"] == texts[1::2]  # only the misses went to the engine
     vectors = [d["embedding"] for d in answer.json()["data"]]
-    assert vectors == [[float(len(t)), 0.5, -1.0] for t in texts]
+    assert vectors == [embedding_of(t) for t in texts]
     assert [d["index"] for d in answer.json()["data"]] == list(range(64))
     validate("CreateEmbeddingResponse", answer.json())
     again = rig.client.post(

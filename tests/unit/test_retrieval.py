@@ -70,7 +70,7 @@ def test_removal_and_snapshots(tmp_path: Path) -> None:
 async def test_documents_search_update_delete(tmp_path: Path) -> None:
     service = Retrieval(tmp_path, embed, split, DIM)
     service.open()
-    service.create_collection("t1", "docs")
+    await service.create_collection("t1", "docs")
     first = await service.upsert("t1", "docs", [
         Document("The access code for the blue door is 7731.", "door", {"kind": "fact"}),
         Document("Bananas are yellow.\n\nApples are red.", None, {"kind": "fruit"}),
@@ -96,9 +96,9 @@ async def test_tenants_never_see_each_other(tmp_path: Path) -> None:
     service = Retrieval(tmp_path, embed, split, DIM)
     service.open()
     for tenant in ("a", "b"):
-        service.create_collection(tenant, "shared-name")
+        await service.create_collection(tenant, "shared-name")
         await service.upsert(tenant, "shared-name", [Document(f"secret of {tenant}", tenant)])
-    service.create_collection("a", "only-a")
+    await service.create_collection("a", "only-a")
     hits = await service.search("b", "shared-name", "secret of a", top_k=10)
     assert [h.document_id for h in hits] == ["b"]
     with pytest.raises(CollectionNotFound):
@@ -111,7 +111,7 @@ async def test_tenants_never_see_each_other(tmp_path: Path) -> None:
 async def test_searches_run_while_documents_arrive(tmp_path: Path) -> None:
     service = Retrieval(tmp_path, embed, split, DIM, consistency="eventual")
     service.open()
-    service.create_collection("t", "c")
+    await service.create_collection("t", "c")
 
     async def writer() -> None:
         for n in range(60):

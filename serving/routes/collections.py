@@ -1,0 +1,131 @@
+"""``/v1/collections``: a tenant's collections, their documents, and search."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from retrieval.service import Document
+from serving.errors import InvalidRequest, RouteNotFound
+from serving.rag import RetrievalGate, tenant_of
+
+router = APIRouter(prefix="/v1/collections")
+
+
+class CollectionCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64)
+
+
+class DocumentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str | None = Field(None, min_length=1, max_length=256)
+    text: str = Field(min_length=1)
+    metadata: dict[str, Any] = {}
+
+
+class DocumentsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    documents: list[DocumentIn] = Field(min_length=1)
+
+
+class DocumentUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(min_length=1)
+    metadata: dict[str, Any] = {}
+
+
+class SearchIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    query: str = Field(min_length=1)
+    top_k: int = Field(4, ge=1)
+    min_score: float | None = Field(None, ge=-1, le=1)
+    filter: dict[str, Any] | None = None
+
+
+def _gate(request: Request) -> RetrievalGate:
+    gate: RetrievalGate | None = getattr(request.app.state, "retrieval", None)
+    if gate is None:
+        raise RouteNotFound("Retrieval is off (retrieval.enabled = false).")
+    return gate
+
+
+def _check(gate: RetrievalGate, documents: list[DocumentIn]) -> None:
+    config = gate.config
+    if len(documents) > config.max_documents:
+        raise InvalidRequest(
+            f"{len(documents)} documents; at most {config.max_documents} a request.",
+            param="documents",
+        )
+    for n, document in enumerate(documents):
+        if len(document.text.encode()) > config.max_document_bytes:
+            raise InvalidRequest(
+                f"document {n} is over {config.max_document_bytes} bytes.", param="documents"
+            )
+
+
+@router.post("", status_code=201, summary="Create a collection")
+async def create(spec: CollectionCreate, request: Request) -> dict[str, Any]:
+    service = await _gate(request).service()
+    await service.create_collection(tenant_of(request), spec.name)
+    return {"name": spec.name, "object": "collection"}
+
+
+@router.get("", summary="This tenant's collections")
+async def list_all(request: Request) -> dict[str, Any]:
+    service = await _gate(request).service()
+    return {"object": "list", "data": service.list_collections(tenant_of(request))}
+
+
+@router.delete("/{name}", summary="Delete a collection and its documents")
+async def delete(name: str, request: Request) -> dict[str, Any]:
+    service = await _gate(request).service()
+    service.delete_collection(tenant_of(request), name)
+    return {"name": name, "deleted": True}
+
+
+@router.post("/{name}/documents", summary="Add (or replace, by id) documents")
+async def add(name: str, spec: DocumentsIn, request: Request) -> dict[str, Any]:
+    gate = _gate(request)
+    _check(gate, spec.documents)
+    service = await gate.service()
+    docs = [Document(d.text, d.id, d.metadata) for d in spec.documents]
+    ids = await service.upsert(tenant_of(request), name, docs)
+    return {"object": "list", "ids": ids}
+
+
+@router.put("/{name}/documents/{doc_id}", summary="Replace one document")
+async def update(name: str, doc_id: str, spec: DocumentUpdate, request: Request) -> dict[str, Any]:
+    gate = _gate(request)
+    _check(gate, [DocumentIn(id=doc_id, text=spec.text, metadata=spec.metadata)])
+    service = await gate.service()
+    await service.upsert(tenant_of(request), name, [Document(spec.text, doc_id, spec.metadata)])
+    return {"id": doc_id}
+
+
+@router.delete("/{name}/documents/{doc_id}", summary="Delete one document")
+async def remove(name: str, doc_id: str, request: Request) -> dict[str, Any]:
+    service = await _gate(request).service()
+    await service.delete_document(tenant_of(request), name, doc_id)
+    return {"id": doc_id, "deleted": True}
+
+
+@router.post("/{name}/search", summary="Search a collection")
+async def search(name: str, spec: SearchIn, request: Request) -> dict[str, Any]:
+    gate = _gate(request)
+    if spec.top_k > gate.config.max_top_k:
+        raise InvalidRequest(f"top_k is at most {gate.config.max_top_k}.", param="top_k")
+    service = await gate.service()
+    hits = await service.search(
+        tenant_of(request), name, spec.query, spec.top_k, spec.min_score, spec.filter
+    )
+    return {
+        "object": "list",
+        "data": [
+            {"id": h.document_id, "chunk_id": h.id, "score": h.score, "text": h.text,
+             "metadata": h.metadata}
+            for h in hits
+        ],
+    }  # fmt: skip

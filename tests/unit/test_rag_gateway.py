@@ -1,0 +1,150 @@
+"""Collections, search and RAG at the gateway (fake engines, real docstore and FAISS)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+from starlette.testclient import TestClient
+
+from models.errors import EngineFailed
+from models.fleet import Fleet, Replica
+from models.types import ReplicaKey
+from serving.app import create_app
+from serving.settings import KeysConfig, RetrievalConfig, Settings
+from tests.fakes.engine import FakeEngine
+from tests.openai_spec import validate
+from tests.unit.test_observe import sample
+
+ADMIN = "admin-for-rag-tests"
+FACT = "The access code for the blue door is 7731."
+
+
+class Rig:
+    def __init__(self, client: TestClient, chat: FakeEngine, embed: FakeEngine) -> None:
+        self.client, self.chat, self.embed = client, chat, embed
+
+    def key(self) -> dict[str, str]:
+        made = self.client.post(
+            "/weir/admin/keys", json={"name": "r"}, headers={"authorization": f"Bearer {ADMIN}"}
+        ).json()
+        return {"authorization": f"Bearer {made['key']}"}
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    chat, embed = FakeEngine(), FakeEngine(name="embed")
+
+    def fleet(_: object) -> Fleet:
+        return Fleet(
+            [
+                Replica(ReplicaKey("smollm2", "135m-instruct", 0), chat, "smollm2"),
+                Replica(ReplicaKey("minilm", "l6-v2", 0), embed, "minilm"),
+            ],
+            health_interval_s=0.05,
+        )
+
+    keys = KeysConfig(enabled=True, file=tmp_path / "keys.json", admin_key=SecretStr(ADMIN))
+    retrieval = RetrievalConfig(path=tmp_path / "retrieval", timeout_s=1.0)
+    settings = Settings(keys=keys, retrieval=retrieval)
+    app = create_app(settings, fleet_factory=fleet, counters={})
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield Rig(client, chat, embed)
+
+
+def test_collections_documents_and_search(rig: Rig) -> None:
+    a, b = rig.key(), rig.key()
+    c = rig.client
+    assert c.post("/v1/collections", json={"name": "notes"}, headers=a).status_code == 201
+    again = c.post("/v1/collections", json={"name": "notes"}, headers=a)
+    assert again.status_code == 409
+    assert again.json()["error"]["code"] == "collection_exists"
+    assert c.post("/v1/collections", json={"name": "../x"}, headers=a).status_code == 400
+    docs = {
+        "documents": [
+            {"id": "door", "text": FACT, "metadata": {"kind": "fact"}},
+            {"text": "Bananas are yellow.", "metadata": {"kind": "fruit"}},
+        ]
+    }
+    added = c.post("/v1/collections/notes/documents", json=docs, headers=a)
+    assert added.status_code == 200
+    assert added.json()["ids"][0] == "door"
+    found = c.post("/v1/collections/notes/search", json={"query": FACT, "top_k": 2}, headers=a)
+    hits = found.json()["data"]
+    assert hits[0]["id"] == "door"
+    assert hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert hits[0]["metadata"] == {"kind": "fact"}
+    filtered = c.post(
+        "/v1/collections/notes/search", json={"query": FACT, "filter": {"kind": "fruit"}}, headers=a
+    ).json()["data"]
+    assert [h["metadata"]["kind"] for h in filtered] == ["fruit"]
+    # another tenant sees nothing of it
+    hidden = c.post("/v1/collections/notes/search", json={"query": FACT}, headers=b)
+    assert hidden.status_code == 404
+    assert hidden.json()["error"]["code"] == "collection_not_found"
+    assert c.get("/v1/collections", headers=b).json()["data"] == []
+    listed = c.get("/v1/collections", headers=a).json()["data"]
+    assert listed == [{"name": "notes", "documents": 2, "chunks": 2}]
+    assert c.delete("/v1/collections/notes/documents/door", headers=a).status_code == 200
+    assert c.delete("/v1/collections/notes/documents/door", headers=a).status_code == 404
+    left = c.post("/v1/collections/notes/search", json={"query": FACT, "top_k": 5}, headers=a)
+    assert all(h["id"] != "door" for h in left.json()["data"])
+    too_many = c.post("/v1/collections/notes/search", json={"query": "x", "top_k": 500}, headers=a)
+    assert too_many.status_code == 400
+    assert c.delete("/v1/collections/notes", headers=a).status_code == 200
+
+
+def chat_with_retrieval(**spec: Any) -> dict[str, Any]:
+    return {
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": FACT}],
+        "weir": {"retrieval": {"collection": "facts", **spec}},
+    }
+
+
+def test_rag_puts_passages_in_the_prompt_and_cites_them(rig: Rig) -> None:
+    a = rig.key()
+    rig.client.post("/v1/collections", json={"name": "facts"}, headers=a)
+    rig.client.post(
+        "/v1/collections/facts/documents",
+        json={"documents": [{"id": "door", "text": FACT}, {"text": "Unrelated note."}]},
+        headers=a,
+    )
+    answer = rig.client.post("/v1/chat/completions", json=chat_with_retrieval(top_k=1), headers=a)
+    assert answer.status_code == 200
+    assert answer.headers["x-weir-retrieval"] == "ok"
+    citations = answer.json()["weir"]["retrieval"]["citations"]
+    assert [c["document_id"] for c in citations] == ["door"]
+    sent = rig.chat.calls[-1]["messages"]
+    assert sent[0]["role"] == "system"
+    assert "7731" in sent[0]["content"]
+    assert "weir" not in rig.chat.calls[-1]
+    validate("CreateChatCompletionResponse", answer.json())
+
+
+def test_retrieval_down_degrades_unless_required(rig: Rig) -> None:
+    a = rig.key()
+    rig.client.post("/v1/collections", json={"name": "facts"}, headers=a)
+    rig.embed.fail_with = EngineFailed("embedding engine down")
+    degraded = rig.client.post("/v1/chat/completions", json=chat_with_retrieval(), headers=a)
+    assert degraded.status_code == 200
+    assert degraded.headers["x-weir-retrieval"] == "degraded"
+    assert degraded.json()["weir"]["retrieval"] == {"status": "degraded", "citations": []}
+    assert len(rig.chat.calls[-1]["messages"]) == 1  # no context, the question as asked
+    refused = rig.client.post(
+        "/v1/chat/completions", json=chat_with_retrieval(required=True), headers=a
+    )
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "retrieval_unavailable"
+    missing = rig.client.post(
+        "/v1/chat/completions",
+        json=chat_with_retrieval() | {"weir": {"retrieval": {"collection": "nope"}}},
+        headers=a,
+    )
+    assert missing.status_code == 404
+    text = rig.client.get("/metrics").text
+    assert sample(text, "weir_retrieval_requests_total", result="degraded") == 1
+    assert sample(text, "weir_retrieval_requests_total", result="refused") == 1
