@@ -39,6 +39,7 @@ class Tally:
     streams: list[str] = field(default_factory=list)  # finished | error | silent
     run: asyncio.Event = field(default_factory=asyncio.Event)  # plain loops go while set
     stop: bool = False
+    plain_in_flight: int = 0
 
 
 def engine_pid(stack: Stack, port: int) -> int:
@@ -61,11 +62,14 @@ async def plain_loop(client: httpx.AsyncClient, tally: Tally) -> None:
     while not tally.stop:
         await tally.run.wait()
         started = time.monotonic()
+        tally.plain_in_flight += 1
         try:
             answer = await client.post("/v1/chat/completions", json=PLAIN)
             status = answer.status_code
         except httpx.HTTPError:
             status = 0
+        finally:
+            tally.plain_in_flight -= 1
         tally.plain.append((status, time.monotonic() - started))
 
 
@@ -94,11 +98,10 @@ async def load_and_kill(stack: Stack, victim_port: int) -> tuple[Tally, float]:
         # Kill while a stream is on the victim: pause plain requests, wait for the victim to
         # carry only streams, then SIGKILL it and let plain requests run on at once.
         tally.run.clear()
-        await asyncio.sleep(3)  # plain requests in flight finish; the loops then wait
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # only streams in flight, one on the victim
             victim = (await asyncio.to_thread(replicas, stack))["smollm2@135m-instruct#0"]
-            if victim["outstanding"] >= 1:
+            if tally.plain_in_flight == 0 and victim["outstanding"] >= 1:
                 break
             await asyncio.sleep(0.1)
         assert victim["outstanding"] >= 1, "no stream ever reached the victim"
