@@ -13,7 +13,8 @@ writes every value to shared files and ``/metrics`` sums them across workers.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -59,6 +60,15 @@ class Metrics:
     healthy: Gauge
     cache: Counter
     retrieval: Counter
+    _children: dict[tuple[int, tuple[str, ...]], Any] = field(default_factory=dict)
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once (labels are bounded; this is per request)."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:

@@ -57,13 +57,13 @@ class Observation:
         self.model, self.version = model, version
         self._served = True
         if self.metrics is not None:
-            self.metrics.inflight.labels(model, version).inc()
+            self.metrics.child(self.metrics.inflight, model, version).inc()
 
     def fell_back(self, model: str, version: str) -> None:
         """Served by a fallback: labels move to it (in-flight follows)."""
         if self.metrics is not None:
-            self.metrics.inflight.labels(self.model, self.version).dec()
-            self.metrics.inflight.labels(model, version).inc()
+            self.metrics.child(self.metrics.inflight, self.model, self.version).dec()
+            self.metrics.child(self.metrics.inflight, model, version).inc()
         self.fallback = f"{model}@{version}"
         self.model, self.version = model, version
 
@@ -89,9 +89,9 @@ class Observation:
         if self.first_at is None:
             self.first_at = now
             if self.metrics is not None:
-                self.metrics.ttft.labels(*labels).observe(now - self.started)
+                self.metrics.child(self.metrics.ttft, *labels).observe(now - self.started)
         elif self.metrics is not None and self.last_at is not None:
-            self.metrics.itl.labels(*labels).observe(now - self.last_at)
+            self.metrics.child(self.metrics.itl, *labels).observe(now - self.last_at)
         self.last_at = now
 
     def finish(
@@ -111,16 +111,18 @@ class Observation:
         metrics = self.metrics
         if metrics is not None:
             labels = self._labels()
-            metrics.duration.labels(*labels).observe(elapsed)
-            metrics.requests.labels(*labels, str(status)).inc()
+            metrics.child(metrics.duration, *labels).observe(elapsed)
+            metrics.child(metrics.requests, *labels, str(status)).inc()
             if error_type is not None:
-                metrics.errors.labels(self.model, self.version, error_type).inc()
+                metrics.child(metrics.errors, self.model, self.version, error_type).inc()
             if prompt:
-                metrics.tokens.labels(self.model, self.version, "prompt").inc(prompt)
+                metrics.child(metrics.tokens, self.model, self.version, "prompt").inc(prompt)
             if completion:
-                metrics.tokens.labels(self.model, self.version, "completion").inc(completion)
+                metrics.child(metrics.tokens, self.model, self.version, "completion").inc(
+                    completion
+                )
             if self._served:
-                metrics.inflight.labels(self.model, self.version).dec()
+                metrics.child(metrics.inflight, self.model, self.version).dec()
         span = span or trace.get_current_span()
         if prompt is not None:
             span.set_attribute("gen_ai.usage.input_tokens", prompt)
@@ -134,7 +136,7 @@ class Observation:
         access.info(
             "%s %s@%s %s %.1fms",
             self.route, self.model, self.version, status, elapsed * 1000,
-            extra={
+            extra={"fields": {
                 "request_id": self.request_id,
                 "trace_id": f"{ctx.trace_id:032x}" if ctx.is_valid else None,
                 "key": self.key_id,
@@ -151,7 +153,7 @@ class Observation:
                 "cache": self.cache,
                 "fallback": self.fallback,
                 "prompt_hash": self.prompt_digest,
-            },
+            }},
         )  # fmt: skip
 
     def _labels(self) -> tuple[str, str, str, str]:

@@ -222,7 +222,7 @@ def test_no_secret_or_content_reaches_logs_or_metrics(
         assert canary not in metrics, canary
     access = [r for r in caplog.records if r.name == "weir.access"]
     assert len(access) == 3
-    line = access[0].__dict__
+    line = access[0].__dict__["fields"]
     assert line["request_id"] == "req-123"
     assert line["key"] == auth["authorization"][7:][:0] or re.fullmatch(
         r"[0-9a-f]{12}", line["key"]
@@ -234,7 +234,7 @@ def test_no_secret_or_content_reaches_logs_or_metrics(
     )
     assert re.fullmatch(r"[0-9a-f]{16}", line["prompt_hash"])
     assert line["prompt_tokens"] == 5
-    assert access[1].__dict__["ttft_ms"] is not None
+    assert access[1].__dict__["fields"]["ttft_ms"] is not None
 
 
 def metric_names(expr: str) -> set[str]:
@@ -284,3 +284,25 @@ def test_scrape_targets_lists_engine_endpoints() -> None:
         {"targets": ["10.0.0.5:8001"],
          "labels": {"model": "m", "model_version": "v", "replica": "m@v#0"}}
     ]  # fmt: skip
+
+
+def test_json_log_lines_are_one_object_each() -> None:
+    import io
+    import json
+
+    from serving.log_config import JsonLines
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonLines())
+    logger = logging.getLogger("weir.test-json")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("hello %s", "there", extra={"fields": {"status": 200, "model": "m"}})
+    finally:
+        logger.removeHandler(handler)
+    line = json.loads(stream.getvalue())
+    assert line["message"] == "hello there"
+    assert (line["status"], line["model"], line["level"]) == (200, "m", "WARNING")
+    assert line["time"].endswith("Z")
