@@ -390,6 +390,31 @@ def scrape_targets(args: argparse.Namespace) -> int:
     return 0
 
 
+def ingest_command(args: argparse.Namespace) -> int:
+    """``weir ingest PATH --collection C``: files into a collection over the gateway's API."""
+    import os
+
+    import httpx
+
+    from serving.ingest import ingest
+
+    settings = _settings(args)
+    base = args.url or f"http://{settings.gateway.host}:{settings.gateway.port}"
+    key = os.environ.get("WEIR_API_KEY")
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    if not args.path.exists():
+        print(f"weir: {args.path} does not exist", file=sys.stderr)
+        return 2
+    try:
+        with httpx.Client(base_url=base, headers=headers, timeout=300) as client:
+            count = ingest(client, args.collection, args.path, batch=args.batch)
+    except (httpx.HTTPError, RuntimeError, ValueError) as exc:
+        print(f"weir: ingest failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"weir: {count} documents in {args.collection}")
+    return 0
+
+
 def bench(args: argparse.Namespace) -> int:
     """``weir bench run|compare ...``: the black-box benchmark suite in ``bench/``."""
     import subprocess
@@ -455,6 +480,15 @@ def build_parser() -> argparse.ArgumentParser:
     targets.add_argument("--url", default=None, help="gateway base URL (default: the config's)")
     targets.add_argument("--out", default=None, help="write here instead of stdout")
     targets.set_defaults(func=scrape_targets)
+
+    ingest_cmd = commands.add_parser(
+        "ingest", help="add .txt/.md/.jsonl files to a collection (WEIR_API_KEY as the key)"
+    )
+    ingest_cmd.add_argument("path", type=Path)
+    ingest_cmd.add_argument("--collection", required=True)
+    ingest_cmd.add_argument("--url", default=None, help="gateway base URL (default: the config's)")
+    ingest_cmd.add_argument("--batch", type=int, default=32, help="documents per request")
+    ingest_cmd.set_defaults(func=ingest_command)
 
     bench_cmd = commands.add_parser(
         "bench", help="Locust benchmarks: run a scenario, compare two runs (--help for each)"

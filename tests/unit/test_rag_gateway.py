@@ -148,3 +148,31 @@ def test_retrieval_down_degrades_unless_required(rig: Rig) -> None:
     text = rig.client.get("/metrics").text
     assert sample(text, "weir_retrieval_requests_total", result="degraded") == 1
     assert sample(text, "weir_retrieval_requests_total", result="refused") == 1
+
+
+def test_ingest_files_through_the_api(rig: Rig, tmp_path: Path) -> None:
+    from serving.ingest import ingest
+
+    docs = tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "door.md").write_text(FACT)
+    (docs / "sub" / "fruit.txt").write_text("Bananas are yellow.")
+    (docs / "more.jsonl").write_text(
+        '{"id": "j1", "text": "Jupiter is large.", "metadata": {"kind": "planet"}}\n'
+        '{"text": "Mars is red."}\n'
+    )
+    (docs / "skip.bin").write_bytes(b"\\x00")
+    rig.client.headers.update(rig.key())
+    assert ingest(rig.client, "files", docs, batch=2, show=False) == 4
+    hits = rig.client.post("/v1/collections/files/search", json={"query": FACT}).json()["data"]
+    assert hits[0]["id"] == "door.md"
+    assert hits[0]["metadata"]["source"] == "door.md"
+    planet = rig.client.post(
+        "/v1/collections/files/search", json={"query": "Jupiter is large.", "top_k": 1}
+    ).json()["data"]
+    assert planet[0]["id"] == "j1"
+    assert planet[0]["metadata"]["kind"] == "planet"
+    # again: the same ids are replaced, not doubled
+    assert ingest(rig.client, "files", docs, show=False) == 4
+    listed = rig.client.get("/v1/collections").json()["data"]
+    assert listed[0]["documents"] == 5  # 4 ids, plus the jsonl line without one, twice
