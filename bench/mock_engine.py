@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import time
 
+import numpy as np
 from aiohttp import web
 
 ANSWER = "The capital of France is Paris."
@@ -55,6 +57,13 @@ def _marker(body: dict[str, object]) -> str:
     if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
         return str(messages[-1].get("content", ""))
     return ""
+
+
+def mock_vector(text: str, dim: int = 384) -> list[float]:
+    """The mock's embedding of ``text``: a unit vector seeded by its hash (float32-exact)."""
+    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+    values = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    return [float(v) for v in (values / np.linalg.norm(values)).astype(np.float32)]
 
 
 def make_app(chunks: int, interval_s: float, delay_s: float = 0.0) -> web.Application:
@@ -135,7 +144,21 @@ def make_app(chunks: int, interval_s: float, delay_s: float = 0.0) -> web.Applic
         await response.write_eof()
         return response
 
+    async def embeddings(request: web.Request) -> web.Response:
+        body = await request.json()
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        data = [
+            {"object": "embedding", "index": i, "embedding": mock_vector(str(text))}
+            for i, text in enumerate(inputs)
+        ]
+        tokens = sum(len(str(t).split()) for t in inputs)
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return web.json_response(
+            {"object": "list", "model": body.get("model"), "data": data, "usage": usage}
+        )
+
     app = web.Application()
+    app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", chat)
