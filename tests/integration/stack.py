@@ -22,6 +22,9 @@ port = {port}
 [engines]
 log_dir = "{logs}"
 
+[retrieval]
+path = "{logs}/../retrieval"
+
 [[models]]
 name = "smollm2"
 task = "chat"
