@@ -231,6 +231,10 @@ def plain_request(environment: Environment, session: requests.Session, kind: str
             "ignore_eos": True,
         }
         path = "/v1/completions"
+    elif kind == "rag":
+        path = "/v1/chat/completions"
+        body = payload.chat_body(variant.model, stream=False)
+        body["weir"] = {"retrieval": {"collection": RAG_COLLECTION, "top_k": 4}}
     else:
         path, body = "/v1/chat/completions", payload.chat_body(variant.model, stream=False)
     wall = time.time_ns()
@@ -242,6 +246,8 @@ def plain_request(environment: Environment, session: requests.Session, kind: str
         status = response.status_code
         if status == 200:
             usage = response.json().get("usage") or {}
+            if kind == "rag" and response.headers.get("x-weir-retrieval") != "ok":
+                error = "retrieval_degraded"  # answered, but without its context
         else:
             error = _error_code(response)
     except requests.RequestException as exc:
@@ -290,6 +296,32 @@ class ChatUser(_Base):
     @task
     def chat(self) -> None:
         plain_request(self.environment, self.session, "chat")
+
+
+RAG_COLLECTION = "weir-bench-rag"
+RAG_FACTS = [
+    f"Fact {n}: the {colour} door on floor {n % 9} opens with code {1000 + n * 37}."
+    for n, colour in enumerate(["red", "blue", "green", "white", "black"] * 10)
+]
+
+
+class RagUser(_Base):
+    """Chat with retrieval from a small collection this user makes sure exists."""
+
+    def on_start(self) -> None:
+        super().on_start()
+        base = SUITE["suite"].variants[0].base_url
+        self.session.post(f"{base}/v1/collections", json={"name": RAG_COLLECTION}, timeout=30)
+        documents = [{"id": f"fact-{n}", "text": text} for n, text in enumerate(RAG_FACTS)]
+        self.session.post(
+            f"{base}/v1/collections/{RAG_COLLECTION}/documents",
+            json={"documents": documents},
+            timeout=TIMEOUT_S,
+        )
+
+    @task
+    def rag(self) -> None:
+        plain_request(self.environment, self.session, "rag")
 
 
 class CompletionUser(_Base):

@@ -29,6 +29,7 @@ SCENARIOS = {
     "chat": ["ChatUser"],
     "completion": ["CompletionUser"],
     "embed": ["EmbeddingUser"],
+    "rag": ["RagUser"],
     "mixed": ["StreamingChatUser", "ChatUser", "CompletionUser", "EmbeddingUser"],
     "open-loop": ["ArrivalUser"],
 }
