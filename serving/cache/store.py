@@ -12,8 +12,9 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+
+from serving.redis_client import bounded_redis, close
 
 PREFIX = "weir:cache:"
 
@@ -82,14 +83,7 @@ class RedisCacheStore:
 
     def __init__(self, url: str, *, timeout_s: float = 0.1, connections: int = 64) -> None:
         self.url = url
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=connections,
-            timeout=timeout_s,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-        )
-        self._redis = aioredis.Redis(connection_pool=pool)
+        self._redis = bounded_redis(url, timeout_s, connections)
 
     def __repr__(self) -> str:
         return f"RedisCacheStore(url={self.url!r})"
@@ -109,8 +103,7 @@ class RedisCacheStore:
         await self._call(pipe.execute())
 
     async def aclose(self) -> None:
-        await self._redis.aclose()
-        await self._redis.connection_pool.disconnect()
+        await close(self._redis)
 
     async def _call(self, awaitable: Awaitable[Any]) -> Any:
         try:

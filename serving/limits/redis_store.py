@@ -17,11 +17,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from serving.limits.plan import PREFIX, Check
 from serving.limits.store import Decision, LimitStoreUnavailable, Outstanding, Standing
+from serving.redis_client import bounded_redis, close
 
 MODEL_TPM = PREFIX + "model-tpm"
 RESERVATION = PREFIX + "res:"
@@ -119,16 +119,7 @@ return 1
 class RedisLimitStore:
     def __init__(self, url: str, *, timeout_s: float = 0.5, connections: int = 64) -> None:
         self.url = url
-        # a bounded pool: a burst of requests queues for a connection (at most timeout_s)
-        # instead of opening hundreds at once
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=connections,
-            timeout=timeout_s,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-        )
-        self._redis = aioredis.Redis(connection_pool=pool)
+        self._redis = bounded_redis(url, timeout_s, connections)
         self._admit = self._redis.register_script(ADMIT)
         self._settle = self._redis.register_script(SETTLE)
 
@@ -178,8 +169,7 @@ class RedisLimitStore:
         return Outstanding(len(names), tokens)
 
     async def aclose(self) -> None:
-        await self._redis.aclose()
-        await self._redis.connection_pool.disconnect()
+        await close(self._redis)
 
     async def _call(self, awaitable: Awaitable[Any]) -> Any:
         try:
