@@ -202,7 +202,8 @@ class DocStore:
 
     # what indexes need
     def changes_since(self, tenant: str, collection: str, seq: int) -> Change:
-        """Every op after ``seq``, as one change (adds of chunks since removed are skipped)."""
+        """Every op after ``seq``, as one change: a chunk added and removed within it is
+        neither (so a rebuild from 0 holds exactly the live chunks)."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT o.seq, o.op, o.chunk_id, c.vector FROM ops o LEFT JOIN chunks c"
@@ -211,15 +212,20 @@ class DocStore:
                 (tenant, collection, seq),
             ).fetchall()
         added: dict[int, np.ndarray] = {}
+        born: set[int] = set()  # chunks added within this change (alive or not)
         removed: list[int] = []
         last = seq
         for op_seq, op, chunk_id, vector in rows:
             last = int(op_seq)
-            if op == "add" and vector is not None:
-                added[int(chunk_id)] = np.frombuffer(vector, dtype=np.float32)
-            elif op == "remove":
-                added.pop(int(chunk_id), None)
-                removed.append(int(chunk_id))
+            chunk = int(chunk_id)
+            if op == "add":
+                born.add(chunk)
+                if vector is not None:
+                    added[chunk] = np.frombuffer(vector, dtype=np.float32)
+            elif chunk in born:
+                added.pop(chunk, None)  # came and went within the change: nothing to do
+            else:
+                removed.append(chunk)
         return Change(last, list(added.items()), removed)
 
     def chunks(self, ids: Sequence[int]) -> dict[int, Chunk]:

@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import re
 import shutil
+import threading
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -91,6 +92,7 @@ class Retrieval:
         self._indexes: dict[tuple[str, str], VectorIndex] = {}
         self._since_snapshot: dict[tuple[str, str], int] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._catching_up: dict[tuple[str, str], threading.Lock] = {}
         self._pending: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
@@ -229,25 +231,38 @@ class Retrieval:
         return self.root / "indexes" / digest / name
 
     async def _follow(self, tenant: str, name: str, change: Change) -> None:
-        index = self._index(tenant, name)
         if self.consistency == "strong":
-            await asyncio.to_thread(self._catch_up, tenant, name, index)
+            await asyncio.to_thread(self._catch_up, tenant, name)
         else:
             task = asyncio.get_running_loop().create_task(
-                asyncio.to_thread(self._catch_up, tenant, name, index)
+                asyncio.to_thread(self._catch_up, tenant, name)
             )
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
 
-    def _catch_up(self, tenant: str, name: str, index: VectorIndex) -> None:
-        with index.lock:  # one catch-up at a time: an op is never applied twice
-            change = self.docstore.changes_since(tenant, name, index.seq)
-            _apply(index, change)
-            key = (tenant, name)
+    def _catch_up(self, tenant: str, name: str) -> None:
+        """Apply the docstore's new ops to the collection's index; one at a time, so an op
+        is never applied twice and a rebuild never races an update."""
+        key = (tenant, name)
+        with self._catching_up.setdefault(key, threading.Lock()):
+            index = self._indexes.get(key)
+            if index is None:
+                return  # the collection was deleted meanwhile
+            _apply(index, self.docstore.changes_since(tenant, name, index.seq))
+            if len(index.tombstones) > max(64, index.size // 4):
+                index = self._rebuild(tenant, name, index.dim)  # HNSW: drop the tombstones
             self._since_snapshot[key] = self._since_snapshot.get(key, 0) + 1
             if self._since_snapshot[key] >= self.snapshot_every:
                 index.save(self._dir(tenant, name))
                 self._since_snapshot[key] = 0
+
+    def _rebuild(self, tenant: str, name: str, dim: int) -> VectorIndex:
+        """A new index from the docstore alone (removed chunks simply are not there)."""
+        fresh = VectorIndex(dim, self.params)
+        _apply(fresh, self.docstore.changes_since(tenant, name, 0))
+        self._indexes[(tenant, name)] = fresh
+        fresh.save(self._dir(tenant, name))
+        return fresh
 
 
 def _apply(index: VectorIndex, change: Change) -> None:

@@ -209,3 +209,20 @@ def test_chunks_follow_tokens_with_overlap() -> None:
         assert len(tokenizer.encode(chunk, add_special_tokens=False).ids) <= 64
     assert chunks[0].split()[-1] in chunks[1]  # neighbours share their overlap
     assert chunks[-1].endswith("word299")
+
+
+@pytest.mark.anyio
+async def test_hnsw_tombstones_are_compacted_by_a_rebuild(tmp_path: Path) -> None:
+    service = Retrieval(tmp_path, embed, split, DIM, params=IndexParams("hnsw"))
+    service.open()
+    await service.create_collection("t", "c")
+    await service.upsert("t", "c", [Document(f"entry {n}", f"e{n}") for n in range(300)])
+    for n in range(100):
+        await service.delete_document("t", "c", f"e{n}")
+    index = service._index("t", "c")
+    assert len(index.tombstones) <= max(64, index.size // 4)  # rebuilt along the way
+    assert index.size == 200
+    hits = await service.search("t", "c", "entry 150", top_k=1)
+    assert hits[0].document_id == "e150"
+    assert not await service.search("t", "c", "entry 5", min_score=0.99)
+    await service.close()
