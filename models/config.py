@@ -125,6 +125,8 @@ class ModelConfig(_Strict):
     task: Literal["chat", "embed"]
     current: str
     versions: list[VersionConfig] = Field(min_length=1)
+    split: dict[str, float] = {}  # version -> weight for the alias; empty: all to ``current``
+    sticky: Literal["none", "key", "conversation"] = "none"  # keep a caller on one version
     fallbacks: list[str] = []  # names tried in order when every replica is open or overloaded
     routing: RoutingConfig = RoutingConfig()
     timeouts: TimeoutConfig = TimeoutConfig()
@@ -143,7 +145,21 @@ class ModelConfig(_Strict):
             raise ValueError(f"model '{self.name}': duplicate versions {names}")
         if self.current not in names:
             raise ValueError(f"model '{self.name}': current '{self.current}' not in {names}")
+        for version, weight in self.split.items():
+            if version not in names:
+                raise ValueError(f"model '{self.name}': split names unknown version '{version}'")
+            if weight < 0:
+                raise ValueError(f"model '{self.name}': split weight for '{version}' is negative")
+        if self.split and sum(self.split.values()) <= 0:
+            raise ValueError(f"model '{self.name}': split weights add up to nothing")
         return self
+
+    def shares(self) -> dict[str, float]:
+        """Each version's share of the alias's traffic (sums to 1)."""
+        if not self.split:
+            return {self.current: 1.0}
+        total = sum(self.split.values())
+        return {v: w / total for v, w in self.split.items() if w > 0}
 
     def version(self, version: str) -> VersionConfig:
         for candidate in self.versions:

@@ -6,6 +6,7 @@ a version. The registry knows names only: which replicas serve a version is the 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 
 from models.config import ModelConfig
@@ -28,6 +29,7 @@ class Registry:
             if model.name in self._models:
                 raise ConfigError(f"model '{model.name}' is configured twice")
             self._models[model.name] = model
+        self._wrr: dict[str, dict[str, float]] = {}
         self._fallbacks = {
             m.name: [self._fallback(m, f) for f in m.fallbacks] for m in self._models.values()
         }
@@ -48,20 +50,49 @@ class Registry:
     def __repr__(self) -> str:
         return f"Registry(models={list(self._models)!r})"
 
+    def model(self, name: str) -> ModelConfig | None:
+        return self._models.get(name)
+
     @property
     def models(self) -> list[ModelConfig]:
         return list(self._models.values())
 
-    def resolve(self, name: str) -> ServedVersion:
-        """``name`` or ``name@version`` to the version that serves it; ``ModelNotFound``."""
+    def resolve(self, name: str, *, sticky: str | None = None) -> ServedVersion:
+        """``name`` or ``name@version`` to the version that serves it; ``ModelNotFound``.
+
+        An alias follows the model's split: ``sticky`` (a key id or a conversation hash)
+        always lands on the same version for the same split; without it, smooth weighted
+        round robin gives each version exactly its share over any run of requests.
+        """
         base, pinned = split_name(name)
         model = self._models.get(base)
         if model is None:
             raise ModelNotFound(name)
-        version = pinned or model.current
+        version = pinned or self._pick(model, sticky)
         if all(v.version != version for v in model.versions):
             raise ModelNotFound(name)
         return ServedVersion(model=model.name, version=version, task=model.task)
+
+    def _pick(self, model: ModelConfig, sticky: str | None) -> str:
+        shares = model.shares()
+        if len(shares) == 1:
+            return next(iter(shares))
+        if sticky is not None:
+            digest = hashlib.sha256(f"{model.name}\x00{sticky}".encode()).digest()
+            point = int.from_bytes(digest[:8], "big") / 2**64
+            total = 0.0
+            for version, share in sorted(shares.items()):
+                total += share
+                if point < total:
+                    return version
+            return sorted(shares)[-1]
+        # smooth weighted round robin (nginx): exact proportions, well interleaved
+        current = self._wrr.setdefault(model.name, dict.fromkeys(shares, 0.0))
+        for version, share in shares.items():
+            current[version] = current.get(version, 0.0) + share
+        chosen = max(current, key=lambda v: current[v])
+        current[chosen] -= 1.0
+        return chosen
 
     def fallbacks(self, model: str) -> list[ServedVersion]:
         """The versions to try, in order, when ``model``'s own cannot take a request."""

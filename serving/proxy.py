@@ -65,6 +65,7 @@ Preparer = Callable[[Any, TokenCounter | None, ContractConfig], contract.Prepare
 VERSION_HEADER = "x-weir-model-version"
 FALLBACK_HEADER = "x-weir-fallback"
 RETRIEVAL_HEADER = "x-weir-retrieval"
+PIN_HEADER = "x-weir-model-version"  # on a request: serve this version (same as name@v)
 OUTPUT_VALID_HEADER = "x-weir-output-valid"
 TASK_NAMES = {"chat": "a chat model", "embed": "an embedding model"}
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
@@ -162,11 +163,14 @@ class Proxy:
         key: KeyRecord | None,
         obs: Observation,
     ) -> Response:
+        pin = http.headers.get(PIN_HEADER)
+        if pin and "@" not in request.model:
+            request.model = f"{request.model}@{pin}"  # a pinned version, by header
         requested = request.model
         if key is not None and not key.allows(split_name(requested)[0]):
             # said before the registry is asked: no hint whether the model exists
             raise PermissionDenied("This API key may not use the requested model.", param="model")
-        served = self.registry.resolve(requested)
+        served = self.registry.resolve(requested, sticky=self._sticky(request, http, key))
         obs.served(served.model, served.version)
         if served.task != route.task:
             raise WrongTask(
@@ -221,6 +225,19 @@ class Proxy:
         if messages is None:
             return request
         return type(request).model_validate({**asked, "messages": messages})
+
+    def _sticky(self, request: ModelRequest, http: Request, key: KeyRecord | None) -> str | None:
+        """What keeps a caller on one version of a split, if the model asks for it."""
+        model = self.registry.model(split_name(request.model)[0])
+        if model is None or model.sticky == "none":
+            return None
+        if model.sticky == "key":
+            return key.id if key else getattr(http.state, "static_key", None)
+        messages = getattr(request, "messages", None) or []
+        first = next((m for m in messages if getattr(m, "role", None) == "user"), None)
+        opening = getattr(first, "content", None) if first is not None else None
+        user = getattr(request, "user", None)
+        return f"{user or ''}\x00{opening}" if (user or opening) else None
 
     def _target(
         self,

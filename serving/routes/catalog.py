@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
@@ -17,6 +17,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "weir"
+    weir: dict[str, Any] | None = None  # on an alias: its versions' shares of traffic
 
 
 class ModelList(BaseModel):
@@ -24,13 +25,14 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-@router.get("/models", summary="List the served models")
+@router.get("/models", summary="List the served models", response_model_exclude_none=True)
 async def list_models(request: Request, registry: RegistryDep) -> ModelList:
     created: int = request.app.state.started
     cards: list[ModelCard] = []
     for model in registry.models:
-        cards.append(ModelCard(id=model.name, created=created))
+        split = {"split": model.shares(), "current": model.current}
+        cards.append(ModelCard(id=model.name, created=created, weir=split))
         cards += [
             ModelCard(id=f"{model.name}@{v.version}", created=created) for v in model.versions
         ]
-    return ModelList(data=cards)
+    return ModelList(data=cards)  # weir is left out of pinned cards (exclude_none below)
