@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import tokenizers
+
 from models import catalog
 from models.errors import ModelNotInStore, StoreError, VerificationFailed
 
@@ -82,6 +84,60 @@ def record_directory(directory: Path, name: str, source: dict[str, str]) -> Mani
         for p in _weight_files(directory)
     ]
     return Manifest(name=name, source=source, files=files, created=time.time())
+
+
+def loadable_problems(directory: Path) -> list[str]:
+    """Why ``directory`` would not load as a model (empty: it would)."""
+    if not directory.is_dir():
+        return [f"{directory} is not a directory"]
+    problems: list[str] = []
+    config = directory / "config.json"
+    try:
+        parsed = json.loads(config.read_text())
+        if not isinstance(parsed, dict) or not (
+            parsed.get("model_type") or parsed.get("architectures")
+        ):
+            problems.append("config.json names no model_type or architectures")
+    except (OSError, ValueError) as exc:
+        problems.append(f"config.json does not load: {exc}")
+    try:
+        tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+    except Exception as exc:  # the tokenizers library raises its own exception types
+        problems.append(f"tokenizer.json does not load: {exc}")
+    weights = sorted(directory.glob("*.safetensors"))
+    if not weights:
+        problems.append("no *.safetensors weight files")
+    for path in weights:
+        problem = _safetensors_problem(path)
+        if problem:
+            problems.append(f"{path.name}: {problem}")
+    return problems
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return "too short to be safetensors"
+        length = int.from_bytes(head, "little")
+        if length <= 0 or 8 + length > size:
+            return f"header length {length} does not fit a file of {size} bytes"
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError:
+            return "header is not JSON"
+    end = 0
+    for name, tensor in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = tensor.get("data_offsets") if isinstance(tensor, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2):
+            return f"tensor {name} has no data offsets"
+        end = max(end, int(offsets[1]))
+    if 8 + length + end > size:
+        return f"tensors need {8 + length + end} bytes, the file has {size} (truncated)"
+    return None
 
 
 class ModelStore:
@@ -163,6 +219,34 @@ class ModelStore:
             f"{name}: ready ({manifest.total_bytes / 1e6:.0f} MB in {len(manifest.files)} files)"
         )
         return manifest
+
+    def add(self, entry: str, directory: Path, *, report: Reporter = _quiet) -> Manifest:
+        """Register local weights as a store entry, after checking they would load: the
+        config parses, the tokenizer loads, every safetensors header is sound. The files
+        are copied, hashed, and the copy verified against the source's hashes."""
+        problems = loadable_problems(directory)
+        if problems:
+            raise VerificationFailed(entry, problems)
+        if self.has(entry):
+            raise StoreError(f"the store already has an entry '{entry}'")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._clear_partials(entry)
+        partial = Path(tempfile.mkdtemp(prefix=f"{_PARTIAL}{entry}-", dir=self.root))
+        try:
+            report(f"{entry}: hashing {directory}")
+            source = record_directory(directory, entry, {"kind": "local", "path": str(directory)})
+            report(f"{entry}: copying {source.total_bytes / 1e6:.0f} MB")
+            for record in source.files:
+                target = partial / record.path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(directory / record.path, target)
+            (partial / MANIFEST).write_text(source.to_json())
+            partial.chmod(0o755)
+            self._swap_in(partial, entry)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        return self.verify(entry)  # the copy has the source's sizes and sha256
 
     def _swap_in(self, partial: Path, name: str) -> None:
         final = self.entry_dir(name)

@@ -181,6 +181,24 @@ def models_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def models_add(args: argparse.Namespace) -> int:
+    """``weir models add NAME --version V --path DIR``: register weights, not serve them."""
+    store = _store(args)
+    entry = f"{args.name}-{args.version}"
+    try:
+        manifest = store.add(entry, args.path.expanduser(),
+                             report=lambda msg: print(f"weir: {msg}", flush=True))  # fmt: skip
+    except StoreError as exc:
+        print(f"weir: refused: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"weir: {entry} is in the store ({len(manifest.files)} files, sha256 verified)."
+        f" To serve it, add to {args.name}'s versions in weir.toml:\n\n"
+        f'[[models.versions]]\nversion = "{args.version}"\nweights = "{entry}"\n'
+    )
+    return 0
+
+
 def models_list(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -446,6 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--force", action="store_true", help="pull again even if present")
     pull.set_defaults(func=models_pull)
     model_commands.add_parser("list", help="what is in the store").set_defaults(func=models_list)
+    add_cmd = model_commands.add_parser("add", help="register local weights (checked, copied)")
+    add_cmd.add_argument("name")
+    add_cmd.add_argument("--version", required=True)
+    add_cmd.add_argument("--path", type=Path, required=True, help="an HF model directory")
+    add_cmd.set_defaults(func=models_add)
     verify = model_commands.add_parser("verify", help="check sizes and sha256 of weight files")
     verify.add_argument("names", nargs="*")
     verify.set_defaults(func=models_verify)

@@ -1,13 +1,16 @@
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
 from models import store as store_module
 from models.catalog import Recipe
+from models.config import StoreConfig
 from models.errors import ModelNotInStore, StoreError, UnknownSource, VerificationFailed
 from models.store import MANIFEST, Manifest, ModelStore, record_directory
+from serving.cli import main
 
 
 def make_entry(store: ModelStore, name: str = "tiny") -> Path:
@@ -114,3 +117,28 @@ def test_real_pull_of_the_embedding_model(tmp_path: Path) -> None:
     assert store.verify("all-minilm-l6-v2") == manifest
     assert any("downloading" in m for m in messages)
     assert any("ready" in m for m in messages)
+
+
+def test_models_add_checks_then_registers(tmp_path: Path) -> None:
+    source = ModelStore(StoreConfig().root).resolve("all-minilm-l6-v2")
+    good = tmp_path / "good"
+    shutil.copytree(source, good, ignore=shutil.ignore_patterns("weir-manifest.json"))
+    store_dir = tmp_path / "store"
+    args = ["models", "--store", str(store_dir), "add", "minilm", "--version", "v2"]
+    assert main([*args, "--path", str(good)]) == 0
+    store = ModelStore(store_dir)
+    assert store.verify("minilm-v2").source == {"kind": "local", "path": str(good)}
+    assert main([*args, "--path", str(good)]) == 1  # already there
+
+    broken = tmp_path / "broken"
+    shutil.copytree(good, broken)
+    weights = next(broken.glob("*.safetensors"))
+    with weights.open("r+b") as handle:
+        handle.truncate(weights.stat().st_size // 2)
+    (broken / "tokenizer.json").write_text("{not json")
+    with pytest.raises(VerificationFailed) as refused:
+        store.add("minilm-broken", broken)
+    text = str(refused.value)
+    assert "truncated" in text
+    assert "tokenizer.json does not load" in text
+    assert not store.has("minilm-broken")
