@@ -29,6 +29,7 @@ from models.launcher import build_fleet, check_weights, load_counters
 from models.registry import Registry
 from models.tokenizer import TokenCounter
 from retrieval.service import RetrievalError
+from serving.answers import JSONBytes
 from serving.cache.service import Cache
 from serving.cache.store import CacheStore, MemoryCacheStore, RedisCacheStore
 from serving.dispatch import Deadlines, Dispatcher
@@ -53,7 +54,7 @@ from serving.middleware import (
 )
 from serving.observe.metrics import Metrics
 from serving.observe.tracing import make_provider, tracer_from
-from serving.proxy import JSONBytes, Proxy
+from serving.proxy import Proxy
 from serving.rag import RetrievalGate
 from serving.routes import (
     admin,

@@ -9,35 +9,28 @@ The engine call is cancelled the moment the client disconnects.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
 from starlette.requests import Request
 from starlette.responses import Response
 
-from models.errors import EngineFailed
 from models.fleet import Fleet
 from models.registry import Registry, split_name
 from models.tokenizer import TokenCounter
 from models.types import ServedVersion, Task
 from serving import contract, output_check, responses, streaming
+from serving.answers import SSE_HEADERS, VERSION_HEADER, JSONBytes, total_tokens
 from serving.cache.entries import (
-    CONTROL_HEADER,
     RESULT_HEADER,
     Assembler,
-    Mode,
-    embedding_key,
     extension,
-    mode_for,
-    replay,
-    replayable,
-    response_key,
 )
 from serving.cache.service import Cache
+from serving.cached import CachedCalls, CachePlan
 from serving.disconnect import SSEResponse, run_or_cancel
 from serving.dispatch import Dispatcher
 from serving.errors import (
@@ -62,13 +55,11 @@ from serving.settings import ContractConfig
 JSON = dict[str, Any]
 Cleaner = Callable[[JSON, str, ServedVersion], JSON]
 Preparer = Callable[[Any, TokenCounter | None, ContractConfig], contract.Prepared]
-VERSION_HEADER = "x-weir-model-version"
 FALLBACK_HEADER = "x-weir-fallback"
 RETRIEVAL_HEADER = "x-weir-retrieval"
 PIN_HEADER = "x-weir-model-version"  # on a request: serve this version (same as name@v)
 OUTPUT_VALID_HEADER = "x-weir-output-valid"
 TASK_NAMES = {"chat": "a chat model", "embed": "an embedding model"}
-SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
 @dataclass(frozen=True)
@@ -93,19 +84,6 @@ EMBEDDINGS = Route(
 )
 
 
-@dataclass(frozen=True)
-class CachePlan:
-    mode: Mode
-    key: str  # empty when the mode is bypass, and for embeddings (keyed per input)
-
-
-class JSONBytes(Response):
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
-
-
 class Proxy:
     def __init__(
         self,
@@ -125,6 +103,11 @@ class Proxy:
         self.rag = rag
         self.cache = cache
         self.cache_embeddings = cache_embeddings
+        self.cached = (
+            CachedCalls(cache, dispatcher, tracer or trace.NoOpTracer(), metrics, cache_embeddings)
+            if cache is not None
+            else None
+        )
         self.metrics = metrics
         self.tracer = tracer or trace.NoOpTracer()
         self.log_requests = log_requests
@@ -189,10 +172,18 @@ class Proxy:
         with self.tracer.start_as_current_span("weir.limits"):
             ticket = await self._admit(key, served, prepared, getattr(request, "n", 1) or 1)
         http.state.ticket = ticket
-        plan = self._cache_plan(route, http, key, served, prepared)
+        plan = (
+            self.cached.plan(route.path, route is EMBEDDINGS, http, key, served, prepared)
+            if self.cached
+            else None
+        )
         try:
             if plan is not None and plan.mode == "use" and route.streams:
-                hit = await self._from_cache(request, served, plan, ticket, obs)
+                hit = (
+                    await self.cached.hit(request, served, plan, ticket, obs)
+                    if self.cached
+                    else None
+                )
                 if hit is not None:
                     return hit
             return await self._serve(route, request, http, served, prepared, ticket, obs, plan)
@@ -358,7 +349,8 @@ class Proxy:
         charged: int | None = None
         try:
             if route is EMBEDDINGS and plan is not None and plan.mode == "use":
-                answer, charged = await self._embed_cached(
+                assert self.cached is not None
+                answer, charged = await self.cached.embeddings(
                     target, body, affinity, http, prepared, headers
                 )
             else:
@@ -367,7 +359,7 @@ class Proxy:
                 )
         finally:
             slot.release()
-        total = _total_tokens(answer, ticket.reserved)
+        total = total_tokens(answer, ticket.reserved)
         ticket.finish(total if charged is None else charged)
         usage = answer.get("usage")
         schema = output_check.schema_of(body.get("response_format"))
@@ -389,120 +381,6 @@ class Proxy:
             cache.store_soon(store_key, cleaned)
         return JSONBytes(cleaned, headers=headers)
 
-    def _cache_plan(
-        self,
-        route: Route,
-        http: Request,
-        key: KeyRecord | None,
-        served: ServedVersion,
-        prepared: contract.Prepared,
-    ) -> CachePlan | None:
-        """How this request may use the cache; None when the cache is off for it."""
-        if self.cache is None or (key is not None and not key.cache):
-            return None
-        body = prepared.body
-        control = http.headers.get(CONTROL_HEADER)
-        if route is EMBEDDINGS:
-            float_vectors = body.get("encoding_format") in (None, "float")
-            use = self.cache_embeddings and float_vectors and control != "bypass"
-            return CachePlan("use" if use else "bypass", "")
-        mode = mode_for(body, control)
-        if mode == "bypass":
-            self._count("response", "bypass")
-            return CachePlan(mode, "")
-        static = getattr(http.state, "static_key", None)
-        scope = key.cache_scope if key else (f"static:{static}" if static else "anonymous")
-        return CachePlan(mode, response_key(scope, served.model, served.version, route.path, body))
-
-    async def _from_cache(
-        self,
-        request: ModelRequest,
-        served: ServedVersion,
-        plan: CachePlan,
-        ticket: Ticket | Unlimited,
-        obs: Observation,
-    ) -> Response | None:
-        assert self.cache is not None
-        with self.tracer.start_as_current_span("weir.cache") as span:
-            entry = await self.cache.lookup(plan.key)
-            span.set_attribute("weir.cache.hit", entry is not None)
-        if entry is None or (request.stream and not replayable(entry)):
-            self._count("response", "miss")
-            return None
-        self._count("response", "hit")
-        usage = entry.get("usage") if isinstance(entry.get("usage"), dict) else None
-        charge = _total_tokens(entry, 0) if self.cache.charge_hits else 0
-        ticket.finish(charge)
-        obs.cache = "hit"
-        obs.finish(200)  # no engine tokens were used
-        entry["model"] = request.model
-        entry["system_fingerprint"] = responses.fingerprint(served)
-        headers = {VERSION_HEADER: served.version, RESULT_HEADER: "hit", **ticket.headers}
-        if not request.stream:
-            return JSONBytes(entry, headers=headers)
-        options = getattr(request, "stream_options", None)
-        wants_usage = bool(getattr(options, "include_usage", False)) and usage is not None
-        chunks = replay(entry, wants_usage)
-
-        async def events() -> AsyncGenerator[bytes, None]:
-            for chunk in chunks:
-                yield streaming.event(chunk)
-            yield streaming.DONE
-
-        return SSEResponse(events(), headers=headers | SSE_HEADERS)
-
-    async def _embed_cached(
-        self,
-        target: ServedVersion,
-        body: JSON,
-        affinity: str | None,
-        http: Request | None,
-        prepared: contract.Prepared,
-        headers: dict[str, str],
-    ) -> tuple[JSON, int]:
-        """Embeddings with cached vectors reused: one lookup, only the misses to the engine.
-        Returns the answer and the tokens to charge (the misses' only)."""
-        assert self.cache is not None
-        raw = body["input"]
-        single = isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int))
-        inputs: list[Any] = [raw] if single else list(raw)
-        dims = body.get("dimensions")
-        keys = [embedding_key(target.model, target.version, dims, text) for text in inputs]
-        with self.tracer.start_as_current_span("weir.cache") as span:
-            vectors = await self.cache.lookup_vectors(keys)
-            span.set_attribute("weir.cache.hits", sum(v is not None for v in vectors))
-        missing = [i for i, v in enumerate(vectors) if v is None]
-        engine_tokens = 0
-        model = body.get("model")
-        if missing:
-            sub = body | {"input": [inputs[i] for i in missing]}
-            call = self.dispatcher.complete(target, EMBEDDINGS.path, sub, affinity)
-            answer, _ = await (run_or_cancel(call, http.receive) if http else call)
-            data = sorted(answer.get("data") or [], key=lambda d: int(d.get("index", 0)))
-            if len(data) != len(missing):
-                raise EngineFailed(f"engine returned {len(data)} embeddings for {len(missing)}")
-            for i, item in zip(missing, data, strict=True):
-                vectors[i] = item["embedding"]
-            self.cache.store_vectors_soon([(keys[i], data[n]["embedding"])
-                                           for n, i in enumerate(missing)])  # fmt: skip
-            engine_tokens = _total_tokens(answer, 0)
-            model = answer.get("model", model)
-        hits = len(inputs) - len(missing)
-        self._count("embedding", "hit", hits)
-        self._count("embedding", "miss", len(missing))
-        headers[RESULT_HEADER] = "hit" if not missing else ("miss" if not hits else "partial")
-        headers["x-weir-cache-hits"] = f"{hits}/{len(inputs)}"
-        prompt = prepared.prompt_tokens if prepared.prompt_tokens is not None else engine_tokens
-        answer = {
-            "object": "list",
-            "data": [{"object": "embedding", "index": i, "embedding": v}
-                     for i, v in enumerate(vectors)],
-            "model": model,
-            "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
-        }  # fmt: skip
-        charged = prompt if self.cache.charge_hits else engine_tokens
-        return answer, charged
-
     async def embed_texts(self, model: str, texts: list[str], batch: int = 64) -> list[list[float]]:
         """Vectors for ``texts`` from ``model``, through its bulkhead and the embedding cache
         (what retrieval uses for ingest and queries)."""
@@ -515,9 +393,9 @@ class Proxy:
             body: JSON = {"model": model, "input": part}
             slot = await self.dispatcher.admit(served)
             try:
-                if self.cache is not None and self.cache_embeddings:
+                if self.cached is not None and self.cache_embeddings:
                     prepared = contract.Prepared(body, None, None)
-                    answer, _ = await self._embed_cached(served, body, None, None, prepared, {})
+                    answer, _ = await self.cached.embeddings(served, body, None, None, prepared, {})
                 else:
                     answer, _ = await self.dispatcher.complete(served, EMBEDDINGS.path, body, None)
             finally:
@@ -525,10 +403,6 @@ class Proxy:
             data = sorted(answer.get("data") or [], key=lambda d: int(d.get("index", 0)))
             vectors += [list(d["embedding"]) for d in data]
         return vectors
-
-    def _count(self, kind: str, result: str, n: int = 1) -> None:
-        if self.metrics is not None and n:
-            self.metrics.cache.labels(kind, result).inc(n)
 
 
 def _has_content(chunk: JSON) -> bool:
@@ -553,10 +427,3 @@ def prompt_prefix(body: JSON, chars: int) -> str:
     else:
         text = str(body.get("prompt", body.get("input", "")))
     return text[:chars]
-
-
-def _total_tokens(answer: JSON, fallback: int) -> int:
-    """What the engine says the request used; the reservation if it does not say."""
-    usage = answer.get("usage")
-    total = usage.get("total_tokens") if isinstance(usage, dict) else None
-    return total if isinstance(total, int) else fallback

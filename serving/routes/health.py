@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from pydantic import BaseModel
 
+from serving.answers import JSONBytes
 from serving.deps import FleetDep
-from serving.proxy import JSONBytes
 
 router = APIRouter()
 

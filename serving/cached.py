@@ -1,0 +1,180 @@
+"""The proxy's cache side: which requests may use the cache, serving hits, and
+embeddings looked up per input (only the misses go to the engine)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry.trace import Tracer
+from starlette.requests import Request
+from starlette.responses import Response
+
+from models.errors import EngineFailed
+from models.types import ServedVersion
+from serving import contract, responses, streaming
+from serving.answers import SSE_HEADERS, VERSION_HEADER, JSONBytes, total_tokens
+from serving.cache.entries import (
+    CONTROL_HEADER,
+    RESULT_HEADER,
+    Mode,
+    embedding_key,
+    mode_for,
+    replay,
+    replayable,
+    response_key,
+)
+from serving.cache.service import Cache
+from serving.disconnect import SSEResponse, run_or_cancel
+from serving.dispatch import Dispatcher
+from serving.keys.records import KeyRecord
+from serving.limits.limiter import Ticket, Unlimited
+from serving.observe.metrics import Metrics
+from serving.observe.record import Observation
+from serving.protocol.requests import ModelRequest
+
+JSON = dict[str, Any]
+EMBEDDINGS_PATH = "/v1/embeddings"
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    mode: Mode
+    key: str  # empty when the mode is bypass, and for embeddings (keyed per input)
+
+
+class CachedCalls:
+    def __init__(
+        self,
+        cache: Cache,
+        dispatcher: Dispatcher,
+        tracer: Tracer,
+        metrics: Metrics | None,
+        embeddings: bool,
+    ) -> None:
+        self.cache = cache
+        self.dispatcher = dispatcher
+        self.tracer = tracer
+        self.metrics = metrics
+        self.cache_embeddings = embeddings
+
+    def __repr__(self) -> str:
+        return f"CachedCalls(cache={self.cache!r})"
+
+    def plan(
+        self,
+        path: str,
+        embeddings: bool,
+        http: Request,
+        key: KeyRecord | None,
+        served: ServedVersion,
+        prepared: contract.Prepared,
+    ) -> CachePlan | None:
+        """How this request may use the cache; None when the cache is off for it."""
+        if key is not None and not key.cache:
+            return None
+        body = prepared.body
+        control = http.headers.get(CONTROL_HEADER)
+        if embeddings:
+            float_vectors = body.get("encoding_format") in (None, "float")
+            use = self.cache_embeddings and float_vectors and control != "bypass"
+            return CachePlan("use" if use else "bypass", "")
+        mode = mode_for(body, control)
+        if mode == "bypass":
+            self.count("response", "bypass")
+            return CachePlan(mode, "")
+        static = getattr(http.state, "static_key", None)
+        scope = key.cache_scope if key else (f"static:{static}" if static else "anonymous")
+        return CachePlan(mode, response_key(scope, served.model, served.version, path, body))
+
+    async def hit(
+        self,
+        request: ModelRequest,
+        served: ServedVersion,
+        plan: CachePlan,
+        ticket: Ticket | Unlimited,
+        obs: Observation,
+    ) -> Response | None:
+        with self.tracer.start_as_current_span("weir.cache") as span:
+            entry = await self.cache.lookup(plan.key)
+            span.set_attribute("weir.cache.hit", entry is not None)
+        if entry is None or (request.stream and not replayable(entry)):
+            self.count("response", "miss")
+            return None
+        self.count("response", "hit")
+        usage = entry.get("usage") if isinstance(entry.get("usage"), dict) else None
+        charge = total_tokens(entry, 0) if self.cache.charge_hits else 0
+        ticket.finish(charge)
+        obs.cache = "hit"
+        obs.finish(200)  # no engine tokens were used
+        entry["model"] = request.model
+        entry["system_fingerprint"] = responses.fingerprint(served)
+        headers = {VERSION_HEADER: served.version, RESULT_HEADER: "hit", **ticket.headers}
+        if not request.stream:
+            return JSONBytes(entry, headers=headers)
+        options = getattr(request, "stream_options", None)
+        wants_usage = bool(getattr(options, "include_usage", False)) and usage is not None
+        chunks = replay(entry, wants_usage)
+
+        async def events() -> AsyncGenerator[bytes, None]:
+            for chunk in chunks:
+                yield streaming.event(chunk)
+            yield streaming.DONE
+
+        return SSEResponse(events(), headers=headers | SSE_HEADERS)
+
+    async def embeddings(
+        self,
+        target: ServedVersion,
+        body: JSON,
+        affinity: str | None,
+        http: Request | None,
+        prepared: contract.Prepared,
+        headers: dict[str, str],
+    ) -> tuple[JSON, int]:
+        """Embeddings with cached vectors reused: one lookup, only the misses to the engine.
+        Returns the answer and the tokens to charge (the misses' only)."""
+        raw = body["input"]
+        single = isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int))
+        inputs: list[Any] = [raw] if single else list(raw)
+        dims = body.get("dimensions")
+        keys = [embedding_key(target.model, target.version, dims, text) for text in inputs]
+        with self.tracer.start_as_current_span("weir.cache") as span:
+            vectors = await self.cache.lookup_vectors(keys)
+            span.set_attribute("weir.cache.hits", sum(v is not None for v in vectors))
+        missing = [i for i, v in enumerate(vectors) if v is None]
+        engine_tokens = 0
+        model = body.get("model")
+        if missing:
+            sub = body | {"input": [inputs[i] for i in missing]}
+            call = self.dispatcher.complete(target, EMBEDDINGS_PATH, sub, affinity)
+            answer, _ = await (run_or_cancel(call, http.receive) if http else call)
+            data = sorted(answer.get("data") or [], key=lambda d: int(d.get("index", 0)))
+            if len(data) != len(missing):
+                raise EngineFailed(f"engine returned {len(data)} embeddings for {len(missing)}")
+            for i, item in zip(missing, data, strict=True):
+                vectors[i] = item["embedding"]
+            self.cache.store_vectors_soon([(keys[i], data[n]["embedding"])
+                                           for n, i in enumerate(missing)])  # fmt: skip
+            engine_tokens = total_tokens(answer, 0)
+            model = answer.get("model", model)
+        hits = len(inputs) - len(missing)
+        self.count("embedding", "hit", hits)
+        self.count("embedding", "miss", len(missing))
+        headers[RESULT_HEADER] = "hit" if not missing else ("miss" if not hits else "partial")
+        headers["x-weir-cache-hits"] = f"{hits}/{len(inputs)}"
+        prompt = prepared.prompt_tokens if prepared.prompt_tokens is not None else engine_tokens
+        answer = {
+            "object": "list",
+            "data": [{"object": "embedding", "index": i, "embedding": v}
+                     for i, v in enumerate(vectors)],
+            "model": model,
+            "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
+        }  # fmt: skip
+        charged = prompt if self.cache.charge_hits else engine_tokens
+        return answer, charged
+
+    def count(self, kind: str, result: str, n: int = 1) -> None:
+        if self.metrics is not None and n:
+            self.metrics.child(self.metrics.cache, kind, result).inc(n)
