@@ -225,3 +225,39 @@ def test_cache_redis_killed_fails_nothing(rig: Rig) -> None:
         assert embedded.status_code == 200
         metrics = client.get("/metrics").text
     assert re.search(r'weir_cache_requests_total\{kind="response",result="error"\} [1-9]', metrics)
+
+
+def test_limits_settle_to_the_engines_usage_and_metrics_count_it(rig: Rig, redis_url: str) -> None:
+    """Token limits against the real engine: a reservation (prompt + max_tokens) is settled
+    to what vLLM reports, for plain and streamed answers, and the metrics agree."""
+
+    async def limited_key() -> dict[str, str]:
+        store = RedisKeyStore(redis_url)
+        secret, _ = await create_key(store, KeyCreate(name="limited", tpm=100_000))
+        await store.aclose()
+        return {"authorization": f"Bearer {secret}"}
+
+    auth = asyncio.run(limited_key())
+    body = chat("Tell me about the sea.", max_tokens=20, temperature=0.5)  # not cached
+    with httpx.Client(base_url=rig.base, headers=auth, timeout=60) as client:
+        first = client.post("/v1/chat/completions", json=body)
+        used = first.json()["usage"]["total_tokens"]
+        reserved = 100_000 - int(first.headers["x-ratelimit-remaining-tokens"])
+        assert reserved == first.json()["usage"]["prompt_tokens"] + 20  # exact prompt + max
+        with client.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as s:
+            assert not any('"usage"' in line for line in s.iter_lines())  # not asked: hidden
+        third = client.post("/v1/chat/completions", json=body)
+        remaining = int(third.headers["x-ratelimit-remaining-tokens"])
+        # the first answer was settled to its real usage, the stream to its own (prompt
+        # plus 1..20 tokens); the third shows its own reservation on top
+        prompt = first.json()["usage"]["prompt_tokens"]
+        charged = 100_000 - remaining - reserved
+        assert used + prompt + 1 <= charged <= used + prompt + 20
+        metrics = client.get("/metrics").text
+    completion = re.search(
+        r'tokens_used_total\{model="smollm2",model_version="135m-instruct",type="completion"\}'
+        r" ([0-9.e+]+)",
+        metrics,
+    )
+    assert completion is not None
+    assert float(completion.group(1)) >= first.json()["usage"]["completion_tokens"]
