@@ -65,8 +65,11 @@ class Stack:
             if self.process.poll() is not None:
                 raise RuntimeError(f"weir serve exited early:\n{self.log_tail()}")
             try:
+                # ready means every version has a replica; tests want every replica up
                 if httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
-                    return
+                    engines = httpx.get(f"{self.base_url}/weir/engines", timeout=2).json()
+                    if all(e["healthy"] for e in engines["data"]):
+                        return
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
