@@ -62,6 +62,7 @@ class VersionConfig(_Strict):
     replicas: int = Field(1, ge=1, le=64)
     engine_args: list[str] = []
     env: dict[str, str] = {}
+    standby: bool = False  # configured but not started: `weir deploy` starts it
 
     @field_validator("version")
     @classmethod
@@ -160,6 +161,11 @@ class ModelConfig(_Strict):
             return {self.current: 1.0}
         total = sum(self.split.values())
         return {v: w / total for v, w in self.split.items() if w > 0}
+
+    def running(self) -> list[str]:
+        """The versions started with the gateway: current, the split's, and not standby."""
+        wanted = {self.current, *self.split}
+        return [v.version for v in self.versions if v.version in wanted or not v.standby]
 
     def version(self, version: str) -> VersionConfig:
         for candidate in self.versions:

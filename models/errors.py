@@ -5,6 +5,7 @@ The tree::
     WeirModelError
     ├── ConfigError             the registry config is inconsistent
     ├── ModelNotFound           no model or version by that public name
+    │   └── VersionNotRunning   the version exists but its engines are stopped
     ├── StoreError
     │   ├── UnknownSource       ``weir models pull`` has no recipe for that name
     │   ├── ModelNotInStore     the registry names weights that were never pulled
@@ -36,6 +37,12 @@ class ModelNotFound(WeirModelError):
         super().__init__(f"The model '{name}' does not exist.")
         self.name = name
         self.param = "model"
+
+
+class VersionNotRunning(ModelNotFound):
+    def __init__(self, name: str, running: list[str]) -> None:
+        super().__init__(name)
+        self.args = (f"The model '{name}' is not running; running versions: {', '.join(running)}.",)
 
 
 class StoreError(WeirModelError):

@@ -55,14 +55,60 @@ class Fleet:
         self.unhealthy_after = unhealthy_after
         self.clock = clock
         self._by_version: dict[str, list[Replica]] = {}
-        for replica in self.replicas:
-            key = f"{replica.key.model}@{replica.key.version}"
-            self._by_version.setdefault(key, []).append(replica)
+        self._index()
         self._monitor: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
 
     def __repr__(self) -> str:
         return f"Fleet(replicas={[str(r.key) for r in self.replicas]!r})"
+
+    def _index(self) -> None:
+        by_version: dict[str, list[Replica]] = {}
+        for replica in self.replicas:
+            key = f"{replica.key.model}@{replica.key.version}"
+            by_version.setdefault(key, []).append(replica)
+        self._by_version = by_version
+
+    async def add(self, replicas: list[Replica]) -> None:
+        """Start new replicas (a deploy); they take requests once their health check passes."""
+        now = self.clock()
+        for replica in replicas:
+            replica.since = now
+        self.replicas = [*self.replicas, *replicas]
+        self._index()
+        await asyncio.gather(*(r.process.start() for r in replicas if r.process))
+
+    async def remove(self, version_key: str) -> list[Replica]:
+        """Take a version's replicas out of the fleet, stop their engines, close clients."""
+        gone = self._by_version.get(version_key, [])
+        self.replicas = [r for r in self.replicas if r not in gone]
+        self._index()
+        await asyncio.gather(*(r.process.stop() for r in gone if r.process))
+        for replica in gone:
+            replica.healthy = False
+            await replica.engine.aclose()
+        return gone
+
+    async def wait_healthy(self, replicas: list[Replica], timeout_s: float) -> str | None:
+        """Wait until every one of ``replicas`` is healthy; ``None``, or why not.
+
+        A local engine that exits before its first healthy check fails at once (a crash at
+        start repeats itself: bad weights, bad arguments, no memory)."""
+        deadline = self.clock() + timeout_s
+        while True:
+            for replica in replicas:
+                process = replica.process
+                if process is not None and (process.restarts > 0 or process.exited):
+                    return f"engine {replica.key} exited during start-up (log: {process.log_path})"
+            if all(r.healthy for r in replicas):
+                return None
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                sick = [str(r.key) for r in replicas if not r.healthy]
+                return f"engines {sick} not healthy after {timeout_s:g}s"
+            self._changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.5))
 
     async def start(self) -> None:
         await asyncio.gather(*(r.process.start() for r in self.replicas if r.process))
@@ -104,9 +150,12 @@ class Fleet:
         return True
 
     async def check_once(self) -> None:
-        results = await asyncio.gather(*(r.engine.health() for r in self.replicas))
+        replicas = list(self.replicas)  # a deploy may add or remove replicas meanwhile
+        results = await asyncio.gather(*(r.engine.health() for r in replicas))
         now = self.clock()
-        for replica, ok in zip(self.replicas, results, strict=True):
+        for replica, ok in zip(replicas, results, strict=True):
+            if replica not in self.replicas:
+                continue
             replica.failed_checks = 0 if ok else replica.failed_checks + 1
             dead = replica.process is not None and not replica.process.running
             if dead:

@@ -15,7 +15,7 @@ import aiohttp
 
 from models import vllm_engine
 from models.backoff import ExponentialBackoff
-from models.config import EngineConfig, ModelConfig, StoreConfig
+from models.config import EngineConfig, ModelConfig, StoreConfig, VersionConfig
 from models.engine_client import EngineTimeouts, HttpEngine
 from models.fleet import Fleet, Replica
 from models.store import ModelStore
@@ -34,96 +34,136 @@ def free_port() -> int:
 
 
 def check_weights(models: list[ModelConfig], store: StoreConfig) -> dict[str, Path]:
-    """Resolve (and verify, if configured) every local version's weights before start.
+    """Resolve (and verify, if configured) every running version's weights before start.
 
     Raises ``ModelNotInStore`` (whose message says ``weir models pull NAME``),
-    ``VerificationFailed`` or ``StoreError``.
+    ``VerificationFailed`` or ``StoreError``. Standby versions are checked when deployed.
     """
-    model_store = ModelStore(store.root)
     resolved: dict[str, Path] = {}
     for model in models:
+        running = model.running()
         for version in model.versions:
-            if version.weights is None:
-                continue
-            path = model_store.resolve(version.weights)
-            if store.verify_on_start and model_store.has(version.weights):
-                model_store.verify(version.weights)
-            resolved[f"{model.name}@{version.version}"] = path
+            if version.weights is not None and version.version in running:
+                resolved[f"{model.name}@{version.version}"] = version_weights(version, store)
     return resolved
+
+
+def version_weights(version: VersionConfig, store: StoreConfig) -> Path:
+    """One version's weights directory, verified against its manifest when configured."""
+    assert version.weights is not None
+    model_store = ModelStore(store.root)
+    path = model_store.resolve(version.weights)
+    if store.verify_on_start and model_store.has(version.weights):
+        model_store.verify(version.weights)
+    return path
 
 
 def load_counters(
     models: list[ModelConfig], weights: dict[str, Path], store: StoreConfig
 ) -> dict[str, TokenCounter]:
-    """A token counter per version: from its weights, or its ``tokenizer`` for remote ones.
-
-    A remote version without ``tokenizer`` gets none: its prompts are not counted.
-    """
-    model_store = ModelStore(store.root)
+    """A token counter per running version (see ``version_counter``)."""
     counters: dict[str, TokenCounter] = {}
     for model in models:
+        running = model.running()
         for version in model.versions:
             key = f"{model.name}@{version.version}"
-            if key in weights:
-                directory = weights[key]
-            elif version.tokenizer is not None:
-                directory = model_store.resolve(version.tokenizer)
-            else:
-                log.warning("%s: no tokenizer configured; prompts are not counted", key)
+            if version.version not in running:
                 continue
-            counters[key] = TokenCounter.from_dir(directory, version.engine_args)
+            counter = version_counter(key, version, weights.get(key), store)
+            if counter is not None:
+                counters[key] = counter
     return counters
 
 
+def version_counter(
+    key: str, version: VersionConfig, weights: Path | None, store: StoreConfig
+) -> TokenCounter | None:
+    """From the version's weights, or its ``tokenizer`` for a remote one.
+
+    A remote version without ``tokenizer`` gets none: its prompts are not counted.
+    """
+    if weights is not None:
+        directory = weights
+    elif version.tokenizer is not None:
+        directory = ModelStore(store.root).resolve(version.tokenizer)
+    else:
+        log.warning("%s: no tokenizer configured; prompts are not counted", key)
+        return None
+    return TokenCounter.from_dir(directory, version.engine_args)
+
+
+def model_timeouts(model: ModelConfig, timeouts: EngineTimeouts) -> EngineTimeouts:
+    own = model.timeouts
+    return dataclasses.replace(
+        timeouts,
+        connect_s=own.connect_s or timeouts.connect_s,
+        idle_s=own.idle_s or timeouts.idle_s,
+        total_s=own.total_s or timeouts.total_s,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaFactory:
+    """Makes the replicas of one version: at start, and when a deploy starts a version."""
+
+    engines: EngineConfig
+    session: aiohttp.ClientSession
+    timeouts: EngineTimeouts
+    host: vllm_engine.HostKind = dataclasses.field(default_factory=vllm_engine.host_kind)
+
+    def __call__(
+        self, model: ModelConfig, version: VersionConfig, weights: Path | None
+    ) -> list[Replica]:
+        engines = self.engines
+        backoff = ExponentialBackoff(engines.restart_backoff_base_s, engines.restart_backoff_cap_s)
+        timeouts = model_timeouts(model, self.timeouts)
+        served_name = version.served_name or model.name
+        remote = version.remote
+        replicas: list[Replica] = []
+        for index in range(version.replica_count):
+            key = ReplicaKey(model.name, version.version, index)
+            if remote:
+                engine = HttpEngine(str(key), remote[index], self.session, timeouts)
+                replicas.append(Replica(key, engine, served_name))
+                continue
+            assert weights is not None, f"{key}: local version without weights"
+            port = free_port()
+            cmd = vllm_engine.command(
+                weights=weights,
+                served_name=served_name,
+                port=port,
+                task=model.task,
+                config=engines,
+                extra_args=version.engine_args,
+                host=self.host,
+            )
+            process = EngineProcess(
+                str(key),
+                cmd,
+                env=vllm_engine.environment(engines, version.env, self.host),
+                log_path=engines.log_dir.expanduser()
+                / f"{model.name}@{version.version}-{index}.log",
+                grace_s=engines.stop_grace_s,
+                backoff=backoff,
+            )
+            engine = HttpEngine(str(key), f"http://127.0.0.1:{port}", self.session, timeouts)
+            replicas.append(Replica(key, engine, served_name, process))
+        return replicas
+
+
 def build_fleet(
-    models: list[ModelConfig],
-    weights: dict[str, Path],
-    engines: EngineConfig,
-    session: aiohttp.ClientSession,
-    timeouts: EngineTimeouts,
+    models: list[ModelConfig], weights: dict[str, Path], factory: ReplicaFactory
 ) -> Fleet:
-    host = vllm_engine.host_kind()
-    backoff = ExponentialBackoff(engines.restart_backoff_base_s, engines.restart_backoff_cap_s)
-    log_dir = engines.log_dir.expanduser()
+    """The fleet of every running version's replicas (standby versions start on deploy)."""
     replicas: list[Replica] = []
     for model in models:
-        own = model.timeouts
-        model_timeouts = dataclasses.replace(
-            timeouts,
-            connect_s=own.connect_s or timeouts.connect_s,
-            idle_s=own.idle_s or timeouts.idle_s,
-            total_s=own.total_s or timeouts.total_s,
-        )
+        running = model.running()
         for version in model.versions:
-            served_name = version.served_name or model.name
-            remote = version.remote
-            for index in range(version.replica_count):
-                key = ReplicaKey(model.name, version.version, index)
-                if remote:
-                    engine = HttpEngine(str(key), remote[index], session, model_timeouts)
-                    replicas.append(Replica(key, engine, served_name))
-                    continue
-                port = free_port()
-                cmd = vllm_engine.command(
-                    weights=weights[f"{model.name}@{version.version}"],
-                    served_name=served_name,
-                    port=port,
-                    task=model.task,
-                    config=engines,
-                    extra_args=version.engine_args,
-                    host=host,
-                )
-                process = EngineProcess(
-                    str(key),
-                    cmd,
-                    env=vllm_engine.environment(engines, version.env, host),
-                    log_path=log_dir / f"{model.name}@{version.version}-{index}.log",
-                    grace_s=engines.stop_grace_s,
-                    backoff=backoff,
-                )
-                engine = HttpEngine(str(key), f"http://127.0.0.1:{port}", session, model_timeouts)
-                replicas.append(Replica(key, engine, served_name, process))
-    log.info("fleet on a %s host: %d replicas", host, len(replicas))
+            if version.version in running:
+                key = f"{model.name}@{version.version}"
+                replicas += factory(model, version, weights.get(key))
+    log.info("fleet on a %s host: %d replicas", factory.host, len(replicas))
+    engines = factory.engines
     return Fleet(
         replicas,
         health_interval_s=engines.health_interval_s,

@@ -1,7 +1,10 @@
 """The registry: public names, aliases and pinned versions, resolved to a served version.
 
-``smollm2`` is an alias for the model's current version; ``smollm2@135m-instruct`` pins
-a version. The registry knows names only: which replicas serve a version is the fleet's.
+``smollm2`` is an alias for the model's current version (or its split);
+``smollm2@135m-instruct`` pins a version. A version is *running* when its engines are
+up; a pin to a stopped one is refused. Deploys change a model's configuration and its
+running versions at runtime with ``update``. The registry knows names only: which
+replicas serve a version is the fleet's.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import hashlib
 from collections.abc import Iterable
 
 from models.config import ModelConfig
-from models.errors import ConfigError, ModelNotFound
+from models.errors import ConfigError, ModelNotFound, VersionNotRunning
 from models.types import ServedVersion
 
 PIN = "@"
@@ -29,6 +32,7 @@ class Registry:
             if model.name in self._models:
                 raise ConfigError(f"model '{model.name}' is configured twice")
             self._models[model.name] = model
+        self._running = {m.name: set(m.running()) for m in self._models.values()}
         self._wrr: dict[str, dict[str, float]] = {}
         self._fallbacks = {
             m.name: [self._fallback(m, f) for f in m.fallbacks] for m in self._models.values()
@@ -53,6 +57,27 @@ class Registry:
     def model(self, name: str) -> ModelConfig | None:
         return self._models.get(name)
 
+    def running(self, name: str) -> list[str]:
+        """The model's versions whose engines are up (in configuration order)."""
+        model = self._models[name]
+        return [v.version for v in model.versions if v.version in self._running[name]]
+
+    def update(self, model: ModelConfig, running: set[str]) -> None:
+        """Replace a model's configuration (split, current, versions) and running set.
+
+        Every version the new split or current names must be running. Requests already
+        resolved keep their version; new ones follow the new split at once.
+        """
+        if model.name not in self._models:
+            raise ConfigError(f"model '{model.name}' is not served")
+        known = {v.version for v in model.versions}
+        missing = ({model.current, *model.shares()} - running) | (running - known)
+        if missing:
+            raise ConfigError(f"model '{model.name}': versions {sorted(missing)} not running")
+        self._models[model.name] = model
+        self._running[model.name] = set(running)
+        self._wrr.pop(model.name, None)
+
     @property
     def models(self) -> list[ModelConfig]:
         return list(self._models.values())
@@ -69,8 +94,10 @@ class Registry:
         if model is None:
             raise ModelNotFound(name)
         version = pinned or self._pick(model, sticky)
-        if all(v.version != version for v in model.versions):
-            raise ModelNotFound(name)
+        if version not in self._running[base]:
+            if all(v.version != version for v in model.versions):
+                raise ModelNotFound(name)
+            raise VersionNotRunning(name, self.running(base))
         return ServedVersion(model=model.name, version=version, task=model.task)
 
     def _pick(self, model: ModelConfig, sticky: str | None) -> str:
@@ -100,7 +127,7 @@ class Registry:
 
     def served_versions(self) -> list[ServedVersion]:
         return [
-            ServedVersion(model=m.name, version=v.version, task=m.task)
+            ServedVersion(model=m.name, version=v, task=m.task)
             for m in self._models.values()
-            for v in m.versions
+            for v in self.running(m.name)
         ]

@@ -64,6 +64,11 @@ class EngineProcess:
     def running(self) -> bool:
         return self.pid is not None
 
+    @property
+    def exited(self) -> bool:
+        """Started, and its process has ended (the keeper may be about to restart it)."""
+        return self._proc is not None and self._proc.returncode is not None
+
     async def start(self) -> None:
         if self._keeper is None:
             proc = await self._spawn()

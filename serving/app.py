@@ -25,7 +25,7 @@ from starlette.responses import Response
 from models.engine_client import EngineTimeouts, json_dumps
 from models.errors import WeirModelError
 from models.fleet import Fleet
-from models.launcher import build_fleet, check_weights, load_counters
+from models.launcher import ReplicaFactory, build_fleet, check_weights, load_counters
 from models.registry import Registry
 from models.tokenizer import TokenCounter
 from retrieval.service import RetrievalError
@@ -56,11 +56,14 @@ from serving.observe.metrics import Metrics
 from serving.observe.tracing import make_provider, tracer_from
 from serving.proxy import Proxy
 from serving.rag import RetrievalGate
+from serving.rollout.deployer import Deployer, ReplicaMaker
+from serving.rollout.state import RolloutState
 from serving.routes import (
     admin,
     admin_limits,
     catalog,
     collections,
+    deploy,
     engines,
     health,
     inference,
@@ -71,6 +74,7 @@ from serving.validation import invalid_request_from
 
 log = logging.getLogger("weir.gateway")
 FleetFactory = Callable[[aiohttp.ClientSession], Fleet]
+ReplicasFactory = Callable[[aiohttp.ClientSession], ReplicaMaker]
 OnReady = Callable[[], None]
 
 
@@ -110,10 +114,15 @@ def create_app(
     counters: dict[str, TokenCounter] | None = None,
     on_ready: OnReady | None = None,
     tracer_provider: TracerProvider | None = None,
+    replicas_factory: ReplicasFactory | None = None,
 ) -> FastAPI:
-    """The gateway. Tests pass ``fleet_factory`` (fake engines) and ``counters``; the CLI
-    passes the ``weights`` it already checked. Otherwise both come from ``settings``."""
+    """The gateway. Tests pass ``fleet_factory`` (fake engines), ``replicas_factory`` (what
+    a deploy starts) and ``counters``; the CLI passes the ``weights`` it already checked.
+    Otherwise all come from ``settings``."""
     gateway = settings.gateway
+    state = RolloutState(settings.deploy.state_file) if settings.deploy.state_file else None
+    if state is not None:
+        settings = settings.model_copy(update={"models": state.apply(settings.models)})
     registry = Registry(settings.models)
     keys = settings.keys
     key_store = (
@@ -156,10 +165,16 @@ def create_app(
             return {}
         return check_weights(settings.models, settings.store)
 
+    def replica_maker(session: aiohttp.ClientSession) -> ReplicaMaker:
+        if replicas_factory is not None:
+            return replicas_factory(session)
+        return ReplicaFactory(settings.engines, session, timeouts)
+
     def make_fleet(session: aiohttp.ClientSession, found: dict[str, Path]) -> Fleet:
         if fleet_factory is not None:
             return fleet_factory(session)
-        return build_fleet(settings.models, found, settings.engines, session, timeouts)
+        factory = ReplicaFactory(settings.engines, session, timeouts)
+        return build_fleet(settings.models, found, factory)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -181,6 +196,10 @@ def create_app(
             cache=cache, cache_embeddings=settings.cache.embeddings,
         )  # fmt: skip
         proxy: Proxy = app.state.proxy
+        app.state.deployer = Deployer(
+            registry, fleet, dispatcher, proxy.counters, proxy.tracker, replica_maker(session),
+            settings.store, settings.deploy, settings.engines.start_timeout_s, state,
+        )  # fmt: skip
         if settings.retrieval.enabled:
             embed_model = settings.retrieval.embedding_model
 
@@ -202,6 +221,8 @@ def create_app(
         finally:
             if announcer is not None:
                 announcer.cancel()
+            if getattr(app.state, "deployer", None) is not None:
+                await app.state.deployer.aclose()
             log.info("stopping engines")
             await fleet.stop()
             await session.close()
@@ -252,6 +273,7 @@ def create_app(
     app.include_router(engines.router)
     app.include_router(admin.router)
     app.include_router(admin_limits.router)
+    app.include_router(deploy.router)
     app.include_router(metrics_route.router)
     app.include_router(collections.router)
     return app

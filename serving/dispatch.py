@@ -122,8 +122,17 @@ class Dispatcher:
         self.budgets: dict[str, RetryBudget] = {}
         self.backoffs: dict[str, ExponentialBackoff] = {}
         self.routers: dict[str, LeastOutstanding] = {}
+        self.clock = clock
+        self.defaults = defaults
         for model in models:
-            routing = model.routing
+            self.configure(model)
+        self.adopt(fleet.replicas)
+
+    def configure(self, model: ModelConfig) -> None:
+        """Routing state for a model and a bulkhead per version (new versions on deploy)."""
+        routing = model.routing
+        if model.name not in self.routing:
+            defaults = self.defaults
             self.routing[model.name] = routing
             self.deadlines[model.name] = Deadlines(
                 model.timeouts.ttft_s or defaults.ttft_s, model.timeouts.total_s or defaults.total_s
@@ -132,24 +141,28 @@ class Dispatcher:
                 routing.retry_budget,
                 routing.retry_budget_window_s,
                 routing.retry_budget_floor,
-                clock,
+                self.clock,
             )
             self.backoffs[model.name] = ExponentialBackoff(
                 routing.backoff_base_s, routing.backoff_cap_s, jitter=True
             )
             self.routers[model.name] = LeastOutstanding(routing.affinity_slack)
-            for version in model.versions:
-                key = f"{model.name}@{version.version}"
+        for version in model.versions:
+            key = f"{model.name}@{version.version}"
+            if key not in self.bulkheads:
                 self.bulkheads[key] = Bulkhead(
                     key, routing.max_in_flight, routing.max_queue, routing.queue_timeout_s
                 )
-        for replica in fleet.replicas:
+
+    def adopt(self, replicas: list[Replica]) -> None:
+        """Give replicas their model's breaker settings and this dispatcher's clock."""
+        for replica in replicas:
             own = self.routing.get(replica.key.model)
             if own is not None:
                 replica.breaker.failures_to_open = own.breaker_failures
                 replica.breaker.open_s = own.breaker_open_s
                 replica.breaker.probes = own.breaker_probes
-                replica.breaker.clock = clock
+                replica.breaker.clock = self.clock
 
     def __repr__(self) -> str:
         return f"Dispatcher(bulkheads={list(self.bulkheads)!r})"

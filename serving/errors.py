@@ -123,6 +123,14 @@ class LimitsUnavailable(GatewayError):
         self.retry_after_s = retry_after_s
 
 
+class DeployRefused(GatewayError):
+    """A deploy, rollback or split that cannot be done as asked (nothing was changed)."""
+
+
+class DeployInProgress(GatewayError):
+    """Another rollout of the same model is running."""
+
+
 @dataclass(frozen=True)
 class ErrorSpec:
     status: int
@@ -156,6 +164,8 @@ ERROR_TABLE: dict[type[BaseException], ErrorSpec] = {
     CollectionNotFound: ErrorSpec(404, "invalid_request_error", "collection_not_found"),
     DocumentNotFound: ErrorSpec(404, "invalid_request_error", "document_not_found"),
     CollectionExists: ErrorSpec(409, "invalid_request_error", "collection_exists"),
+    DeployRefused: ErrorSpec(422, "invalid_request_error", "deploy_refused"),
+    DeployInProgress: ErrorSpec(409, "invalid_request_error", "deploy_in_progress"),
     RetrievalError: ErrorSpec(502, "server_error", "retrieval_error"),
     RetrievalUnavailable: ErrorSpec(503, "server_error", "retrieval_unavailable", retry_after_s=1),
 }

@@ -50,6 +50,7 @@ from serving.observe.metrics import Metrics
 from serving.observe.record import Observation
 from serving.protocol.requests import ModelRequest
 from serving.rag import RetrievalGate
+from serving.rollout.tracker import VersionTracker
 from serving.settings import ContractConfig
 
 JSON = dict[str, Any]
@@ -101,6 +102,7 @@ class Proxy:
         rag: RetrievalGate | None = None,
     ) -> None:
         self.rag = rag
+        self.tracker = VersionTracker()
         self.cache = cache
         self.cache_embeddings = cache_embeddings
         self.cached = (
@@ -114,7 +116,7 @@ class Proxy:
         self.registry = registry
         self.dispatcher = dispatcher
         self.fleet: Fleet = dispatcher.fleet
-        self.counters = counters
+        self.counters = dict(counters)  # a deploy adds its version's counter
         self.config = config
         self.limiter = limiter
         self.model_tpm = model_tpm or {}
@@ -126,7 +128,7 @@ class Proxy:
         key: KeyRecord | None = getattr(http.state, "key", None)
         obs = Observation(
             self.metrics, route.path, bool(request.stream), request_id_of(http.scope),
-            key.id if key is not None else "-", self.log_requests,
+            key.id if key is not None else "-", self.log_requests, self.tracker,
         )  # fmt: skip
         try:
             return await self._handle(route, request, http, key, obs)

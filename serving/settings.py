@@ -143,6 +143,19 @@ class ContractConfig(BaseModel):
     invalid_output: Literal["reject", "pass"] = "reject"  # schema-breaking JSON: 502 or header
 
 
+class DeployConfig(BaseModel):
+    """Runtime version rollouts (``weir deploy``, ``weir rollback``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    start_timeout_s: float | None = Field(None, gt=0)  # new engines healthy; None: engines'
+    warm_requests: int = Field(2, ge=0, le=64)  # per new replica, before it takes traffic
+    warm_timeout_s: float = Field(60.0, gt=0)  # per warm request
+    drain_timeout_s: float = Field(300.0, gt=0)  # old version's requests finish, then stop
+    min_canary_requests: int = Field(20, ge=1)  # fewer in the window: the gate rolls back
+    state_file: Path | None = None  # where rollouts are recorded; a restart resumes them
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="WEIR_", env_nested_delimiter="__", extra="forbid", frozen=True
@@ -155,6 +168,7 @@ class Settings(BaseSettings):
     observability: ObservabilityConfig = ObservabilityConfig()
     cache: CacheConfig = CacheConfig()
     retrieval: RetrievalConfig = RetrievalConfig()
+    deploy: DeployConfig = DeployConfig()
     store: StoreConfig = StoreConfig()
     engines: EngineConfig = EngineConfig()
     models: list[ModelConfig] = Field(default_factory=default_models)

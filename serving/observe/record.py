@@ -18,6 +18,7 @@ import orjson
 from opentelemetry import trace
 
 from serving.observe.metrics import Metrics
+from serving.rollout.tracker import VersionTracker, is_error
 
 access = logging.getLogger("weir.access")
 JSON = dict[str, Any]
@@ -42,6 +43,7 @@ class Observation:
     request_id: str
     key_id: str
     log_requests: bool = True
+    tracker: VersionTracker | None = None
     model: str = "unknown"
     version: str = "unknown"
     started: float = field(default_factory=time.perf_counter)
@@ -56,6 +58,8 @@ class Observation:
     def served(self, model: str, version: str) -> None:
         self.model, self.version = model, version
         self._served = True
+        if self.tracker is not None:
+            self.tracker.enter(f"{model}@{version}")
         if self.metrics is not None:
             self.metrics.child(self.metrics.inflight, model, version).inc()
 
@@ -64,6 +68,8 @@ class Observation:
         if self.metrics is not None:
             self.metrics.child(self.metrics.inflight, self.model, self.version).dec()
             self.metrics.child(self.metrics.inflight, model, version).inc()
+        if self.tracker is not None:
+            self.tracker.move(f"{self.model}@{self.version}", f"{model}@{version}")
         self.fallback = f"{model}@{version}"
         self.model, self.version = model, version
 
@@ -123,6 +129,11 @@ class Observation:
                 )
             if self._served:
                 metrics.child(metrics.inflight, self.model, self.version).dec()
+        if self._served and self.tracker is not None:
+            failed = is_error(status, error_type)
+            first = self.first_at - self.started if self.first_at is not None else None
+            ttft = None if failed or status != 200 else (elapsed if first is None else first)
+            self.tracker.leave(f"{self.model}@{self.version}", ttft, failed)
         span = span or trace.get_current_span()
         if prompt is not None:
             span.set_attribute("gen_ai.usage.input_tokens", prompt)

@@ -33,6 +33,6 @@ async def list_models(request: Request, registry: RegistryDep) -> ModelList:
         split = {"split": model.shares(), "current": model.current}
         cards.append(ModelCard(id=model.name, created=created, weir=split))
         cards += [
-            ModelCard(id=f"{model.name}@{v.version}", created=created) for v in model.versions
+            ModelCard(id=f"{model.name}@{v}", created=created) for v in registry.running(model.name)
         ]
     return ModelList(data=cards)  # weir is left out of pinned cards (exclude_none below)

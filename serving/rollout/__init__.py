@@ -1,0 +1,1 @@
+"""Model version rollouts: deploy, canary, gated promotion, rollback, drain."""

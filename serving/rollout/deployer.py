@@ -1,0 +1,534 @@
+"""Deploys, canaries, gated promotion and rollbacks of a model's versions, at runtime.
+
+A deploy of version V of model M:
+
+1. *check* (before answering): V is known (configured, or given weights, or the store
+   entry ``M-V`` that ``weir models add`` made), its weights would load and match their
+   manifest; anything wrong is refused with the reasons and nothing changes;
+2. *start* V's engines (local processes, or remote URLs health-checked) and wait until
+   every one is healthy; an engine that exits during start-up fails the deploy at once;
+3. *warm* each new replica with a few requests sent to it directly;
+4. *shift*: all traffic to V (``current = V``), or the canary share (``split``);
+5. for a full switch, *drain* the old versions (new requests already go to V; those
+   resolved before the shift finish, counted by ``VersionTracker``) and *stop* them.
+
+A failure in steps 2-3 stops what was started and leaves traffic where it was. A gated
+canary watches both versions for ``window_s`` and then promotes (step 5) or rolls back
+(the split returns to the stable version and the canary's engines are stopped) by
+itself, logging the figures. One rollout per model at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from models.config import ModelConfig, StoreConfig, VersionConfig
+from models.errors import EngineError, StoreError
+from models.fleet import Fleet, Replica
+from models.launcher import version_counter
+from models.registry import Registry
+from models.store import ModelStore, loadable_problems
+from models.tokenizer import TokenCounter
+from serving.dispatch import Dispatcher
+from serving.errors import DeployInProgress, DeployRefused, RouteNotFound
+from serving.rollout import gate
+from serving.rollout.state import RolloutState
+from serving.rollout.tracker import VersionTracker
+from serving.settings import DeployConfig
+
+log = logging.getLogger("weir.rollout")
+ReplicaMaker = Callable[[ModelConfig, VersionConfig, Path | None], list[Replica]]
+WARM_CHAT = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
+
+
+class DeployFailed(Exception):
+    """A step of a started rollout failed; what was started has been stopped."""
+
+
+@dataclass
+class GateSpec:
+    terms: list[gate.Term]
+    window_s: float
+    min_requests: int
+
+    def describe(self) -> str:
+        return ",".join(str(t) for t in self.terms) + f" over {self.window_s:g}s"
+
+
+@dataclass
+class Operation:
+    """One rollout's progress, as ``GET /weir/admin/models/{m}/deployment`` shows it."""
+
+    kind: str  # deploy | canary | rollback
+    model: str
+    version: str
+    phase: str = "starting"
+    started: float = field(default_factory=time.time)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+    decision: dict[str, Any] | None = None
+    gate: str | None = None
+    _t0: float = field(default_factory=time.monotonic)
+
+    def step(self, phase: str, **facts: Any) -> None:
+        self.phase = phase
+        self.steps.append({"phase": phase, "at_s": round(time.monotonic() - self._t0, 2), **facts})
+        log.info("%s %s@%s: %s %s", self.kind, self.model, self.version, phase, facts or "")
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in ("done", "failed", "promoted", "rolled_back", "canary")
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "version": self.version,
+            "phase": self.phase,
+            "finished": self.finished,
+            "started": int(self.started),
+            "steps": self.steps,
+            "error": self.error,
+            "gate": self.gate,
+            "decision": self.decision,
+        }
+
+
+@dataclass
+class DeployRequest:
+    version: str
+    canary: float | None = None  # percent of the alias's traffic; None: a full switch
+    weights: str | None = None  # for a version not configured: store entry or directory
+    urls: list[str] = field(default_factory=list)  # or remote engines
+    engine_args: list[str] | None = None
+    replicas: int | None = None
+    promote_if: str | None = None
+    window_s: float = 300.0
+    min_requests: int | None = None
+
+
+class Deployer:
+    def __init__(
+        self,
+        registry: Registry,
+        fleet: Fleet,
+        dispatcher: Dispatcher,
+        counters: dict[str, TokenCounter],
+        tracker: VersionTracker,
+        make_replicas: ReplicaMaker,
+        store: StoreConfig,
+        config: DeployConfig,
+        start_timeout_s: float,
+        state: RolloutState | None = None,
+        *,
+        counter_loader: Callable[[str, VersionConfig, Path | None], TokenCounter | None]
+        | None = None,
+    ) -> None:
+        self.registry = registry
+        self.fleet = fleet
+        self.dispatcher = dispatcher
+        self.counters = counters
+        self.tracker = tracker
+        self.make_replicas = make_replicas
+        self.store = store
+        self.config = config
+        self.start_timeout_s = config.start_timeout_s or start_timeout_s
+        self.state = state
+        self.load_counter = counter_loader or (
+            lambda key, version, weights: version_counter(key, version, weights, store)
+        )
+        self.previous: dict[str, str] = dict(state.previous) if state else {}
+        self.operations: dict[str, Operation] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def __repr__(self) -> str:
+        return f"Deployer(models={[m.name for m in self.registry.models]!r})"
+
+    # ---- what callers see
+
+    def status(self, name: str) -> dict[str, Any]:
+        model = self._model(name)
+        operation = self.operations.get(name)
+        return {
+            "model": name,
+            "current": model.current,
+            "split": model.shares(),
+            "running": self.registry.running(name),
+            "versions": [v.version for v in model.versions],
+            "previous": self.previous.get(name),
+            "replicas": [
+                {"replica": str(r.key), "healthy": r.healthy, "outstanding": r.outstanding}
+                for r in self.fleet.replicas
+                if r.key.model == name
+            ],
+            "in_flight": {
+                v: self.tracker.inflight[f"{name}@{v}"] for v in self.registry.running(name)
+            },
+            "operation": operation.view() if operation else None,
+        }
+
+    async def deploy(self, name: str, asked: DeployRequest) -> Operation:
+        """Check now (refusals raise ``DeployRefused``), then roll out in the background."""
+        model = self._model(name)
+        self._not_busy(name)
+        gate_spec = self._gate(asked)
+        running = self.registry.running(name)
+        shares = model.shares()
+        if asked.canary is not None and not 0 < asked.canary < 100:
+            raise DeployRefused("canary must be a percentage between 0 and 100 (exclusive).")
+        if gate_spec is not None and asked.canary is None:
+            raise DeployRefused("promote_if gates a canary: give canary as well.")
+        if asked.canary is None and shares == {asked.version: 1.0} and running == [asked.version]:
+            raise DeployRefused(f"{name}@{asked.version} already serves all of {name}'s traffic.")
+        if asked.canary is not None:
+            if len(shares) > 1:
+                raise DeployRefused(
+                    f"{name} already splits its traffic {shares}: promote (deploy the canary"
+                    " without canary) or roll back first."
+                )
+            if asked.version == model.current:
+                raise DeployRefused(f"{name}@{asked.version} is the stable version already.")
+        version, updated = self._version(model, asked)
+        weights = None
+        if asked.version not in running:
+            weights = await asyncio.to_thread(self._check_weights, name, version)
+        kind = "canary" if asked.canary is not None else "deploy"
+        operation = Operation(kind, name, asked.version)
+        if gate_spec is not None:
+            operation.gate = gate_spec.describe()
+        self.operations[name] = operation
+        self._spawn(name, self._deploy(operation, updated, version, weights, asked, gate_spec))
+        return operation
+
+    async def rollback(self, name: str) -> Operation:
+        """Back to the stable version (a canary) or the previous one (a full deploy)."""
+        model = self._model(name)
+        self._not_busy(name)
+        shares = model.shares()
+        if len(shares) > 1:
+            canary = [v for v in shares if v != model.current]
+            operation = Operation("rollback", name, model.current)
+            self.operations[name] = operation
+            self._spawn(name, self._end_canary(operation, model, canary, promote=False))
+            return operation
+        previous = self.previous.get(name)
+        if previous is None:
+            raise DeployRefused(f"{name} has no previous version to roll back to.")
+        version = model.version(previous)
+        weights = None
+        if previous not in self.registry.running(name):
+            weights = await asyncio.to_thread(self._check_weights, name, version)
+        operation = Operation("rollback", name, previous)
+        self.operations[name] = operation
+        asked = DeployRequest(version=previous)
+        self._spawn(name, self._deploy(operation, model, version, weights, asked, None))
+        return operation
+
+    async def set_split(self, name: str, split: dict[str, float]) -> dict[str, Any]:
+        """Change the split among running versions (no engines start or stop)."""
+        model = self._model(name)
+        self._not_busy(name)
+        running = set(self.registry.running(name))
+        unknown = set(split) - running
+        if unknown:
+            raise DeployRefused(
+                f"versions {sorted(unknown)} are not running; running: {sorted(running)}"
+            )
+        try:
+            updated = ModelConfig.model_validate(
+                {**model.model_dump(), "split": split if len(split) > 1 else {}}
+                | ({"current": next(iter(split))} if len(split) == 1 else {})
+            )
+        except ValueError as exc:
+            raise DeployRefused(str(exc)) from None
+        if updated.current not in running:
+            raise DeployRefused(f"current version {updated.current} is not running")
+        self._apply(updated, running)
+        return self.status(name)
+
+    async def wait(self, name: str) -> None:
+        task = self._tasks.get(name)
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def aclose(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        for task in self._tasks.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # ---- checks
+
+    def _model(self, name: str) -> ModelConfig:
+        model = self.registry.model(name)
+        if model is None:
+            raise RouteNotFound(f"No model named '{name}'.")
+        return model
+
+    def _not_busy(self, name: str) -> None:
+        task = self._tasks.get(name)
+        if task is not None and not task.done():
+            operation = self.operations[name]
+            raise DeployInProgress(
+                f"A {operation.kind} of {name}@{operation.version} is running"
+                f" ({operation.phase}); wait for it or roll back."
+            )
+
+    def _gate(self, asked: DeployRequest) -> GateSpec | None:
+        if asked.promote_if is None:
+            return None
+        try:
+            terms = gate.parse(asked.promote_if)
+        except gate.GateSyntaxError as exc:
+            raise DeployRefused(f"promote_if: {exc}") from None
+        if asked.window_s <= 0:
+            raise DeployRefused("window_s must be positive.")
+        return GateSpec(
+            terms, asked.window_s, asked.min_requests or self.config.min_canary_requests
+        )
+
+    def _version(
+        self, model: ModelConfig, asked: DeployRequest
+    ) -> tuple[VersionConfig, ModelConfig]:
+        """The version's configuration, and the model's with it (added if it is new)."""
+        known = {v.version: v for v in model.versions}
+        given = asked.weights is not None or bool(asked.urls)
+        if asked.version in known:
+            if given:
+                raise DeployRefused(
+                    f"{model.name}@{asked.version} is configured already; its weights come from"
+                    " the configuration. Deploy it by name, or give the new weights a new version."
+                )
+            return known[asked.version], model
+        template = model.version(model.current)
+        weights = asked.weights
+        if weights is None and not asked.urls:
+            entry = f"{model.name}-{asked.version}"
+            if not ModelStore(self.store.root).has(entry):
+                raise DeployRefused(
+                    f"{model.name}@{asked.version} is not configured, no weights were given and"
+                    f" the store has no entry {entry}. Register them first: weir models add"
+                    f" {model.name} --version {asked.version} --path DIR"
+                )
+            weights = entry
+        try:
+            version = VersionConfig(
+                version=asked.version,
+                weights=None if asked.urls else weights,
+                urls=list(asked.urls),
+                served_name=template.served_name,
+                replicas=asked.replicas or template.replicas,
+                engine_args=(
+                    template.engine_args if asked.engine_args is None else asked.engine_args
+                ),
+                env=dict(template.env),
+                tokenizer=template.tokenizer if asked.urls else None,
+            )
+        except ValueError as exc:
+            raise DeployRefused(f"invalid version: {exc}") from None
+        updated = model.model_copy(update={"versions": [*model.versions, version]})
+        return version, updated
+
+    def _check_weights(self, name: str, version: VersionConfig) -> Path | None:
+        """The weights' directory, after checking they would load; ``DeployRefused``."""
+        if version.weights is None:
+            return None
+        store = ModelStore(self.store.root)
+        try:
+            path = store.resolve(version.weights)
+        except StoreError as exc:
+            raise DeployRefused(f"{name}@{version.version}: {exc}") from None
+        problems = loadable_problems(path)
+        if not problems and store.has(version.weights) and self.store.verify_on_start:
+            try:
+                store.verify(version.weights)
+            except StoreError as exc:
+                problems = [str(exc)]
+        if problems:
+            raise DeployRefused(
+                f"{name}@{version.version}: the weights would not load: " + "; ".join(problems)
+            )
+        return path
+
+    # ---- the rollout itself (background)
+
+    def _spawn(self, name: str, work: Any) -> None:
+        lock = self._locks.setdefault(name, asyncio.Lock())
+
+        async def run() -> None:
+            async with lock:
+                await work
+
+        self._tasks[name] = asyncio.create_task(run(), name=f"rollout {name}")
+
+    async def _deploy(
+        self,
+        operation: Operation,
+        model: ModelConfig,
+        version: VersionConfig,
+        weights: Path | None,
+        asked: DeployRequest,
+        gate_spec: GateSpec | None,
+    ) -> None:
+        name = model.name
+        stable = self._model(name).current
+        try:
+            started = await self._start(operation, model, version, weights)
+        except DeployFailed as exc:
+            operation.error = str(exc)
+            operation.step("failed", reason=str(exc))
+            return
+        except asyncio.CancelledError:
+            await self.fleet.remove(f"{name}@{version.version}")
+            raise
+        running = set(self.registry.running(name))
+        if asked.canary is not None:
+            share = asked.canary
+            updated = model.model_copy(
+                update={"split": {stable: 100 - share, version.version: share}}
+            )
+            self._apply(updated, running | {version.version})
+            operation.step("canary", share=share, started_engines=started)
+            if gate_spec is None:
+                return
+            operation.step("watching", gate=operation.gate)
+            await self._watch(operation, gate_spec, stable, version.version)
+            return
+        old = sorted(running - {version.version})
+        updated = model.model_copy(update={"current": version.version, "split": {}})
+        self._apply(updated, {version.version})
+        operation.step("shifted", to=version.version, started_engines=started)
+        if stable != version.version:
+            self.previous[name] = stable
+        await self._retire(operation, name, old)
+        self._save()
+        operation.step("done")
+
+    async def _start(
+        self, operation: Operation, model: ModelConfig, version: VersionConfig, weights: Path | None
+    ) -> int:
+        """Start, health-check and warm ``version``'s replicas; how many were started."""
+        key = f"{model.name}@{version.version}"
+        if version.version in self.registry.running(model.name):
+            return 0
+        counter = await asyncio.to_thread(self.load_counter, key, version, weights)
+        replicas = self.make_replicas(model, version, weights)
+        self.dispatcher.configure(model)
+        self.dispatcher.adopt(replicas)
+        operation.step("starting", replicas=len(replicas))
+        await self.fleet.add(replicas)
+        reason = await self.fleet.wait_healthy(replicas, self.start_timeout_s)
+        if reason is None:
+            operation.step("warming", requests=self.config.warm_requests)
+            reason = await self._warm(model, replicas)
+        if reason is not None:
+            await self.fleet.remove(key)
+            raise DeployFailed(reason + _log_tail(replicas))
+        if counter is not None:
+            self.counters[key] = counter
+        return len(replicas)
+
+    async def _warm(self, model: ModelConfig, replicas: list[Replica]) -> str | None:
+        path = "/v1/embeddings" if model.task == "embed" else "/v1/chat/completions"
+        for replica in replicas:
+            body: dict[str, Any] = (
+                {"input": ["warm up"]} if model.task == "embed" else dict(WARM_CHAT)
+            )
+            body["model"] = replica.served_name
+            for _ in range(self.config.warm_requests):
+                try:
+                    async with asyncio.timeout(self.config.warm_timeout_s):
+                        await replica.engine.complete(path, body)
+                except (EngineError, TimeoutError) as exc:
+                    return f"warm-up request to {replica.key} failed: {exc or type(exc).__name__}"
+        return None
+
+    async def _watch(self, operation: Operation, spec: GateSpec, stable: str, canary: str) -> None:
+        name = operation.model
+        since = self.tracker.clock()
+        await asyncio.sleep(spec.window_s)
+        verdict = gate.judge(
+            spec.terms,
+            self.tracker.since(f"{name}@{canary}", since),
+            self.tracker.since(f"{name}@{stable}", since),
+            spec.min_requests,
+        )
+        operation.decision = {
+            "promote": verdict.promote,
+            "reasons": verdict.reasons,
+            "canary": verdict.canary.as_dict(),
+            "stable": verdict.stable.as_dict(),
+        }
+        log.warning(
+            "canary %s@%s %s: %s; canary %s, stable %s",
+            name, canary, "promoted" if verdict.promote else "rolled back",
+            "; ".join(verdict.reasons), verdict.canary.as_dict(), verdict.stable.as_dict(),
+        )  # fmt: skip
+        await self._end_canary(operation, self._model(name), [canary], promote=verdict.promote)
+
+    async def _end_canary(
+        self, operation: Operation, model: ModelConfig, canaries: list[str], *, promote: bool
+    ) -> None:
+        name = model.name
+        stable = model.current
+        if promote:
+            winner = canaries[0]
+            updated = model.model_copy(update={"current": winner, "split": {}})
+            self._apply(updated, {winner})
+            self.previous[name] = stable
+            operation.step("shifted", to=winner)
+            await self._retire(operation, name, [stable])
+            self._save()
+            operation.step("promoted")
+            return
+        updated = model.model_copy(update={"split": {}})
+        self._apply(updated, {stable})
+        operation.step("shifted", to=stable)
+        await self._retire(operation, name, canaries)
+        self._save()
+        operation.step("rolled_back")
+
+    async def _retire(self, operation: Operation, name: str, versions: list[str]) -> None:
+        """Wait for each version's requests to finish, then stop its engines."""
+        for version in versions:
+            key = f"{name}@{version}"
+            operation.step("draining", version=version, in_flight=self.tracker.inflight[key])
+            if not await self.tracker.drained(key, self.config.drain_timeout_s):
+                log.error(
+                    "%s: %d requests still running after %gs; stopping it anyway",
+                    key, self.tracker.inflight[key], self.config.drain_timeout_s,
+                )  # fmt: skip
+            operation.step("stopping", version=version)
+            gone = await self.fleet.remove(key)
+            operation.step("stopped", version=version, replicas=len(gone))
+
+    def _apply(self, model: ModelConfig, running: set[str]) -> None:
+        self.registry.update(model, running)
+        self.dispatcher.configure(model)
+        self._save()
+
+    def _save(self) -> None:
+        if self.state is not None:
+            self.state.save(self.registry, self.previous)
+
+
+def _log_tail(replicas: list[Replica], lines: int = 3) -> str:
+    """The last lines of the first failed engine's log, to say why."""
+    for replica in replicas:
+        process = replica.process
+        if process is None:
+            continue
+        with contextlib.suppress(OSError):
+            tail = process.log_path.read_text(errors="replace").strip().splitlines()[-lines:]
+            if tail:
+                return " | engine log: " + " / ".join(line.strip()[:300] for line in tail)
+    return ""
