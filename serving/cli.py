@@ -341,28 +341,22 @@ def limits(args: argparse.Namespace) -> int:
 
 def _limits_over_http(settings: Settings, command: str, model: str | None, tpm: int | None) -> int:
     import json
-    import urllib.error
-    import urllib.request
 
-    gateway = settings.gateway
-    admin = settings.keys.admin_key
-    if admin is None:
+    from serving.admin_client import AdminCallFailed, AdminClient
+
+    client = AdminClient.from_settings(settings)
+    if client.key is None:
         print("weir: limits are in-process and keys.admin_key is unset: no way in", file=sys.stderr)
         return 1
-    base = f"http://{gateway.host}:{gateway.port}/weir/admin/limits"
-    request = urllib.request.Request(
-        base if command == "show" else f"{base}/models/{model}",
-        method="GET" if command == "show" else "PUT",
-        data=None if command == "show" else json.dumps({"tpm": tpm}).encode(),
-        headers={"authorization": f"Bearer {admin.get_secret_value()}",
-                 "content-type": "application/json"},
-    )  # fmt: skip
     try:
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            print(json.dumps(json.loads(answer.read()), indent=2))
-    except (urllib.error.URLError, OSError) as exc:
-        print(f"weir: gateway at {base} did not answer: {exc}", file=sys.stderr)
+        if command == "show":
+            answer = client.call("GET", "/weir/admin/limits")
+        else:
+            answer = client.call("PUT", f"/weir/admin/limits/models/{model}", {"tpm": tpm})
+    except AdminCallFailed as exc:
+        print(f"weir: {exc}", file=sys.stderr)
         return 1
+    print(json.dumps(answer, indent=2))
     return 0
 
 
@@ -385,20 +379,15 @@ def file_sd(engines: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def scrape_targets(args: argparse.Namespace) -> int:
     """``weir scrape-targets``: the engines' ``/metrics`` as a Prometheus file_sd list."""
     import json
-    import os
-    import urllib.error
-    import urllib.request
+
+    from serving.admin_client import AdminCallFailed, AdminClient
 
     settings = _settings(args)
-    base = args.url or f"http://{settings.gateway.host}:{settings.gateway.port}"
-    key = os.environ.get("WEIR_API_KEY")
-    headers = {"authorization": f"Bearer {key}"} if key else {}
-    request = urllib.request.Request(f"{base}/weir/engines", headers=headers)
+    client = AdminClient.from_settings(settings, args.url, key_env="WEIR_API_KEY")
     try:
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            engines = json.loads(answer.read())["data"]
-    except (urllib.error.URLError, OSError, KeyError, ValueError) as exc:
-        print(f"weir: could not read {base}/weir/engines: {exc}", file=sys.stderr)
+        engines = client.call("GET", "/weir/engines")["data"]
+    except (AdminCallFailed, KeyError, TypeError) as exc:
+        print(f"weir: could not read {client.base}/weir/engines: {exc}", file=sys.stderr)
         return 1
     text = json.dumps(file_sd(engines), indent=2)
     if args.out:
@@ -512,6 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
     ingest_cmd.add_argument("--url", default=None, help="gateway base URL (default: the config's)")
     ingest_cmd.add_argument("--batch", type=int, default=32, help="documents per request")
     ingest_cmd.set_defaults(func=ingest_command)
+
+    from serving.cli_deploy import add_commands
+
+    add_commands(commands)
 
     bench_cmd = commands.add_parser(
         "bench", help="Locust benchmarks: run a scenario, compare two runs (--help for each)"

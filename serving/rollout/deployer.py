@@ -364,9 +364,16 @@ class Deployer:
     def _spawn(self, name: str, work: Any) -> None:
         lock = self._locks.setdefault(name, asyncio.Lock())
 
+        operation = self.operations[name]
+
         async def run() -> None:
             async with lock:
-                await work
+                try:
+                    await work
+                except Exception as exc:  # a rollout must end in a phase, never hang in one
+                    log.exception("%s of %s failed", operation.kind, name)
+                    operation.error = f"{type(exc).__name__}: {exc}"
+                    operation.step("failed", reason=operation.error)
 
         self._tasks[name] = asyncio.create_task(run(), name=f"rollout {name}")
 
@@ -387,9 +394,6 @@ class Deployer:
             operation.error = str(exc)
             operation.step("failed", reason=str(exc))
             return
-        except asyncio.CancelledError:
-            await self.fleet.remove(f"{name}@{version.version}")
-            raise
         running = set(self.registry.running(name))
         if asked.canary is not None:
             share = asked.canary
@@ -420,19 +424,28 @@ class Deployer:
         key = f"{model.name}@{version.version}"
         if version.version in self.registry.running(model.name):
             return 0
-        counter = await asyncio.to_thread(self.load_counter, key, version, weights)
-        replicas = self.make_replicas(model, version, weights)
-        self.dispatcher.configure(model)
-        self.dispatcher.adopt(replicas)
-        operation.step("starting", replicas=len(replicas))
-        await self.fleet.add(replicas)
-        reason = await self.fleet.wait_healthy(replicas, self.start_timeout_s)
-        if reason is None:
-            operation.step("warming", requests=self.config.warm_requests)
-            reason = await self._warm(model, replicas)
+        try:
+            counter = await asyncio.to_thread(self.load_counter, key, version, weights)
+            replicas = self.make_replicas(model, version, weights)
+            self.dispatcher.configure(model)
+            self.dispatcher.adopt(replicas)
+            operation.step("starting", replicas=len(replicas))
+            await self.fleet.add(replicas)
+            reason = await self.fleet.wait_healthy(replicas, self.start_timeout_s)
+            if reason is None:
+                operation.step("warming", requests=self.config.warm_requests)
+                reason = await self._warm(model, replicas)
+            if reason is not None:
+                reason += _log_tail(replicas)
+        except Exception as exc:  # anything unforeseen fails the deploy, never hangs it
+            log.exception("%s: starting the version failed", key)
+            reason = f"{type(exc).__name__}: {exc}"
+        except asyncio.CancelledError:
+            await self.fleet.remove(key)
+            raise
         if reason is not None:
             await self.fleet.remove(key)
-            raise DeployFailed(reason + _log_tail(replicas))
+            raise DeployFailed(reason)
         if counter is not None:
             self.counters[key] = counter
         return len(replicas)

@@ -21,6 +21,7 @@ class ReplicaView(BaseModel):
     base_url: str | None
     healthy: bool
     local: bool
+    pid: int | None  # the engine's guard process (local engines)
     restarts: int
     breaker: str  # closed | open | half_open
     breaker_trips: int
@@ -60,6 +61,7 @@ async def list_engines(proxy: ProxyDep) -> EngineList:
             base_url=getattr(r.engine, "base_url", None),
             healthy=r.healthy,
             local=r.process is not None,
+            pid=r.process.pid if r.process else None,
             restarts=r.process.restarts if r.process else 0,
             breaker=r.breaker.state,
             breaker_trips=r.breaker.trips,

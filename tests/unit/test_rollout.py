@@ -45,9 +45,9 @@ def settings(tmp_path: Path, **deploy: Any) -> Settings:
     )
     return Settings(
         models=[chat, embed],
-        keys=KeysConfig(admin_key="admin-secret"),  # type: ignore[arg-type]
+        keys=KeysConfig(admin_key="admin-secret"),
         deploy=DeployConfig(**{"start_timeout_s": 2.0, "warm_requests": 1, **deploy}),
-        store={"path": tmp_path / "store"},  # type: ignore[arg-type]
+        store={"path": tmp_path / "store"},
     )
 
 
@@ -235,7 +235,9 @@ def gated(client: TestClient, window_s: float) -> dict[str, Any]:
     deadline = time.monotonic() + window_s + 10
     while time.monotonic() < deadline:
         client.post("/v1/chat/completions", json=CHAT)
-        status = client.get("/weir/admin/models/smollm2/deployment", headers=ADMIN).json()
+        status: dict[str, Any] = client.get(
+            "/weir/admin/models/smollm2/deployment", headers=ADMIN
+        ).json()
         if status["operation"]["phase"] in ("promoted", "rolled_back"):
             return status
     raise AssertionError(status)

@@ -1,0 +1,306 @@
+"""Rollouts against real vLLM engines: a swap under load, a canary, refusals.
+
+Its own ``weir serve`` (one chat version running, a second on standby), driven through
+``weir deploy`` / ``weir rollback`` and the admin API, as an operator would. Prints the
+figures the closing note quotes: time to switch, failed requests, extra memory.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from models.launcher import free_port
+from models.store import ModelStore
+from tests.integration.stack import Stack, alive
+
+ADMIN_KEY = "deploy-admin-key"
+ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
+CONFIG = """
+[gateway]
+port = {port}
+
+[keys]
+admin_key = "{admin}"
+
+[engines]
+log_dir = "{logs}"
+
+[retrieval]
+enabled = false
+
+[cache]
+enabled = false
+
+[deploy]
+warm_requests = 2
+start_timeout_s = 400
+
+[[models]]
+name = "smollm2"
+task = "chat"
+current = "v1"
+
+[[models.versions]]
+version = "v1"
+weights = "smollm2-135m-instruct"
+engine_args = ["--max-model-len", "1024"]
+
+[[models.versions]]
+version = "v2"
+weights = "smollm2-135m-instruct"
+engine_args = ["--max-model-len", "2048"]
+standby = true
+# its own core, as a new version gets its own GPU: vLLM's automatic binding puts every
+# engine on core 0, where the busy v1 engine starves a start-up for minutes on 2 cores
+env = {{ VLLM_CPU_OMP_THREADS_BIND = "1" }}
+"""
+RATE = 4.0  # requests per second arriving during the swap
+ENDED = ("done", "failed", "promoted", "rolled_back", "canary")
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    workdir = tmp_path_factory.mktemp("deploy")
+    port = free_port()
+    config = workdir / "weir.toml"
+    config.write_text(CONFIG.format(port=port, admin=ADMIN_KEY, logs=workdir / "engine-logs"))
+    log_path = workdir / "serve.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "serving.cli", "--config", str(config), "serve"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    stack = Stack(f"http://127.0.0.1:{port}", process, log_path, workdir / "engine-logs")
+    try:
+        stack.wait_ready()
+        yield stack
+    finally:
+        stack.stop()
+
+
+def config_of(gateway: Stack) -> Path:
+    return gateway.log_path.parent / "weir.toml"
+
+
+def status(gateway: Stack) -> dict[str, Any]:
+    answer = httpx.get(f"{gateway.base_url}/weir/admin/models/smollm2/deployment", headers=ADMIN)
+    data: dict[str, Any] = answer.json()
+    return data
+
+
+def wait_phase(gateway: Stack, timeout_s: float = 600) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        now = status(gateway)
+        if now["operation"] and now["operation"]["phase"] in ENDED:
+            return now
+        time.sleep(0.5)
+    raise AssertionError(f"rollout did not end: {status(gateway)}\n{gateway.log_tail()}")
+
+
+def engines(gateway: Stack) -> list[dict[str, Any]]:
+    data: list[dict[str, Any]] = httpx.get(f"{gateway.base_url}/weir/engines").json()["data"]
+    return data
+
+
+def engine_rss_mb(gateway: Stack) -> float:
+    """Proportional set size of every engine process (shared pages counted once)."""
+    total = 0
+    for pid in gateway.tree():
+        try:
+            total += psutil.Process(pid).memory_full_info().pss
+        except psutil.NoSuchProcess:
+            continue
+    return total / 1e6
+
+
+def chat(client: httpx.Client, n: int, max_tokens: int = 8) -> httpx.Response:
+    body = {
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": f"Count to {n % 7 + 2}."}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+    return client.post("/v1/chat/completions", json=body)
+
+
+def listening(url: str) -> bool:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex((host, int(port))) == 0
+
+
+def test_broken_weights_and_a_failing_engine_change_nothing(gateway: Stack, tmp_path: Path) -> None:
+    source = ModelStore(Path("~/.cache/weir/models")).entry_dir("smollm2-135m-instruct")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, broken / name)
+    with (source / "model.safetensors").open("rb") as whole:
+        (broken / "model.safetensors").write_bytes(whole.read(1_000_000))  # truncated
+    refused = httpx.post(f"{gateway.base_url}/weir/admin/models/smollm2/deploy", headers=ADMIN,
+                         json={"version": "v3", "weights": str(broken)})  # fmt: skip
+    assert refused.status_code == 422, refused.text
+    assert "truncated" in refused.json()["error"]["message"]
+    before = {e["replica"] for e in engines(gateway)}
+    # weights that load, engine flags that do not: the engine exits at start-up
+    cli = subprocess.run(
+        [sys.executable, "-m", "serving.cli", "--config", str(config_of(gateway)), "deploy",
+         "smollm2", "v4", "--weights", "smollm2-135m-instruct",
+         "--engine-args", "--dtype not-a-dtype"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    print(cli.stdout, cli.stderr)
+    assert cli.returncode == 1
+    assert "failed, traffic unchanged" in cli.stdout
+    assert "exited during start-up" in cli.stdout
+    now = status(gateway)
+    assert now["current"] == "v1"
+    assert now["running"] == ["v1"]
+    assert {e["replica"] for e in engines(gateway)} == before
+    with httpx.Client(base_url=gateway.base_url, timeout=120) as client:
+        answer = chat(client, 1)
+    assert answer.status_code == 200
+    assert answer.headers["x-weir-model-version"] == "v1"
+
+
+def test_swap_under_load_fails_nothing_and_stops_the_old_engines(gateway: Stack) -> None:
+    old = [e for e in engines(gateway) if e["version"] == "v1"]
+    assert old
+    assert all(e["pid"] for e in old)
+    answers: list[tuple[int, str | None, str | None, float]] = []
+    errors: list[str] = []
+    done = threading.Event()
+    rss: list[float] = []
+
+    def one(client: httpx.Client, n: int) -> None:
+        try:
+            answer = chat(client, n)
+            answers.append((answer.status_code, answer.headers.get("x-weir-model-version"),
+                            answer.json().get("model"), time.monotonic()))  # fmt: skip
+        except httpx.HTTPError as exc:
+            errors.append(repr(exc))
+
+    def load() -> None:
+        """Open loop: requests arrive at RATE per second whatever the answers do (a closed
+        loop of busy clients would starve the new engine's start-up on 2 cores)."""
+        with (
+            httpx.Client(base_url=gateway.base_url, timeout=300) as client,
+            ThreadPoolExecutor(64) as pool,
+        ):
+            n = 0
+            while not done.is_set() or n < 200:
+                pool.submit(one, client, n)
+                n += 1
+                time.sleep(1 / RATE)
+
+    def watch_memory() -> None:
+        while not done.is_set():
+            rss.append(engine_rss_mb(gateway))
+            time.sleep(0.5)
+
+    before_mb = engine_rss_mb(gateway)
+    workers = [threading.Thread(target=load)]
+    for worker in [*workers, threading.Thread(target=watch_memory)]:
+        worker.start()
+    while len(answers) < 20:
+        time.sleep(0.1)
+    started = time.monotonic()
+    cli = subprocess.run(
+        [sys.executable, "-m", "serving.cli", "--config", str(config_of(gateway)), "deploy",
+         "smollm2", "v2"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    finished = time.monotonic()
+    done.set()
+    for worker in workers:
+        worker.join()
+    print(cli.stdout, cli.stderr)
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    steps = {s["phase"]: s["at_s"] for s in status(gateway)["operation"]["steps"]}
+    statuses = Counter(a[0] for a in answers)
+    labels = Counter(a[1] for a in answers)
+    during = sum(1 for a in answers if started <= a[3] <= finished)
+    print(
+        f"\nswap v1 -> v2 under load ({RATE:g} requests/s arriving): {len(answers)} requests"
+        f" ({during} while the deploy ran),"
+        f" statuses {dict(statuses)}, client errors {len(errors)}, versions {dict(labels)};"
+        f" weir deploy to full switch {steps['shifted']:.1f}s (engine start"
+        f" {steps['warming'] - steps['starting']:.1f}s,"
+        f" warm {steps['shifted'] - steps['warming']:.1f}s),"
+        f" drained and stopped at {steps['done']:.1f}s, command took {finished - started:.1f}s;"
+        f" engine memory (PSS) {before_mb:.0f} MB before, peak {max(rss):.0f} MB with both versions"
+        f" (+{max(rss) - before_mb:.0f} MB)"
+    )
+    assert errors == []
+    assert statuses == {200: len(answers)}
+    assert len(answers) >= 200
+    assert set(labels) == {"v1", "v2"}
+    assert {a[2] for a in answers} == {"smollm2"}
+    last_v1 = max(a[3] for a in answers if a[1] == "v1")
+    assert last_v1 <= finished
+    now = status(gateway)
+    assert now["current"] == "v2"
+    assert now["running"] == ["v2"]
+    assert alive([e["pid"] for e in old]) == []
+    assert not any(listening(e["base_url"]) for e in old)
+    assert {e["version"] for e in engines(gateway)} == {"v2"}
+
+
+def test_canary_at_25_percent_then_rollback(gateway: Stack) -> None:
+    assert status(gateway)["current"] == "v2"
+    cli = subprocess.run(
+        [sys.executable, "-m", "serving.cli", "--config", str(config_of(gateway)), "deploy",
+         "smollm2", "v1", "--canary", "25"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    print(cli.stdout, cli.stderr)
+    assert cli.returncode == 0
+    now = status(gateway)
+    assert now["split"] == {"v2": 0.75, "v1": 0.25}
+    labels: Counter[str | None] = Counter()
+    lock = threading.Lock()
+
+    def load(worker: int) -> None:
+        with httpx.Client(base_url=gateway.base_url, timeout=300) as client:
+            for n in range(worker, 400, 8):
+                answer = chat(client, n, max_tokens=1)
+                assert answer.status_code == 200, answer.text
+                with lock:
+                    labels[answer.headers.get("x-weir-model-version")] += 1
+
+    workers = [threading.Thread(target=load, args=(w,)) for w in range(8)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    share = labels["v1"] / 400
+    print(f"\ncanary at 25%: {dict(labels)} over 400 requests -> {share:.1%} to the canary")
+    assert sum(labels.values()) == 400
+    assert 0.20 <= share <= 0.30
+    back = subprocess.run(
+        [sys.executable, "-m", "serving.cli", "--config", str(config_of(gateway)), "rollback",
+         "smollm2"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    print(back.stdout, back.stderr)
+    assert back.returncode == 0
+    now = wait_phase(gateway)
+    assert now["operation"]["phase"] == "rolled_back"
+    assert now["running"] == ["v2"]
+    assert {e["version"] for e in engines(gateway)} == {"v2"}
