@@ -57,6 +57,10 @@ class VersionConfig(_Strict):
     weights: str | None = None  # a store entry name or a local directory
     url: str | None = None  # a remote engine we do not start, e.g. http://vllm:8000
     urls: list[str] = []  # several remote replicas of this version, one URL each
+    # remote replicas found in DNS: "host:port" of a Kubernetes headless Service, whose A
+    # records (one per ready engine pod) are re-read every dns_refresh_s
+    dns: str | None = None
+    dns_refresh_s: float = Field(10.0, gt=0)
     served_name: str | None = None  # the engine's model name (default: the public name)
     tokenizer: str | None = None  # for a remote engine: a store entry or directory to count with
     replicas: int = Field(1, ge=1, le=64)
@@ -73,9 +77,20 @@ class VersionConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> VersionConfig:
-        given = [self.weights is not None, self.url is not None, bool(self.urls)]
+        given = [
+            self.weights is not None,
+            self.url is not None,
+            bool(self.urls),
+            self.dns is not None,
+        ]
         if sum(given) != 1:
-            raise ValueError(f"version '{self.version}': give exactly one of weights, url or urls")
+            raise ValueError(
+                f"version '{self.version}': give exactly one of weights, url, urls or dns"
+            )
+        if self.dns is not None:
+            host, _, port = self.dns.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"version '{self.version}': dns must be host:port, not {self.dns}")
         return self
 
     @property
@@ -87,6 +102,9 @@ class VersionConfig(_Strict):
 
     @property
     def replica_count(self) -> int:
+        """Replicas made at start (DNS-discovered ones come and go at runtime)."""
+        if self.dns is not None:
+            return 0
         return len(self.urls) if self.urls else self.replicas
 
 

@@ -80,7 +80,10 @@ class Fleet:
 
     async def remove(self, version_key: str) -> list[Replica]:
         """Take a version's replicas out of the fleet, stop their engines, close clients."""
-        gone = self._by_version.get(version_key, [])
+        return await self.discard(list(self._by_version.get(version_key, [])))
+
+    async def discard(self, gone: list[Replica]) -> list[Replica]:
+        """Take these replicas out (requests already on them finish), stop local engines."""
         self.replicas = [r for r in self.replicas if r not in gone]
         self._index()
         await asyncio.gather(*(r.process.stop() for r in gone if r.process))

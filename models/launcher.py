@@ -111,6 +111,13 @@ class ReplicaFactory:
     timeouts: EngineTimeouts
     host: vllm_engine.HostKind = dataclasses.field(default_factory=vllm_engine.host_kind)
 
+    def remote(
+        self, model: ModelConfig, version: VersionConfig, key: ReplicaKey, url: str
+    ) -> Replica:
+        """A replica of a remote engine at ``url`` (configured, or found in DNS)."""
+        engine = HttpEngine(str(key), url, self.session, model_timeouts(model, self.timeouts))
+        return Replica(key, engine, version.served_name or model.name)
+
     def __call__(
         self, model: ModelConfig, version: VersionConfig, weights: Path | None
     ) -> list[Replica]:
@@ -123,8 +130,7 @@ class ReplicaFactory:
         for index in range(version.replica_count):
             key = ReplicaKey(model.name, version.version, index)
             if remote:
-                engine = HttpEngine(str(key), remote[index], self.session, timeouts)
-                replicas.append(Replica(key, engine, served_name))
+                replicas.append(self.remote(model, version, key, remote[index]))
                 continue
             assert weights is not None, f"{key}: local version without weights"
             port = free_port()

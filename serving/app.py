@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.responses import Response
 
+from models.discovery import DnsDiscovery
 from models.engine_client import EngineTimeouts, json_dumps
 from models.errors import WeirModelError
 from models.fleet import Fleet
@@ -74,6 +75,7 @@ from serving.validation import invalid_request_from
 
 log = logging.getLogger("weir.gateway")
 FleetFactory = Callable[[aiohttp.ClientSession], Fleet]
+DiscoveryFactory = Callable[[Fleet, aiohttp.ClientSession], DnsDiscovery]
 ReplicasFactory = Callable[[aiohttp.ClientSession], ReplicaMaker]
 OnReady = Callable[[], None]
 
@@ -115,6 +117,7 @@ def create_app(
     on_ready: OnReady | None = None,
     tracer_provider: TracerProvider | None = None,
     replicas_factory: ReplicasFactory | None = None,
+    discovery_factory: DiscoveryFactory | None = None,
 ) -> FastAPI:
     """The gateway. Tests pass ``fleet_factory`` (fake engines), ``replicas_factory`` (what
     a deploy starts) and ``counters``; the CLI passes the ``weights`` it already checked.
@@ -170,6 +173,11 @@ def create_app(
             return replicas_factory(session)
         return ReplicaFactory(settings.engines, session, timeouts)
 
+    def make_discovery(fleet: Fleet, session: aiohttp.ClientSession) -> DnsDiscovery:
+        if discovery_factory is not None:
+            return discovery_factory(fleet, session)
+        return DnsDiscovery(fleet, ReplicaFactory(settings.engines, session, timeouts).remote)
+
     def make_fleet(session: aiohttp.ClientSession, found: dict[str, Path]) -> Fleet:
         if fleet_factory is not None:
             return fleet_factory(session)
@@ -196,9 +204,15 @@ def create_app(
             cache=cache, cache_embeddings=settings.cache.embeddings,
         )  # fmt: skip
         proxy: Proxy = app.state.proxy
+        discovery = make_discovery(fleet, session)
+        for model in settings.models:
+            for version in model.versions:
+                if version.dns is not None and version.version in model.running():
+                    discovery.track(model, version)
         app.state.deployer = Deployer(
             registry, fleet, dispatcher, proxy.counters, proxy.tracker, replica_maker(session),
             settings.store, settings.deploy, settings.engines.start_timeout_s, state,
+            discovery=discovery,
         )  # fmt: skip
         if settings.retrieval.enabled:
             embed_model = settings.retrieval.embedding_model
@@ -216,6 +230,8 @@ def create_app(
         announcer: asyncio.Task[None] | None = None
         try:
             await fleet.start()
+            await discovery.refresh_all()
+            discovery.start()
             announcer = asyncio.create_task(_announce(fleet, gateway.ready_timeout_s, on_ready))
             yield
         finally:
@@ -223,6 +239,7 @@ def create_app(
                 announcer.cancel()
             if getattr(app.state, "deployer", None) is not None:
                 await app.state.deployer.aclose()
+            await discovery.stop()
             log.info("stopping engines")
             await fleet.stop()
             await session.close()

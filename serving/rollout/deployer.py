@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from models.config import ModelConfig, StoreConfig, VersionConfig
+from models.discovery import DnsDiscovery
 from models.errors import EngineError, StoreError
 from models.fleet import Fleet, Replica
 from models.launcher import version_counter
@@ -129,7 +130,9 @@ class Deployer:
         *,
         counter_loader: Callable[[str, VersionConfig, Path | None], TokenCounter | None]
         | None = None,
+        discovery: DnsDiscovery | None = None,
     ) -> None:
+        self.discovery = discovery
         self.registry = registry
         self.fleet = fleet
         self.dispatcher = dispatcher
@@ -426,17 +429,27 @@ class Deployer:
             return 0
         try:
             counter = await asyncio.to_thread(self.load_counter, key, version, weights)
-            replicas = self.make_replicas(model, version, weights)
             self.dispatcher.configure(model)
-            self.dispatcher.adopt(replicas)
-            operation.step("starting", replicas=len(replicas))
-            await self.fleet.add(replicas)
+            if version.dns is not None and self.discovery is not None:
+                self.discovery.track(model, version)
+                replicas = await self.discovery.refresh(key)  # added to the fleet
+                self.dispatcher.adopt(replicas)
+                operation.step("starting", replicas=len(replicas), dns=version.dns)
+                if not replicas:
+                    raise DeployFailed(f"{version.dns} resolves to no engines")
+            else:
+                replicas = self.make_replicas(model, version, weights)
+                self.dispatcher.adopt(replicas)
+                operation.step("starting", replicas=len(replicas))
+                await self.fleet.add(replicas)
             reason = await self.fleet.wait_healthy(replicas, self.start_timeout_s)
             if reason is None:
                 operation.step("warming", requests=self.config.warm_requests)
                 reason = await self._warm(model, replicas)
             if reason is not None:
                 reason += _log_tail(replicas)
+        except DeployFailed as exc:
+            reason = str(exc)
         except Exception as exc:  # anything unforeseen fails the deploy, never hangs it
             log.exception("%s: starting the version failed", key)
             reason = f"{type(exc).__name__}: {exc}"
@@ -444,6 +457,8 @@ class Deployer:
             await self.fleet.remove(key)
             raise
         if reason is not None:
+            if self.discovery is not None:
+                self.discovery.untrack(key)
             await self.fleet.remove(key)
             raise DeployFailed(reason)
         if counter is not None:
@@ -521,6 +536,8 @@ class Deployer:
                     key, self.tracker.inflight[key], self.config.drain_timeout_s,
                 )  # fmt: skip
             operation.step("stopping", version=version)
+            if self.discovery is not None:
+                self.discovery.untrack(key)
             gone = await self.fleet.remove(key)
             operation.step("stopped", version=version, replicas=len(gone))
 
