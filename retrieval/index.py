@@ -16,6 +16,7 @@ temporary files and renamed into place, so a crash leaves the old snapshot or th
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import threading
@@ -23,10 +24,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import faiss
 import numpy as np
 
 Kind = Literal["flat", "ivf", "hnsw"]
+
+
+class _LazyFaiss:
+    """``faiss`` imported on first use: a gateway with retrieval off never needs it (the
+    CPU gateway image has no faiss; engines' hosts have faiss-cpu or faiss-gpu)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            module = importlib.import_module("faiss")
+        except ImportError as exc:
+            raise ImportError(
+                "retrieval needs faiss: install faiss-cpu (or faiss-gpu on CUDA hosts)"
+            ) from exc
+        return getattr(module, name)
+
+
+faiss: Any = _LazyFaiss()
 
 
 @dataclass(frozen=True)

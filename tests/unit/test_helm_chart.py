@@ -1,0 +1,122 @@
+"""The Helm chart's render (``deploy/helm/rendered``) against Kubernetes 1.30's schemas.
+
+helm cannot be installed on these machines, so the render is checked in (see
+``deploy/helm/README.md``); these tests hold it to the schemas (strict: no unknown
+fields), to Weir's own settings, and to what the chart promises: engines found by DNS
+through headless Services, readiness on ``/health``, GPUs and parallelism where asked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from serving.settings import load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+RENDERED = ROOT / "deploy/helm/rendered"
+K8S = "1.30.0"
+CRDS = {"ServiceMonitor", "LeaderWorkerSet"}  # no schemas ship for these: checked by hand
+
+
+def docs(name: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all((RENDERED / f"{name}.yaml").read_text()) if d]
+
+
+def by_kind(rendered: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in rendered if d["kind"] == kind]
+
+
+def pod(spec: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": spec}
+
+
+@pytest.mark.parametrize("name", ["default", "gpu"])
+def test_every_resource_validates_against_the_kubernetes_schemas(name: str) -> None:
+    rendered = docs(name)
+    assert rendered
+    for doc in rendered:
+        if doc["kind"] in CRDS:
+            continue
+        kubernetes_validate.validate(doc, K8S, strict=True)
+    for lws in by_kind(rendered, "LeaderWorkerSet"):  # its pod templates are plain PodSpecs
+        template = lws["spec"]["leaderWorkerTemplate"]
+        for part in ("leaderTemplate", "workerTemplate"):
+            kubernetes_validate.validate(pod(template[part]["spec"]), K8S, strict=True)
+
+
+@pytest.mark.parametrize("name", ["default", "gpu"])
+def test_gateways_find_every_engine_through_a_headless_service(name: str, tmp_path: Path) -> None:
+    rendered = docs(name)
+    config = tmp_path / "weir.toml"
+    config.write_text(by_kind(rendered, "ConfigMap")[0]["data"]["weir.toml"])
+    settings = load_settings(config)  # the chart's config is valid Weir configuration
+    services = {s["metadata"]["name"]: s for s in by_kind(rendered, "Service")}
+    workloads = by_kind(rendered, "Deployment") + by_kind(rendered, "LeaderWorkerSet")
+    for model in settings.models:
+        for version in model.versions:
+            assert version.dns is not None
+            host, port = version.dns.rsplit(":", 1)
+            service = services[host.split(".")[0]]
+            assert service["spec"]["clusterIP"] == "None"
+            assert service["spec"]["ports"][0]["port"] == int(port)
+            selector = service["spec"]["selector"]
+            matched = [w for w in workloads if _pod_labels(w).items() >= _plain(selector).items()]
+            assert len(matched) == 1, (host, selector)
+            for container in _containers(matched[0]):
+                if container["name"] in ("vllm", "vllm-leader"):
+                    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    gateway = next(
+        d for d in by_kind(rendered, "Deployment") if d["metadata"]["name"].endswith("gateway")
+    )
+    probe = gateway["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+    assert probe["httpGet"]["path"] == "/readyz"
+    assert by_kind(rendered, "HorizontalPodAutoscaler")
+    assert len(by_kind(rendered, "ServiceMonitor")) == 2
+
+
+def test_gpu_values_ask_for_gpus_and_parallelism() -> None:
+    rendered = docs("gpu")
+    engines = {
+        d["metadata"]["name"]: d for d in rendered if d["kind"] in ("Deployment", "LeaderWorkerSet")
+    }
+    tp4 = engines["weir-llama-70b-v1"]["spec"]["template"]["spec"]["containers"][0]
+    assert "--tensor-parallel-size=4" in tp4["args"]
+    assert tp4["resources"]["limits"]["nvidia.com/gpu"] == 4
+    multi = engines["weir-llama-405b-v1"]
+    assert multi["kind"] == "LeaderWorkerSet"
+    assert multi["spec"]["leaderWorkerTemplate"]["size"] == 2
+    leader = multi["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"][0]
+    assert "--pipeline-parallel-size=2" in leader["args"][0]
+    assert "--distributed-executor-backend=ray" in leader["args"][0]
+    config = by_kind(rendered, "ConfigMap")[0]["data"]["weir.toml"]
+    assert "split = { v1 = 90, v2 = 10 }" in config
+
+
+def test_the_chart_ships_the_same_dashboard() -> None:
+    chart_copy = (ROOT / "deploy/helm/weir/files/weir.json").read_text()
+    assert chart_copy == (ROOT / "deploy/grafana/weir.json").read_text()
+
+
+def _plain(labels: dict[str, Any]) -> dict[str, str]:
+    return {k: str(v) for k, v in labels.items()}
+
+
+def _pod_labels(workload: dict[str, Any]) -> dict[str, str]:
+    if workload["kind"] == "LeaderWorkerSet":
+        leader = workload["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["metadata"]["labels"]
+        return {**_plain(leader), "leaderworkerset.sigs.k8s.io/worker-index": "0"}
+    return _plain(workload["spec"]["template"]["metadata"]["labels"])
+
+
+def _containers(workload: dict[str, Any]) -> list[dict[str, Any]]:
+    if workload["kind"] == "LeaderWorkerSet":
+        spec = workload["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]
+    else:
+        spec = workload["spec"]["template"]["spec"]
+    containers: list[dict[str, Any]] = spec["containers"]
+    return containers
