@@ -1,0 +1,192 @@
+"""Two gateway processes in front of the same two real engine replicas, sharing Redis.
+
+The engines are the session stack's two vLLM chat replicas; two more ``weir serve``
+processes list them as remote replicas (``urls``) and share one real ``redis-server``
+for keys, limits and the cache. Through both gateways: limits stay exact, tenants never
+see each other's cached answers (and do see their own, whichever gateway stored it), and
+a SIGKILLed replica costs no request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from bench.procs import start_gateway, stop_all, wait_for
+from models.launcher import free_port
+from tests.integration.stack import Stack
+from tests.integration.test_replica_kill import engine_pid, replicas
+from tests.redis_server import RedisServer
+
+ADMIN = "admin-key-for-scale-out"
+GATEWAY = """
+[gateway]
+port = {port}
+engine_total_timeout_s = 120
+
+[keys]
+enabled = true
+redis_url = "{redis}"
+admin_key = "{admin}"
+
+[cache]
+redis_url = "{redis}"
+
+[retrieval]
+enabled = false
+
+[engines]
+log_dir = "{logs}"
+
+[[models]]
+name = "smollm2"
+task = "chat"
+current = "135m-instruct"
+
+[[models.versions]]
+version = "135m-instruct"
+urls = [{urls}]
+tokenizer = "smollm2-135m-instruct"
+"""
+
+
+@dataclass
+class Tier:
+    gateways: list[str]
+    redis: RedisServer
+
+
+@pytest.fixture(scope="module")
+def tier(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tier]:
+    work = tmp_path_factory.mktemp("scale-out")
+    redis = RedisServer(work)
+    urls = ", ".join(f'"{e["base_url"]}"' for e in replicas(stack).values())
+    ports = [free_port(), free_port()]
+    procs = [
+        start_gateway(
+            GATEWAY.format(port=p, redis=redis.url, admin=ADMIN, logs=work, urls=urls),
+            work,
+            f"gateway-{p}",
+        )
+        for p in ports
+    ]
+    try:
+        for port in ports:
+            wait_for(f"http://127.0.0.1:{port}/readyz", timeout_s=120)
+        yield Tier([f"http://127.0.0.1:{p}" for p in ports], redis)
+    finally:
+        stop_all(procs)
+        redis.stop()
+
+
+def new_key(tier: Tier, name: str, **limits: int) -> str:
+    answer = httpx.post(
+        f"{tier.gateways[0]}/weir/admin/keys",
+        headers={"authorization": f"Bearer {ADMIN}"},
+        json={"name": name, **limits},
+    )
+    assert answer.status_code == 200, answer.text
+    key: str = answer.json()["key"]
+    return key
+
+
+def body(text: str, max_tokens: int = 1) -> dict[str, object]:
+    return {
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+
+
+def test_request_limits_are_exact_across_both_gateways(tier: Tier) -> None:
+    key = new_key(tier, "exact", rpm=30)
+
+    async def run() -> Counter[int]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            answers = await asyncio.gather(
+                *(
+                    client.post(
+                        f"{tier.gateways[n % 2]}/v1/chat/completions",
+                        json=body(f"Say {n}."),
+                        headers={"authorization": f"Bearer {key}"},
+                    )
+                    for n in range(80)
+                )
+            )
+        return Counter(a.status_code for a in answers)
+
+    statuses = asyncio.run(run())
+    print(f"\nrpm=30, 80 concurrent requests over 2 gateways: {dict(statuses)}")
+    assert statuses == {200: 30, 429: 50}
+
+
+def test_cache_is_shared_by_gateways_and_never_by_tenants(tier: Tier) -> None:
+    alice, bob = new_key(tier, "alice"), new_key(tier, "bob")
+    a, b = tier.gateways
+    seen: list[tuple[str, str, str]] = []
+    with httpx.Client(timeout=300) as client:
+        for n in range(5):
+            ask = body(f"Name a colour, number {n}.", max_tokens=4)
+            for who, key, gateway in ((alice, "alice", a), (alice, "alice", b), (bob, "bob", b)):
+                answer = client.post(f"{gateway}/v1/chat/completions", json=ask,
+                                     headers={"authorization": f"Bearer {who}"})  # fmt: skip
+                assert answer.status_code == 200, answer.text
+                seen.append((key, gateway, answer.headers["x-weir-cache"]))
+    for n in range(5):
+        first, again, other = seen[3 * n : 3 * n + 3]
+        assert first[2] == "miss"
+        assert again[2] == "hit"  # stored by gateway A, found by gateway B
+        assert other[2] == "miss"  # bob never sees alice's entry
+
+
+def test_a_killed_replica_costs_no_request_through_either_gateway(stack: Stack, tier: Tier) -> None:
+    key = new_key(tier, "kill")
+    victim = next(iter(replicas(stack).values()))
+    port = int(victim["base_url"].rsplit(":", 1)[1])
+    statuses: Counter[int] = Counter()
+
+    async def loop(client: httpx.AsyncClient, gateway: str, until: float) -> None:
+        n = 0
+        while time.monotonic() < until:
+            answer = await client.post(
+                f"{gateway}/v1/chat/completions",
+                json=body(f"Count to {n % 5 + 2}.", max_tokens=8),
+                headers={"authorization": f"Bearer {key}", "x-weir-cache-control": "bypass"},
+            )
+            statuses[answer.status_code] += 1
+            n += 1
+
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=300) as client:
+            until = time.monotonic() + 15
+            loops = [loop(client, g, until) for g in tier.gateways for _ in range(2)]
+            task = asyncio.gather(*loops)
+            await asyncio.sleep(4)
+            os.kill(engine_pid(stack, port), signal.SIGKILL)
+            await task
+
+    asyncio.run(run())
+    print(f"\nreplica SIGKILLed under load through 2 gateways: {dict(statuses)}")
+    assert set(statuses) == {200}
+    assert sum(statuses.values()) >= 20
+    deadline = time.monotonic() + 300  # the stack restarts it; leave it healthy for others
+    while not all(r["healthy"] for r in replicas(stack).values()):
+        assert time.monotonic() < deadline, replicas(stack)
+        time.sleep(1)
+
+
+def test_both_gateways_route_to_both_engines(stack: Stack, tier: Tier) -> None:
+    auth = {"authorization": f"Bearer {new_key(tier, 'viewer')}"}
+    for gateway in tier.gateways:
+        view = httpx.get(f"{gateway}/weir/engines", headers=auth, timeout=10).json()["data"]
+        assert {e["base_url"] for e in view} == {e["base_url"] for e in replicas(stack).values()}
+        assert all(e["requests"] > 0 for e in view), view  # each gateway used each engine
