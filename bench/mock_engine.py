@@ -11,6 +11,7 @@ at 200 ms a chunk.
 Black-box: imports nothing of Weir's.
 
     python -m bench.mock_engine --port 9100 [--chunks 16] [--interval-ms 10] [--delay-ms 0]
+        [--capacity 0]
 """
 
 from __future__ import annotations
@@ -66,7 +67,12 @@ def mock_vector(text: str, dim: int = 384) -> list[float]:
     return [float(v) for v in (values / np.linalg.norm(values)).astype(np.float32)]
 
 
-def make_app(chunks: int, interval_s: float, delay_s: float = 0.0) -> web.Application:
+def make_app(
+    chunks: int, interval_s: float, delay_s: float = 0.0, capacity: int = 0
+) -> web.Application:
+    # an engine's batch: at most ``capacity`` answers in the works, the rest wait their turn
+    slots = asyncio.Semaphore(capacity) if capacity > 0 else None
+
     async def health(_: web.Request) -> web.Response:
         return web.Response(status=200)
 
@@ -85,7 +91,10 @@ def make_app(chunks: int, interval_s: float, delay_s: float = 0.0) -> web.Applic
         if "[hang]" in marker:
             await asyncio.sleep(60)
         if not body.get("stream"):
-            if delay_s:
+            if slots is not None:
+                async with slots:
+                    await asyncio.sleep(delay_s)
+            elif delay_s:
                 await asyncio.sleep(delay_s)
             max_tokens = body.get("max_tokens")
             used = max_tokens if isinstance(max_tokens, int) else 8
@@ -173,9 +182,12 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=16)
     parser.add_argument("--interval-ms", type=float, default=0.0)
     parser.add_argument("--delay-ms", type=float, default=0.0, help="before non-stream answers")
+    parser.add_argument(
+        "--capacity", type=int, default=0, help="answers at a time (0: unbounded), like a batch"
+    )
     args = parser.parse_args()
     web.run_app(
-        make_app(args.chunks, args.interval_ms / 1000, args.delay_ms / 1000),
+        make_app(args.chunks, args.interval_ms / 1000, args.delay_ms / 1000, args.capacity),
         host="127.0.0.1",
         port=args.port,
         print=None,

@@ -42,7 +42,8 @@ from serving.errors import (
     RouteNotFound,
     render,
 )
-from serving.keys.store import make_key_store
+from serving.keys.cache import CachedKeyStore
+from serving.keys.store import KeyStore, make_key_store
 from serving.limits.limiter import Limiter
 from serving.limits.stores import make_limit_store
 from serving.middleware import (
@@ -128,11 +129,13 @@ def create_app(
         settings = settings.model_copy(update={"models": state.apply(settings.models)})
     registry = Registry(settings.models)
     keys = settings.keys
-    key_store = (
+    key_store: KeyStore | None = (
         make_key_store(keys.file, keys.redis_url, keys.timeout_s)
         if keys.enabled or keys.admin_key is not None
         else None
     )
+    if key_store is not None and keys.redis_url and keys.cache_ttl_s > 0:
+        key_store = CachedKeyStore(key_store, ttl_s=keys.cache_ttl_s, stale_s=keys.stale_s)
     limits = settings.limits
     observe = settings.observability
     provider = tracer_provider if tracer_provider is not None else make_provider()

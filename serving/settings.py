@@ -57,6 +57,9 @@ class KeysConfig(BaseModel):
     file: Path = Path("~/.config/weir/keys.json")  # the store without Redis; one process only
     admin_key: SecretStr | None = None  # Bearer key for /weir/admin/*; unset: admin API off
     timeout_s: float = Field(0.5, gt=0)  # Redis connect and read timeout
+    cache_ttl_s: float = Field(5.0, ge=0)  # reuse a looked-up key this long (0: every time);
+    # a revocation reaches the other gateways within it
+    stale_s: float = Field(300.0, ge=0)  # Redis down: keys seen this recently still work
 
 
 class LimitsConfig(BaseModel):

@@ -342,8 +342,9 @@ def test_redis_down_follows_the_policy_and_recovers(rig: Rig) -> None:
     assert during
     assert after
     assert max(s[4] for s in seen) < 2.0, "a request waited on a dead Redis"
-    # while down: store keys cannot be checked (503 auth_unavailable) on either gateway; the
-    # static key passes auth, then the closed gateway refuses and the open one admits locally
+    # while down: a store key seen before the outage passes auth from the gateway's key
+    # cache (one not seen would be 503 auth_unavailable); then the closed gateway refuses
+    # and the open one admits against local counters
     codes = {(s[1], s[2], s[3]) for s in during}
     assert codes <= {
         (rig.closed, 503, "auth_unavailable"),
