@@ -102,11 +102,14 @@ def throughput(
             lambda g: wrk(f"{g}/v1/chat/completions", clients // len(gateways), seconds, script),
             gateways,
         ))  # fmt: skip
+    rps = sum(r["rps"] for r in runs)
+    non2xx = sum(r["non2xx"] for r in runs)
     return {
-        "rps": sum(r["rps"] for r in runs),
+        "rps": rps,
+        "ok_rps": rps - non2xx / seconds,  # answers that were 200s
         "p50_ms": max(r["p50"] for r in runs),
         "p99_ms": max(r["p99"] for r in runs),
-        "non2xx": sum(r["non2xx"] for r in runs),
+        "non2xx": non2xx,
     }
 
 
@@ -159,6 +162,7 @@ def run_cell(args: argparse.Namespace, n: int, m: int, work: Path, redis: str) -
         key = make_key(gateways[0])
         result = throughput(gateways, key, args.clients, args.seconds, work)
         limited = make_key(gateways[0], rpm=args.rpm)
+        time.sleep(2)  # an overloaded gateway skips Redis for limits.retry_s: let it recover
         wait_for_fresh_window()
         result["burst"] = asyncio.run(burst(gateways, limited, 3 * args.rpm))
         result["exact"] = result["burst"].get("200", 0) == args.rpm
@@ -197,12 +201,14 @@ def main() -> None:
         stop_all([redis_proc])
     table = Table(title=f"Simulated fleet: replicas of {args.capacity} x {args.delay_ms:g} ms,"
                         f" {args.clients} clients, {args.seconds:g} s per cell")  # fmt: skip
-    for column in ("gateways", "replicas", "ceiling req/s", "req/s", "p50 ms", "p99 ms", "non-2xx",
-                   f"burst of {3 * args.rpm}, rpm={args.rpm}", "exact"):  # fmt: skip
+    for column in ("gateways", "replicas", "ceiling req/s", "answers/s", "200s/s", "p50 ms",
+                   "p99 ms", "non-2xx", f"burst of {3 * args.rpm}, rpm={args.rpm}",
+                   "exact"):  # fmt: skip
         table.add_column(column, justify="right")
     for c in cells:
         table.add_row(
             str(c["gateways"]), str(c["replicas"]), f"{c['capacity_rps']:.0f}", f"{c['rps']:.0f}",
+            f"{c['ok_rps']:.0f}",
             f"{c['p50_ms']:.1f}", f"{c['p99_ms']:.1f}", f"{c['non2xx']:.0f}", str(c["burst"]),
             "yes" if c["exact"] else "NO",
         )  # fmt: skip
@@ -223,12 +229,12 @@ def plot(cells: list[dict[str, Any]], path: Path) -> None:
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for n in sorted({c["gateways"] for c in cells}):
         row = [c for c in cells if c["gateways"] == n]
-        axis.plot([c["replicas"] for c in row], [c["rps"] for c in row], "o-",
+        axis.plot([c["replicas"] for c in row], [c["ok_rps"] for c in row], "o-",
                   label=f"{n} gateway{'s' if n > 1 else ''}")  # fmt: skip
     ceiling = sorted({(c["replicas"], c["capacity_rps"]) for c in cells})
     axis.plot([r for r, _ in ceiling], [v for _, v in ceiling], "k--", label="engine ceiling")
     axis.set_xlabel("engine replicas")
-    axis.set_ylabel("requests/s through the gateways")
+    axis.set_ylabel("200 answers/s through the gateways")
     axis.set_xscale("log", base=2)
     axis.set_title("Throughput vs replicas (simulated engines)")
     axis.grid(True, alpha=0.3)
