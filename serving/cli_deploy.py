@@ -69,7 +69,6 @@ def follow(client: AdminClient, model: str, timeout_s: float, out: Any = sys.std
 
 
 def deploy(args: argparse.Namespace) -> int:
-    client = _client(args)
     body: dict[str, Any] = {"version": args.version}
     for name in ("canary", "weights", "replicas", "promote_if"):
         if getattr(args, name) is not None:
@@ -78,21 +77,24 @@ def deploy(args: argparse.Namespace) -> int:
         body["window_s"] = args.window
     if args.engine_args is not None:
         body["engine_args"] = args.engine_args.split()
-    try:
-        client.call("POST", f"/weir/admin/models/{args.model}/deploy", body)
-        print(f"weir: deploying {args.model}@{args.version}"
-              + (f" as a {args.canary:g}% canary" if args.canary else ""))  # fmt: skip
-        return 0 if args.no_wait else follow(client, args.model, args.timeout)
-    except AdminCallFailed as exc:
-        print(f"weir: refused: {exc}", file=sys.stderr)
-        return 1
+    doing = f"deploying {args.model}@{args.version}" + (
+        f" as a {args.canary:g}% canary" if args.canary else ""
+    )
+    return _start_and_follow(args, "deploy", body, doing)
 
 
 def rollback(args: argparse.Namespace) -> int:
+    return _start_and_follow(args, "rollback", None, f"rolling back {args.model}")
+
+
+def _start_and_follow(
+    args: argparse.Namespace, action: str, body: dict[str, Any] | None, doing: str
+) -> int:
+    """POST the rollout, then follow it (unless --no-wait); a refusal is exit 1."""
     client = _client(args)
     try:
-        client.call("POST", f"/weir/admin/models/{args.model}/rollback")
-        print(f"weir: rolling back {args.model}")
+        client.call("POST", f"/weir/admin/models/{args.model}/{action}", body)
+        print(f"weir: {doing}")
         return 0 if args.no_wait else follow(client, args.model, args.timeout)
     except AdminCallFailed as exc:
         print(f"weir: refused: {exc}", file=sys.stderr)

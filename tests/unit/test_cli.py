@@ -42,3 +42,24 @@ def test_pull_of_an_unknown_model_fails_cleanly(
 ) -> None:
     assert main(["models", "--store", str(tmp_path), "pull", "gpt-17"]) == 1
     assert "No pull recipe" in capsys.readouterr().err
+
+
+def test_deploy_and_rollback_say_when_the_gateway_does_not_answer(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from models.launcher import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    assert main(["deploy", "smollm2", "v2", "--canary", "10", "--url", url]) == 1
+    assert main(["rollback", "smollm2", "--url", url]) == 1
+    assert main(["deployments", "smollm2", "--url", url]) == 1
+    err = capsys.readouterr().err
+    assert err.count(f"gateway at {url} did not answer") == 3
+
+
+def test_durations_read_like_people_write_them() -> None:
+    from serving.cli_deploy import duration_s
+
+    assert [duration_s(t) for t in ("90", "90s", "5m", "1.5h")] == [90, 90, 300, 5400]
+    with pytest.raises(Exception, match="not a duration"):
+        duration_s("five minutes")
