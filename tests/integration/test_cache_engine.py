@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -238,6 +239,9 @@ def test_limits_settle_to_the_engines_usage_and_metrics_count_it(rig: Rig, redis
         return {"authorization": f"Bearer {secret}"}
 
     auth = asyncio.run(limited_key())
+    into = time.time() % 60  # token windows are wall-clock minutes (Redis TIME): the three
+    if into > 30:  # requests must land in one, or the third sees a fresh, empty window
+        time.sleep(60 - into + 0.5)
     body = chat("Tell me about the sea.", max_tokens=20, temperature=0.5)  # not cached
     with httpx.Client(base_url=rig.base, headers=auth, timeout=60) as client:
         first = client.post("/v1/chat/completions", json=body)
