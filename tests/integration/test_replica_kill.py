@@ -40,6 +40,9 @@ class Tally:
     run: asyncio.Event = field(default_factory=asyncio.Event)  # plain loops go while set
     stop: bool = False
     plain_in_flight: int = 0
+    # streams opened whose first chunk has not come yet: a replica that dies before a
+    # stream's first chunk is retried invisibly, so the kill waits until there are none
+    streams_waiting: int = 0
 
 
 def engine_pid(stack: Stack, port: int) -> int:
@@ -76,9 +79,16 @@ async def plain_loop(client: httpx.AsyncClient, tally: Tally) -> None:
 async def stream_loop(client: httpx.AsyncClient, tally: Tally) -> None:
     while not tally.stop:
         text = ""
+        tally.streams_waiting += 1
+        waiting = True
         async with client.stream("POST", "/v1/chat/completions", json=STREAM) as answer:
             async for line in answer.aiter_lines():
+                if waiting and line.startswith("data:"):
+                    tally.streams_waiting -= 1
+                    waiting = False
                 text += line + "\n"
+        if waiting:
+            tally.streams_waiting -= 1
         body = text.rstrip()
         if answer.status_code != 200:
             tally.streams.append(f"refused {answer.status_code}")
@@ -95,13 +105,18 @@ async def load_and_kill(stack: Stack, victim_port: int) -> tuple[Tally, float]:
         loops = [asyncio.create_task(plain_loop(client, tally)) for _ in range(PLAIN_LOOPS)]
         loops += [asyncio.create_task(stream_loop(client, tally)) for _ in range(STREAM_LOOPS)]
         await asyncio.sleep(10)
-        # Kill while a stream is on the victim: pause plain requests, wait for the victim to
-        # carry only streams, then SIGKILL it and let plain requests run on at once.
+        # Kill while a streaming answer is on the victim: pause plain requests, wait for the
+        # victim to carry only streams already past their first chunk, then SIGKILL it and
+        # let plain requests run on at once.
         tally.run.clear()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # only streams in flight, one on the victim
             victim = (await asyncio.to_thread(replicas, stack))["smollm2@135m-instruct#0"]
-            if tally.plain_in_flight == 0 and victim["outstanding"] >= 1:
+            if (
+                tally.plain_in_flight == 0
+                and tally.streams_waiting == 0
+                and victim["outstanding"] >= 1
+            ):
                 break
             await asyncio.sleep(0.1)
         assert victim["outstanding"] >= 1, "no stream ever reached the victim"

@@ -186,6 +186,14 @@ def test_a_killed_replica_costs_no_request_through_either_gateway(stack: Stack, 
 
 def test_both_gateways_route_to_both_engines(stack: Stack, tier: Tier) -> None:
     auth = {"authorization": f"Bearer {new_key(tier, 'viewer')}"}
+    with httpx.Client(timeout=300) as client:  # sequential: least-outstanding ties alternate
+        for gateway in tier.gateways:
+            for n in range(6):
+                answer = client.post(
+                    f"{gateway}/v1/chat/completions", json=body(f"Spread {n}."),
+                    headers={**auth, "x-weir-cache-control": "bypass"},
+                )  # fmt: skip
+                assert answer.status_code == 200, answer.text
     for gateway in tier.gateways:
         view = httpx.get(f"{gateway}/weir/engines", headers=auth, timeout=10).json()["data"]
         assert {e["base_url"] for e in view} == {e["base_url"] for e in replicas(stack).values()}
