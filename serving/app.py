@@ -44,16 +44,10 @@ from serving.errors import (
 )
 from serving.keys.cache import CachedKeyStore
 from serving.keys.store import KeyStore, make_key_store
+from serving.lane import InferenceLane
 from serving.limits.limiter import Limiter
 from serving.limits.stores import make_limit_store
-from serving.middleware import (
-    ApiKeyMiddleware,
-    BodyLimitMiddleware,
-    RequestIdMiddleware,
-    TracingMiddleware,
-    UnhandledErrorMiddleware,
-    request_id_of,
-)
+from serving.middleware import Front, Keys, request_id_of
 from serving.observe.metrics import Metrics
 from serving.observe.tracing import make_provider, tracer_from
 from serving.proxy import Proxy
@@ -262,17 +256,20 @@ def create_app(
         version="0.1.0",
         lifespan=lifespan,
         middleware=[
-            Middleware(RequestIdMiddleware),
-            Middleware(TracingMiddleware, tracer=tracer),
-            Middleware(UnhandledErrorMiddleware),
-            Middleware(BodyLimitMiddleware, max_bytes=gateway.max_body_bytes),
             Middleware(
-                ApiKeyMiddleware,
-                keys=[k.get_secret_value() for k in gateway.api_keys],
-                store=key_store if keys.enabled else None,
-                admin_key=keys.admin_key.get_secret_value() if keys.admin_key else None,
+                Front,
+                keys=Keys(
+                    [k.get_secret_value() for k in gateway.api_keys],
+                    store=key_store if keys.enabled else None,
+                    admin_key=keys.admin_key.get_secret_value() if keys.admin_key else None,
+                    tracer=tracer,
+                ),
+                max_body_bytes=gateway.max_body_bytes,
                 tracer=tracer,
-            ),
+                lane=InferenceLane(lambda: app.state.proxy, gateway.max_body_bytes)
+                if gateway.inference_lane
+                else None,
+            )
         ],
         exception_handlers={
             WeirModelError: _domain_error,

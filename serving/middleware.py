@@ -1,19 +1,25 @@
-"""Pure ASGI middleware: request ids, unhandled errors, body size and API keys.
+"""The gateway's front door: one pure ASGI layer in front of every route.
 
-Each runs before the body is parsed and passes streams through untouched.
+``Front`` does, in this order and in one pass over the request's headers: the request id
+(a sane incoming ``x-request-id`` or a new one, echoed on the response), the server span
+for ``/v1`` requests (only when tracing exports), the body size limit (by Content-Length
+before reading, else while reading), API keys, and turns whatever escapes the routes into
+a 500 ``internal_error``, never a traceback. Then the request goes to the inference lane
+(``serving.lane``, the three model routes) or to the FastAPI application (the rest).
+Streams pass through untouched.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import os
 import re
-import uuid
 from collections.abc import Sequence
+from typing import Protocol
 
 import orjson
-from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import NoOpTracer, SpanKind, Status, StatusCode, Tracer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.errors import (
@@ -30,11 +36,26 @@ from serving.observe.tracing import extract
 log = logging.getLogger("weir.gateway")
 REQUEST_ID = "x-request-id"
 _SAFE_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # metrics carry no secrets
+ADMIN_PREFIX = "/weir/admin/"
+TRACED_PREFIX = "/v1/"
+
+
+class Lane(Protocol):
+    """What serves some requests without the framework (``serving.lane.InferenceLane``)."""
+
+    def serves(self, scope: Scope) -> bool: ...
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None: ...
 
 
 def request_id_of(scope: Scope) -> str:
     state = scope.get("state") or {}
     return str(state.get("request_id", "-"))
+
+
+def new_request_id() -> str:
+    return os.urandom(16).hex()  # a uuid4's worth of randomness, without building a UUID
 
 
 async def send_error(send: Send, exc: BaseException, request_id: str) -> None:
@@ -49,114 +70,135 @@ async def send_error(send: Send, exc: BaseException, request_id: str) -> None:
     await send({"type": "http.response.body", "body": raw})
 
 
-class RequestIdMiddleware:
-    """Honour a sane incoming ``x-request-id`` or make one; echo it on the response."""
+class Keys:
+    """``Authorization: Bearer KEY`` on every route but the probes.
 
-    def __init__(self, app: ASGIApp) -> None:
+    Static keys (``gateway.api_keys``) are compared in constant time, against every key so
+    that timing says nothing; store keys are looked up by their sha256. ``/weir/admin/``
+    takes the admin key only. Keys never appear in errors or logs.
+    """
+
+    def __init__(
+        self,
+        keys: Sequence[str],
+        store: KeyStore | None = None,
+        admin_key: str | None = None,
+        tracer: Tracer | None = None,
+    ) -> None:
+        # a static key is its own cache tenant, known by a short hash (made once, here)
+        self.static = [(k.encode(), hash_secret(k)[:12]) for k in keys]
+        self.store = store
+        self.admin_key = admin_key.encode() if admin_key else None
+        self.tracer = tracer if tracer is not None and not isinstance(tracer, NoOpTracer) else None
+
+    async def check(self, scope: Scope, authorization: bytes) -> BaseException | None:
+        """None when the request may go on (``state`` then says who it is), else the error."""
+        path = scope["path"]
+        if path in OPEN_PATHS:
+            return None
+        token = _bearer(authorization)
+        if path.startswith(ADMIN_PREFIX):
+            if self.admin_key is None:
+                return PermissionDenied("The admin API is off: set keys.admin_key.")
+            if token is None or not hmac.compare_digest(token, self.admin_key):
+                return Unauthenticated("Missing or invalid admin key.")
+            return None
+        if not self.static and self.store is None:
+            return None
+        denied = Unauthenticated("Missing or invalid API key.")
+        if token is None:
+            return denied
+        tenant = None
+        for key, short in self.static:
+            if hmac.compare_digest(token, key):
+                tenant = short
+        if tenant is not None:
+            scope["state"]["static_key"] = tenant
+            return None
+        if self.store is None:
+            return denied
+        try:
+            if self.tracer is not None:
+                with self.tracer.start_as_current_span("weir.auth"):
+                    record = await self.store.lookup(token.decode(errors="replace"))
+            else:
+                record = await self.store.lookup(token.decode(errors="replace"))
+        except KeyStoreUnavailable:
+            log.error("key store unreachable for request %s", request_id_of(scope))
+            return AuthUnavailable("The key store is unreachable.")
+        if record is None or record.revoked:
+            return denied
+        scope["state"]["key"] = record
+        return None
+
+
+def _bearer(authorization: bytes) -> bytes | None:
+    scheme, _, token = authorization.partition(b" ")
+    token = token.strip()
+    if scheme.lower() != b"bearer" or not token:
+        return None
+    return token
+
+
+class Front:
+    """Request id, span, body limit, keys and the last word on errors; then lane or app."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        keys: Keys,
+        max_body_bytes: int,
+        tracer: Tracer | None = None,
+        lane: Lane | None = None,
+    ) -> None:
         self.app = app
+        self.keys = keys
+        self.max_bytes = max_body_bytes
+        self.tracer = tracer if tracer is not None and not isinstance(tracer, NoOpTracer) else None
+        self.lane = lane
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = dict(scope["headers"]).get(REQUEST_ID.encode(), b"")
-        rid = incoming.decode() if _SAFE_ID.match(incoming) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
-        header = (REQUEST_ID.encode(), rid.encode())
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), header]
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
-
-
-class UnhandledErrorMiddleware:
-    """Whatever escapes the routes becomes a 500 ``internal_error``, never a traceback."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+        incoming = authorization = length = b""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                incoming = value
+            elif name == b"authorization":
+                authorization = value
+            elif name == b"content-length":
+                length = value
+        rid = incoming.decode() if incoming and _SAFE_ID.match(incoming) else new_request_id()
+        state = scope.get("state")
+        if state is None:
+            state = scope["state"] = {}
+        state["request_id"] = rid
+        id_header = (b"x-request-id", rid.encode())
         started = False
 
-        async def tracking_send(message: Message) -> None:
+        async def send_out(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                message["headers"] = [*message.get("headers", ()), id_header]
             await send(message)
 
         try:
-            await self.app(scope, receive, tracking_send)
+            if self.tracer is not None and scope["path"].startswith(TRACED_PREFIX):
+                await self._traced(scope, receive, send_out, authorization, length)
+            else:
+                await self._serve(scope, receive, send_out, authorization, length)
         except Exception as exc:
-            rid = request_id_of(scope)
             log.exception("unhandled error in request %s", rid)
             if not started:
-                await send_error(send, exc, rid)
+                await send_error(send_out, exc, rid)
 
-
-class BodyLimitMiddleware:
-    """413 for bodies over ``max_bytes``: by Content-Length before reading, else while reading."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        too_large = PayloadTooLarge(f"Request body is larger than {self.max_bytes} bytes.")
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await send_error(send, too_large, request_id_of(scope))
-            return
-        seen = 0
-        answered = False
-
-        async def counting_receive() -> Message:
-            nonlocal seen, answered
-            message = await receive()
-            if message["type"] == "http.request" and not answered:
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    # Answer now; the app sees a disconnect and whatever it sends is dropped.
-                    answered = True
-                    await send_error(send, too_large, request_id_of(scope))
-                    return {"type": "http.disconnect"}
-            return message
-
-        async def guarded_send(message: Message) -> None:
-            if not answered:
-                await send(message)
-
-        await self.app(scope, counting_receive, guarded_send)
-
-
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # metrics carry no secrets
-ADMIN_PREFIX = "/weir/admin/"
-
-
-class TracingMiddleware:
-    """A server span per ``/v1`` request, continuing an incoming W3C ``traceparent``.
-
-    The span stays current for the whole exchange, streams included, so the gateway's
-    own spans (auth, limits, engine) nest under it and the engine call carries it on.
-    """
-
-    def __init__(self, app: ASGIApp, tracer: Tracer, prefix: str = "/v1/") -> None:
-        self.app = app
-        self.tracer = tracer
-        self.prefix = prefix
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
-            await self.app(scope, receive, send)
-            return
+    async def _traced(
+        self, scope: Scope, receive: Receive, send: Send, authorization: bytes, length: bytes
+    ) -> None:
+        assert self.tracer is not None
         carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         name = f"{scope['method']} {scope['path']}"
         with self.tracer.start_as_current_span(
@@ -174,82 +216,46 @@ class TracingMiddleware:
                         span.set_status(Status(StatusCode.ERROR))
                 await send(message)
 
-            await self.app(scope, receive, traced_send)
+            await self._serve(scope, receive, traced_send, authorization, length)
 
-
-def _bearer(scope: Scope) -> str | None:
-    auth: bytes = dict(scope["headers"]).get(b"authorization", b"")
-    scheme, _, token = auth.partition(b" ")
-    if scheme.lower() != b"bearer" or not token.strip():
-        return None
-    return token.strip().decode(errors="replace")
-
-
-class ApiKeyMiddleware:
-    """``Authorization: Bearer KEY`` on every route but the probes.
-
-    Static keys (``gateway.api_keys``) are compared in constant time; store keys are
-    looked up by their sha256. The record of the key used goes to ``state["key"]``.
-    ``/weir/admin/`` takes the admin key only. Keys never appear in errors or logs.
-    """
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        keys: Sequence[str],
-        store: KeyStore | None = None,
-        admin_key: str | None = None,
-        tracer: Tracer | None = None,
+    async def _serve(
+        self, scope: Scope, receive: Receive, send: Send, authorization: bytes, length: bytes
     ) -> None:
-        self.app = app
-        self.tracer = tracer or trace.NoOpTracer()
-        self.keys = [k.encode() for k in keys]
-        self.store = store
-        self.admin_key = admin_key.encode() if admin_key else None
+        rid = scope["state"]["request_id"]
+        if length.isdigit() and int(length) > self.max_bytes:
+            await send_error(send, self._too_large(), rid)
+            return
+        refused = await self.keys.check(scope, authorization)
+        if refused is not None:
+            await send_error(send, refused, rid)
+            return
+        if self.lane is not None and self.lane.serves(scope):
+            await self.lane(scope, receive, send)  # it reads the body under the same limit
+            return
+        await self._limited(scope, receive, send)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
-            await self.app(scope, receive, send)
-            return
-        rid = request_id_of(scope)
-        token = _bearer(scope)
-        if scope["path"].startswith(ADMIN_PREFIX):
-            if self.admin_key is None:
-                await send_error(
-                    send, PermissionDenied("The admin API is off: set keys.admin_key."), rid
-                )
-                return
-            if token is None or not hmac.compare_digest(token.encode(), self.admin_key):
-                await send_error(send, Unauthenticated("Missing or invalid admin key."), rid)
-                return
-            await self.app(scope, receive, send)
-            return
-        if not self.keys and self.store is None:
-            await self.app(scope, receive, send)
-            return
-        denied = Unauthenticated("Missing or invalid API key.")
-        if token is None:
-            await send_error(send, denied, rid)
-            return
-        matched = False
-        for key in self.keys:  # compare against every key: timing says nothing
-            matched |= hmac.compare_digest(token.encode(), key)
-        if matched:
-            # a static key is its own cache tenant, known by a short hash
-            scope.setdefault("state", {})["static_key"] = hash_secret(token)[:12]
-        else:
-            if self.store is None:
-                await send_error(send, denied, rid)
-                return
-            try:
-                with self.tracer.start_as_current_span("weir.auth"):
-                    record = await self.store.lookup(token)
-            except KeyStoreUnavailable:
-                log.error("key store unreachable for request %s", rid)
-                await send_error(send, AuthUnavailable("The key store is unreachable."), rid)
-                return
-            if record is None or record.revoked:
-                await send_error(send, denied, rid)
-                return
-            scope.setdefault("state", {})["key"] = record
-        await self.app(scope, receive, send)
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"Request body is larger than {self.max_bytes} bytes.")
+
+    async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The app, with the body counted as it is read: 413 the moment it passes the limit."""
+        seen = 0
+        answered = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen, answered
+            message = await receive()
+            if message["type"] == "http.request" and not answered:
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    # Answer now; the app sees a disconnect and whatever it sends is dropped.
+                    answered = True
+                    await send_error(send, self._too_large(), request_id_of(scope))
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            if not answered:
+                await send(message)
+
+        await self.app(scope, counting_receive, guarded_send)

@@ -31,7 +31,11 @@ def _is_field(part: str) -> bool:
 
 
 def invalid_request_from(exc: RequestValidationError) -> InvalidRequest:
-    errors = exc.errors()
+    return invalid_request_from_errors(exc.errors())
+
+
+def invalid_request_from_errors(errors: Sequence[Any]) -> InvalidRequest:
+    """The first of pydantic's ``errors()`` as one ``InvalidRequest`` naming its field."""
     if not errors:
         return InvalidRequest("Invalid request body.")
     first = errors[0]
