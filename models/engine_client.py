@@ -1,8 +1,10 @@
 """The engine seam: the one adapter that speaks HTTP to a vLLM OpenAI server.
 
-``Engine`` is the interface the gateway uses; ``HttpEngine`` implements it over one
-pooled ``aiohttp`` session, and test fakes implement the same Protocol. Every aiohttp
-or asyncio exception is translated here into ``models.errors`` (chained with ``from``).
+``Engine`` is the interface the gateway uses; ``HttpEngine`` implements it: requests go
+over its own keep-alive pool (``models.h1``, the lean client for the hot path), health
+checks over the shared ``aiohttp`` session. Test fakes implement the same Protocol.
+Every client or asyncio exception is translated here into ``models.errors`` (chained
+with ``from``).
 The engine's JSON is passed on as parsed dicts; streams yield the raw payload of each
 SSE ``data:`` event, so the gateway adds no re-framing work to each chunk.
 """
@@ -17,6 +19,7 @@ from typing import Any, Protocol
 
 import aiohttp
 import orjson
+from opentelemetry import trace
 from opentelemetry.propagate import inject
 
 from models.errors import (
@@ -27,6 +30,7 @@ from models.errors import (
     EngineTimeout,
     EngineUnavailable,
 )
+from models.h1 import ConnectFailed, Response, Upstream, UpstreamError, UpstreamTimeout
 
 JSON = dict[str, Any]
 
@@ -68,35 +72,42 @@ class EngineTimeouts:
 
 
 class HttpEngine:
-    """A vLLM OpenAI server at ``base_url``, reached through a shared session."""
+    """A vLLM OpenAI server at ``base_url``."""
 
     def __init__(
-        self, name: str, base_url: str, session: aiohttp.ClientSession, timeouts: EngineTimeouts
+        self,
+        name: str,
+        base_url: str,
+        session: aiohttp.ClientSession,
+        timeouts: EngineTimeouts,
+        *,
+        max_connections: int = 1000,
     ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
         self._session = session
         self._timeouts = timeouts
-        self._request_timeout = aiohttp.ClientTimeout(
-            total=timeouts.total_s, sock_connect=timeouts.connect_s, sock_read=timeouts.idle_s
-        )
-        self._stream_timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=timeouts.connect_s, sock_read=timeouts.idle_s
+        self._upstream = Upstream(
+            self.base_url, connect_timeout_s=timeouts.connect_s, limit=max_connections
         )
 
     def __repr__(self) -> str:
         return f"HttpEngine(name={self.name!r}, base_url={self.base_url!r})"
 
     async def complete(self, path: str, body: JSON) -> JSON:
+        timeouts = self._timeouts
         try:
-            async with self._session.post(
-                self.base_url + path, json=body, timeout=self._request_timeout, headers=_trace()
-            ) as response:
+            response = await self._upstream.post(
+                path, _dumps(body), _trace(), idle_s=timeouts.idle_s, total_s=timeouts.total_s
+            )
+            try:
                 raw = await response.read()
-                if response.status >= 400:
-                    raise self._status_error(response.status, raw)
-        except (TimeoutError, aiohttp.ClientError) as exc:
+            finally:
+                response.release()
+        except UpstreamError as exc:
             raise self._transport_error(exc) from exc
+        if response.status >= 400:
+            raise self._status_error(response.status, raw)
         try:
             parsed: JSON = orjson.loads(raw)
         except ValueError as exc:
@@ -106,15 +117,15 @@ class HttpEngine:
     async def open_stream(self, path: str, body: JSON) -> EngineStream:
         """POST and check the status before any byte reaches the client."""
         try:
-            response = await self._session.post(
-                self.base_url + path, json=body, timeout=self._stream_timeout, headers=_trace()
+            response = await self._upstream.post(
+                path, _dumps(body), _trace(), idle_s=self._timeouts.idle_s
             )
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except UpstreamError as exc:
             raise self._transport_error(exc) from exc
         if response.status >= 400:
             try:
                 raw = await response.read()
-            except (TimeoutError, aiohttp.ClientError) as exc:
+            except UpstreamError as exc:
                 raise self._transport_error(exc) from exc
             finally:
                 response.release()
@@ -130,12 +141,13 @@ class HttpEngine:
             return False
 
     async def aclose(self) -> None:
-        """The session is shared and owned by whoever made it; nothing to release here."""
+        """Close the idle pooled connections; the aiohttp session is its owner's."""
+        self._upstream.close()
 
     def _transport_error(self, exc: BaseException) -> EngineError:
-        if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        if isinstance(exc, UpstreamTimeout | asyncio.TimeoutError):
             return EngineTimeout(f"engine {self.name} did not answer in time", engine=self.name)
-        if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc, ConnectFailed):
             return EngineUnavailable(f"engine {self.name} refused the connection", engine=self.name)
         return EngineFailed(
             f"connection to engine {self.name} broke: {type(exc).__name__}", engine=self.name
@@ -151,11 +163,23 @@ class HttpEngine:
         return EngineFailed(text, engine=self.name)
 
 
-def _trace() -> dict[str, str]:
+def _dumps(body: JSON) -> bytes:
+    try:
+        return orjson.dumps(body)
+    except TypeError:  # what orjson refuses (ints past 64 bits)
+        return json.dumps(body).encode()
+
+
+_NO_HEADERS: tuple[tuple[str, str], ...] = ()
+
+
+def _trace() -> tuple[tuple[str, str], ...]:
     """W3C ``traceparent`` (and ``tracestate``) of the current span, for the engine."""
+    if not trace.get_current_span().get_span_context().is_valid:
+        return _NO_HEADERS  # tracing off: nothing to carry
     headers: dict[str, str] = {}
     inject(headers)
-    return headers
+    return tuple(headers.items())
 
 
 def _error_fields(raw: bytes) -> tuple[str, str | None]:
@@ -174,10 +198,9 @@ def _error_fields(raw: bytes) -> tuple[str, str | None]:
 
 
 class _HttpStream:
-    def __init__(self, engine: HttpEngine, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, engine: HttpEngine, response: Response) -> None:
         self._engine = engine
         self._response = response
-        self._finished = False
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._events()
@@ -185,7 +208,7 @@ class _HttpStream:
     async def _events(self) -> AsyncIterator[bytes]:
         buffer = b""
         try:
-            async for piece in self._response.content.iter_any():
+            async for piece in self._response.iter_chunks():
                 buffer += piece
                 while True:
                     end = buffer.find(b"\n\n")
@@ -195,13 +218,10 @@ class _HttpStream:
                     for line in event.split(b"\n"):
                         if line.startswith(b"data:"):
                             yield line[5:].strip()
-            self._finished = True
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except UpstreamError as exc:
             raise self._engine._transport_error(exc) from exc
 
     async def aclose(self) -> None:
-        if self._finished:
-            self._response.release()  # the connection goes back to the pool
-        else:
-            # Dropping the connection is what makes vLLM abort the request.
-            self._response.close()
+        # Read to its end, the connection goes back to the pool; else it is closed, which
+        # is what makes vLLM abort the request.
+        self._response.release()

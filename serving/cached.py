@@ -32,6 +32,7 @@ from serving.keys.records import KeyRecord
 from serving.limits.limiter import Ticket, Unlimited
 from serving.observe.metrics import Metrics
 from serving.observe.record import Observation
+from serving.observe.tracing import span
 from serving.protocol.requests import ModelRequest
 
 JSON = dict[str, Any]
@@ -49,7 +50,7 @@ class CachedCalls:
         self,
         cache: Cache,
         dispatcher: Dispatcher,
-        tracer: Tracer,
+        tracer: Tracer | None,
         metrics: Metrics | None,
         embeddings: bool,
     ) -> None:
@@ -96,9 +97,9 @@ class CachedCalls:
         ticket: Ticket | Unlimited,
         obs: Observation,
     ) -> Response | None:
-        with self.tracer.start_as_current_span("weir.cache") as span:
+        with span(self.tracer, "weir.cache") as current:
             entry = await self.cache.lookup(plan.key)
-            span.set_attribute("weir.cache.hit", entry is not None)
+            current.set_attribute("weir.cache.hit", entry is not None)
         if entry is None or (request.stream and not replayable(entry)):
             self.count("response", "miss")
             return None
@@ -140,9 +141,9 @@ class CachedCalls:
         inputs: list[Any] = [raw] if single else list(raw)
         dims = body.get("dimensions")
         keys = [embedding_key(target.model, target.version, dims, text) for text in inputs]
-        with self.tracer.start_as_current_span("weir.cache") as span:
+        with span(self.tracer, "weir.cache") as current:
             vectors = await self.cache.lookup_vectors(keys)
-            span.set_attribute("weir.cache.hits", sum(v is not None for v in vectors))
+            current.set_attribute("weir.cache.hits", sum(v is not None for v in vectors))
         missing = [i for i, v in enumerate(vectors) if v is None]
         engine_tokens = 0
         model = body.get("model")

@@ -26,17 +26,36 @@ async def until_disconnect(receive: Receive) -> None:
 
 
 async def run_or_cancel(work: Awaitable[T], receive: Receive) -> T:
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(until_disconnect(receive))
+    """``await work``, cancelled with ``ClientClosed`` the moment the client disconnects.
+
+    The work runs in the caller's task; one watcher task waits on ``receive`` and cancels
+    the caller only while the work is still pending (checked in the same thread, so an
+    answer that is already in is never thrown away)."""
+    caller = asyncio.current_task()
+    assert caller is not None
+    pending = True
+    left = False
+
+    async def watch() -> None:
+        nonlocal left
+        await until_disconnect(receive)
+        if pending:
+            left = True
+            caller.cancel()
+
+    watcher = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if left:
+            caller.uncancel()
+            raise ClientClosed(
+                "The client closed the connection before the answer was ready."
+            ) from None
+        raise
     finally:
-        if not task.done():
-            task.cancel()
+        pending = False
         watcher.cancel()
-    if task.cancelled() or not task.done():
-        raise ClientClosed("The client closed the connection before the answer was ready.")
-    return task.result()
 
 
 class SSEResponse(StreamingResponse):

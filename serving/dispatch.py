@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Tracer
 
 from models.backoff import ExponentialBackoff
@@ -37,6 +36,7 @@ from models.fleet import Fleet, Replica
 from models.retry_budget import RetryBudget
 from models.router import LeastOutstanding, eligible
 from models.types import ServedVersion
+from serving.observe.tracing import recording, span
 
 JSON = dict[str, Any]
 T = TypeVar("T")
@@ -114,7 +114,7 @@ class Dispatcher:
     ) -> None:
         self.fleet = fleet
         self.sleep = sleep
-        self.tracer = tracer or trace.NoOpTracer()
+        self.tracer = recording(tracer)
         self.on_retry = on_retry
         self.routing: dict[str, RoutingConfig] = {}
         self.deadlines: dict[str, Deadlines] = {}
@@ -239,11 +239,12 @@ class Dispatcher:
             attempt.replica.outstanding += 1
             attempt.replica.requests += 1
             try:
-                with self.tracer.start_as_current_span(
-                    "weir.engine", kind=SpanKind.CLIENT, record_exception=False
-                ) as span:
-                    span.set_attribute("weir.replica", str(attempt.replica.key))
-                    span.set_attribute("weir.attempt", failures + 1)
+                with span(
+                    self.tracer, "weir.engine", kind=SpanKind.CLIENT, record_exception=False
+                ) as current:
+                    if self.tracer is not None:
+                        current.set_attribute("weir.replica", str(attempt.replica.key))
+                        current.set_attribute("weir.attempt", failures + 1)
                     result = await call(attempt.replica)
             except EngineError as exc:
                 attempt.end(exc)

@@ -13,7 +13,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from opentelemetry import trace
 from opentelemetry.trace import Tracer
 from starlette.requests import Request
 from starlette.responses import Response
@@ -48,6 +47,7 @@ from serving.limits.plan import plan, reservation_size
 from serving.middleware import request_id_of
 from serving.observe.metrics import Metrics
 from serving.observe.record import Observation
+from serving.observe.tracing import recording, span
 from serving.protocol.requests import ModelRequest
 from serving.rag import RetrievalGate
 from serving.rollout.tracker import VersionTracker
@@ -106,12 +106,12 @@ class Proxy:
         self.cache = cache
         self.cache_embeddings = cache_embeddings
         self.cached = (
-            CachedCalls(cache, dispatcher, tracer or trace.NoOpTracer(), metrics, cache_embeddings)
+            CachedCalls(cache, dispatcher, recording(tracer), metrics, cache_embeddings)
             if cache is not None
             else None
         )
         self.metrics = metrics
-        self.tracer = tracer or trace.NoOpTracer()
+        self.tracer = recording(tracer)
         self.log_requests = log_requests
         self.registry = registry
         self.dispatcher = dispatcher
@@ -171,7 +171,7 @@ class Proxy:
         prepared = route.prepare(request, self.counters.get(served.key), self.config)
         obs.asked(prepared.body)
         http.state.prompt_tokens = prepared.prompt_tokens
-        with self.tracer.start_as_current_span("weir.limits"):
+        with span(self.tracer, "weir.limits"):
             ticket = await self._admit(key, served, prepared, getattr(request, "n", 1) or 1)
         http.state.ticket = ticket
         plan = (
@@ -211,7 +211,7 @@ class Proxy:
                 "weir.retrieval works on chat completions, with retrieval on.",
                 param="weir.retrieval",
             )
-        with self.tracer.start_as_current_span("weir.retrieval"):
+        with span(self.tracer, "weir.retrieval"):
             asked = request.model_dump(exclude_unset=True)
             messages, found = await self.rag.augment(http, asked, spec)
         http.state.rag = found

@@ -21,8 +21,14 @@ KEEP_NULL = frozenset({"content", "refusal", "logprobs", "finish_reason"})
 
 def drop_nulls(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: drop_nulls(v) for k, v in value.items() if v is not None or k in KEEP_NULL}
+        return {
+            k: drop_nulls(v) if isinstance(v, dict | list) else v
+            for k, v in value.items()
+            if v is not None or k in KEEP_NULL
+        }
     if isinstance(value, list):
+        if value and isinstance(value[0], float | int | str):
+            return value  # an embedding, token ids: nothing to clean, nothing to walk
         return [drop_nulls(v) for v in value]
     return value
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -97,7 +97,7 @@ class Limiter:
         return f"Limiter(store={self.store!r}, policy={self.policy!r})"
 
     async def admit(self, model: str, checks: Sequence[Check]) -> Ticket:
-        rid = uuid.uuid4().hex
+        rid = os.urandom(16).hex()
         store = self.store
         decision: Decision | None = None
         if self.clock() >= self._down_until:
@@ -122,6 +122,9 @@ class Limiter:
         return Ticket(self, store, rid, reserved, headers)
 
     def settle_soon(self, ticket: Ticket, used_tokens: int) -> None:
+        if isinstance(ticket.store, MemoryLimitStore):
+            ticket.store.settle_now(ticket.rid, used_tokens)  # in-process: nothing to wait for
+            return
         task = asyncio.get_running_loop().create_task(self._settle(ticket, used_tokens))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)

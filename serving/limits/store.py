@@ -127,6 +127,9 @@ class MemoryLimitStore:
         return Decision(True, tuple(standings))
 
     async def settle(self, rid: str, used_tokens: int) -> bool:
+        return self.settle_now(rid, used_tokens)
+
+    def settle_now(self, rid: str, used_tokens: int) -> bool:
         held = self._held.pop(rid, None)
         if held is None:
             return False

@@ -31,7 +31,10 @@ OPERATIONS = {
 
 def prompt_hash(body: JSON) -> str:
     """A stable short hash of what was asked (to correlate, not to recover)."""
-    asked = body.get("messages", body.get("prompt", body.get("input")))
+    return asked_hash(body.get("messages", body.get("prompt", body.get("input"))))
+
+
+def asked_hash(asked: Any) -> str:
     return hashlib.sha256(orjson.dumps(asked, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 
@@ -49,7 +52,7 @@ class Observation:
     started: float = field(default_factory=time.perf_counter)
     first_at: float | None = None
     last_at: float | None = None
-    prompt_digest: str | None = None
+    _asked: Any = None  # the messages, prompt or input: hashed for the log line only
     cache: str | None = None
     fallback: str | None = None
     _served: bool = False
@@ -74,8 +77,10 @@ class Observation:
         self.model, self.version = model, version
 
     def asked(self, body: JSON) -> None:
-        self.prompt_digest = prompt_hash(body)
+        self._asked = body.get("messages", body.get("prompt", body.get("input")))
         span = trace.get_current_span()
+        if not span.is_recording():
+            return
         span.set_attribute("gen_ai.operation.name", OPERATIONS.get(self.route, self.route))
         span.set_attribute("gen_ai.request.model", self.model)
         span.set_attribute("weir.model_version", self.version)
@@ -135,13 +140,14 @@ class Observation:
             ttft = None if failed or status != 200 else (elapsed if first is None else first)
             self.tracker.leave(f"{self.model}@{self.version}", ttft, failed)
         span = span or trace.get_current_span()
-        if prompt is not None:
-            span.set_attribute("gen_ai.usage.input_tokens", prompt)
-        if completion is not None:
-            span.set_attribute("gen_ai.usage.output_tokens", completion)
-        if error_type is not None:
-            span.set_attribute("error.type", error_type)
-        if not self.log_requests:
+        if span.is_recording():
+            if prompt is not None:
+                span.set_attribute("gen_ai.usage.input_tokens", prompt)
+            if completion is not None:
+                span.set_attribute("gen_ai.usage.output_tokens", completion)
+            if error_type is not None:
+                span.set_attribute("error.type", error_type)
+        if not self.log_requests or not access.isEnabledFor(logging.INFO):
             return
         ctx = span.get_span_context()
         access.info(
@@ -163,7 +169,7 @@ class Observation:
                 "duration_ms": round(elapsed * 1000, 2),
                 "cache": self.cache,
                 "fallback": self.fallback,
-                "prompt_hash": self.prompt_digest,
+                "prompt_hash": None if self._asked is None else asked_hash(self._asked),
             }},
         )  # fmt: skip
 

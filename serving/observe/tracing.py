@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.propagate import extract, inject
@@ -19,7 +21,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.trace import Tracer
 
-__all__ = ["extract", "inject", "make_provider", "tracer_from"]
+__all__ = ["extract", "inject", "make_provider", "recording", "span", "tracer_from"]
+NO_SPAN = nullcontext(trace.INVALID_SPAN)  # reusable: entering it does nothing
 
 
 def _exporter() -> SpanExporter | None:
@@ -58,3 +61,16 @@ def tracer_from(provider: trace.TracerProvider | None) -> Tracer:
 
 def carrier(headers: Mapping[str, str]) -> dict[str, str]:
     return {k.lower(): v for k, v in headers.items()}
+
+
+def recording(tracer: Tracer | None) -> Tracer | None:
+    """``tracer``, or None when it is the no-op one (tracing off)."""
+    return None if tracer is None or isinstance(tracer, trace.NoOpTracer) else tracer
+
+
+def span(tracer: Tracer | None, name: str, **options: Any) -> AbstractContextManager[trace.Span]:
+    """``tracer.start_as_current_span(name)``; with tracing off, a context that costs nothing
+    (even the no-op tracer's spans cost a few microseconds per request)."""
+    if tracer is None:
+        return NO_SPAN
+    return tracer.start_as_current_span(name, **options)
