@@ -64,6 +64,7 @@ class _Connection(asyncio.Protocol):
         self.headers_done = False
         self.complete = False
         self.delimited = False  # Content-Length or chunked: the end is known without EOF
+        self.keep_alive = False
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -109,6 +110,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.complete = True
+        self.keep_alive = self.parser.should_keep_alive()  # only right inside this callback
         self._wake()
 
     # used by the pool and the response
@@ -145,7 +147,7 @@ class _Connection(asyncio.Protocol):
             self.complete
             and not self.closed
             and self.error is None
-            and self.parser.should_keep_alive()
+            and self.keep_alive
         )
 
     def begin(self) -> None:

@@ -9,6 +9,7 @@ and closes the stream generator so the engine connection is dropped at once.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import TypeVar
 
@@ -18,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 from serving.errors import ClientClosed
 
 T = TypeVar("T")
+log = logging.getLogger("weir.gateway")
 
 
 async def until_disconnect(receive: Receive) -> None:
@@ -75,18 +77,34 @@ class SSEResponse(StreamingResponse):
         self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        pump: asyncio.Future[None] | None = None
+        # The stream is pumped in this task; a watcher cancels it if the client leaves.
+        caller = asyncio.current_task()
+        assert caller is not None
+        pumping = True
+        left = False
+
+        async def watch() -> None:
+            nonlocal left
+            await until_disconnect(receive)
+            if pumping:
+                left = True
+                caller.cancel()
+
         watcher: asyncio.Future[None] | None = None
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            pump = asyncio.ensure_future(self._pump(send))
-            watcher = asyncio.ensure_future(until_disconnect(receive))
-            await asyncio.wait({pump, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            watcher = asyncio.ensure_future(watch())
+            await self._pump(send)
+        except asyncio.CancelledError:
+            if not left:
+                raise
+            caller.uncancel()  # the client left: this response is over, nothing else is
+        except OSError as exc:
+            log.info("stream write failed: %s", exc)
         finally:
-            tasks = [t for t in (pump, watcher) if t is not None]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            pumping = False
+            if watcher is not None:
+                watcher.cancel()
             await self.events.aclose()  # closes the engine stream if the pump did not finish
             if self.on_close is not None:
                 self.on_close()
