@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -66,6 +66,9 @@ class VersionConfig(_Strict):
     replicas: int = Field(1, ge=1, le=64)
     engine_args: list[str] = []
     env: dict[str, str] = {}
+    # CPU hosts: the cores this version's local engines run on (processes pinned, vLLM's
+    # OpenMP threads bound there); empty: vLLM binds from core 0 up, every engine alike
+    cpus: list[Annotated[int, Field(ge=0)]] = []
     standby: bool = False  # configured but not started: `weir deploy` starts it
 
     @field_validator("version")

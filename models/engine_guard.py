@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m models.engine_guard")
     parser.add_argument("--grace", type=float, default=10.0)
     parser.add_argument("--pidfile", default=None, help="write the engine's pid (= its pgid) here")
+    parser.add_argument(
+        "--cpus", default="", help="comma-separated cores the engine runs on (it inherits them)"
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -76,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     # Ctrl-C reaches the whole foreground group; the gateway stops engines in its own order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if args.cpus:
+        os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
     child = subprocess.Popen(command, start_new_session=True, stdin=subprocess.DEVNULL)
     print(f"engine_guard: engine pid {child.pid}", flush=True)
     if args.pidfile:

@@ -143,12 +143,7 @@ class _Connection(asyncio.Protocol):
         return data
 
     def reusable(self) -> bool:
-        return (
-            self.complete
-            and not self.closed
-            and self.error is None
-            and self.keep_alive
-        )
+        return self.complete and not self.closed and self.error is None and self.keep_alive
 
     def begin(self) -> None:
         self._reset()

@@ -146,7 +146,8 @@ class ReplicaFactory:
             process = EngineProcess(
                 str(key),
                 cmd,
-                env=vllm_engine.environment(engines, version.env, self.host),
+                env=vllm_engine.environment(engines, version.env, self.host, version.cpus),
+                cpus=version.cpus if self.host == "cpu" else (),
                 log_path=engines.log_dir.expanduser()
                 / f"{model.name}@{version.version}-{index}.log",
                 grace_s=engines.stop_grace_s,

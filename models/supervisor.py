@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from models.backoff import Backoff
@@ -37,8 +37,10 @@ class EngineProcess:
         grace_s: float,
         backoff: Backoff,
         clock: Callable[[], float] = time.monotonic,
+        cpus: Sequence[int] = (),
     ) -> None:
         self.name = name
+        self.cpus = tuple(cpus)  # pinned to these cores (CPU hosts); empty: anywhere
         self.command = command
         self.env = env
         self.log_path = log_path
@@ -112,7 +114,10 @@ class EngineProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.pidfile.unlink(missing_ok=True)  # never act on a stale one
         guard = [sys.executable, "-m", "models.engine_guard", "--grace", str(self.grace_s)]
-        guard += ["--pidfile", str(self.pidfile), "--"]
+        guard += ["--pidfile", str(self.pidfile)]
+        if self.cpus:
+            guard += ["--cpus", ",".join(str(c) for c in sorted(self.cpus))]
+        guard += ["--"]
         with self.log_path.open("ab") as log_file:
             proc = await asyncio.create_subprocess_exec(
                 *guard,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -49,10 +50,14 @@ def command(
     return cmd + extra_args
 
 
-def environment(config: EngineConfig, extra: dict[str, str], host: HostKind) -> dict[str, str]:
+def environment(
+    config: EngineConfig, extra: dict[str, str], host: HostKind, cpus: Sequence[int] = ()
+) -> dict[str, str]:
     env = dict(os.environ)
     if host == "cpu":
         env.update(config.cpu_env)
+        if cpus:  # vLLM's OpenMP threads on the version's cores (its own binding: core 0 up)
+            env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in sorted(cpus))
     env.update(extra)
     env.setdefault("HF_HUB_OFFLINE", "1")  # weights come from the store, never a hub
     env.setdefault("VLLM_NO_USAGE_STATS", "1")

@@ -58,6 +58,7 @@ current = "v1"
 version = "v1"
 weights = "smollm2-135m-instruct"
 engine_args = ["--max-model-len", "1024"]
+cpus = [0]
 
 [[models.versions]]
 version = "v2"
@@ -65,8 +66,9 @@ weights = "smollm2-135m-instruct"
 engine_args = ["--max-model-len", "2048"]
 standby = true
 # its own core, as a new version gets its own GPU: vLLM's automatic binding puts every
-# engine on core 0, where the busy v1 engine starves a start-up for minutes on 2 cores
-env = {{ VLLM_CPU_OMP_THREADS_BIND = "1" }}
+# engine on core 0, where the busy v1 engine (its OpenMP threads spin there) starved the
+# new engine's start-up past 5 minutes in some runs on 2 cores, its processes included
+cpus = [1]
 """
 RATE = 4.0  # requests per second arriving during the swap
 ENDED = ("done", "failed", "promoted", "rolled_back", "canary")

@@ -17,7 +17,9 @@ import aiohttp
 import psutil
 import pytest
 
+from models import vllm_engine
 from models.backoff import ExponentialBackoff
+from models.config import EngineConfig
 from models.engine_client import EngineTimeouts, HttpEngine
 from models.fleet import Fleet, Replica
 from models.launcher import free_port
@@ -211,3 +213,36 @@ def test_backoff_doubles_to_its_cap() -> None:
     assert [backoff.compute(n) for n in range(0, 8)] == [0, 1, 2, 4, 8, 16, 30, 30]
     jittered = ExponentialBackoff(base=1.0, cap=30.0, jitter=True)
     assert all(0 <= jittered.compute(5) <= 16 for _ in range(100))
+
+
+SHOW_CORES = "import os, time; print(sorted(os.sched_getaffinity(0)), flush=True); time.sleep(30)"
+
+
+async def test_an_engine_pinned_to_cores_runs_only_there(tmp_path: Path) -> None:
+    """``cpus`` (a version's cores on a CPU host): the guard and the engine under it are
+    pinned, and vLLM is told to bind its OpenMP threads to the same cores."""
+    core = max(os.sched_getaffinity(0))
+    env = vllm_engine.environment(EngineConfig(), {}, "cpu", [core])
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == str(core)
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in vllm_engine.environment(EngineConfig(), {}, "cpu")
+    process = EngineProcess(
+        "pinned@v1#0",
+        [
+            sys.executable,
+            "-c",
+            "import os, time; print(sorted(os.sched_getaffinity(0)), flush=True); time.sleep(30)",
+        ],
+        env=None,
+        log_path=tmp_path / "pinned.log",
+        grace_s=1.0,
+        backoff=ExponentialBackoff(base=0.1, cap=0.5),
+        cpus=[core],
+    )
+    await process.start()
+    try:
+        deadline = time.monotonic() + 10
+        while f"[{core}]" not in process.log_path.read_text() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # noqa: ASYNC110 (polling another process's log)
+        assert f"[{core}]" in process.log_path.read_text()
+    finally:
+        await process.stop()
