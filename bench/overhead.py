@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -37,7 +38,15 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from bench.procs import free_port, gateway_config, start, start_gateway, stop_all, wait_for
+from bench.procs import (
+    free_port,
+    gateway_config,
+    split_cores,
+    start,
+    start_gateway,
+    stop_all,
+    wait_for,
+)
 from bench.sse import SSETimer
 
 KEY = "sk-bench-overhead"
@@ -143,7 +152,16 @@ def main() -> None:
     parser.add_argument("--connections", type=int, nargs="+", default=[1, 4, 16, 32, 64])
     parser.add_argument("--litellm", default=shutil.which("litellm") or "", help="litellm binary")
     parser.add_argument("--out", default="bench-results/overhead.json")
+    parser.add_argument(
+        "--proxy-cpus",
+        default="auto",
+        help="cores for the gateway (and LiteLLM): 'auto' = the last core when there are 2+,"
+        " the mocks, wrk and this client on the others; 'none' = no pinning; or '3,4'",
+    )
     args = parser.parse_args()
+    proxy_cpus, rest = split_cores(args.proxy_cpus)
+    if rest:
+        os.sched_setaffinity(0, rest)  # this client, and the mocks and wrk it starts
     console = Console(width=120)
     work = Path(tempfile.mkdtemp(prefix="weir-overhead-"))
     mock, paced, gate, paced_gate = free_port(), free_port(), free_port(), free_port()
@@ -157,7 +175,9 @@ def main() -> None:
     ]
     for port, upstream in ((gate, mock), (paced_gate, paced)):
         procs.append(
-            start_gateway(gateway_config(port, upstream, work, key=KEY), work, f"gw-{port}")
+            start_gateway(
+                gateway_config(port, upstream, work, key=KEY), work, f"gw-{port}", cpus=proxy_cpus
+            )
         )
     litellm_port = free_port()
     if args.litellm:
@@ -175,9 +195,12 @@ def main() -> None:
                     "1",
                 ],
                 work / "litellm.log",
+                cpus=proxy_cpus,
             )
         )
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {
+        "cores": {"proxies": sorted(proxy_cpus), "client_mock_wrk": sorted(rest)},
+    }
     try:
         for port in (mock, paced):
             wait_for(f"http://127.0.0.1:{port}/health")
@@ -224,6 +247,12 @@ def main() -> None:
 
 
 def report(console: Console, results: dict[str, Any]) -> None:
+    cores = results.get("cores", {})
+    if cores.get("proxies"):
+        console.print(
+            f"cores: gateway/LiteLLM on {cores['proxies']}, client, mocks and wrk on"
+            f" {cores['client_mock_wrk']}"
+        )
     c1 = results["c1"]
     proxies = [t for t in c1 if t != "direct"]
     table = Table(title="Non-streaming chat, concurrency 1 (ms)")
@@ -270,6 +299,35 @@ def report(console: Console, results: dict[str, Any]) -> None:
     for target in proxies:
         rate = best.get(target, 0.0)
         console.print(f"highest {target} rate with p99 added under 10 ms: {rate:.0f} requests/s")
+    targets(console, results, best)
+
+
+def targets(console: Console, results: dict[str, Any], best: dict[str, float]) -> None:
+    """Issue 10's targets for the gateway, met or missed (and by how much)."""
+    c1, st = results["c1"], results["stream"]
+    peer = best.get("litellm")
+    rows = [
+        ("added p50, c=1 (ms)", c1["gateway"]["p50"] - c1["direct"]["p50"], 1.0, "<="),
+        ("added p99, c=1 (ms)", c1["gateway"]["p99"] - c1["direct"]["p99"], 3.0, "<="),
+        ("added TTFT p50 (ms)", st["gateway"]["ttft_p50"] - st["direct"]["ttft_p50"], 1.0, "<="),
+        ("gap p99 vs direct (ms)", st["gateway"]["gap_p99"] - st["direct"]["gap_p99"], 1.0, "<="),
+        (
+            "req/s, p99 added < 10 ms" + (" (10x LiteLLM)" if peer else ""),
+            best.get("gateway", 0.0),
+            10 * peer if peer else 1200.0,
+            ">=",
+        ),
+    ]
+    table = Table(title="Targets (issue 10)")
+    for column in ("what", "measured", "target", "verdict"):
+        table.add_column(column, justify="right")
+    verdicts = {}
+    for name, value, goal, sense in rows:
+        met = value <= goal if sense == "<=" else value >= goal
+        verdicts[name] = {"measured": value, "target": goal, "met": met}
+        table.add_row(name, f"{value:.2f}", f"{sense} {goal:g}", "met" if met else "MISSED")
+    console.print(table)
+    results["targets"] = verdicts
 
 
 if __name__ == "__main__":

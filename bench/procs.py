@@ -73,16 +73,39 @@ def wait_for(url: str, timeout_s: float = 60) -> None:
     raise SystemExit(f"{url} not ready in {timeout_s}s")
 
 
-def start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """Start ``cmd`` in its own process group, output to ``log``; ``env`` adds variables."""
+def start(
+    cmd: list[str],
+    log: Path,
+    env: dict[str, str] | None = None,
+    cpus: set[int] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` in its own process group, output to ``log``; ``env`` adds variables;
+    ``cpus`` pins it (and what it starts later) to those cores."""
     with log.open("wb") as handle:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             cmd,
             stdout=handle,
             stderr=subprocess.STDOUT,
             start_new_session=True,
             env={**os.environ, **env} if env else None,
         )
+    if cpus:
+        os.sched_setaffinity(proc.pid, cpus)
+    return proc
+
+
+def split_cores(spec: str) -> tuple[set[int], set[int]]:
+    """``(proxy cores, the rest)`` for a benchmark: ``auto`` gives the proxy under test the
+    last core when there are two or more (as a gateway gets its own core in production,
+    with the engine on another machine), ``none`` pins nothing, else ``2,3``."""
+    cores = sorted(os.sched_getaffinity(0))
+    if spec == "none" or (spec == "auto" and len(cores) < 2):
+        return set(), set()
+    mine = {cores[-1]} if spec == "auto" else {int(c) for c in spec.split(",")}
+    rest = set(cores) - mine
+    if not rest:
+        raise SystemExit(f"--proxy-cpus {spec}: no core left for the client and the mock")
+    return mine, rest
 
 
 def start_gateway(
@@ -91,12 +114,13 @@ def start_gateway(
     name: str,
     env: dict[str, str] | None = None,
     log_level: str = "WARNING",
+    cpus: set[int] | None = None,
 ) -> subprocess.Popen[bytes]:
     """``weir serve`` with ``config_text`` as its weir.toml; logs to ``work/name.log``."""
     config = work / f"{name}.toml"
     config.write_text(config_text)
     command = [weir_command(), "--config", str(config), "serve", "--log-level", log_level]
-    return start(command, work / f"{name}.log", env)
+    return start(command, work / f"{name}.log", env, cpus)
 
 
 def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:

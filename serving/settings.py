@@ -36,7 +36,9 @@ class GatewayConfig(BaseModel):
     engine_idle_timeout_s: float = Field(120.0, gt=0)  # any read: headers, the next chunk
     engine_ttft_timeout_s: float = Field(120.0, gt=0)  # a stream's first chunk
     engine_total_timeout_s: float = Field(600.0, gt=0)  # a whole request, streamed or not
-    max_connections: int = Field(1000, ge=1)  # pooled connections to all engines
+    # aiohttp pool (health checks, warm-ups); requests use one keep-alive pool per engine
+    # (models.h1, up to 1000 connections each)
+    max_connections: int = Field(1000, ge=1)
     ready_timeout_s: float = Field(900.0, gt=0)  # `weir serve` gives up waiting after this
 
     @property
