@@ -27,37 +27,51 @@ async def until_disconnect(receive: Receive) -> None:
         pass
 
 
-async def run_or_cancel(work: Awaitable[T], receive: Receive) -> T:
-    """``await work``, cancelled with ``ClientClosed`` the moment the client disconnects.
+class DisconnectGuard:
+    """While armed, a watcher task cancels the current task the moment the client leaves.
 
-    The work runs in the caller's task; one watcher task waits on ``receive`` and cancels
-    the caller only while the work is still pending (checked in the same thread, so an
-    answer that is already in is never thrown away)."""
-    caller = asyncio.current_task()
-    assert caller is not None
-    pending = True
-    left = False
+    Only while armed: the check and the cancel happen in the loop's one thread, so work
+    that already finished is never thrown away. In ``except CancelledError``,
+    ``client_left()`` says whether the cancel was ours (and takes it back if so)."""
 
-    async def watch() -> None:
-        nonlocal left
+    def __init__(self, receive: Receive) -> None:
+        caller = asyncio.current_task()
+        assert caller is not None
+        self._caller = caller
+        self._armed = True
+        self._left = False
+        self._watcher = asyncio.ensure_future(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
         await until_disconnect(receive)
-        if pending:
-            left = True
-            caller.cancel()
+        if self._armed:
+            self._left = True
+            self._caller.cancel()
 
-    watcher = asyncio.ensure_future(watch())
+    def client_left(self) -> bool:
+        if self._left:
+            self._caller.uncancel()
+        return self._left
+
+    def disarm(self) -> None:
+        self._armed = False
+        self._watcher.cancel()
+
+
+async def run_or_cancel(work: Awaitable[T], receive: Receive) -> T:
+    """``await work`` in the caller's task, cancelled with ``ClientClosed`` the moment the
+    client disconnects."""
+    guard = DisconnectGuard(receive)
     try:
         return await work
     except asyncio.CancelledError:
-        if left:
-            caller.uncancel()
+        if guard.client_left():
             raise ClientClosed(
                 "The client closed the connection before the answer was ready."
             ) from None
         raise
     finally:
-        pending = False
-        watcher.cancel()
+        guard.disarm()
 
 
 class SSEResponse(StreamingResponse):
@@ -77,34 +91,20 @@ class SSEResponse(StreamingResponse):
         self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # The stream is pumped in this task; a watcher cancels it if the client leaves.
-        caller = asyncio.current_task()
-        assert caller is not None
-        pumping = True
-        left = False
-
-        async def watch() -> None:
-            nonlocal left
-            await until_disconnect(receive)
-            if pumping:
-                left = True
-                caller.cancel()
-
-        watcher: asyncio.Future[None] | None = None
+        guard: DisconnectGuard | None = None  # the stream is pumped in this task
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            watcher = asyncio.ensure_future(watch())
+            guard = DisconnectGuard(receive)
             await self._pump(send)
         except asyncio.CancelledError:
-            if not left:
+            if guard is None or not guard.client_left():
                 raise
-            caller.uncancel()  # the client left: this response is over, nothing else is
+            # the client left: this response is over, nothing else is
         except OSError as exc:
             log.info("stream write failed: %s", exc)
         finally:
-            pumping = False
-            if watcher is not None:
-                watcher.cancel()
+            if guard is not None:
+                guard.disarm()
             await self.events.aclose()  # closes the engine stream if the pump did not finish
             if self.on_close is not None:
                 self.on_close()
