@@ -297,3 +297,58 @@ def test_structured_output_is_checked(
     if status == 502:
         assert response.json()["error"]["code"] == "invalid_model_output"
         validate("ErrorResponse", response.json())
+
+
+PARITY_BODIES: list[bytes] = [
+    orjson.dumps(CHAT),
+    orjson.dumps(CHAT | {"stream": True}),
+    orjson.dumps(CHAT | {"temperature": 9}),
+    orjson.dumps(CHAT | {"messages": [{"role": "wizard", "content": "x"}]}),
+    orjson.dumps({"model": "smollm2"}),
+    orjson.dumps(CHAT | {"model": "nope"}),
+    orjson.dumps([1, 2, 3]),
+    b"{not json",
+    b"",
+]
+
+
+def _outcome(response: Any) -> tuple[int, str | None, str | None]:
+    if response.headers["content-type"].startswith("application/json"):
+        error = response.json().get("error") or {}
+        return response.status_code, error.get("code"), error.get("param")
+    return response.status_code, None, None
+
+
+def test_the_inference_lane_answers_as_the_framework_routes_do() -> None:
+    """The lane (default) and the FastAPI routes (``gateway.inference_lane = false``) give
+    the same status, error code and param for the same bodies, and the same answers."""
+    outcomes = []
+    for lane in (True, False):
+        with make_client(FakeEngine(), inference_lane=lane) as client:
+            seen = []
+            for raw in PARITY_BODIES:
+                headers = {"content-type": "application/json"}
+                response = client.post("/v1/chat/completions", content=raw, headers=headers)
+                seen.append(_outcome(response))
+                if response.status_code == 200 and not raw.endswith(b"true}"):
+                    validate("CreateChatCompletionResponse", response.json())
+            seen.append(_outcome(client.post("/v1/embeddings", json={"model": "minilm"})))
+            seen.append(_outcome(client.get("/v1/chat/completions")))
+            outcomes.append(seen)
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][0] == (200, None, None)
+    assert outcomes[0][-1][:2] == (405, "method_not_allowed")
+
+
+def test_a_body_that_is_not_declared_json_is_refused_clearly(client: TestClient) -> None:
+    response = client.post(
+        "/v1/chat/completions", content=orjson.dumps(CHAT), headers={"content-type": "text/plain"}
+    )
+    assert response.status_code == 400
+    assert "must be JSON" in response.json()["error"]["message"]
+    fine = client.post(
+        "/v1/chat/completions",
+        content=orjson.dumps(CHAT),
+        headers={"content-type": "application/json; charset=utf-8"},
+    )
+    assert fine.status_code == 200
