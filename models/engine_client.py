@@ -35,12 +35,17 @@ from models.h1 import ConnectFailed, Response, Upstream, UpstreamError, Upstream
 JSON = dict[str, Any]
 
 
-def json_dumps(obj: Any) -> str:
+def json_bytes(obj: Any) -> bytes:
     """orjson for speed; the standard library for what orjson refuses (ints past 64 bits)."""
     try:
-        return orjson.dumps(obj).decode()
+        return orjson.dumps(obj)
     except TypeError:
-        return json.dumps(obj)
+        return json.dumps(obj).encode()
+
+
+def json_dumps(obj: Any) -> str:
+    """``json_bytes`` as text (aiohttp's session serializer)."""
+    return json_bytes(obj).decode()
 
 
 class EngineStream(Protocol):
@@ -98,7 +103,7 @@ class HttpEngine:
         timeouts = self._timeouts
         try:
             response = await self._upstream.post(
-                path, _dumps(body), _trace(), idle_s=timeouts.idle_s, total_s=timeouts.total_s
+                path, json_bytes(body), _trace(), idle_s=timeouts.idle_s, total_s=timeouts.total_s
             )
             try:
                 raw = await response.read()
@@ -118,7 +123,7 @@ class HttpEngine:
         """POST and check the status before any byte reaches the client."""
         try:
             response = await self._upstream.post(
-                path, _dumps(body), _trace(), idle_s=self._timeouts.idle_s
+                path, json_bytes(body), _trace(), idle_s=self._timeouts.idle_s
             )
         except UpstreamError as exc:
             raise self._transport_error(exc) from exc
@@ -161,13 +166,6 @@ class HttpEngine:
         if 400 <= status < 500 and status != 404:
             return EngineRejected(message or text, status=status, param=param, engine=self.name)
         return EngineFailed(text, engine=self.name)
-
-
-def _dumps(body: JSON) -> bytes:
-    try:
-        return orjson.dumps(body)
-    except TypeError:  # what orjson refuses (ints past 64 bits)
-        return json.dumps(body).encode()
 
 
 _NO_HEADERS: tuple[tuple[str, str], ...] = ()

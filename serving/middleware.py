@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import orjson
-from opentelemetry.trace import NoOpTracer, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.errors import (
@@ -31,7 +31,7 @@ from serving.errors import (
 )
 from serving.keys.records import hash_secret
 from serving.keys.store import KeyStore, KeyStoreUnavailable
-from serving.observe.tracing import extract
+from serving.observe.tracing import extract, recording, span
 
 log = logging.getLogger("weir.gateway")
 REQUEST_ID = "x-request-id"
@@ -89,7 +89,7 @@ class Keys:
         self.static = [(k.encode(), hash_secret(k)[:12]) for k in keys]
         self.store = store
         self.admin_key = admin_key.encode() if admin_key else None
-        self.tracer = tracer if tracer is not None and not isinstance(tracer, NoOpTracer) else None
+        self.tracer = recording(tracer)
 
     async def check(self, scope: Scope, authorization: bytes) -> BaseException | None:
         """None when the request may go on (``state`` then says who it is), else the error."""
@@ -118,10 +118,7 @@ class Keys:
         if self.store is None:
             return denied
         try:
-            if self.tracer is not None:
-                with self.tracer.start_as_current_span("weir.auth"):
-                    record = await self.store.lookup(token.decode(errors="replace"))
-            else:
+            with span(self.tracer, "weir.auth"):
                 record = await self.store.lookup(token.decode(errors="replace"))
         except KeyStoreUnavailable:
             log.error("key store unreachable for request %s", request_id_of(scope))
@@ -155,7 +152,7 @@ class Front:
         self.app = app
         self.keys = keys
         self.max_bytes = max_body_bytes
-        self.tracer = tracer if tracer is not None and not isinstance(tracer, NoOpTracer) else None
+        self.tracer = recording(tracer)
         self.lane = lane
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
