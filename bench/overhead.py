@@ -13,6 +13,11 @@ When a ``litellm`` command is found (``--litellm``, else on PATH), LiteLLM's pro
 started in front of the same mock with the same key and measured in the same run as a
 peer column (1 and 3).
 
+When ``nginx`` is found (``--nginx``, else on PATH; Debian's ``nginx-light``), a plain
+nginx reverse proxy (keep-alive upstream, no buffering) on the gateway's core is the
+floor: what one more hop on this layout costs with no work done in it (1, 2 and 3). The
+gateway's figures minus nginx's are the gateway's own work.
+
 Black-box: it runs the ``weir`` command and speaks HTTP; it imports nothing of Weir's.
 
     python -m bench.overhead [--requests 2000] [--wrk-seconds 10]
@@ -64,6 +69,40 @@ model_list:
       api_key: unused
 general_settings:
   master_key: {key}
+"""
+NGINX_CONFIG = """
+worker_processes 1;
+daemon off;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {work}/nginx-body;
+    proxy_temp_path {work}/nginx-proxy;
+    fastcgi_temp_path {work}/nginx-fastcgi;
+    uwsgi_temp_path {work}/nginx-uwsgi;
+    scgi_temp_path {work}/nginx-scgi;
+    upstream mock {{ server 127.0.0.1:{mock}; keepalive 256; }}
+    upstream paced {{ server 127.0.0.1:{paced}; keepalive 256; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://mock;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+    server {{
+        listen 127.0.0.1:{paced_port};
+        location / {{
+            proxy_pass http://paced;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+}}
 """
 WRK_SCRIPT = """
 wrk.method = "POST"
@@ -151,6 +190,12 @@ def main() -> None:
     parser.add_argument("--wrk-seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, nargs="+", default=[1, 4, 16, 32, 64])
     parser.add_argument("--litellm", default=shutil.which("litellm") or "", help="litellm binary")
+    parser.add_argument(
+        "--nginx",
+        default=shutil.which("nginx")
+        or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else ""),
+        help="nginx binary, the bare-hop floor ('' to leave it out)",
+    )
     parser.add_argument("--out", default="bench-results/overhead.json")
     parser.add_argument(
         "--proxy-cpus",
@@ -198,6 +243,21 @@ def main() -> None:
                 cpus=proxy_cpus,
             )
         )
+    nginx_port, nginx_paced = free_port(), free_port()
+    if args.nginx:
+        config = work / "nginx.conf"
+        config.write_text(
+            NGINX_CONFIG.format(
+                work=work, mock=mock, paced=paced, port=nginx_port, paced_port=nginx_paced
+            )
+        )
+        procs.append(
+            start(
+                [args.nginx, "-c", str(config), "-e", str(work / "nginx-error.log")],
+                work / "nginx.log",
+                cpus=proxy_cpus,
+            )
+        )
     results: dict[str, Any] = {
         "cores": {"proxies": sorted(proxy_cpus), "client_mock_wrk": sorted(rest)},
     }
@@ -210,12 +270,18 @@ def main() -> None:
         if args.litellm:
             wait_for(f"http://127.0.0.1:{litellm_port}/health/liveliness", timeout_s=180)
             direct["litellm"] = f"http://127.0.0.1:{litellm_port}"
+        paced_targets = {
+            "direct": f"http://127.0.0.1:{paced}",
+            "gateway": f"http://127.0.0.1:{paced_gate}",
+        }
+        if args.nginx:
+            for port in (nginx_port, nginx_paced):
+                wait_for(f"http://127.0.0.1:{port}/health")
+            direct["nginx"] = f"http://127.0.0.1:{nginx_port}"
+            paced_targets["nginx"] = f"http://127.0.0.1:{nginx_paced}"
         latency = added_latency(direct, args.requests)
         results["c1"] = {t: {"p50": pct(s, 50), "p99": pct(s, 99)} for t, s in latency.items()}
-        streams = stream_timing(
-            {"direct": f"http://127.0.0.1:{paced}", "gateway": f"http://127.0.0.1:{paced_gate}"},
-            args.stream_requests,
-        )
+        streams = stream_timing(paced_targets, args.stream_requests)
         results["stream"] = {
             t: {
                 "ttft_p50": pct(v["ttft"], 50), "ttft_p99": pct(v["ttft"], 99),
@@ -272,8 +338,9 @@ def report(console: Console, results: dict[str, Any]) -> None:
         table.add_column(column, justify="right")
     for target, v in st.items():
         table.add_row(target, *(f"{v[c]:.3f}" for c in columns), f"{v['coalesced']}/{v['gaps']}")
-    added = [f"{st['gateway'][c] - st['direct'][c]:+.3f}" for c in columns]
-    table.add_row("gateway added", *added, "")
+    for target in (t for t in st if t != "direct"):
+        added = [f"{st[target][c] - st['direct'][c]:+.3f}" for c in columns]
+        table.add_row(f"{target} added", *added, "")
     console.print(table)
 
     if "wrk" not in results:
@@ -328,6 +395,30 @@ def targets(console: Console, results: dict[str, Any], best: dict[str, float]) -
         table.add_row(name, f"{value:.2f}", f"{sense} {goal:g}", "met" if met else "MISSED")
     console.print(table)
     results["targets"] = verdicts
+    if "nginx" in c1 and "nginx" in st:
+        floor(console, results)
+
+
+def floor(console: Console, results: dict[str, Any]) -> None:
+    """What one bare hop costs on this layout (nginx), and the gateway's work above it."""
+    c1, st = results["c1"], results["stream"]
+    rows = {
+        "added p50, c=1 (ms)": (c1, "p50"),
+        "added p99, c=1 (ms)": (c1, "p99"),
+        "added TTFT p50 (ms)": (st, "ttft_p50"),
+        "added TTFT p99 (ms)": (st, "ttft_p99"),
+    }
+    table = Table(title="The hop and the gateway's own work (nginx: a hop doing nothing)")
+    for column in ("what", "nginx adds", "gateway adds", "gateway over nginx"):
+        table.add_column(column, justify="right")
+    above = {}
+    for name, (data, q) in rows.items():
+        hop = data["nginx"][q] - data["direct"][q]
+        ours = data["gateway"][q] - data["direct"][q]
+        above[name] = {"nginx": hop, "gateway": ours, "gateway_over_nginx": ours - hop}
+        table.add_row(name, f"{hop:+.3f}", f"{ours:+.3f}", f"{ours - hop:+.3f}")
+    console.print(table)
+    results["over_nginx"] = above
 
 
 if __name__ == "__main__":
