@@ -40,7 +40,7 @@ class DisconnectGuard:
         self._caller = caller
         self._armed = True
         self._left = False
-        self._watcher = asyncio.ensure_future(self._watch(receive))
+        self._watcher: asyncio.Future[None] | None = asyncio.ensure_future(self._watch(receive))
 
     async def _watch(self, receive: Receive) -> None:
         await until_disconnect(receive)
@@ -55,7 +55,12 @@ class DisconnectGuard:
 
     def disarm(self) -> None:
         self._armed = False
-        self._watcher.cancel()
+        # Let go of the watcher: its cancelled frame holds this guard, and a guard holding
+        # it back would be a reference cycle per request, left to the cyclic GC (whose
+        # pauses showed as tens of ms on the p99 under load).
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.cancel()
 
 
 async def run_or_cancel(work: Awaitable[T], receive: Receive) -> T:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from typing import Any
 
@@ -13,6 +14,7 @@ from starlette.types import Message
 from models.fleet import Fleet, Replica
 from models.types import ReplicaKey
 from serving.app import create_app
+from serving.disconnect import run_or_cancel
 from serving.settings import Settings
 from tests.fakes.engine import FakeEngine
 
@@ -87,3 +89,28 @@ async def test_a_finished_stream_is_closed_once() -> None:
     assert sent[-1]["more_body"] is False
     assert engine.closed_streams == 1
     assert engine.cancelled == 0
+
+
+async def test_the_guard_leaves_no_garbage_cycles() -> None:
+    """Every request arms a guard: one left in a reference cycle per request made the
+    cyclic GC's pauses show as tens of milliseconds on the p99 under load."""
+    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def receive() -> Message:
+        await never
+        return {"type": "http.disconnect"}
+
+    async def work() -> int:
+        await asyncio.sleep(0)  # the watcher starts and waits on receive
+        await asyncio.sleep(0)
+        return 1
+
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(200):
+            assert await run_or_cancel(work(), receive) == 1
+        await asyncio.sleep(0.01)  # the cancelled watchers finish
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
