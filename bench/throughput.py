@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -37,6 +38,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from rich.console import Console
@@ -197,7 +199,16 @@ def spread(values: list[float]) -> float:
     return (max(values) - min(values)) / mid if mid else 0.0
 
 
-def summarize(rounds: list[Round], concurrency: int) -> dict[str, float | int | list[float]]:
+def interval(ratios: list[float]) -> tuple[float, float]:
+    """95 % interval of the pairs' geometric mean ratio (normal on the log ratios)."""
+    if len(ratios) < 2 or min(ratios) <= 0:
+        return 0.0, 0.0
+    logs = [math.log(r) for r in ratios]
+    mean, half = statistics.mean(logs), 1.96 * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean - half), math.exp(mean + half)
+
+
+def summarize(rounds: list[Round], concurrency: int) -> dict[str, Any]:
     """Pairs in run order: (direct, gateway) rounds adjacent in time, either order."""
     mine = [r for r in rounds if r.concurrency == concurrency]
     pairs = [mine[i : i + 2] for i in range(0, len(mine) - 1, 2)]
@@ -206,6 +217,7 @@ def summarize(rounds: list[Round], concurrency: int) -> dict[str, float | int | 
         by = {r.target: r.tokens_per_s for r in pair}
         if by.get("direct"):
             ratios.append(by.get("gateway", 0.0) / by["direct"])
+    low, high = interval(ratios)
     direct = [r.tokens_per_s for r in mine if r.target == "direct"]
     gateway = [r.tokens_per_s for r in mine if r.target == "gateway"]
     return {
@@ -214,6 +226,7 @@ def summarize(rounds: list[Round], concurrency: int) -> dict[str, float | int | 
         "gateway_tok_s": statistics.median(gateway) if gateway else 0.0,
         "ratio": statistics.median(ratios) if ratios else 0.0,
         "pair_ratios": ratios,
+        "ratio_ci95": [low, high],
         "ratio_min": min(ratios, default=0.0),
         "ratio_max": max(ratios, default=0.0),
         "direct_spread": spread(direct),
@@ -252,7 +265,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         f"(medians of {args.rounds} {how})"
     )
     columns = ("concurrency", "direct tok/s", "gateway tok/s", "gateway / direct")
-    for column in (*columns, "pair ratios min-max", "direct rounds spread", "errors"):
+    for column in (*columns, "95% interval", "pairs min-max", "direct spread", "errors"):
         table.add_column(column, justify="right")
     for row in summary:
         table.add_row(
@@ -260,6 +273,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             f"{row['direct_tok_s']:.1f}",
             f"{row['gateway_tok_s']:.1f}",
             f"{row['ratio']:.3f}",
+            "{:.3f}-{:.3f}".format(*row["ratio_ci95"]),
             f"{row['ratio_min']:.3f}-{row['ratio_max']:.3f}",
             f"{row['direct_spread']:.1%}",
             str(row["errors"]),
