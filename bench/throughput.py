@@ -7,7 +7,7 @@ back to back, the order alternating; each pair gives a ratio, and the run report
 median ratio with its spread next to the spread of the direct rounds alone (the machine's
 noise band). Tokens are counted from the server's ``usage``, never from chunks.
 
-On a small CPU host the engine's own rate swings by 30-50 % from one 5-15 s round to the
+On a small CPU host the engine's own rate swings by 30-65 % from one 5-15 s round to the
 next, more than any gateway effect, so paired rounds need many pairs. ``--mixed`` runs
 both targets in the same round instead: half the streams go straight to the engine, half
 through the gateway, in the same engine batches, and the ratio compares them under the
