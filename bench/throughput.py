@@ -367,6 +367,8 @@ def main() -> None:
     )
     parser.add_argument("--start-timeout", type=float, default=600, help="with --serve, s")
     args = parser.parse_args()
+    if args.mixed and any(c < 2 or c % 2 for c in args.concurrency):
+        parser.error("--mixed splits each round's streams in two halves: an even concurrency")
     gateway = None
     with tempfile.TemporaryDirectory(prefix="weir-throughput-") as tmp:
         try:
