@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import socket
 from pathlib import Path
 
@@ -146,7 +147,15 @@ class ReplicaFactory:
             process = EngineProcess(
                 str(key),
                 cmd,
-                env=vllm_engine.environment(engines, version.env, self.host, version.cpus),
+                env=vllm_engine.environment(
+                    engines,
+                    version.env,
+                    self.host,
+                    version.cpus
+                    or vllm_engine.replica_cores(
+                        index, version.replica_count, sorted(os.sched_getaffinity(0))
+                    ),
+                ),
                 cpus=version.cpus if self.host == "cpu" else (),
                 log_path=engines.log_dir.expanduser()
                 / f"{model.name}@{version.version}-{index}.log",

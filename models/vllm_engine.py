@@ -50,6 +50,20 @@ def command(
     return cmd + extra_args
 
 
+def replica_cores(index: int, replicas: int, cores: Sequence[int]) -> tuple[int, ...]:
+    """Where replica ``index`` of a version's ``replicas`` binds vLLM's OpenMP threads on a
+    CPU host when the version names no ``cpus``: an even share of ``cores``. vLLM's own
+    binding puts every engine on the same first cores, where replicas spinning side by side
+    starve each other (a worker missed its broadcast for 60 s under test load). One replica
+    keeps vLLM's binding."""
+    if replicas < 2 or not cores:
+        return ()
+    ordered = sorted(cores)
+    share = max(1, len(ordered) // replicas)
+    start = (index * share) % len(ordered)
+    return tuple(ordered[start : start + share])
+
+
 def environment(
     config: EngineConfig, extra: dict[str, str], host: HostKind, cpus: Sequence[int] = ()
 ) -> dict[str, str]:
