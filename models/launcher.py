@@ -153,7 +153,7 @@ class ReplicaFactory:
                     self.host,
                     version.cpus
                     or vllm_engine.replica_cores(
-                        index, version.replica_count, sorted(os.sched_getaffinity(0))
+                        index, version.replica_count, os.sched_getaffinity(0)
                     ),
                 ),
                 cpus=version.cpus if self.host == "cpu" else (),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -50,7 +50,7 @@ def command(
     return cmd + extra_args
 
 
-def replica_cores(index: int, replicas: int, cores: Sequence[int]) -> tuple[int, ...]:
+def replica_cores(index: int, replicas: int, cores: Collection[int]) -> tuple[int, ...]:
     """Where replica ``index`` of a version's ``replicas`` binds vLLM's OpenMP threads on a
     CPU host when the version names no ``cpus``: an even share of ``cores``. vLLM's own
     binding puts every engine on the same first cores, where replicas spinning side by side
