@@ -17,11 +17,11 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from models.bulkhead import Bulkhead
-from models.fleet import Replica
-from models.retry_budget import RetryBudget
-from models.router import LeastOutstanding, eligible
+from models.engines.fleet import Replica
 from models.types import ReplicaKey
+from serving.routing.bulkhead import Bulkhead
+from serving.routing.retry_budget import RetryBudget
+from serving.routing.router import LeastOutstanding, eligible
 
 
 class _NoEngine:

@@ -30,14 +30,14 @@ class GatewayConfig(BaseModel):
     api_keys: list[SecretStr] = []  # static bearer keys; none means loopback only
     allow_unauthenticated: bool = False  # required to bind beyond loopback without keys
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # 413 above this
-    # the model routes served by serving.lane; false: through FastAPI (slower; to compare)
+    # the model routes served by serving.http.lane; false: through FastAPI (slower; to compare)
     inference_lane: bool = True
     engine_connect_timeout_s: float = Field(5.0, gt=0)
     engine_idle_timeout_s: float = Field(120.0, gt=0)  # any read: headers, the next chunk
     engine_ttft_timeout_s: float = Field(120.0, gt=0)  # a stream's first chunk
     engine_total_timeout_s: float = Field(600.0, gt=0)  # a whole request, streamed or not
     # aiohttp pool (health checks, warm-ups); requests use one keep-alive pool per engine
-    # (models.h1, up to 1000 connections each)
+    # (models.engines.h1, up to 1000 connections each)
     max_connections: int = Field(1000, ge=1)
     ready_timeout_s: float = Field(900.0, gt=0)  # `weir serve` gives up waiting after this
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from models.engine_client import EngineStream
+from models.engines.client import EngineStream
 from models.errors import EngineFailed, EngineRejected, WeirModelError
 from serving.errors import render
 

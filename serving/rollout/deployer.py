@@ -30,18 +30,18 @@ from pathlib import Path
 from typing import Any
 
 from models.config import ModelConfig, StoreConfig, VersionConfig
-from models.discovery import DnsDiscovery
+from models.engines.discovery import DnsDiscovery
+from models.engines.fleet import Fleet, Replica
+from models.engines.launcher import version_counter
 from models.errors import EngineError, StoreError
-from models.fleet import Fleet, Replica
-from models.launcher import version_counter
 from models.registry import Registry
 from models.store import ModelStore, loadable_problems
 from models.tokenizer import TokenCounter
-from serving.dispatch import Dispatcher
 from serving.errors import DeployInProgress, DeployRefused, RouteNotFound
 from serving.rollout import gate
 from serving.rollout.state import RolloutState
 from serving.rollout.tracker import VersionTracker
+from serving.routing.dispatch import Dispatcher
 from serving.settings import DeployConfig
 
 log = logging.getLogger("weir.rollout")

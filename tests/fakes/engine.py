@@ -1,4 +1,4 @@
-"""An in-process engine implementing ``models.engine_client.Engine``.
+"""An in-process engine implementing ``models.engines.client.Engine``.
 
 It answers like vLLM's OpenAI server (including its nulls) and can be told to fail:
 ``die_after`` chunks into a stream, ``hang`` before answering, or answer with an error.
@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from models.engine_client import EngineStream
+from models.engines.client import EngineStream
 from models.errors import EngineError, EngineFailed
 from tests.fakes.embedder import vector
 

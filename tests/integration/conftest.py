@@ -5,7 +5,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from models.launcher import free_port
+from models.engines.launcher import free_port
 from tests.integration.stack import Stack, start_stack
 
 

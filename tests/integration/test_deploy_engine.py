@@ -23,7 +23,7 @@ import httpx
 import psutil
 import pytest
 
-from models.launcher import free_port
+from models.engines.launcher import free_port
 from models.store import ModelStore
 from tests.integration.stack import Stack, alive
 

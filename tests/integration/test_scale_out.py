@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from bench.procs import start_gateway, stop_all, wait_for
-from models.launcher import free_port
+from models.engines.launcher import free_port
 from tests.integration.stack import Stack
 from tests.integration.test_replica_kill import engine_pid, replicas
 from tests.redis_server import RedisServer

@@ -12,11 +12,11 @@ import redis
 from pydantic import SecretStr
 from starlette.testclient import TestClient
 
+from models.engines.fleet import Fleet, Replica
 from models.errors import EngineFailed
-from models.fleet import Fleet, Replica
 from models.types import ReplicaKey
-from serving.app import create_app
 from serving.cache.store import MemoryCacheStore
+from serving.http.app import create_app
 from serving.settings import CacheConfig, KeysConfig, Settings
 from tests.fakes.engine import FakeEngine, embedding_of
 from tests.openai_spec import validate

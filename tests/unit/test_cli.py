@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.cli import main
+from serving.cli.main import main
 
 
 def test_non_loopback_without_keys_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
@@ -47,7 +47,7 @@ def test_pull_of_an_unknown_model_fails_cleanly(
 def test_deploy_and_rollback_say_when_the_gateway_does_not_answer(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from models.launcher import free_port
+    from models.engines.launcher import free_port
 
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     assert main(["deploy", "smollm2", "v2", "--canary", "10", "--url", url]) == 1
@@ -58,7 +58,7 @@ def test_deploy_and_rollback_say_when_the_gateway_does_not_answer(
 
 
 def test_durations_read_like_people_write_them() -> None:
-    from serving.cli_deploy import duration_s
+    from serving.cli.deploy import duration_s
 
     assert [duration_s(t) for t in ("90", "90s", "5m", "1.5h")] == [90, 90, 300, 5400]
     with pytest.raises(Exception, match="not a duration"):

@@ -10,7 +10,7 @@ import pytest
 from models.config import StoreConfig
 from models.store import ModelStore
 from models.tokenizer import TokenCounter, context_length
-from serving.contract import prepare_chat, prepare_completion, prepare_embeddings
+from serving.core.contract import prepare_chat, prepare_completion, prepare_embeddings
 from serving.errors import ContextLengthExceeded, InvalidRequest
 from serving.protocol.requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from serving.settings import ContractConfig

@@ -11,10 +11,10 @@ import orjson
 import pytest
 from starlette.types import Message
 
-from models.fleet import Fleet, Replica
+from models.engines.fleet import Fleet, Replica
 from models.types import ReplicaKey
-from serving.app import create_app
-from serving.disconnect import run_or_cancel
+from serving.core.disconnect import run_or_cancel
+from serving.http.app import create_app
 from serving.settings import Settings
 from tests.fakes.engine import FakeEngine
 

@@ -10,10 +10,10 @@ import pytest
 from starlette.testclient import TestClient
 
 from models.config import ModelConfig, VersionConfig
-from models.discovery import DnsDiscovery, engine_url
-from models.fleet import Fleet, Replica
+from models.engines.discovery import DnsDiscovery, engine_url
+from models.engines.fleet import Fleet, Replica
 from models.types import ReplicaKey
-from serving.app import create_app
+from serving.http.app import create_app
 from serving.settings import Settings
 from tests.fakes.engine import FakeEngine
 

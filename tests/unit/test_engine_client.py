@@ -15,7 +15,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from models.engine_client import EngineTimeouts, HttpEngine
+from models.engines.client import EngineTimeouts, HttpEngine
+from models.engines.launcher import free_port
 from models.errors import (
     EngineFailed,
     EngineOverloaded,
@@ -23,7 +24,6 @@ from models.errors import (
     EngineTimeout,
     EngineUnavailable,
 )
-from models.launcher import free_port
 from serving.streaming import relay
 
 pytestmark = pytest.mark.anyio

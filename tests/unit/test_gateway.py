@@ -11,11 +11,11 @@ from pydantic import SecretStr
 from starlette.testclient import TestClient
 
 from models.config import StoreConfig
-from models.fleet import Fleet, Replica
+from models.engines.fleet import Fleet, Replica
 from models.store import ModelStore
 from models.tokenizer import TokenCounter
 from models.types import ReplicaKey
-from serving.app import create_app
+from serving.http.app import create_app
 from serving.settings import ContractConfig, GatewayConfig, Settings
 from tests.fakes.engine import FakeEngine
 from tests.openai_spec import validate

@@ -1,4 +1,4 @@
-"""``models.h1`` against scripted raw-socket servers: framing, reuse, timeouts, faults."""
+"""``models.engines.h1`` against scripted raw-socket servers: framing, reuse, timeouts, faults."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from models.h1 import ConnectFailed, ConnectionBroken, Upstream, UpstreamTimeout
-from models.launcher import free_port
+from models.engines.h1 import ConnectFailed, ConnectionBroken, Upstream, UpstreamTimeout
+from models.engines.launcher import free_port
 
 pytestmark = pytest.mark.anyio
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

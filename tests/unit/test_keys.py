@@ -12,10 +12,11 @@ import redis
 from pydantic import SecretStr
 from starlette.testclient import TestClient
 
-from models.fleet import Fleet, Replica
+from models.engines.fleet import Fleet, Replica
 from models.types import ReplicaKey
-from serving.app import create_app
-from serving.cli import main
+from serving.cli.main import main
+from serving.http.app import create_app
+from serving.http.routes.admin import KeyCreate, create_key
 from serving.keys.records import PREFIX, KeyRecord, hash_secret
 from serving.keys.store import (
     FileKeyStore,
@@ -24,7 +25,6 @@ from serving.keys.store import (
     RedisKeyStore,
     UnknownKey,
 )
-from serving.routes.admin import KeyCreate, create_key
 from serving.settings import KeysConfig, Settings
 from tests.fakes.engine import FakeEngine
 from tests.redis_server import free_port

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from serving.cli import main
+from serving.cli.main import main
 from serving.errors import LimitsUnavailable, RateLimited
 from serving.keys.records import KeyRecord
 from serving.limits.headers import duration

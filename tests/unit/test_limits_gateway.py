@@ -14,10 +14,10 @@ from pydantic import SecretStr
 from starlette.testclient import TestClient
 from starlette.types import Message
 
+from models.engines.fleet import Fleet, Replica
 from models.errors import EngineFailed
-from models.fleet import Fleet, Replica
 from models.types import ReplicaKey
-from serving.app import create_app
+from serving.http.app import create_app
 from serving.limits.limiter import Limiter
 from serving.settings import KeysConfig, LimitsConfig, Settings
 from tests.fakes.engine import FakeEngine
@@ -175,7 +175,7 @@ async def test_client_disconnect_releases(tmp_path: Path, stream: bool) -> None:
 
 
 async def _key(app: FastAPI) -> str:
-    from serving.routes.admin import KeyCreate, create_key
+    from serving.http.routes.admin import KeyCreate, create_key
 
     secret, _ = await create_key(app.state.key_store, KeyCreate(name="d", tpm=1000))
     return secret

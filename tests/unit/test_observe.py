@@ -18,11 +18,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from pydantic import SecretStr
 from starlette.testclient import TestClient
 
-from models.engine_client import EngineTimeouts, HttpEngine
+from models.engines.client import EngineTimeouts, HttpEngine
+from models.engines.fleet import Fleet, Replica
 from models.errors import EngineFailed
-from models.fleet import Fleet, Replica
 from models.types import ReplicaKey
-from serving.app import create_app
+from serving.http.app import create_app
 from serving.observe import metrics as ours
 from serving.settings import KeysConfig, Settings
 from tests.fakes.engine import FakeEngine
@@ -274,7 +274,7 @@ def test_every_dashboard_metric_exists(client: TestClient) -> None:
 
 
 def test_scrape_targets_lists_engine_endpoints() -> None:
-    from serving.cli import file_sd
+    from serving.cli.main import file_sd
 
     engines: list[dict[str, Any]] = [
         {"replica": "m@v#0", "model": "m", "version": "v", "base_url": "http://10.0.0.5:8001"},

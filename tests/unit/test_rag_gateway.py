@@ -10,10 +10,10 @@ import pytest
 from pydantic import SecretStr
 from starlette.testclient import TestClient
 
+from models.engines.fleet import Fleet, Replica
 from models.errors import EngineFailed
-from models.fleet import Fleet, Replica
 from models.types import ReplicaKey
-from serving.app import create_app
+from serving.http.app import create_app
 from serving.settings import KeysConfig, RetrievalConfig, Settings
 from tests.fakes.engine import FakeEngine
 from tests.openai_spec import validate
@@ -151,7 +151,7 @@ def test_retrieval_down_degrades_unless_required(rig: Rig) -> None:
 
 
 def test_ingest_files_through_the_api(rig: Rig, tmp_path: Path) -> None:
-    from serving.ingest import ingest
+    from serving.cli.ingest import ingest
 
     docs = tmp_path / "docs"
     (docs / "sub").mkdir(parents=True)

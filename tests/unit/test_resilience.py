@@ -7,14 +7,14 @@ import random
 
 import pytest
 
-from models.backoff import ExponentialBackoff
-from models.breaker import CircuitBreaker
-from models.bulkhead import Bulkhead
+from models.engines.fleet import Fleet, Replica
 from models.errors import EngineOverloaded
-from models.fleet import Fleet, Replica
-from models.retry_budget import RetryBudget
-from models.router import LeastOutstanding, eligible
 from models.types import ReplicaKey
+from serving.routing.backoff import ExponentialBackoff
+from serving.routing.breaker import CircuitBreaker
+from serving.routing.bulkhead import Bulkhead
+from serving.routing.retry_budget import RetryBudget
+from serving.routing.router import LeastOutstanding, eligible
 from tests.fakes.engine import FakeEngine
 
 

@@ -17,10 +17,10 @@ import pytest
 from starlette.testclient import TestClient
 
 from models.config import ModelConfig, VersionConfig
+from models.engines.fleet import Fleet, Replica
 from models.errors import EngineFailed
-from models.fleet import Fleet, Replica
 from models.types import ReplicaKey
-from serving.app import create_app
+from serving.http.app import create_app
 from serving.rollout import gate
 from serving.rollout.state import RolloutState
 from serving.rollout.tracker import Sample

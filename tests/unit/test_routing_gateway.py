@@ -12,10 +12,10 @@ import pytest
 from starlette.testclient import TestClient
 
 from models.config import ModelConfig, RoutingConfig, TimeoutConfig, VersionConfig
+from models.engines.fleet import Fleet, Replica
 from models.errors import EngineFailed, EngineRejected, EngineUnavailable
-from models.fleet import Fleet, Replica
 from models.types import ReplicaKey
-from serving.app import create_app
+from serving.http.app import create_app
 from serving.settings import Settings
 from tests.fakes.engine import FakeEngine
 

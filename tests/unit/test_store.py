@@ -10,7 +10,7 @@ from models.catalog import Recipe
 from models.config import StoreConfig
 from models.errors import ModelNotInStore, StoreError, UnknownSource, VerificationFailed
 from models.store import MANIFEST, Manifest, ModelStore, record_directory
-from serving.cli import main
+from serving.cli.main import main
 
 
 def make_entry(store: ModelStore, name: str = "tiny") -> Path:

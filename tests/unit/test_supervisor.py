@@ -17,14 +17,14 @@ import aiohttp
 import psutil
 import pytest
 
-from models import vllm_engine
-from models.backoff import ExponentialBackoff
 from models.config import EngineConfig
-from models.engine_client import EngineTimeouts, HttpEngine
-from models.fleet import Fleet, Replica
-from models.launcher import free_port
-from models.supervisor import EngineProcess
+from models.engines import vllm_engine
+from models.engines.client import EngineTimeouts, HttpEngine
+from models.engines.fleet import Fleet, Replica
+from models.engines.launcher import free_port
+from models.engines.supervisor import EngineProcess
 from models.types import ReplicaKey
+from serving.routing.backoff import ExponentialBackoff
 
 pytestmark = pytest.mark.anyio
 FAKE_SERVER = Path(__file__).resolve().parents[1] / "fakes" / "engine_server.py"
@@ -177,8 +177,8 @@ def test_engines_die_with_a_killed_gateway(tmp_path: Path) -> None:
         f"""
         import asyncio, sys
         from pathlib import Path
-        from models.backoff import ExponentialBackoff
-        from models.supervisor import EngineProcess
+        from serving.routing.backoff import ExponentialBackoff
+        from models.engines.supervisor import EngineProcess
 
         async def main():
             p = EngineProcess("fake", {engine_command(port)!r}, env=None,

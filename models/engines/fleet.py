@@ -5,7 +5,7 @@ A replica is an ``Engine`` (how to talk to it) plus, for local engines, the
 ``/health``; a local replica that never becomes healthy within the start timeout is
 restarted. A healthy replica leaves the rotation after ``unhealthy_after`` failed checks
 in a row (a busy CPU engine can be slow to answer one), or at once when its process has
-died. Which replica gets a request is ``models.router``'s choice.
+died. Which replica gets a request is ``serving.routing.router``'s choice.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from models.breaker import CircuitBreaker
-from models.engine_client import Engine
-from models.supervisor import EngineProcess
+from models.engines.client import Engine
+from models.engines.supervisor import EngineProcess
 from models.types import ReplicaKey, ServedVersion
+from serving.routing.breaker import CircuitBreaker
 
 log = logging.getLogger("weir.fleet")
 

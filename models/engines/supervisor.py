@@ -1,6 +1,6 @@
 """Keeps one local engine process alive: start, restart with back-off, stop cleanly.
 
-Each engine runs under ``models.engine_guard``, which owns the engine's process group:
+Each engine runs under ``models.engines.guard``, which owns the engine's process group:
 stopping sends SIGTERM to the whole group and SIGKILL after a grace period, and the
 guard kills the group by itself if this process dies (its stdin pipe closes), so no
 engine is left orphaned even when the gateway is killed with SIGKILL.
@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-from models.backoff import Backoff
+from serving.routing.backoff import Backoff
 
 log = logging.getLogger("weir.supervisor")
 Sleep = Callable[[float], Awaitable[None]]
@@ -113,7 +113,7 @@ class EngineProcess:
     async def _spawn(self) -> asyncio.subprocess.Process:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.pidfile.unlink(missing_ok=True)  # never act on a stale one
-        guard = [sys.executable, "-m", "models.engine_guard", "--grace", str(self.grace_s)]
+        guard = [sys.executable, "-m", "models.engines.guard", "--grace", str(self.grace_s)]
         guard += ["--pidfile", str(self.pidfile)]
         if self.cpus:
             guard += ["--cpus", ",".join(str(c) for c in sorted(self.cpus))]

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from serving.admin_client import AdminCallFailed, AdminClient
+from serving.cli.admin_client import AdminCallFailed, AdminClient
 from serving.settings import load_settings
 
 ENDED = {"done", "failed", "promoted", "rolled_back", "canary"}

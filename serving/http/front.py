@@ -5,7 +5,7 @@
 for ``/v1`` requests (only when tracing exports), the body size limit (by Content-Length
 before reading, else while reading), API keys, and turns whatever escapes the routes into
 a 500 ``internal_error``, never a traceback. Then the request goes to the inference lane
-(``serving.lane``, the three model routes) or to the FastAPI application (the rest).
+(``serving.http.lane``, the three model routes) or to the FastAPI application (the rest).
 Streams pass through untouched.
 """
 
@@ -42,7 +42,7 @@ TRACED_PREFIX = "/v1/"
 
 
 class Lane(Protocol):
-    """What serves some requests without the framework (``serving.lane.InferenceLane``)."""
+    """What serves some requests without the framework (``serving.http.lane.InferenceLane``)."""
 
     def serves(self, scope: Scope) -> bool: ...
 

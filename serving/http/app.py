@@ -22,18 +22,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.responses import Response
 
-from models.discovery import DnsDiscovery
-from models.engine_client import EngineTimeouts, json_dumps
+from models.engines.client import EngineTimeouts, json_dumps
+from models.engines.discovery import DnsDiscovery
+from models.engines.fleet import Fleet
+from models.engines.launcher import ReplicaFactory, build_fleet, check_weights, load_counters
 from models.errors import WeirModelError
-from models.fleet import Fleet
-from models.launcher import ReplicaFactory, build_fleet, check_weights, load_counters
 from models.registry import Registry
 from models.tokenizer import TokenCounter
 from retrieval.service import RetrievalError
-from serving.answers import JSONBytes
 from serving.cache.service import Cache
 from serving.cache.store import CacheStore, MemoryCacheStore, RedisCacheStore
-from serving.dispatch import Deadlines, Dispatcher
+from serving.core.answer import JSONBytes
+from serving.core.proxy import Proxy
+from serving.core.rag import RetrievalGate
 from serving.errors import (
     ClientClosed,
     GatewayError,
@@ -42,19 +43,9 @@ from serving.errors import (
     RouteNotFound,
     render,
 )
-from serving.keys.cache import CachedKeyStore
-from serving.keys.store import KeyStore, make_key_store
-from serving.lane import InferenceLane
-from serving.limits.limiter import Limiter
-from serving.limits.stores import make_limit_store
-from serving.middleware import Front, Keys, request_id_of
-from serving.observe.metrics import Metrics
-from serving.observe.tracing import make_provider, tracer_from
-from serving.proxy import Proxy
-from serving.rag import RetrievalGate
-from serving.rollout.deployer import Deployer, ReplicaMaker
-from serving.rollout.state import RolloutState
-from serving.routes import (
+from serving.http.front import Front, Keys, request_id_of
+from serving.http.lane import InferenceLane
+from serving.http.routes import (
     admin,
     admin_limits,
     catalog,
@@ -65,8 +56,17 @@ from serving.routes import (
     inference,
     metrics_route,
 )
+from serving.http.validation import invalid_request_from
+from serving.keys.cache import CachedKeyStore
+from serving.keys.store import KeyStore, make_key_store
+from serving.limits.limiter import Limiter
+from serving.limits.stores import make_limit_store
+from serving.observe.metrics import Metrics
+from serving.observe.tracing import make_provider, tracer_from
+from serving.rollout.deployer import Deployer, ReplicaMaker
+from serving.rollout.state import RolloutState
+from serving.routing.dispatch import Deadlines, Dispatcher
 from serving.settings import Settings
-from serving.validation import invalid_request_from
 
 log = logging.getLogger("weir.gateway")
 FleetFactory = Callable[[aiohttp.ClientSession], Fleet]

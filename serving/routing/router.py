@@ -12,7 +12,7 @@ import hashlib
 import itertools
 from collections.abc import Sequence
 
-from models.fleet import Replica
+from models.engines.fleet import Replica
 
 
 def eligible(replicas: Sequence[Replica]) -> list[Replica]:

@@ -6,8 +6,8 @@ from fastapi import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
-from serving.deps import ProxyDep
 from serving.errors import RouteNotFound
+from serving.http.deps import ProxyDep
 from serving.observe.metrics import BREAKER_STATES
 
 router = APIRouter()

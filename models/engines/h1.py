@@ -10,7 +10,7 @@ parser uvicorn uses), keep-alive reuse, a connect timeout, an idle timeout betwe
 and an overall deadline, and back-pressure on large bodies. Health checks and the
 rest still use aiohttp.
 
-Errors are this module's own (``UpstreamError`` and subclasses); ``models.engine_client``
+Errors are this module's own (``UpstreamError`` and subclasses); ``models.engines.client``
 translates them for the gateway.
 """
 

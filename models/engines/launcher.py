@@ -14,15 +14,15 @@ from pathlib import Path
 
 import aiohttp
 
-from models import vllm_engine
-from models.backoff import ExponentialBackoff
 from models.config import EngineConfig, ModelConfig, StoreConfig, VersionConfig
-from models.engine_client import EngineTimeouts, HttpEngine
-from models.fleet import Fleet, Replica
+from models.engines import vllm_engine
+from models.engines.client import EngineTimeouts, HttpEngine
+from models.engines.fleet import Fleet, Replica
+from models.engines.supervisor import EngineProcess
 from models.store import ModelStore
-from models.supervisor import EngineProcess
 from models.tokenizer import TokenCounter
 from models.types import ReplicaKey
+from serving.routing.backoff import ExponentialBackoff
 
 log = logging.getLogger("weir.launcher")
 

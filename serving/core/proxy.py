@@ -17,21 +17,22 @@ from opentelemetry.trace import Tracer
 from starlette.requests import Request
 from starlette.responses import Response
 
-from models.fleet import Fleet
+from models.engines.fleet import Fleet
 from models.registry import Registry, split_name
 from models.tokenizer import TokenCounter
 from models.types import ServedVersion, Task
-from serving import contract, output_check, responses, streaming
-from serving.answers import SSE_HEADERS, VERSION_HEADER, JSONBytes, total_tokens
+from serving import streaming
 from serving.cache.entries import (
     RESULT_HEADER,
     Assembler,
     extension,
 )
 from serving.cache.service import Cache
-from serving.cached import CachedCalls, CachePlan
-from serving.disconnect import SSEResponse, run_or_cancel
-from serving.dispatch import Dispatcher
+from serving.core import cleaning, contract, output_check
+from serving.core.answer import SSE_HEADERS, VERSION_HEADER, JSONBytes, total_tokens
+from serving.core.cached_calls import CachedCalls, CachePlan
+from serving.core.disconnect import SSEResponse, run_or_cancel
+from serving.core.rag import RetrievalGate
 from serving.errors import (
     GatewayError,
     InvalidModelOutput,
@@ -41,16 +42,16 @@ from serving.errors import (
     WrongTask,
     spec_for,
 )
+from serving.http.front import request_id_of
 from serving.keys.records import KeyRecord
 from serving.limits.limiter import UNLIMITED_TICKET, Limiter, Ticket, Unlimited
 from serving.limits.plan import plan, reservation_size
-from serving.middleware import request_id_of
 from serving.observe.metrics import Metrics
 from serving.observe.record import Observation
 from serving.observe.tracing import recording, span
 from serving.protocol.requests import ModelRequest
-from serving.rag import RetrievalGate
 from serving.rollout.tracker import VersionTracker
+from serving.routing.dispatch import Dispatcher
 from serving.settings import ContractConfig
 
 JSON = dict[str, Any]
@@ -72,15 +73,15 @@ class Route:
     streams: bool = True
 
 
-CHAT = Route("/v1/chat/completions", "chat", contract.prepare_chat, responses.clean_generation)
+CHAT = Route("/v1/chat/completions", "chat", contract.prepare_chat, cleaning.clean_generation)
 COMPLETIONS = Route(
-    "/v1/completions", "chat", contract.prepare_completion, responses.clean_generation
+    "/v1/completions", "chat", contract.prepare_completion, cleaning.clean_generation
 )
 EMBEDDINGS = Route(
     "/v1/embeddings",
     "embed",
     contract.prepare_embeddings,
-    responses.clean_embeddings,
+    cleaning.clean_embeddings,
     streams=False,
 )
 
@@ -336,7 +337,7 @@ class Proxy:
                 obs.finish(200, error_type=code, usage=used[-1] if used else None)
                 entry = assembler.entry() if assembler is not None and error is None else None
                 if cache is not None and store_key is not None and entry is not None:
-                    entry["system_fingerprint"] = responses.fingerprint(target)
+                    entry["system_fingerprint"] = cleaning.fingerprint(target)
                     cache.store_soon(store_key, entry)
 
             def closed() -> None:  # the client left, or the stream never started

@@ -1,7 +1,7 @@
 """The engine seam: the one adapter that speaks HTTP to a vLLM OpenAI server.
 
 ``Engine`` is the interface the gateway uses; ``HttpEngine`` implements it: requests go
-over its own keep-alive pool (``models.h1``, the lean client for the hot path), health
+over its own keep-alive pool (``models.engines.h1``, the lean client for the hot path), health
 checks over the shared ``aiohttp`` session. Test fakes implement the same Protocol.
 Every client or asyncio exception is translated here into ``models.errors`` (chained
 with ``from``).
@@ -22,6 +22,7 @@ import orjson
 from opentelemetry import trace
 from opentelemetry.propagate import inject
 
+from models.engines.h1 import ConnectFailed, Response, Upstream, UpstreamError, UpstreamTimeout
 from models.errors import (
     EngineError,
     EngineFailed,
@@ -30,7 +31,6 @@ from models.errors import (
     EngineTimeout,
     EngineUnavailable,
 )
-from models.h1 import ConnectFailed, Response, Upstream, UpstreamError, UpstreamTimeout
 
 JSON = dict[str, Any]
 

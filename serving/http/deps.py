@@ -10,9 +10,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from models.fleet import Fleet
+from models.engines.fleet import Fleet
 from models.registry import Registry
-from serving.proxy import Proxy
+from serving.core.proxy import Proxy
 
 
 async def _proxy(request: Request) -> Proxy:

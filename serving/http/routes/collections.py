@@ -8,8 +8,8 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from retrieval.service import Document
+from serving.core.rag import RetrievalGate, tenant_of
 from serving.errors import InvalidRequest, RouteNotFound
-from serving.rag import RetrievalGate, tenant_of
 
 router = APIRouter(prefix="/v1/collections")
 

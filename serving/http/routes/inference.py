@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from serving.deps import ProxyDep
+from serving.core.proxy import CHAT, COMPLETIONS, EMBEDDINGS
+from serving.http.deps import ProxyDep
+from serving.http.routes.openapi_errors import GENERATION_ERRORS
 from serving.protocol.requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
-from serving.proxy import CHAT, COMPLETIONS, EMBEDDINGS
-from serving.routes.openapi_errors import GENERATION_ERRORS
 
 router = APIRouter(prefix="/v1", responses=GENERATION_ERRORS)
 

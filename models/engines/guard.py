@@ -1,6 +1,6 @@
 """A small guard that owns one engine process group, so no engine outlives the gateway.
 
-Run as ``python -m models.engine_guard --grace S -- CMD ...``. It ignores SIGINT (a Ctrl-C
+Run as ``python -m models.engines.guard --grace S -- CMD ...``. It ignores SIGINT (a Ctrl-C
 meant for the gateway reaches its whole process group) and starts CMD in a new
 session (its own process group, which vLLM's worker processes join), then waits for
 whichever comes first:
@@ -62,7 +62,7 @@ def stop_group(child: subprocess.Popen[bytes], grace_s: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models.engine_guard")
+    parser = argparse.ArgumentParser(prog="python -m models.engines.guard")
     parser.add_argument("--grace", type=float, default=10.0)
     parser.add_argument("--pidfile", default=None, help="write the engine's pid (= its pgid) here")
     parser.add_argument(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from pydantic import BaseModel
 
-from serving.deps import ProxyDep
+from serving.http.deps import ProxyDep
 
 router = APIRouter(prefix="/weir")
 

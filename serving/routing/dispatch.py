@@ -21,10 +21,9 @@ from typing import Any, TypeVar
 
 from opentelemetry.trace import SpanKind, Tracer
 
-from models.backoff import ExponentialBackoff
-from models.bulkhead import Bulkhead, Slot
 from models.config import ModelConfig, RoutingConfig
-from models.engine_client import EngineStream
+from models.engines.client import EngineStream
+from models.engines.fleet import Fleet, Replica
 from models.errors import (
     EngineError,
     EngineFailed,
@@ -32,11 +31,12 @@ from models.errors import (
     EngineTimeout,
     EngineUnavailable,
 )
-from models.fleet import Fleet, Replica
-from models.retry_budget import RetryBudget
-from models.router import LeastOutstanding, eligible
 from models.types import ServedVersion
 from serving.observe.tracing import recording, span
+from serving.routing.backoff import ExponentialBackoff
+from serving.routing.bulkhead import Bulkhead, Slot
+from serving.routing.retry_budget import RetryBudget
+from serving.routing.router import LeastOutstanding, eligible
 
 JSON = dict[str, Any]
 T = TypeVar("T")

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from models.config import ModelConfig, VersionConfig
-from models.fleet import Fleet, Replica
+from models.engines.fleet import Fleet, Replica
 from models.types import ReplicaKey
 
 log = logging.getLogger("weir.discovery")

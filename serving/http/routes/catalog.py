@@ -7,7 +7,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
-from serving.deps import RegistryDep
+from serving.http.deps import RegistryDep
 
 router = APIRouter(prefix="/v1")
 

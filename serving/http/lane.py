@@ -22,17 +22,17 @@ from starlette.types import Receive, Scope, Send
 
 from models.errors import WeirModelError
 from retrieval.service import RetrievalError
-from serving.answers import JSONBytes
+from serving.core.answer import JSONBytes
+from serving.core.proxy import CHAT, COMPLETIONS, EMBEDDINGS, Proxy, Route
 from serving.errors import ClientClosed, GatewayError, InvalidRequest, PayloadTooLarge, render
-from serving.middleware import request_id_of
+from serving.http.front import request_id_of
+from serving.http.validation import invalid_request_from_errors
 from serving.protocol.requests import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
     ModelRequest,
 )
-from serving.proxy import CHAT, COMPLETIONS, EMBEDDINGS, Proxy, Route
-from serving.validation import invalid_request_from_errors
 
 log = logging.getLogger("weir.gateway")
 ROUTES: dict[str, tuple[Route, type[ModelRequest]]] = {

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from pydantic import BaseModel
 
-from serving.answers import JSONBytes
-from serving.deps import FleetDep
+from serving.core.answer import JSONBytes
+from serving.http.deps import FleetDep
 
 router = APIRouter()
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from models import catalog
+from models.engines.launcher import check_weights
 from models.errors import StoreError
-from models.launcher import check_weights
 from models.store import ModelStore
 from serving.settings import Settings, load_settings
 
@@ -33,7 +33,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from serving.app import create_app
+    from serving.http.app import create_app
     from serving.log_config import configure
 
     settings = _settings(args)
@@ -137,7 +137,7 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
     port = args.port if args.port is not None else gateway.port
     print(f"weir: {args.workers} gateway workers on http://{host}:{port} (metrics: {metrics_dir})")
     uvicorn.run(
-        "serving.cli:app_from_environment",
+        "serving.cli.main:app_from_environment",
         factory=True,
         workers=args.workers,
         host=host,
@@ -155,7 +155,7 @@ def app_from_environment() -> Any:
     """The app for one worker process: config from ``WEIR_CONFIG_FILE``, env overrides."""
     import os
 
-    from serving.app import create_app
+    from serving.http.app import create_app
     from serving.log_config import configure
 
     config = os.environ.get(CONFIG_ENV)
@@ -237,8 +237,8 @@ def keys(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from serving.http.routes.admin import KeyCreate, create_key
     from serving.keys.store import KeyStoreUnavailable, UnknownKey, make_key_store
-    from serving.routes.admin import KeyCreate, create_key
 
     config = _settings(args).keys
     store = make_key_store(config.file, config.redis_url, config.timeout_s)
@@ -310,10 +310,10 @@ def limits(args: argparse.Namespace) -> int:
     if url is None:
         return _limits_over_http(settings, args.limits_command, args.model, tpm)
 
+    from serving.http.routes.admin_limits import limits_view
     from serving.limits.limiter import Limiter
     from serving.limits.redis_store import RedisLimitStore
     from serving.limits.store import LimitStoreUnavailable
-    from serving.routes.admin_limits import limits_view
 
     async def run() -> int:
         limiter = Limiter(RedisLimitStore(url, timeout_s=settings.limits.timeout_s))
@@ -342,7 +342,7 @@ def limits(args: argparse.Namespace) -> int:
 def _limits_over_http(settings: Settings, command: str, model: str | None, tpm: int | None) -> int:
     import json
 
-    from serving.admin_client import AdminCallFailed, AdminClient
+    from serving.cli.admin_client import AdminCallFailed, AdminClient
 
     client = AdminClient.from_settings(settings)
     if client.key is None:
@@ -380,7 +380,7 @@ def scrape_targets(args: argparse.Namespace) -> int:
     """``weir scrape-targets``: the engines' ``/metrics`` as a Prometheus file_sd list."""
     import json
 
-    from serving.admin_client import AdminCallFailed, AdminClient
+    from serving.cli.admin_client import AdminCallFailed, AdminClient
 
     settings = _settings(args)
     client = AdminClient.from_settings(settings, args.url, key_env="WEIR_API_KEY")
@@ -403,7 +403,7 @@ def ingest_command(args: argparse.Namespace) -> int:
 
     import httpx
 
-    from serving.ingest import ingest
+    from serving.cli.ingest import ingest
 
     settings = _settings(args)
     base = args.url or f"http://{settings.gateway.host}:{settings.gateway.port}"
@@ -502,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingest_cmd.add_argument("--batch", type=int, default=32, help="documents per request")
     ingest_cmd.set_defaults(func=ingest_command)
 
-    from serving.cli_deploy import add_commands
+    from serving.cli.deploy import add_commands
 
     add_commands(commands)
 

@@ -13,8 +13,7 @@ from starlette.responses import Response
 
 from models.errors import EngineFailed
 from models.types import ServedVersion
-from serving import contract, responses, streaming
-from serving.answers import SSE_HEADERS, VERSION_HEADER, JSONBytes, total_tokens
+from serving import streaming
 from serving.cache.entries import (
     CONTROL_HEADER,
     RESULT_HEADER,
@@ -26,14 +25,16 @@ from serving.cache.entries import (
     response_key,
 )
 from serving.cache.service import Cache
-from serving.disconnect import SSEResponse, run_or_cancel
-from serving.dispatch import Dispatcher
+from serving.core import cleaning, contract
+from serving.core.answer import SSE_HEADERS, VERSION_HEADER, JSONBytes, total_tokens
+from serving.core.disconnect import SSEResponse, run_or_cancel
 from serving.keys.records import KeyRecord
 from serving.limits.limiter import Ticket, Unlimited
 from serving.observe.metrics import Metrics
 from serving.observe.record import Observation
 from serving.observe.tracing import span
 from serving.protocol.requests import ModelRequest
+from serving.routing.dispatch import Dispatcher
 
 JSON = dict[str, Any]
 EMBEDDINGS_PATH = "/v1/embeddings"
@@ -110,7 +111,7 @@ class CachedCalls:
         obs.cache = "hit"
         obs.finish(200)  # no engine tokens were used
         entry["model"] = request.model
-        entry["system_fingerprint"] = responses.fingerprint(served)
+        entry["system_fingerprint"] = cleaning.fingerprint(served)
         headers = {VERSION_HEADER: served.version, RESULT_HEADER: "hit", **ticket.headers}
         if not request.stream:
             return JSONBytes(entry, headers=headers)

@@ -1,0 +1,2 @@
+"""Engine processes and where they run: the client, supervisor, guard, launcher, fleet
+and discovery."""

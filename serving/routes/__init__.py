@@ -1,1 +1,0 @@
-"""HTTP routers, one per resource; thin: validate, then hand to ``serving.proxy``."""
