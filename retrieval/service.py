@@ -25,32 +25,19 @@ from typing import Any, Literal
 import numpy as np
 
 from retrieval.docstore import Change, DocStore
+from retrieval.errors import (
+    CollectionExists,
+    CollectionNotFound,
+    DocumentNotFound,
+    InvalidName,
+    RetrievalError,
+)
 from retrieval.index import IndexParams, VectorIndex
 
 Embed = Callable[[list[str]], Awaitable[list[list[float]]]]
 Split = Callable[[str], list[str]]
 Consistency = Literal["strong", "eventual"]
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-class RetrievalError(Exception):
-    pass
-
-
-class CollectionNotFound(RetrievalError):
-    pass
-
-
-class CollectionExists(RetrievalError):
-    pass
-
-
-class DocumentNotFound(RetrievalError):
-    pass
-
-
-class InvalidName(RetrievalError):
-    pass
 
 
 @dataclass(frozen=True)

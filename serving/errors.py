@@ -15,9 +15,13 @@ The gateway's own tree::
     ├── InvalidModelOutput  502  the answer broke the requested JSON schema
     ├── AuthUnavailable     503  the key store cannot be reached
     ├── LimitsUnavailable   503  the rate-limit store cannot be reached (policy: fail closed)
+    ├── RetrievalUnavailable 503 retrieval was required and could not be done
+    ├── DeployRefused       422  a deploy, rollback or split that cannot be done as asked
+    ├── DeployInProgress    409  another rollout of the same model is running
     └── ClientClosed        499  the client went away (logged only; nobody reads the answer)
 
-``models.errors`` brings the model and engine errors. ``ERROR_TABLE`` maps each class to
+``models.errors`` brings the model and engine errors, ``retrieval.errors`` the
+collection and document errors. ``ERROR_TABLE`` maps each class to
 status, OpenAI ``type`` and ``code``, looked up along the MRO (as Starlette finds its
 handlers), so a subclass inherits its parent's row unless it has its own. Anything not
 in the table is a 500 ``internal_error`` that names the request id.
@@ -29,6 +33,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from models.errors import (
+    ConfigError,
+    EngineError,
     EngineFailed,
     EngineOverloaded,
     EngineRejected,
@@ -37,7 +43,7 @@ from models.errors import (
     ModelNotFound,
     StoreError,
 )
-from retrieval.service import (
+from retrieval.errors import (
     CollectionExists,
     CollectionNotFound,
     DocumentNotFound,
@@ -154,12 +160,16 @@ ERROR_TABLE: dict[type[BaseException], ErrorSpec] = {
     ClientClosed: ErrorSpec(499, "invalid_request_error", "client_closed_request"),
     InvalidModelOutput: ErrorSpec(502, "server_error", "invalid_model_output"),
     EngineFailed: ErrorSpec(502, "server_error", "engine_error"),
+    EngineError: ErrorSpec(502, "server_error", "engine_error"),  # a subclass with no row yet
     EngineUnavailable: ErrorSpec(503, "server_error", "engine_unavailable", retry_after_s=5),
     EngineOverloaded: ErrorSpec(503, "server_error", "engine_overloaded", retry_after_s=1),
     StoreError: ErrorSpec(503, "server_error", "model_unavailable", retry_after_s=30),
     AuthUnavailable: ErrorSpec(503, "server_error", "auth_unavailable", retry_after_s=1),
     LimitsUnavailable: ErrorSpec(503, "server_error", "rate_limits_unavailable", retry_after_s=1),
     EngineTimeout: ErrorSpec(504, "server_error", "engine_timeout"),
+    # the configuration and the rollout state disagree (an admin call met a version that is
+    # not configured): the server is at fault, and the message says what to fix
+    ConfigError: ErrorSpec(500, "server_error", "server_misconfigured"),
     InvalidName: ErrorSpec(400, "invalid_request_error", "invalid_request"),
     CollectionNotFound: ErrorSpec(404, "invalid_request_error", "collection_not_found"),
     DocumentNotFound: ErrorSpec(404, "invalid_request_error", "document_not_found"),

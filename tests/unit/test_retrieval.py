@@ -18,8 +18,9 @@ import tokenizers
 from models.config import StoreConfig
 from models.store import ModelStore
 from retrieval.chunking import split as token_split
+from retrieval.errors import CollectionNotFound
 from retrieval.index import IndexParams, Kind, VectorIndex
-from retrieval.service import CollectionNotFound, Document, Retrieval
+from retrieval.service import Document, Retrieval
 from tests.fakes.embedder import DIM, embed, split, vector
 
 

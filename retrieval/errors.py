@@ -1,0 +1,38 @@
+"""Errors raised by the ``retrieval`` package.
+
+The tree::
+
+    RetrievalError              retrieval could not do what was asked (e.g. the embedding
+    │                           model returned a wrong number of vectors)
+    ├── InvalidName             a collection name breaks the naming rule
+    ├── CollectionNotFound      no such collection for this tenant (another tenant's is
+    │                           not found either)
+    ├── CollectionExists        a collection by that name exists already
+    └── DocumentNotFound        no document by that id in the collection
+
+``retrieval`` imports nothing of ``serving``; ``serving.errors`` maps these to HTTP in its
+one table. Errors of the embedding function handed in (the gateway's model errors) pass
+through unchanged.
+"""
+
+from __future__ import annotations
+
+
+class RetrievalError(Exception):
+    """Base of every error raised by ``retrieval``."""
+
+
+class InvalidName(RetrievalError):
+    pass
+
+
+class CollectionNotFound(RetrievalError):
+    pass
+
+
+class CollectionExists(RetrievalError):
+    pass
+
+
+class DocumentNotFound(RetrievalError):
+    pass
