@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 import pytest
 
 from models.errors import (
+    ConfigError,
     EngineFailed,
     EngineOverloaded,
     EngineRejected,
@@ -12,6 +16,13 @@ from models.errors import (
     EngineUnavailable,
     ModelNotFound,
     ModelNotInStore,
+)
+from retrieval.errors import (
+    CollectionExists,
+    CollectionNotFound,
+    DocumentNotFound,
+    InvalidName,
+    RetrievalError,
 )
 from serving.errors import (
     ClientClosed,
@@ -23,6 +34,7 @@ from serving.errors import (
     Unauthenticated,
     WrongTask,
     render,
+    spec_for,
 )
 from tests.openai_spec import validate
 
@@ -41,6 +53,12 @@ CASES: list[tuple[Exception, int, str, str]] = [
     (RouteNotFound("x"), 404, "invalid_request_error", "not_found"),
     (MethodNotAllowed("x"), 405, "invalid_request_error", "method_not_allowed"),
     (PayloadTooLarge("big"), 413, "invalid_request_error", "payload_too_large"),
+    (InvalidName("bad name"), 400, "invalid_request_error", "invalid_request"),
+    (CollectionNotFound("no c"), 404, "invalid_request_error", "collection_not_found"),
+    (DocumentNotFound("no d"), 404, "invalid_request_error", "document_not_found"),
+    (CollectionExists("c"), 409, "invalid_request_error", "collection_exists"),
+    (RetrievalError("3 vectors for 4"), 502, "server_error", "retrieval_error"),
+    (ConfigError("no version v9"), 500, "server_error", "server_misconfigured"),
     (ClientClosed("gone"), 499, "invalid_request_error", "client_closed_request"),
     (EngineFailed("boom"), 502, "server_error", "engine_error"),
     (EngineUnavailable("down"), 503, "server_error", "engine_unavailable"),
@@ -80,3 +98,70 @@ def test_subclass_inherits_its_parents_row() -> None:
         pass
 
     assert render(Slower("x"), "r")[0] == 504
+
+
+def test_a_config_error_says_what_is_misconfigured() -> None:
+    _, body, _ = render(ConfigError("model 'm' has no version 'v9'"), "r")
+    assert body["error"]["message"] == "model 'm' has no version 'v9'"
+
+
+PACKAGES = ("serving", "models", "retrieval")
+
+# Exceptions with no row in ERROR_TABLE, each because it never reaches a client; a
+# new one needs a row, or a line here that says where it is caught.
+NEVER_RENDERED = {
+    # abstract bases, never raised themselves; every subclass has a row (or inherits one)
+    "serving.errors.GatewayError",
+    "models.errors.WeirModelError",
+    # caught in serving.cache.service: a cache that is down is skipped, the request served
+    "serving.cache.store.CacheUnavailable",
+    # Limiter.admit turns it into LimitsUnavailable (fail closed) or uses the in-process
+    # store (fail open), Limiter._settle logs it, the admin limits routes translate it
+    "serving.limits.store.LimitStoreUnavailable",
+    # DELETE /admin/keys/{id} turns it into RouteNotFound; `weir keys revoke` prints it
+    "serving.keys.store.UnknownKey",
+    # raised and caught inside the background deploy task, recorded on its Operation
+    "serving.rollout.deployer.DeployFailed",
+    # Deployer._gate turns it into DeployRefused
+    "serving.rollout.gate.GateSyntaxError",
+    # the weir command's own (it calls the admin API and prints the failure)
+    "serving.cli.admin_client.AdminCallFailed",
+    # the engine connection's own; models.engines.client turns each into an EngineError
+    "models.engines.h1.UpstreamError",
+    "models.engines.h1.ConnectFailed",
+    "models.engines.h1.UpstreamTimeout",
+    "models.engines.h1.ConnectionBroken",
+}
+
+
+def project_exceptions() -> dict[str, type[Exception]]:
+    """Every exception class defined in a module of the project's packages, by full name."""
+    found: dict[str, type[Exception]] = {}
+    for name in PACKAGES:
+        package = importlib.import_module(name)
+        for module_info in pkgutil.walk_packages(package.__path__, f"{name}."):
+            module = importlib.import_module(module_info.name)
+            for value in vars(module).values():
+                if (
+                    isinstance(value, type)
+                    and issubclass(value, Exception)
+                    and value.__module__ == module.__name__
+                ):
+                    found[f"{value.__module__}.{value.__qualname__}"] = value
+    return found
+
+
+def test_every_exception_has_a_row_or_never_reaches_a_client() -> None:
+    found = project_exceptions()
+    # only the class matters to the MRO lookup; __init__ signatures differ
+    missing = sorted(
+        name
+        for name, cls in found.items()
+        if spec_for(cls.__new__(cls)) is None and name not in NEVER_RENDERED
+    )
+    assert not missing, f"no row in serving.errors.ERROR_TABLE: {missing}"
+    assert set(found) >= NEVER_RENDERED, f"gone: {sorted(NEVER_RENDERED - set(found))}"
+    listed_with_row = sorted(
+        name for name in NEVER_RENDERED if spec_for(found[name].__new__(found[name])) is not None
+    )
+    assert not listed_with_row, f"has a row now, drop it from NEVER_RENDERED: {listed_with_row}"
