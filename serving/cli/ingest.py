@@ -9,12 +9,14 @@ client; an acknowledged batch is durable.
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from rich.progress import Progress
+from serving.cli.config import load
 
 SUFFIXES = (".txt", ".md", ".jsonl")
 
@@ -55,6 +57,8 @@ def ingest(
     client: Poster, collection: str, path: Path, *, batch: int = 32, show: bool = True
 ) -> int:
     """Every document under ``path`` into ``collection`` (made if missing); how many."""
+    from rich.progress import Progress
+
     made = client.post("/v1/collections", json={"name": collection})
     if made.status_code not in (201, 409):
         made.raise_for_status()
@@ -81,3 +85,37 @@ def _post(client: Poster, collection: str, documents: list[dict[str, Any]]) -> i
     if answer.status_code != 200:
         raise RuntimeError(f"the gateway refused a batch: {answer.status_code} {answer.text}")
     return len(answer.json()["ids"])
+
+
+def ingest_command(args: argparse.Namespace) -> int:
+    """``weir ingest PATH --collection C``, with ``WEIR_API_KEY`` as the caller's key."""
+    import os
+
+    import httpx
+
+    settings = load(args)
+    base = args.url or f"http://{settings.gateway.host}:{settings.gateway.port}"
+    key = os.environ.get("WEIR_API_KEY")
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    if not args.path.exists():
+        print(f"weir: {args.path} does not exist", file=sys.stderr)
+        return 2
+    try:
+        with httpx.Client(base_url=base, headers=headers, timeout=300) as client:
+            count = ingest(client, args.collection, args.path, batch=args.batch)
+    except (httpx.HTTPError, RuntimeError, ValueError) as exc:
+        print(f"weir: ingest failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"weir: {count} documents in {args.collection}")
+    return 0
+
+
+def add_commands(commands: Any) -> None:
+    ingest_cmd = commands.add_parser(
+        "ingest", help="add .txt/.md/.jsonl files to a collection (WEIR_API_KEY as the key)"
+    )
+    ingest_cmd.add_argument("path", type=Path)
+    ingest_cmd.add_argument("--collection", required=True)
+    ingest_cmd.add_argument("--url", default=None, help="gateway base URL (default: the config's)")
+    ingest_cmd.add_argument("--batch", type=int, default=32, help="documents per request")
+    ingest_cmd.set_defaults(func=ingest_command)

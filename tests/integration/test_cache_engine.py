@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from bench.procs import free_port, start_gateway, stop_all, wait_for
-from serving.http.routes.admin import KeyCreate, create_key
+from serving.keys.issue import KeyCreate, create_key
 from serving.keys.store import RedisKeyStore
 from tests.integration.stack import Stack
 from tests.redis_server import RedisServer

@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from bench.procs import start, start_gateway, stop_all, wait_for
-from serving.http.routes.admin import KeyCreate, create_key
+from serving.keys.issue import KeyCreate, create_key
 from serving.keys.records import KeyRecord
 from serving.keys.store import RedisKeyStore
 from tests.redis_server import RedisServer, free_port

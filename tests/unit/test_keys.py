@@ -16,7 +16,7 @@ from models.engines.fleet import Fleet, Replica
 from models.types import ReplicaKey
 from serving.cli.main import main
 from serving.http.app import create_app
-from serving.http.routes.admin import KeyCreate, create_key
+from serving.keys.issue import KeyCreate, create_key
 from serving.keys.records import PREFIX, KeyRecord, hash_secret
 from serving.keys.store import (
     FileKeyStore,

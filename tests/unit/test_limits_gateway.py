@@ -175,7 +175,7 @@ async def test_client_disconnect_releases(tmp_path: Path, stream: bool) -> None:
 
 
 async def _key(app: FastAPI) -> str:
-    from serving.http.routes.admin import KeyCreate, create_key
+    from serving.keys.issue import KeyCreate, create_key
 
     secret, _ = await create_key(app.state.key_store, KeyCreate(name="d", tpm=1000))
     return secret

@@ -274,7 +274,7 @@ def test_every_dashboard_metric_exists(client: TestClient) -> None:
 
 
 def test_scrape_targets_lists_engine_endpoints() -> None:
-    from serving.cli.main import file_sd
+    from serving.cli.scrape import file_sd
 
     engines: list[dict[str, Any]] = [
         {"replica": "m@v#0", "model": "m", "version": "v", "base_url": "http://10.0.0.5:8001"},

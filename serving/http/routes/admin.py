@@ -5,26 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
 
 from serving.errors import InvalidRequest, RouteNotFound
-from serving.keys.records import KeyRecord, hash_secret, new_secret
+from serving.keys.issue import KeyCreate, create_key
 from serving.keys.store import KeyStore, UnknownKey
 
 router = APIRouter(prefix="/weir/admin")
-
-
-class KeyCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(min_length=1, max_length=128)
-    models: list[str] = []
-    rpm: int | None = Field(None, ge=1)
-    tpm: int | None = Field(None, ge=1)
-    tokens_per_day: int | None = Field(None, ge=1)
-    max_concurrency: int | None = Field(None, ge=1)
-    cache: bool = True
-    cache_namespace: str | None = Field(None, min_length=1, max_length=64)
 
 
 def _store(request: Request) -> KeyStore:
@@ -32,15 +18,6 @@ def _store(request: Request) -> KeyStore:
     if store is None:
         raise RouteNotFound("No key store is configured.")
     return store
-
-
-async def create_key(store: KeyStore, spec: KeyCreate) -> tuple[str, KeyRecord]:
-    secret = new_secret()
-    record = KeyRecord(
-        hash=hash_secret(secret), **{**spec.model_dump(), "models": tuple(spec.models)}
-    )
-    await store.add(record)
-    return secret, record
 
 
 @router.post("/keys", summary="Create a key; its secret is shown only in this answer")

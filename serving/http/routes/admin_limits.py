@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from serving.errors import LimitsUnavailable, RouteNotFound
 from serving.limits.limiter import Limiter
 from serving.limits.store import LimitStoreUnavailable
+from serving.limits.view import LimitsView, limits_view
 
 router = APIRouter(prefix="/weir/admin/limits")
 
@@ -27,27 +28,13 @@ def _limiter(request: Request) -> Limiter:
     return limiter
 
 
-async def limits_view(limiter: Limiter, configured: dict[str, int]) -> dict[str, Any]:
+@router.get("", summary="Model token budgets and outstanding reservations")
+async def show(request: Request) -> LimitsView:
+    configured = dict(request.app.state.settings.limits.model_tpm)
     try:
-        runtime = await limiter.store.model_tpms()
-        outstanding = await limiter.store.outstanding()
+        return await limits_view(_limiter(request), configured)
     except LimitStoreUnavailable as exc:
         raise LimitsUnavailable(str(exc), retry_after_s=1) from None
-    models = sorted(set(configured) | set(runtime))
-    return {
-        "store": repr(limiter.store),
-        "on_redis_down": limiter.policy,
-        "models": {
-            m: {"configured_tpm": configured.get(m), "runtime_tpm": runtime.get(m)} for m in models
-        },
-        "outstanding": {"reservations": outstanding.reservations, "tokens": outstanding.tokens},
-    }
-
-
-@router.get("", summary="Model token budgets and outstanding reservations")
-async def show(request: Request) -> dict[str, Any]:
-    configured = dict(request.app.state.settings.limits.model_tpm)
-    return await limits_view(_limiter(request), configured)
 
 
 @router.put("/models/{model}", summary="Set (or clear) a model's tokens-per-minute at runtime")

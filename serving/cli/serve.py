@@ -1,0 +1,163 @@
+"""``weir serve``: start the engines and the gateway (or N gateway workers on remote engines)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from models.engines.launcher import check_weights
+from models.errors import StoreError
+from serving.cli.config import load
+from serving.settings import Settings, load_settings
+
+EXAMPLE_BODY = (
+    '{"model": "smollm2", "messages": [{"role": "system", "content": "You are a helpful'
+    ' assistant."}, {"role": "user", "content": "What is the capital of France?"}]}'
+)
+CONFIG_ENV = "WEIR_CONFIG_FILE"
+APP_FACTORY = "serving.cli.serve:app_from_environment"  # what each uvicorn worker imports
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from serving.http.app import create_app
+    from serving.log_config import configure
+
+    settings = load(args)
+    configure(args.log_level, settings.observability.log_format)
+    gateway = settings.gateway.model_copy(
+        update={
+            k: v
+            for k, v in (
+                ("host", args.host),
+                ("port", args.port),
+                ("allow_unauthenticated", args.allow_unauthenticated or None),
+            )
+            if v is not None
+        }
+    )
+    settings = settings.model_copy(update={"gateway": gateway})
+    if not gateway.api_keys and not settings.keys.enabled:
+        if not gateway.loopback and not gateway.allow_unauthenticated:
+            print(
+                f"weir: refusing to bind {gateway.host} with no API keys configured: anyone who"
+                " can reach it could use it. Configure gateway.api_keys, bind 127.0.0.1, or pass"
+                " --allow-unauthenticated.",
+                file=sys.stderr,
+            )
+            return 2
+        if gateway.loopback:
+            print(f"weir: no API keys configured: serving on {gateway.host} (loopback) only.")
+        else:
+            print(f"weir: WARNING: no API keys and bound to {gateway.host}: open to the network.")
+    if args.workers > 1:
+        return _serve_workers(args, settings)
+    try:
+        weights = check_weights(settings.models, settings.store)
+    except StoreError as exc:
+        print(f"weir: {exc}", file=sys.stderr)
+        return 1
+
+    base = f"http://{gateway.host}:{gateway.port}"
+
+    def banner() -> None:
+        print(
+            f"\nWeir is ready: {base}/v1 (OpenAI base URL)\n"
+            f"  curl {base}/v1/chat/completions -H 'content-type: application/json' \\\n"
+            f"    -d '{EXAMPLE_BODY}'\n",
+            flush=True,
+        )
+
+    app = create_app(settings, weights=weights, on_ready=banner)
+    config = uvicorn.Config(
+        app,
+        host=gateway.host,
+        port=gateway.port,
+        loop="uvloop",
+        http="httptools",
+        log_level=args.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+    print(f"weir: starting engines; gateway listening on {base} (ready when /readyz is 200)")
+    try:
+        uvicorn.Server(config).run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly
+        print("weir: stopped", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
+    """``--workers N``: N gateway processes on one port (uvicorn's workers), sharing
+    Redis for keys, limits and the cache, and one metrics directory."""
+    import os
+    import shutil
+    import tempfile
+
+    import uvicorn
+
+    local = [f"{m.name}@{v.version}" for m in settings.models for v in m.versions if not v.remote]
+    if local:
+        print(
+            f"weir: --workers needs remote engines (url or urls) for every version; these"
+            f" would be started once per worker: {', '.join(local)}. Run `weir serve` for the"
+            " engines, or vLLM itself, and point the gateways at them.",
+            file=sys.stderr,
+        )
+        return 2
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if metrics_dir:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        os.makedirs(metrics_dir)
+    else:
+        metrics_dir = tempfile.mkdtemp(prefix="weir-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    if args.config is not None:
+        os.environ[CONFIG_ENV] = str(args.config.resolve())
+    os.environ["WEIR_LOG_LEVEL"] = args.log_level
+    gateway = settings.gateway
+    host = args.host or gateway.host
+    port = args.port if args.port is not None else gateway.port
+    print(f"weir: {args.workers} gateway workers on http://{host}:{port} (metrics: {metrics_dir})")
+    uvicorn.run(
+        APP_FACTORY,
+        factory=True,
+        workers=args.workers,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        log_level=args.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+def app_from_environment() -> Any:
+    """The app for one worker process: config from ``WEIR_CONFIG_FILE``, env overrides."""
+    import os
+
+    from serving.http.app import create_app
+    from serving.log_config import configure
+
+    config = os.environ.get(CONFIG_ENV)
+    settings = load_settings(Path(config) if config else None)
+    configure(os.environ.get("WEIR_LOG_LEVEL", "INFO"), settings.observability.log_format)
+    return create_app(settings)
+
+
+def add_commands(commands: Any) -> None:
+    serve_cmd = commands.add_parser("serve", help="start the engines and the gateway")
+    serve_cmd.add_argument("--host", default=None)
+    serve_cmd.add_argument("--port", type=int, default=None)
+    serve_cmd.add_argument("--allow-unauthenticated", action="store_true")
+    serve_cmd.add_argument("--log-level", default="INFO")
+    serve_cmd.add_argument(
+        "--workers", type=int, default=1, help="gateway processes (remote engines only)"
+    )
+    serve_cmd.set_defaults(func=serve)

@@ -1,0 +1,33 @@
+"""Issuing a key: what a new key may be given, and making it (the admin API and ``weir keys``)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.keys.records import KeyRecord, hash_secret, new_secret
+from serving.keys.store import KeyStore
+
+
+class KeyCreate(BaseModel):
+    """A new key's name, models and limits (``POST /weir/admin/keys``, ``weir keys create``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128)
+    models: list[str] = []
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+    tokens_per_day: int | None = Field(None, ge=1)
+    max_concurrency: int | None = Field(None, ge=1)
+    cache: bool = True
+    cache_namespace: str | None = Field(None, min_length=1, max_length=64)
+
+
+async def create_key(store: KeyStore, spec: KeyCreate) -> tuple[str, KeyRecord]:
+    """A new secret and its record, stored; the secret is not kept anywhere else."""
+    secret = new_secret()
+    record = KeyRecord(
+        hash=hash_secret(secret), **{**spec.model_dump(), "models": tuple(spec.models)}
+    )
+    await store.add(record)
+    return secret, record
