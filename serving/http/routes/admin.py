@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request
 
 from serving.errors import InvalidRequest, RouteNotFound
 from serving.keys.issue import KeyCreate, create_key
 from serving.keys.store import KeyStore, UnknownKey
+from serving.protocol.admin import KeyCreated, KeyList, KeyView
 
 router = APIRouter(prefix="/weir/admin")
 
@@ -21,21 +20,21 @@ def _store(request: Request) -> KeyStore:
 
 
 @router.post("/keys", summary="Create a key; its secret is shown only in this answer")
-async def create(spec: KeyCreate, request: Request) -> dict[str, Any]:
+async def create(spec: KeyCreate, request: Request) -> KeyCreated:
     secret, record = await create_key(_store(request), spec)
-    return {"key": secret, **record.public()}
+    return KeyCreated(key=secret, **record.public())
 
 
 @router.get("/keys", summary="List keys (never their secrets)")
-async def list_keys(request: Request) -> dict[str, Any]:
-    return {"data": [r.public() for r in await _store(request).list()]}
+async def list_keys(request: Request) -> KeyList:
+    return KeyList(data=[KeyView(**r.public()) for r in await _store(request).list()])
 
 
 @router.delete("/keys/{key_id}", summary="Revoke a key")
-async def revoke(key_id: str, request: Request) -> dict[str, Any]:
+async def revoke(key_id: str, request: Request) -> KeyView:
     if len(key_id) < 6:
         raise InvalidRequest("Give at least 6 characters of the key id.", param="key_id")
     try:
-        return (await _store(request).revoke(key_id)).public()
+        return KeyView(**(await _store(request).revoke(key_id)).public())
     except UnknownKey:
         raise RouteNotFound(f"No key with id {key_id}.") from None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -11,6 +9,7 @@ from serving.errors import LimitsUnavailable, RouteNotFound
 from serving.limits.limiter import Limiter
 from serving.limits.store import LimitStoreUnavailable
 from serving.limits.view import LimitsView, limits_view
+from serving.protocol.admin import ModelLimitSet
 
 router = APIRouter(prefix="/weir/admin/limits")
 
@@ -38,10 +37,10 @@ async def show(request: Request) -> LimitsView:
 
 
 @router.put("/models/{model}", summary="Set (or clear) a model's tokens-per-minute at runtime")
-async def set_model(model: str, spec: ModelLimit, request: Request) -> dict[str, Any]:
+async def set_model(model: str, spec: ModelLimit, request: Request) -> ModelLimitSet:
     limiter = _limiter(request)
     try:
         await limiter.store.set_model_tpm(model, spec.tpm)
     except LimitStoreUnavailable as exc:
         raise LimitsUnavailable(str(exc), retry_after_s=1) from None
-    return {"model": model, "runtime_tpm": spec.tpm}
+    return ModelLimitSet(model=model, runtime_tpm=spec.tpm)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
@@ -12,12 +12,17 @@ from serving.http.deps import RegistryDep
 router = APIRouter(prefix="/v1")
 
 
+class AliasTraffic(BaseModel):
+    split: dict[str, float]  # version -> share of the alias's traffic
+    current: str  # the stable version
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "weir"
-    weir: dict[str, Any] | None = None  # on an alias: its versions' shares of traffic
+    weir: AliasTraffic | None = None  # on an alias only; pinned cards leave it out
 
 
 class ModelList(BaseModel):
@@ -30,7 +35,7 @@ async def list_models(request: Request, registry: RegistryDep) -> ModelList:
     created: int = request.app.state.started
     cards: list[ModelCard] = []
     for model in registry.models:
-        split = {"split": model.shares(), "current": model.current}
+        split = AliasTraffic(split=model.shares(), current=model.current)
         cards.append(ModelCard(id=model.name, created=created, weir=split))
         cards += [
             ModelCard(id=f"{model.name}@{v}", created=created) for v in registry.running(model.name)

@@ -7,12 +7,10 @@ operation, and ``GET .../deployment`` shows its progress and outcome.
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from serving.protocol.admin import DeploymentStatus
 from serving.rollout.deployer import Deployer, DeployRequest
 
 router = APIRouter(prefix="/weir/admin/models")
@@ -44,24 +42,24 @@ def _deployer(request: Request) -> Deployer:
 
 
 @router.post("/{model}/deploy", status_code=202, summary="Deploy a version (or a canary)")
-async def deploy(model: str, body: DeployBody, request: Request) -> JSONResponse:
+async def deploy(model: str, body: DeployBody, request: Request) -> DeploymentStatus:
     deployer = _deployer(request)
     await deployer.deploy(model, DeployRequest(**body.model_dump()))
-    return JSONResponse(deployer.status(model), status_code=202)
+    return DeploymentStatus.model_validate(deployer.status(model))
 
 
 @router.post("/{model}/rollback", status_code=202, summary="Back to the previous version")
-async def rollback(model: str, request: Request) -> JSONResponse:
+async def rollback(model: str, request: Request) -> DeploymentStatus:
     deployer = _deployer(request)
     await deployer.rollback(model)
-    return JSONResponse(deployer.status(model), status_code=202)
+    return DeploymentStatus.model_validate(deployer.status(model))
 
 
 @router.put("/{model}/split", summary="Change the split among running versions")
-async def split(model: str, body: SplitBody, request: Request) -> dict[str, Any]:
-    return await _deployer(request).set_split(model, body.split)
+async def split(model: str, body: SplitBody, request: Request) -> DeploymentStatus:
+    return DeploymentStatus.model_validate(await _deployer(request).set_split(model, body.split))
 
 
 @router.get("/{model}/deployment", summary="Versions, split and the last rollout's progress")
-async def deployment(model: str, request: Request) -> dict[str, Any]:
-    return _deployer(request).status(model)
+async def deployment(model: str, request: Request) -> DeploymentStatus:
+    return DeploymentStatus.model_validate(_deployer(request).status(model))
