@@ -9,7 +9,8 @@ that expires with its lease if the gateway holding it dies. All keys share the `
 hash tag, so on Redis Cluster they live in one slot and the scripts stay legal.
 
 Run this Redis with ``maxmemory-policy noeviction``: an evicted counter is a limit lost.
-Errors of the client become ``LimitStoreUnavailable`` here.
+Errors of the client become ``LimitStoreUnavailable`` here. ``make_limit_store`` picks the
+store a configuration gets: this one when it names a Redis, else the in-process one.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from serving.limits.plan import PREFIX, Check
-from serving.limits.store import Decision, LimitStoreUnavailable, Outstanding, Standing
+from serving.limits.store import (
+    Decision,
+    LimitStore,
+    LimitStoreUnavailable,
+    MemoryLimitStore,
+    Outstanding,
+    Standing,
+)
 from serving.redis_client import bounded_redis, close
 
 MODEL_TPM = PREFIX + "model-tpm"
@@ -176,3 +184,10 @@ class RedisLimitStore:
             return await awaitable
         except (RedisError, OSError) as exc:
             raise LimitStoreUnavailable(f"limit store unreachable: {type(exc).__name__}") from exc
+
+
+def make_limit_store(redis_url: str | None, timeout_s: float) -> LimitStore:
+    """Redis (shared by every gateway) when a URL is configured, else the in-process store."""
+    if redis_url:
+        return RedisLimitStore(redis_url, timeout_s=timeout_s)
+    return MemoryLimitStore()
