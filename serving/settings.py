@@ -30,8 +30,6 @@ class GatewayConfig(BaseModel):
     api_keys: list[SecretStr] = []  # static bearer keys; none means loopback only
     allow_unauthenticated: bool = False  # required to bind beyond loopback without keys
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # 413 above this
-    # the model routes served by serving.http.lane; false: through FastAPI (slower; to compare)
-    inference_lane: bool = True
     engine_connect_timeout_s: float = Field(5.0, gt=0)
     engine_idle_timeout_s: float = Field(120.0, gt=0)  # any read: headers, the next chunk
     engine_ttft_timeout_s: float = Field(120.0, gt=0)  # a stream's first chunk

@@ -54,9 +54,13 @@ def embedding_key(model: str, version: str, dimensions: int | None, text: Any) -
 
 
 class Assembler:
-    """Builds the entry for a streamed answer from its chunks; refuses what it can't replay."""
+    """Builds the entry for a streamed answer from its chunks; refuses what it can't replay.
 
-    def __init__(self) -> None:
+    The entry has the shape of the route that was asked (``chat``: a chat completion, else
+    a text completion), whatever the engine's chunks say of themselves."""
+
+    def __init__(self, *, chat: bool) -> None:
+        self.chat = chat
         self.choices: dict[int, JSON] = {}
         self.head: JSON = {}
         self.usage: JSON | None = None
@@ -87,7 +91,7 @@ class Assembler:
             return None
         if any("finish_reason" not in c for c in self.choices.values()):
             return None  # truncated: never stored
-        chat = str(self.head.get("object", "")).startswith("chat")
+        chat = self.chat
         choices = []
         for index in sorted(self.choices):
             c = self.choices[index]

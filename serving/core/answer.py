@@ -1,21 +1,37 @@
-"""What every answer path shares: the JSON response class, header names, token totals."""
+"""What the use cases give back to the edge, and what every answer path shares.
+
+``Proxy.handle`` returns an ``Answer``: a ``JsonAnswer`` (a body and headers) or a
+``StreamAnswer`` (SSE events, headers and what to run when the stream is over, however it
+ended). Only ``serving.http`` turns them into HTTP responses.
+"""
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, field
 from typing import Any
-
-import orjson
-from starlette.responses import Response
 
 VERSION_HEADER = "x-weir-model-version"
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
-class JSONBytes(Response):
-    media_type = "application/json"
+@dataclass(slots=True)
+class JsonAnswer:
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+    status: int = 200
 
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
+
+@dataclass(slots=True)
+class StreamAnswer:
+    """SSE events; ``on_close`` runs last, however the stream ended (even if never sent)."""
+
+    events: AsyncGenerator[bytes, None]
+    headers: dict[str, str] = field(default_factory=dict)
+    on_close: Callable[[], None] | None = None
+
+
+Answer = JsonAnswer | StreamAnswer
 
 
 def total_tokens(answer: dict[str, Any], fallback: int) -> int:

@@ -8,14 +8,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry.trace import Tracer
-from starlette.requests import Request
-from starlette.responses import Response
 
 from models.errors import EngineFailed
 from models.types import ServedVersion
 from serving import streaming
 from serving.cache.entries import (
-    CONTROL_HEADER,
     RESULT_HEADER,
     Mode,
     embedding_key,
@@ -26,12 +23,18 @@ from serving.cache.entries import (
 )
 from serving.cache.service import Cache
 from serving.core import cleaning, contract
-from serving.core.answer import SSE_HEADERS, VERSION_HEADER, JSONBytes, total_tokens
-from serving.core.disconnect import SSEResponse, run_or_cancel
-from serving.keys.records import KeyRecord
-from serving.limits.limiter import Ticket, Unlimited
+from serving.core.answer import (
+    SSE_HEADERS,
+    VERSION_HEADER,
+    Answer,
+    JsonAnswer,
+    StreamAnswer,
+    total_tokens,
+)
+from serving.core.call import Call, Disconnected
+from serving.core.disconnect import run_or_cancel
+from serving.core.lease import Lease
 from serving.observe.metrics import Metrics
-from serving.observe.record import Observation
 from serving.observe.tracing import span
 from serving.protocol.requests import ModelRequest
 from serving.routing.dispatch import Dispatcher
@@ -68,16 +71,16 @@ class CachedCalls:
         self,
         path: str,
         embeddings: bool,
-        http: Request,
-        key: KeyRecord | None,
+        call: Call,
         served: ServedVersion,
         prepared: contract.Prepared,
     ) -> CachePlan | None:
         """How this request may use the cache; None when the cache is off for it."""
+        key = call.caller.key
         if key is not None and not key.cache:
             return None
         body = prepared.body
-        control = http.headers.get(CONTROL_HEADER)
+        control = call.cache_control
         if embeddings:
             float_vectors = body.get("encoding_format") in (None, "float")
             use = self.cache_embeddings and float_vectors and control != "bypass"
@@ -86,8 +89,7 @@ class CachedCalls:
         if mode == "bypass":
             self.count("response", "bypass")
             return CachePlan(mode, "")
-        static = getattr(http.state, "static_key", None)
-        scope = key.cache_scope if key else (f"static:{static}" if static else "anonymous")
+        scope = call.caller.cache_scope
         return CachePlan(mode, response_key(scope, served.model, served.version, path, body))
 
     async def hit(
@@ -95,9 +97,9 @@ class CachedCalls:
         request: ModelRequest,
         served: ServedVersion,
         plan: CachePlan,
-        ticket: Ticket | Unlimited,
-        obs: Observation,
-    ) -> Response | None:
+        lease: Lease,
+    ) -> Answer | None:
+        """The stored answer as this request's answer (the lease ended), or None: a miss."""
         with span(self.tracer, "weir.cache") as current:
             entry = await self.cache.lookup(plan.key)
             current.set_attribute("weir.cache.hit", entry is not None)
@@ -106,15 +108,14 @@ class CachedCalls:
             return None
         self.count("response", "hit")
         usage = entry.get("usage") if isinstance(entry.get("usage"), dict) else None
-        charge = total_tokens(entry, 0) if self.cache.charge_hits else 0
-        ticket.finish(charge)
-        obs.cache = "hit"
-        obs.finish(200)  # no engine tokens were used
+        lease.used(total_tokens(entry, 0) if self.cache.charge_hits else 0)
+        lease.obs.cache = "hit"
+        lease.end(200)  # no engine tokens were used: none reported to the metrics
         entry["model"] = request.model
         entry["system_fingerprint"] = cleaning.fingerprint(served)
-        headers = {VERSION_HEADER: served.version, RESULT_HEADER: "hit", **ticket.headers}
+        headers = {VERSION_HEADER: served.version, RESULT_HEADER: "hit", **lease.ticket.headers}
         if not request.stream:
-            return JSONBytes(entry, headers=headers)
+            return JsonAnswer(entry, headers)
         options = getattr(request, "stream_options", None)
         wants_usage = bool(getattr(options, "include_usage", False)) and usage is not None
         chunks = replay(entry, wants_usage)
@@ -124,14 +125,14 @@ class CachedCalls:
                 yield streaming.event(chunk)
             yield streaming.DONE
 
-        return SSEResponse(events(), headers=headers | SSE_HEADERS)
+        return StreamAnswer(events(), headers | SSE_HEADERS)
 
     async def embeddings(
         self,
         target: ServedVersion,
         body: JSON,
         affinity: str | None,
-        http: Request | None,
+        disconnected: Disconnected,
         prepared: contract.Prepared,
         headers: dict[str, str],
     ) -> tuple[JSON, int]:
@@ -151,7 +152,7 @@ class CachedCalls:
         if missing:
             sub = body | {"input": [inputs[i] for i in missing]}
             call = self.dispatcher.complete(target, EMBEDDINGS_PATH, sub, affinity)
-            answer, _ = await (run_or_cancel(call, http.receive) if http else call)
+            answer, _ = await run_or_cancel(call, disconnected)
             data = sorted(answer.get("data") or [], key=lambda d: int(d.get("index", 0)))
             if len(data) != len(missing):
                 raise EngineFailed(f"engine returned {len(data)} embeddings for {len(missing)}")

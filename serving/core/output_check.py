@@ -1,4 +1,5 @@
-"""Checks a non-streamed answer against the ``response_format`` the client asked for."""
+"""Checks an answer against the ``response_format`` the client asked for: one returned,
+or one assembled from a stream before it is stored."""
 
 from __future__ import annotations
 
@@ -44,3 +45,12 @@ def check_chat_output(answer: JSON, schema: JSON) -> None:
                 f"choice {index}: the model's output breaks the requested schema at {where}:"
                 f" {errors[0].message}"
             )
+
+
+def conforms(answer: JSON, schema: JSON) -> bool:
+    """Would ``check_chat_output`` accept ``answer``? (A streamed answer before it is stored.)"""
+    try:
+        check_chat_output(answer, schema)
+    except InvalidModelOutput:
+        return False
+    return True

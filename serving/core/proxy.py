@@ -1,9 +1,13 @@
-"""The use case behind every OpenAI route: resolve, check the contract, pick, call, clean.
+"""The use case behind every OpenAI model route: resolve, check the contract, pick, call,
+clean.
 
-Routes stay thin: they validate the body (``serving.protocol``) and hand it here with the
-``Route`` that says which engine path serves it, which task the model must have, how the
-contract prepares it and how the answer is cleaned. Errors are raised, never returned.
-The engine call is cancelled the moment the client disconnects.
+HTTP-free: the edge (``serving.http``) validates the body (``serving.protocol``), builds a
+``Call`` (who asks, request id, pin, cache control, how to learn the client left) and
+hands both here with the ``Route`` that says which engine path serves it, which task the
+model must have, how the contract prepares it and how the answer is cleaned. ``handle``
+returns an ``Answer`` (JSON or a stream, with headers); errors are raised, never returned.
+What the request holds (limit ticket, bulkhead slot, attempt, observation) is a ``Lease``
+ended exactly once. The engine call is cancelled the moment the client disconnects.
 """
 
 from __future__ import annotations
@@ -14,24 +18,28 @@ from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry.trace import Tracer
-from starlette.requests import Request
-from starlette.responses import Response
 
 from models.engines.fleet import Fleet
+from models.errors import EngineFailed
 from models.registry import Registry, split_name
 from models.tokenizer import TokenCounter
 from models.types import ServedVersion, Task
 from serving import streaming
-from serving.cache.entries import (
-    RESULT_HEADER,
-    Assembler,
-    extension,
-)
+from serving.cache.entries import RESULT_HEADER, Assembler, extension
 from serving.cache.service import Cache
 from serving.core import cleaning, contract, output_check
-from serving.core.answer import SSE_HEADERS, VERSION_HEADER, JSONBytes, total_tokens
+from serving.core.answer import (
+    SSE_HEADERS,
+    VERSION_HEADER,
+    Answer,
+    JsonAnswer,
+    StreamAnswer,
+    total_tokens,
+)
 from serving.core.cached_calls import CachedCalls, CachePlan
-from serving.core.disconnect import SSEResponse, run_or_cancel
+from serving.core.call import Call, never
+from serving.core.disconnect import run_or_cancel
+from serving.core.lease import CLIENT_LEFT, Lease
 from serving.core.rag import RetrievalGate
 from serving.errors import (
     GatewayError,
@@ -42,8 +50,6 @@ from serving.errors import (
     WrongTask,
     spec_for,
 )
-from serving.http.front import request_id_of
-from serving.keys.records import KeyRecord
 from serving.limits.limiter import UNLIMITED_TICKET, Limiter, Ticket, Unlimited
 from serving.limits.plan import plan, reservation_size
 from serving.observe.metrics import Metrics
@@ -51,6 +57,7 @@ from serving.observe.record import Observation
 from serving.observe.tracing import recording, span
 from serving.protocol.requests import ModelRequest
 from serving.rollout.tracker import VersionTracker
+from serving.routing.bulkhead import Slot
 from serving.routing.dispatch import Dispatcher
 from serving.settings import ContractConfig
 
@@ -125,39 +132,35 @@ class Proxy:
     def __repr__(self) -> str:
         return f"Proxy(registry={self.registry!r}, fleet={self.fleet!r})"
 
-    async def handle(self, route: Route, request: ModelRequest, http: Request) -> Response:
-        key: KeyRecord | None = getattr(http.state, "key", None)
+    async def handle(self, route: Route, request: ModelRequest, call: Call) -> Answer:
         obs = Observation(
-            self.metrics, route.path, bool(request.stream), request_id_of(http.scope),
-            key.id if key is not None else "-", self.log_requests, self.tracker,
+            self.metrics, route.path, bool(request.stream), call.request_id,
+            call.caller.key_id, self.log_requests, self.tracker,
         )  # fmt: skip
+        lease = Lease(obs)
         try:
-            return await self._handle(route, request, http, key, obs)
+            answer = await self._handle(route, request, call, lease)
         except BaseException as exc:
             spec = spec_for(exc)
-            status, code = (spec.status, spec.code) if spec else (500, "internal_error")
             if isinstance(exc, RateLimited) and self.metrics is not None:
                 self.metrics.limit_rejections.labels(exc.limit).inc()
-            obs.finish(status, error_type=code)
+            lease.end(spec.status if spec else 500, exc)
             raise
+        if isinstance(answer, JsonAnswer):
+            lease.end(answer.status)
+        return answer  # a stream's lease ends when the stream does
 
     async def _handle(
-        self,
-        route: Route,
-        request: ModelRequest,
-        http: Request,
-        key: KeyRecord | None,
-        obs: Observation,
-    ) -> Response:
-        pin = http.headers.get(PIN_HEADER)
-        if pin and "@" not in request.model:
-            request.model = f"{request.model}@{pin}"  # a pinned version, by header
+        self, route: Route, request: ModelRequest, call: Call, lease: Lease
+    ) -> Answer:
+        if call.pin and "@" not in request.model:
+            request.model = f"{request.model}@{call.pin}"  # a pinned version, by header
         requested = request.model
-        if key is not None and not key.allows(split_name(requested)[0]):
+        if not call.caller.allows(split_name(requested)[0]):
             # said before the registry is asked: no hint whether the model exists
             raise PermissionDenied("This API key may not use the requested model.", param="model")
-        served = self.registry.resolve(requested, sticky=self._sticky(request, http, key))
-        obs.served(served.model, served.version)
+        served = self.registry.resolve(requested, sticky=self._sticky(request, call))
+        lease.obs.served(served.model, served.version)
         if served.task != route.task:
             raise WrongTask(
                 f"The model '{requested}' is {TASK_NAMES[served.task]}; "
@@ -166,47 +169,69 @@ class Proxy:
             )
         if request.stream and not route.streams:
             raise InvalidRequest(f"{route.path} does not stream", param="stream")
+        rag: JSON | None = None
         spec = extension(request.model_extra or {}).get("retrieval")
         if spec is not None:
-            request = await self._augment(route, request, http, spec)
+            request, rag = await self._augment(route, request, call, spec)
         prepared = route.prepare(request, self.counters.get(served.key), self.config)
-        obs.asked(prepared.body)
-        http.state.prompt_tokens = prepared.prompt_tokens
+        lease.obs.asked(prepared.body)
         with span(self.tracer, "weir.limits"):
-            ticket = await self._admit(key, served, prepared, getattr(request, "n", 1) or 1)
-        http.state.ticket = ticket
+            lease.ticket = await self._admit(call, served, prepared, getattr(request, "n", 1) or 1)
         plan = (
-            self.cached.plan(route.path, route is EMBEDDINGS, http, key, served, prepared)
+            self.cached.plan(route.path, route is EMBEDDINGS, call, served, prepared)
             if self.cached
             else None
         )
-        try:
-            if plan is not None and plan.mode == "use" and route.streams:
-                hit = (
-                    await self.cached.hit(request, served, plan, ticket, obs)
-                    if self.cached
-                    else None
-                )
-                if hit is not None:
-                    return hit
-            return await self._serve(route, request, http, served, prepared, ticket, obs, plan)
-        except BaseException:
-            ticket.finish(None)  # failed, timed out or cancelled before an answer: release
-            raise
+        if plan is not None and plan.mode == "use" and route.streams and self.cached:
+            hit = await self.cached.hit(request, served, plan, lease)
+            if hit is not None:
+                return hit
+        target, prepared, fell_back = self._target(route, request, served, prepared)
+        lease.slot = await self._queue(target)
+        headers = {VERSION_HEADER: target.version, **lease.ticket.headers}
+        if fell_back:
+            headers[FALLBACK_HEADER] = target.key
+            lease.obs.fell_back(target.model, target.version)
+            if self.metrics is not None:
+                self.metrics.fallbacks.labels(served.model, target.key).inc()
+        # a fallback's answer is not the requested version's: never stored under its key
+        store_key = plan.key if self.cache and plan and plan.mode != "bypass" else None
+        if fell_back:
+            store_key = None
+        if plan is not None and route.streams:
+            headers[RESULT_HEADER] = "miss" if plan.mode != "bypass" else "bypass"
+            lease.obs.cache = headers[RESULT_HEADER]
+        if rag is not None:
+            headers[RETRIEVAL_HEADER] = rag["status"]
+            if rag["status"] != "ok":
+                store_key = None  # an answer without its context is not that request's
+        job = Job(route, requested, target, prepared, call, lease, headers, store_key)
+        if request.stream:
+            return await self._stream(job)
+        return await self._complete(job, plan, rag)
+
+    async def _queue(self, target: ServedVersion) -> Slot:
+        queued = time.perf_counter()
+        slot = await self.dispatcher.admit(target)
+        if self.metrics is not None:
+            wait = time.perf_counter() - queued
+            self.metrics.queue_wait.labels(target.model, target.version).observe(wait)
+        return slot
 
     async def _admit(
-        self, key: KeyRecord | None, served: ServedVersion, prepared: contract.Prepared, n: int
+        self, call: Call, served: ServedVersion, prepared: contract.Prepared, n: int
     ) -> Ticket | Unlimited:
         if self.limiter is None:
             return UNLIMITED_TICKET
         tokens = reservation_size(prepared.prompt_tokens, prepared.max_tokens, n)
-        checks = plan(key, served.model, tokens, self.model_tpm.get(served.model))
+        checks = plan(call.caller.key, served.model, tokens, self.model_tpm.get(served.model))
         return await self.limiter.admit(served.model, checks)
 
     async def _augment(
-        self, route: Route, request: ModelRequest, http: Request, spec: Any
-    ) -> ModelRequest:
-        """RAG: the request with retrieved passages in its messages (or as it was)."""
+        self, route: Route, request: ModelRequest, call: Call, spec: Any
+    ) -> tuple[ModelRequest, JSON]:
+        """RAG: the request with retrieved passages in its messages (or as it was), and
+        what retrieval found (the response's ``weir.retrieval``)."""
         if route is not CHAT or self.rag is None:
             raise InvalidRequest(
                 "weir.retrieval works on chat completions, with retrieval on.",
@@ -214,19 +239,19 @@ class Proxy:
             )
         with span(self.tracer, "weir.retrieval"):
             asked = request.model_dump(exclude_unset=True)
-            messages, found = await self.rag.augment(http, asked, spec)
-        http.state.rag = found
+            messages, found = await self.rag.augment(call.caller.tenant, asked, spec)
         if messages is None:
-            return request
-        return type(request).model_validate({**asked, "messages": messages})
+            return request, found
+        return type(request).model_validate({**asked, "messages": messages}), found
 
-    def _sticky(self, request: ModelRequest, http: Request, key: KeyRecord | None) -> str | None:
+    def _sticky(self, request: ModelRequest, call: Call) -> str | None:
         """What keeps a caller on one version of a split, if the model asks for it."""
         model = self.registry.model(split_name(request.model)[0])
         if model is None or model.sticky == "none":
             return None
         if model.sticky == "key":
-            return key.id if key else getattr(http.state, "static_key", None)
+            caller = call.caller
+            return caller.key.id if caller.key else caller.static_key
         messages = getattr(request, "messages", None) or []
         first = next((m for m in messages if getattr(m, "role", None) == "user"), None)
         opening = getattr(first, "content", None) if first is not None else None
@@ -254,119 +279,79 @@ class Proxy:
         return served, prepared, False  # nothing better: queue for it or fail as it fails
 
     def _affinity(self, served: ServedVersion, body: JSON) -> str | None:
-        routing = self.dispatcher.routing.get(served.model)
-        if routing is None or not routing.prefix_affinity:
-            return None
-        return prompt_prefix(body, routing.affinity_prefix_chars)
+        chars = self.dispatcher.affinity_chars(served.model)
+        return None if chars is None else prompt_prefix(body, chars)
 
-    async def _serve(
-        self,
-        route: Route,
-        request: ModelRequest,
-        http: Request,
-        served: ServedVersion,
-        prepared: contract.Prepared,
-        ticket: Ticket | Unlimited,
-        obs: Observation,
-        plan: CachePlan | None = None,
-    ) -> Response:
-        requested = request.model
-        target, prepared, fell_back = self._target(route, request, served, prepared)
-        queued = time.perf_counter()
-        slot = await self.dispatcher.admit(target)
-        if self.metrics is not None:
-            wait = time.perf_counter() - queued
-            self.metrics.queue_wait.labels(target.model, target.version).observe(wait)
-        body = prepared.body
+    async def _stream(self, job: Job) -> StreamAnswer:
+        """Open the engine's stream (first chunk in hand) and relay it; the lease ends
+        when the stream does, or when the client leaves."""
+        body, lease, target = job.prepared.body, job.lease, job.target
         body.pop("weir", None)  # our extension never reaches the engine
-        headers = {VERSION_HEADER: target.version, **ticket.headers}
-        if fell_back:
-            headers[FALLBACK_HEADER] = target.key
-            obs.fell_back(target.model, target.version)
-            if self.metrics is not None:
-                self.metrics.fallbacks.labels(served.model, target.key).inc()
-        affinity = self._affinity(target, body)
-        cache = self.cache
-        # a fallback's answer is not the requested version's: never stored under its key
-        store_key = plan.key if cache and plan and plan.mode != "bypass" and not fell_back else None
-        if plan is not None and route.streams:
-            headers[RESULT_HEADER] = "miss" if plan.mode != "bypass" else "bypass"
-            obs.cache = headers[RESULT_HEADER]
-        rag: JSON | None = getattr(http.state, "rag", None)
-        if rag is not None:
-            headers[RETRIEVAL_HEADER] = rag["status"]
-            if rag["status"] != "ok":
-                store_key = None  # an answer without its context is not that request's
-
-        if request.stream:
-            options = body.get("stream_options") or {}
-            wants_usage = bool(options.get("include_usage"))
-            body["stream_options"] = {**options, "include_usage": True}  # what settles limits
-            used: list[JSON] = []
-            assembler = Assembler() if store_key else None
-
-            def fix(chunk: JSON) -> JSON | None:
-                if assembler is not None:
-                    assembler.add(chunk)
-                usage = chunk.get("usage")
-                if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
-                    used.append(usage)
-                if _has_content(chunk):
-                    obs.content()
-                if not wants_usage:
-                    if usage and not chunk.get("choices"):
-                        return None
-                    chunk.pop("usage", None)
-                return route.clean(chunk, requested, target)
-
-            try:
-                stream, attempt = await run_or_cancel(
-                    self.dispatcher.open_stream(target, route.path, body, affinity), http.receive
-                )
-            except BaseException:
-                slot.release()
-                raise
-
-            def ended(error: BaseException | None) -> None:
-                total = used[-1]["total_tokens"] if used else ticket.reserved
-                ticket.finish(total if error is None else None)
-                attempt.end(error)
-                slot.release()
-                spec = spec_for(error) if error is not None else None
-                code = None if error is None else (spec.code if spec else "internal_error")
-                obs.finish(200, error_type=code, usage=used[-1] if used else None)
-                entry = assembler.entry() if assembler is not None and error is None else None
-                if cache is not None and store_key is not None and entry is not None:
-                    entry["system_fingerprint"] = cleaning.fingerprint(target)
-                    cache.store_soon(store_key, entry)
-
-            def closed() -> None:  # the client left, or the stream never started
-                ticket.finish(None)
-                attempt.end(None, left=True)
-                slot.release()
-                obs.finish(499, error_type="client_closed_request")
-
-            events = streaming.relay(stream, fix, request_id_of(http.scope), ended)
-            return SSEResponse(events, headers=headers | SSE_HEADERS, on_close=closed)
-
-        charged: int | None = None
-        try:
-            if route is EMBEDDINGS and plan is not None and plan.mode == "use":
-                assert self.cached is not None
-                answer, charged = await self.cached.embeddings(
-                    target, body, affinity, http, prepared, headers
-                )
-            else:
-                answer, _ = await run_or_cancel(
-                    self.dispatcher.complete(target, route.path, body, affinity), http.receive
-                )
-        finally:
-            slot.release()
-        total = total_tokens(answer, ticket.reserved)
-        ticket.finish(total if charged is None else charged)
-        usage = answer.get("usage")
+        options = body.get("stream_options") or {}
+        wants_usage = bool(options.get("include_usage"))
+        body["stream_options"] = {**options, "include_usage": True}  # what settles limits
+        assembler = Assembler(chat=job.route is CHAT) if job.store_key else None
         schema = output_check.schema_of(body.get("response_format"))
-        storable = store_key is not None
+        obs, clean, requested = lease.obs, job.route.clean, job.requested
+
+        def fix(chunk: JSON) -> JSON | None:
+            if assembler is not None:
+                assembler.add(chunk)
+            usage = chunk.get("usage")
+            if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
+                lease.used(usage["total_tokens"], usage)
+            if _has_content(chunk):
+                obs.content()
+            if not wants_usage:
+                if usage and not chunk.get("choices"):
+                    return None
+                chunk.pop("usage", None)
+            return clean(chunk, requested, target)
+
+        stream, lease.attempt = await run_or_cancel(
+            self.dispatcher.open_stream(target, job.route.path, body, self._affinity(target, body)),
+            job.call.disconnected,
+        )
+
+        def ended(error: BaseException | None) -> None:
+            if error is None and lease.tokens is None:
+                lease.used(lease.ticket.reserved)  # the engine did not say: what was reserved
+            lease.end(200, error)
+            entry = assembler.entry() if assembler is not None and error is None else None
+            if (
+                entry is not None
+                and schema is not None
+                and not output_check.conforms(entry, schema)
+            ):
+                entry = None  # an answer that broke its schema is never stored
+            if entry is not None and self.cache is not None and job.store_key is not None:
+                entry["system_fingerprint"] = cleaning.fingerprint(target)
+                self.cache.store_soon(job.store_key, entry)
+
+        def closed() -> None:  # the client left, or the stream never started
+            lease.end(CLIENT_LEFT)
+
+        events = streaming.relay(stream, fix, job.call.request_id, ended)
+        return StreamAnswer(events, job.headers | SSE_HEADERS, on_close=closed)
+
+    async def _complete(self, job: Job, plan: CachePlan | None, rag: JSON | None) -> JsonAnswer:
+        body, lease, target, headers = job.prepared.body, job.lease, job.target, job.headers
+        body.pop("weir", None)  # our extension never reaches the engine
+        affinity = self._affinity(target, body)
+        if job.route is EMBEDDINGS and plan is not None and plan.mode == "use" and self.cached:
+            answer, charged = await self.cached.embeddings(
+                target, body, affinity, job.call.disconnected, job.prepared, headers
+            )
+        else:
+            answer, _ = await run_or_cancel(
+                self.dispatcher.complete(target, job.route.path, body, affinity),
+                job.call.disconnected,
+            )
+            charged = total_tokens(answer, lease.ticket.reserved)
+        usage = answer.get("usage")
+        lease.used(charged, usage if isinstance(usage, dict) else None)
+        storable = job.store_key is not None
+        schema = output_check.schema_of(body.get("response_format"))
         if schema is not None:
             try:
                 output_check.check_chat_output(answer, schema)
@@ -376,13 +361,12 @@ class Proxy:
                     raise
                 headers[OUTPUT_VALID_HEADER] = "false"
                 storable = False
-        obs.finish(200, usage=usage if isinstance(usage, dict) else None)
-        cleaned = route.clean(answer, requested, target)
+        cleaned = job.route.clean(answer, job.requested, target)
         if rag is not None:
             cleaned["weir"] = {"retrieval": rag}
-        if storable and cache is not None and store_key is not None and route.streams:
-            cache.store_soon(store_key, cleaned)
-        return JSONBytes(cleaned, headers=headers)
+        if storable and self.cache is not None and job.store_key and job.route.streams:
+            self.cache.store_soon(job.store_key, cleaned)
+        return JsonAnswer(cleaned, headers)
 
     async def embed_texts(self, model: str, texts: list[str], batch: int = 64) -> list[list[float]]:
         """Vectors for ``texts`` from ``model``, through its bulkhead and the embedding cache
@@ -398,14 +382,32 @@ class Proxy:
             try:
                 if self.cached is not None and self.cache_embeddings:
                     prepared = contract.Prepared(body, None, None)
-                    answer, _ = await self.cached.embeddings(served, body, None, None, prepared, {})
+                    answer, _ = await self.cached.embeddings(
+                        served, body, None, never, prepared, {}
+                    )
                 else:
                     answer, _ = await self.dispatcher.complete(served, EMBEDDINGS.path, body, None)
             finally:
                 slot.release()
             data = sorted(answer.get("data") or [], key=lambda d: int(d.get("index", 0)))
+            if len(data) != len(part):
+                raise EngineFailed(f"engine returned {len(data)} embeddings for {len(part)}")
             vectors += [list(d["embedding"]) for d in data]
         return vectors
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A request ready for its engine: where it goes, what it holds, what it answers with."""
+
+    route: Route
+    requested: str  # the model as the client named it (what answers say)
+    target: ServedVersion
+    prepared: contract.Prepared
+    call: Call
+    lease: Lease
+    headers: dict[str, str]
+    store_key: str | None  # where its answer goes in the response cache, if anywhere
 
 
 def _has_content(chunk: JSON) -> bool:

@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import Callable
 from typing import Any
 
-from starlette.requests import Request
-
+from models.errors import EngineError, ModelNotFound
 from models.tokenizer import TokenCounter
 from retrieval import chunking
+from retrieval.errors import CollectionNotFound
 from retrieval.index import IndexParams
-from retrieval.service import CollectionNotFound, Embed, Hit, Retrieval
+from retrieval.service import Embed, Hit, Retrieval
 from serving.errors import InvalidRequest, RetrievalUnavailable
-from serving.keys.records import KeyRecord
 from serving.settings import RetrievalConfig
 
 log = logging.getLogger("weir.rag")
@@ -32,14 +32,11 @@ TEMPLATE = (
     " user's documents; each passage is numbered.\n\n{passages}"
 )
 Count = Callable[[str], None]
-
-
-def tenant_of(http: Request) -> str:
-    key: KeyRecord | None = getattr(http.state, "key", None)
-    if key is not None:
-        return f"key:{key.id}"
-    static = getattr(http.state, "static_key", None)
-    return f"static:{static}" if static else "anonymous"
+# What makes retrieval fail for a while without anything being wrong with the request or
+# the gateway: the time limit, the embedding engine (busy, down, refusing the text), its
+# model not served right now, the docstore's database. Anything else (a corrupt index,
+# a bug) is not hidden as "degraded": it propagates.
+DEGRADES = (TimeoutError, EngineError, ModelNotFound, sqlite3.Error)
 
 
 class RetrievalGate:
@@ -83,8 +80,9 @@ class RetrievalGate:
         if self._service is not None:
             await self._service.close()
 
-    async def augment(self, http: Request, body: JSON, spec: Any) -> tuple[list[JSON] | None, JSON]:
-        """New messages with the passages (None: unchanged) and the response extension."""
+    async def augment(self, tenant: str, body: JSON, spec: Any) -> tuple[list[JSON] | None, JSON]:
+        """New messages with the passages (None: unchanged) and the response extension,
+        searching ``tenant``'s collections."""
         if not isinstance(spec, dict) or not isinstance(spec.get("collection"), str):
             raise InvalidRequest(
                 "weir.retrieval needs a collection name.", param="weir.retrieval.collection"
@@ -100,13 +98,13 @@ class RetrievalGate:
         try:
             service = await self.service()
             hits = await asyncio.wait_for(
-                service.search(tenant_of(http), spec["collection"], query, top_k,
+                service.search(tenant, spec["collection"], query, top_k,
                                spec.get("min_score")),
                 self.config.timeout_s,
             )  # fmt: skip
         except CollectionNotFound:
             raise  # the client named a collection it does not have: a 404, not a degradation
-        except Exception as exc:  # the store, the embedding engine, the timeout
+        except DEGRADES as exc:
             if spec.get("required"):
                 self.count("refused")
                 raise RetrievalUnavailable(f"Retrieval was required and failed: {exc}") from exc

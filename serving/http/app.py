@@ -1,4 +1,9 @@
-"""``create_app(settings)``: the gateway application, its middleware and its lifespan.
+"""``create_app(settings)``: the gateway application, one path per route, and its lifespan.
+
+The application is ``Front`` over one Starlette ``Router``: the model routes first
+(``serving.http.model_routes``: no dependency injection, body read once), then a ``Mount``
+of the FastAPI application for the admin, collections, catalog, health and docs routes.
+Its OpenAPI document lists the model routes too, from the same table.
 
 The lifespan opens the one pooled engine session, starts the fleet (local engines are
 started, remote ones health-checked) and stops every engine on shutdown. The port is
@@ -13,14 +18,18 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from opentelemetry.sdk.trace import TracerProvider
+from starlette.datastructures import State
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.middleware import Middleware
 from starlette.responses import Response
+from starlette.routing import Mount, Router
+from starlette.types import Receive, Scope, Send
 
 from models.engines.client import EngineTimeouts, json_dumps
 from models.engines.discovery import DnsDiscovery
@@ -29,22 +38,20 @@ from models.engines.launcher import ReplicaFactory, build_fleet, check_weights, 
 from models.errors import WeirModelError
 from models.registry import Registry
 from models.tokenizer import TokenCounter
-from retrieval.service import RetrievalError
+from retrieval.errors import RetrievalError
 from serving.cache.service import Cache
 from serving.cache.store import CacheStore, MemoryCacheStore, RedisCacheStore
-from serving.core.answer import JSONBytes
 from serving.core.proxy import Proxy
 from serving.core.rag import RetrievalGate
 from serving.errors import (
-    ClientClosed,
     GatewayError,
     InvalidRequest,
     MethodNotAllowed,
     RouteNotFound,
-    render,
 )
+from serving.http import model_routes
 from serving.http.front import Front, Keys, request_id_of
-from serving.http.lane import InferenceLane
+from serving.http.rendering import error_response
 from serving.http.routes import (
     admin,
     admin_limits,
@@ -53,14 +60,13 @@ from serving.http.routes import (
     deploy,
     engines,
     health,
-    inference,
     metrics_route,
 )
 from serving.http.validation import invalid_request_from
 from serving.keys.cache import CachedKeyStore
 from serving.keys.store import KeyStore, make_key_store
 from serving.limits.limiter import Limiter
-from serving.limits.stores import make_limit_store
+from serving.limits.redis_store import make_limit_store
 from serving.observe.metrics import Metrics
 from serving.observe.tracing import make_provider, tracer_from
 from serving.rollout.deployer import Deployer, ReplicaMaker
@@ -75,32 +81,45 @@ ReplicasFactory = Callable[[aiohttp.ClientSession], ReplicaMaker]
 OnReady = Callable[[], None]
 
 
-def _error_response(request: Request, exc: BaseException) -> Response:
-    status, body, headers = render(exc, request_id_of(request.scope))
-    return JSONBytes(body, status_code=status, headers=headers)
+async def _rendered(request: Request, exc: Exception) -> Response:
+    """The FastAPI routes' errors, through the one table (as ``Front`` renders the rest)."""
+    error: Exception = exc
+    if isinstance(exc, RequestValidationError):
+        error = invalid_request_from(exc)
+    elif isinstance(exc, StarletteHTTPException):
+        error = _http_error(request, exc)
+    return error_response(error, request_id_of(request.scope))
 
 
-async def _domain_error(request: Request, exc: Exception) -> Response:
-    if isinstance(exc, ClientClosed):
-        log.info("client closed request %s before the answer", request_id_of(request.scope))
-    return _error_response(request, exc)
+def _http_error(request: Request, exc: StarletteHTTPException) -> Exception:
+    if exc.status_code == 404:
+        return RouteNotFound(f"No route {request.method} {request.url.path}.")
+    if exc.status_code == 405:
+        return MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}.")
+    return InvalidRequest(str(exc.detail) or "Bad request.")
 
 
-async def _validation_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestValidationError)  # registered for this type only
-    return _error_response(request, invalid_request_from(exc))
+class Gateway:
+    """The ASGI application: ``Front`` over the router. ``state`` holds the services
+    (the proxy, deployer, registry, stores) once the lifespan has made them."""
 
+    def __init__(self, front: Front, router: Router, api: FastAPI) -> None:
+        self.front = front
+        self.router = router  # its lifespan_context starts and stops the services
+        self.api = api
 
-async def _http_error(request: Request, exc: Exception) -> Response:
-    status = getattr(exc, "status_code", 500)
-    mapped: Exception
-    if status == 404:
-        mapped = RouteNotFound(f"No route {request.method} {request.url.path}.")
-    elif status == 405:
-        mapped = MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}.")
-    else:
-        mapped = InvalidRequest(str(getattr(exc, "detail", "")) or "Bad request.")
-    return _error_response(request, mapped)
+    def __repr__(self) -> str:
+        return "Gateway()"
+
+    @property
+    def state(self) -> State:
+        return self.api.state
+
+    def openapi(self) -> dict[str, Any]:
+        return self.api.openapi()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.front(scope, receive, send)
 
 
 def create_app(
@@ -113,7 +132,7 @@ def create_app(
     tracer_provider: TracerProvider | None = None,
     replicas_factory: ReplicasFactory | None = None,
     discovery_factory: DiscoveryFactory | None = None,
-) -> FastAPI:
+) -> Gateway:
     """The gateway. Tests pass ``fleet_factory`` (fake engines), ``replicas_factory`` (what
     a deploy starts) and ``counters``; the CLI passes the ``weights`` it already checked.
     Otherwise all come from ``settings``."""
@@ -181,8 +200,21 @@ def create_app(
         factory = ReplicaFactory(settings.engines, session, timeouts)
         return build_fleet(settings.models, found, factory)
 
+    api = FastAPI(
+        title="Weir gateway",
+        version="0.1.0",
+        exception_handlers={
+            WeirModelError: _rendered,
+            GatewayError: _rendered,
+            RetrievalError: _rendered,
+            RequestValidationError: _rendered,
+            StarletteHTTPException: _rendered,
+            Exception: _rendered,
+        },
+    )
+
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(_: object) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(limit=gateway.max_connections, limit_per_host=0)
         session = aiohttp.ClientSession(connector=connector, json_serialize=json_dumps)
         found = await asyncio.to_thread(resolved_weights)
@@ -195,18 +227,18 @@ def create_app(
         dispatcher = Dispatcher(
             fleet, settings.models, deadlines, tracer=tracer, on_retry=count_retry
         )
-        app.state.proxy = Proxy(
+        api.state.proxy = Proxy(
             registry, dispatcher, loaded, settings.contract, limiter, limits.model_tpm,
             metrics=metrics, tracer=tracer, log_requests=observe.access_log,
             cache=cache, cache_embeddings=settings.cache.embeddings,
         )  # fmt: skip
-        proxy: Proxy = app.state.proxy
+        proxy: Proxy = api.state.proxy
         discovery = make_discovery(fleet, session)
         for model in settings.models:
             for version in model.versions:
                 if version.dns is not None and version.version in model.running():
                     discovery.track(model, version)
-        app.state.deployer = Deployer(
+        api.state.deployer = Deployer(
             registry, fleet, dispatcher, proxy.counters, proxy.tracker, replica_maker(session),
             settings.store, settings.deploy, settings.engines.start_timeout_s, state,
             discovery=discovery,
@@ -223,7 +255,7 @@ def create_app(
 
             counter = _counter_for(registry, loaded, embed_model)
             proxy.rag = RetrievalGate(settings.retrieval, embed, counter, count_retrieval)
-            app.state.retrieval = proxy.rag
+            api.state.retrieval = proxy.rag
         announcer: asyncio.Task[None] | None = None
         try:
             await fleet.start()
@@ -234,8 +266,8 @@ def create_app(
         finally:
             if announcer is not None:
                 announcer.cancel()
-            if getattr(app.state, "deployer", None) is not None:
-                await app.state.deployer.aclose()
+            if getattr(api.state, "deployer", None) is not None:
+                await api.state.deployer.aclose()
             await discovery.stop()
             log.info("stopping engines")
             await fleet.stop()
@@ -246,54 +278,52 @@ def create_app(
                 await limiter.aclose()
             if cache is not None:
                 await cache.aclose()
-            if getattr(app.state, "retrieval", None) is not None:
-                await app.state.retrieval.aclose()
+            if getattr(api.state, "retrieval", None) is not None:
+                await api.state.retrieval.aclose()
             if provider is not None and tracer_provider is None:
                 provider.shutdown()  # flushes the batch exporter
 
-    app = FastAPI(
-        title="Weir gateway",
-        version="0.1.0",
+    api.state.settings = settings
+    api.state.registry = registry
+    api.state.key_store = key_store
+    api.state.limiter = limiter
+    api.state.started = int(time.time())
+    api.include_router(catalog.router)
+    api.include_router(health.router)
+    api.include_router(engines.router)
+    api.include_router(admin.router)
+    api.include_router(admin_limits.router)
+    api.include_router(deploy.router)
+    api.include_router(metrics_route.router)
+    api.include_router(collections.router)
+    api.openapi = _openapi(api)  # type: ignore[method-assign]
+    router = Router(
+        routes=[*model_routes.routes(lambda: api.state.proxy), Mount("", app=api)],
         lifespan=lifespan,
-        middleware=[
-            Middleware(
-                Front,
-                keys=Keys(
-                    [k.get_secret_value() for k in gateway.api_keys],
-                    store=key_store if keys.enabled else None,
-                    admin_key=keys.admin_key.get_secret_value() if keys.admin_key else None,
-                    tracer=tracer,
-                ),
-                max_body_bytes=gateway.max_body_bytes,
-                tracer=tracer,
-                lane=InferenceLane(lambda: app.state.proxy, gateway.max_body_bytes)
-                if gateway.inference_lane
-                else None,
-            )
-        ],
-        exception_handlers={
-            WeirModelError: _domain_error,
-            GatewayError: _domain_error,
-            RequestValidationError: _validation_error,
-            StarletteHTTPException: _http_error,
-            RetrievalError: _domain_error,
-        },
     )
-    app.state.settings = settings
-    app.state.registry = registry
-    app.state.key_store = key_store
-    app.state.limiter = limiter
-    app.state.started = int(time.time())
-    app.include_router(inference.router)
-    app.include_router(catalog.router)
-    app.include_router(health.router)
-    app.include_router(engines.router)
-    app.include_router(admin.router)
-    app.include_router(admin_limits.router)
-    app.include_router(deploy.router)
-    app.include_router(metrics_route.router)
-    app.include_router(collections.router)
-    return app
+    keys_gate = Keys(
+        [k.get_secret_value() for k in gateway.api_keys],
+        store=key_store if keys.enabled else None,
+        admin_key=keys.admin_key.get_secret_value() if keys.admin_key else None,
+        tracer=tracer,
+    )
+    front = Front(router, keys=keys_gate, max_body_bytes=gateway.max_body_bytes, tracer=tracer)
+    return Gateway(front, router, api)
+
+
+def _openapi(api: FastAPI) -> Callable[[], dict[str, Any]]:
+    """FastAPI's document for its routes, with the model routes added from their table."""
+
+    def document() -> dict[str, Any]:
+        if api.openapi_schema is None:
+            api.openapi_schema = get_openapi(
+                title=api.title,
+                version=api.version,
+                routes=[*model_routes.openapi_routes(), *api.routes],
+            )
+        return api.openapi_schema
+
+    return document
 
 
 def _counter_for(

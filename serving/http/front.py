@@ -16,19 +16,23 @@ import logging
 import os
 import re
 from collections.abc import Sequence
-from typing import Protocol
 
-import orjson
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serving.core.call import ANONYMOUS, Caller
 from serving.errors import (
     AuthUnavailable,
+    ClientClosed,
+    MethodNotAllowed,
     PayloadTooLarge,
     PermissionDenied,
+    RouteNotFound,
     Unauthenticated,
-    render,
+    spec_for,
 )
+from serving.http.rendering import send_error
 from serving.keys.records import hash_secret
 from serving.keys.store import KeyStore, KeyStoreUnavailable
 from serving.observe.tracing import extract, recording, span
@@ -41,14 +45,6 @@ ADMIN_PREFIX = "/weir/admin/"
 TRACED_PREFIX = "/v1/"
 
 
-class Lane(Protocol):
-    """What serves some requests without the framework (``serving.http.lane.InferenceLane``)."""
-
-    def serves(self, scope: Scope) -> bool: ...
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None: ...
-
-
 def request_id_of(scope: Scope) -> str:
     state = scope.get("state") or {}
     return str(state.get("request_id", "-"))
@@ -58,16 +54,10 @@ def new_request_id() -> str:
     return os.urandom(16).hex()  # a uuid4's worth of randomness, without building a UUID
 
 
-async def send_error(send: Send, exc: BaseException, request_id: str) -> None:
-    status, body, headers = render(exc, request_id)
-    raw = orjson.dumps(body)
-    header_list = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(raw)).encode()),
-    ]
-    header_list += [(k.encode(), v.encode()) for k, v in headers.items()]
-    await send({"type": "http.response.start", "status": status, "headers": header_list})
-    await send({"type": "http.response.body", "body": raw})
+def caller_of(scope: Scope) -> Caller:
+    """Who the request is from, as ``Keys`` found it."""
+    caller: Caller = (scope.get("state") or {}).get("caller", ANONYMOUS)
+    return caller
 
 
 class Keys:
@@ -91,42 +81,40 @@ class Keys:
         self.admin_key = admin_key.encode() if admin_key else None
         self.tracer = recording(tracer)
 
-    async def check(self, scope: Scope, authorization: bytes) -> BaseException | None:
-        """None when the request may go on (``state`` then says who it is), else the error."""
+    async def check(self, scope: Scope, authorization: bytes) -> Caller:
+        """Who asks (what ``state["caller"]`` then says); raises ``Unauthenticated``,
+        ``PermissionDenied`` or ``AuthUnavailable`` when the request may not go on."""
         path = scope["path"]
         if path in OPEN_PATHS:
-            return None
+            return ANONYMOUS
         token = _bearer(authorization)
         if path.startswith(ADMIN_PREFIX):
             if self.admin_key is None:
-                return PermissionDenied("The admin API is off: set keys.admin_key.")
+                raise PermissionDenied("The admin API is off: set keys.admin_key.")
             if token is None or not hmac.compare_digest(token, self.admin_key):
-                return Unauthenticated("Missing or invalid admin key.")
-            return None
+                raise Unauthenticated("Missing or invalid admin key.")
+            return ANONYMOUS
         if not self.static and self.store is None:
-            return None
-        denied = Unauthenticated("Missing or invalid API key.")
+            return ANONYMOUS
         if token is None:
-            return denied
+            raise Unauthenticated("Missing or invalid API key.")
         tenant = None
         for key, short in self.static:
             if hmac.compare_digest(token, key):
                 tenant = short
         if tenant is not None:
-            scope["state"]["static_key"] = tenant
-            return None
+            return Caller(static_key=tenant)
         if self.store is None:
-            return denied
+            raise Unauthenticated("Missing or invalid API key.")
         try:
             with span(self.tracer, "weir.auth"):
                 record = await self.store.lookup(token.decode(errors="replace"))
         except KeyStoreUnavailable:
             log.error("key store unreachable for request %s", request_id_of(scope))
-            return AuthUnavailable("The key store is unreachable.")
+            raise AuthUnavailable("The key store is unreachable.") from None
         if record is None or record.revoked:
-            return denied
-        scope["state"]["key"] = record
-        return None
+            raise Unauthenticated("Missing or invalid API key.")
+        return Caller(key=record)
 
 
 def _bearer(authorization: bytes) -> bytes | None:
@@ -138,7 +126,7 @@ def _bearer(authorization: bytes) -> bytes | None:
 
 
 class Front:
-    """Request id, span, body limit, keys and the last word on errors; then lane or app."""
+    """Request id, span, body limit, keys and the last word on errors; then the router."""
 
     def __init__(
         self,
@@ -147,13 +135,11 @@ class Front:
         keys: Keys,
         max_body_bytes: int,
         tracer: Tracer | None = None,
-        lane: Lane | None = None,
     ) -> None:
         self.app = app
         self.keys = keys
         self.max_bytes = max_body_bytes
         self.tracer = recording(tracer)
-        self.lane = lane
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -188,9 +174,13 @@ class Front:
             else:
                 await self._serve(scope, receive, send_out, authorization, length)
         except Exception as exc:
-            log.exception("unhandled error in request %s", rid)
+            error = _mapped(exc, scope)
+            if isinstance(error, ClientClosed):
+                log.info("client closed request %s before the answer", rid)
+            elif spec_for(error) is None:
+                log.exception("unhandled error in request %s", rid)
             if not started:
-                await send_error(send_out, exc, rid)
+                await send_error(send_out, error, rid)
 
     async def _traced(
         self, scope: Scope, receive: Receive, send: Send, authorization: bytes, length: bytes
@@ -218,24 +208,21 @@ class Front:
     async def _serve(
         self, scope: Scope, receive: Receive, send: Send, authorization: bytes, length: bytes
     ) -> None:
-        rid = scope["state"]["request_id"]
-        if length.isdigit() and int(length) > self.max_bytes:
-            await send_error(send, self._too_large(), rid)
-            return
-        refused = await self.keys.check(scope, authorization)
-        if refused is not None:
-            await send_error(send, refused, rid)
-            return
-        if self.lane is not None and self.lane.serves(scope):
-            await self.lane(scope, receive, send)  # it reads the body under the same limit
-            return
-        await self._limited(scope, receive, send)
+        if length.isdigit():
+            if int(length) > self.max_bytes:
+                raise self._too_large()
+            # the server reads no more than Content-Length: the body is within the limit
+        else:
+            receive, send = self._counted(scope, receive, send)
+        scope["state"]["caller"] = await self.keys.check(scope, authorization)
+        await self.app(scope, receive, send)
 
     def _too_large(self) -> PayloadTooLarge:
         return PayloadTooLarge(f"Request body is larger than {self.max_bytes} bytes.")
 
-    async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The app, with the body counted as it is read: 413 the moment it passes the limit."""
+    def _counted(self, scope: Scope, receive: Receive, send: Send) -> tuple[Receive, Send]:
+        """A body of unknown length, counted as it is read: 413 the moment it passes the
+        limit; the route then sees a disconnect and whatever it sends is dropped."""
         seen = 0
         answered = False
 
@@ -245,7 +232,6 @@ class Front:
             if message["type"] == "http.request" and not answered:
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    # Answer now; the app sees a disconnect and whatever it sends is dropped.
                     answered = True
                     await send_error(send, self._too_large(), request_id_of(scope))
                     return {"type": "http.disconnect"}
@@ -255,4 +241,15 @@ class Front:
             if not answered:
                 await send(message)
 
-        await self.app(scope, counting_receive, guarded_send)
+        return counting_receive, guarded_send
+
+
+def _mapped(exc: Exception, scope: Scope) -> Exception:
+    """Starlette's own 404/405 as ours; every other error as it is."""
+    if not isinstance(exc, HTTPException):
+        return exc
+    if exc.status_code == 404:
+        return RouteNotFound(f"No route {scope['method']} {scope['path']}.")
+    if exc.status_code == 405:
+        return MethodNotAllowed(f"Method {scope['method']} is not allowed on {scope['path']}.")
+    return exc

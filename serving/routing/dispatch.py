@@ -167,6 +167,13 @@ class Dispatcher:
     def __repr__(self) -> str:
         return f"Dispatcher(bulkheads={list(self.bulkheads)!r})"
 
+    def affinity_chars(self, model: str) -> int | None:
+        """How many prompt characters steer ``model``'s requests to one replica (None: off)."""
+        routing = self.routing.get(model)
+        if routing is None or not routing.prefix_affinity:
+            return None
+        return routing.affinity_prefix_chars
+
     def available(self, served: ServedVersion) -> bool:
         """Could ``served`` take a request now: a place in its bulkhead and a live replica?"""
         bulkhead = self.bulkheads.get(served.key)

@@ -299,45 +299,78 @@ def test_structured_output_is_checked(
         validate("ErrorResponse", response.json())
 
 
-PARITY_BODIES: list[bytes] = [
-    orjson.dumps(CHAT),
-    orjson.dumps(CHAT | {"stream": True}),
-    orjson.dumps(CHAT | {"temperature": 9}),
-    orjson.dumps(CHAT | {"messages": [{"role": "wizard", "content": "x"}]}),
-    orjson.dumps({"model": "smollm2"}),
-    orjson.dumps(CHAT | {"model": "nope"}),
-    orjson.dumps([1, 2, 3]),
-    b"{not json",
-    b"",
-]
+EMBED: dict[str, Any] = {"model": "minilm", "input": "Hi"}
+COMPLETE: dict[str, Any] = {"model": "smollm2", "prompt": "Hi"}
+WIZARD = {"role": "wizard", "content": "x"}
+# One matrix for the one path: route, body, status, error code, param.
+MATRIX: list[tuple[str, bytes, int, str | None, str | None]] = [
+    ("/v1/chat/completions", orjson.dumps(CHAT), 200, None, None),
+    ("/v1/chat/completions", orjson.dumps(CHAT | {"stream": True}), 200, None, None),
+    ("/v1/chat/completions", orjson.dumps(CHAT | {"temperature": 9}), 400, "invalid_request",
+     "temperature"),
+    ("/v1/chat/completions", orjson.dumps(CHAT | {"messages": [WIZARD]}), 400, "invalid_request",
+     "messages[0].role"),
+    ("/v1/chat/completions", orjson.dumps({"model": "smollm2"}), 400, "invalid_request",
+     "messages"),
+    ("/v1/chat/completions", orjson.dumps(CHAT | {"model": "nope"}), 404, "model_not_found",
+     "model"),
+    ("/v1/chat/completions", orjson.dumps([1, 2, 3]), 400, "invalid_request", None),
+    ("/v1/chat/completions", b"{not json", 400, "invalid_request", None),
+    ("/v1/chat/completions", b"", 400, "invalid_request", None),
+    ("/v1/completions", orjson.dumps(COMPLETE), 200, None, None),
+    ("/v1/completions", orjson.dumps(COMPLETE | {"stream": True}), 200, None, None),
+    ("/v1/completions", orjson.dumps({"model": "smollm2"}), 400, "invalid_request", "prompt"),
+    ("/v1/embeddings", orjson.dumps(EMBED), 200, None, None),
+    ("/v1/embeddings", orjson.dumps({"model": "minilm"}), 400, "invalid_request", "input"),
+    ("/v1/embeddings", orjson.dumps(EMBED | {"stream": True}), 400, "invalid_request", "stream"),
+    ("/v1/embeddings", orjson.dumps(EMBED | {"model": "smollm2"}), 400, "model_not_supported",
+     "model"),
+]  # fmt: skip
+ANSWERS = {
+    "/v1/chat/completions": "CreateChatCompletionResponse",
+    "/v1/completions": "CreateCompletionResponse",
+    "/v1/embeddings": "CreateEmbeddingResponse",
+}
 
 
-def _outcome(response: Any) -> tuple[int, str | None, str | None]:
-    if response.headers["content-type"].startswith("application/json"):
-        error = response.json().get("error") or {}
-        return response.status_code, error.get("code"), error.get("param")
-    return response.status_code, None, None
+@pytest.mark.parametrize(("path", "raw", "status", "code", "param"), MATRIX)
+def test_each_model_route_answers_valid_bodies_and_refuses_bad_ones(
+    client: TestClient, path: str, raw: bytes, status: int, code: str | None, param: str | None
+) -> None:
+    response = client.post(path, content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    assert response.headers["x-request-id"]
+    if status != 200:
+        validate("ErrorResponse", response.json())
+        error = response.json()["error"]
+        assert (error["code"], error["param"]) == (code, param)
+    elif b'"stream":true' in raw:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.text.endswith("data: [DONE]\n\n")
+    else:
+        validate(ANSWERS[path], response.json())
 
 
-def test_the_inference_lane_answers_as_the_framework_routes_do() -> None:
-    """The lane (default) and the FastAPI routes (``gateway.inference_lane = false``) give
-    the same status, error code and param for the same bodies, and the same answers."""
-    outcomes = []
-    for lane in (True, False):
-        with make_client(FakeEngine(), inference_lane=lane) as client:
-            seen = []
-            for raw in PARITY_BODIES:
-                headers = {"content-type": "application/json"}
-                response = client.post("/v1/chat/completions", content=raw, headers=headers)
-                seen.append(_outcome(response))
-                if response.status_code == 200 and not raw.endswith(b"true}"):
-                    validate("CreateChatCompletionResponse", response.json())
-            seen.append(_outcome(client.post("/v1/embeddings", json={"model": "minilm"})))
-            seen.append(_outcome(client.get("/v1/chat/completions")))
-            outcomes.append(seen)
-    assert outcomes[0] == outcomes[1]
-    assert outcomes[0][0] == (200, None, None)
-    assert outcomes[0][-1][:2] == (405, "method_not_allowed")
+@pytest.mark.parametrize("path", list(ANSWERS))
+def test_other_methods_on_a_model_route_are_405(client: TestClient, path: str) -> None:
+    for method in ("GET", "PUT", "DELETE"):
+        response = client.request(method, path)
+        assert response.status_code == 405
+        assert response.json()["error"]["code"] == "method_not_allowed"
+        validate("ErrorResponse", response.json())
+
+
+def test_the_openapi_document_lists_the_model_routes_with_their_bodies(
+    client: TestClient,
+) -> None:
+    document = client.get("/openapi.json").json()
+    for path in ANSWERS:
+        operation = document["paths"][path]["post"]
+        schema = operation["requestBody"]["content"]["application/json"]["schema"]
+        assert schema["$ref"].startswith("#/components/schemas/")
+        assert "429" in operation["responses"]
+    assert "ChatCompletionRequest" in document["components"]["schemas"]
+    assert "/weir/admin/keys" in document["paths"]  # the mounted app's routes as well
 
 
 def test_a_body_that_is_not_declared_json_is_refused_clearly(client: TestClient) -> None:

@@ -9,7 +9,6 @@ from typing import Any
 
 import orjson
 import pytest
-from fastapi import FastAPI
 from pydantic import SecretStr
 from starlette.testclient import TestClient
 from starlette.types import Message
@@ -17,7 +16,7 @@ from starlette.types import Message
 from models.engines.fleet import Fleet, Replica
 from models.errors import EngineFailed
 from models.types import ReplicaKey
-from serving.http.app import create_app
+from serving.http.app import Gateway, create_app
 from serving.limits.limiter import Limiter
 from serving.settings import KeysConfig, LimitsConfig, Settings
 from tests.fakes.engine import FakeEngine
@@ -39,7 +38,7 @@ RATE_HEADERS = (
 )
 
 
-def make_app(engine: FakeEngine, tmp_path: Path, limits: LimitsConfig | None = None) -> FastAPI:
+def make_app(engine: FakeEngine, tmp_path: Path, limits: LimitsConfig | None = None) -> Gateway:
     def fleet(_: object) -> Fleet:
         replica = Replica(ReplicaKey("smollm2", "135m-instruct", 0), engine, "smollm2")
         return Fleet([replica], health_interval_s=0.05)
@@ -174,7 +173,7 @@ async def test_client_disconnect_releases(tmp_path: Path, stream: bool) -> None:
     assert (left.reservations, left.tokens) == (0, 0)
 
 
-async def _key(app: FastAPI) -> str:
+async def _key(app: Gateway) -> str:
     from serving.keys.issue import KeyCreate, create_key
 
     secret, _ = await create_key(app.state.key_store, KeyCreate(name="d", tpm=1000))

@@ -8,8 +8,9 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from retrieval.service import Document
-from serving.core.rag import RetrievalGate, tenant_of
+from serving.core.rag import RetrievalGate
 from serving.errors import InvalidRequest, RouteNotFound
+from serving.http.front import caller_of
 
 router = APIRouter(prefix="/v1/collections")
 
@@ -43,6 +44,10 @@ class SearchIn(BaseModel):
     top_k: int = Field(4, ge=1)
     min_score: float | None = Field(None, ge=-1, le=1)
     filter: dict[str, Any] | None = None
+
+
+def tenant_of(request: Request) -> str:
+    return caller_of(request.scope).tenant
 
 
 def _gate(request: Request) -> RetrievalGate:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from pydantic import BaseModel
 
-from serving.core.answer import JSONBytes
 from serving.http.deps import FleetDep
+from serving.http.rendering import JSONBytes
 
 router = APIRouter()
 

@@ -1,0 +1,71 @@
+"""What one request holds while it runs, released once.
+
+A ``Lease`` is opened when a request names a model and holds, as the request acquires
+them, its limit ticket (tokens reserved), its bulkhead slot, its attempt on a replica
+(the replica's in-flight count and breaker) and its observation (metrics, the access log,
+the version tracker that drains and canary gates read). ``end`` releases all of it exactly
+once, whichever way the request ended: answered, refused, failed mid-stream, or left by
+its client; later calls do nothing. The ticket settles to the tokens ``used`` recorded,
+or is released when nothing was recorded (a failure before an answer) or the client left.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from serving.errors import spec_for
+from serving.limits.limiter import UNLIMITED_TICKET, Ticket, Unlimited
+from serving.observe.record import Observation
+from serving.routing.bulkhead import Slot
+from serving.routing.dispatch import Attempt
+
+CLIENT_LEFT = 499
+
+
+def error_code(error: BaseException) -> str:
+    spec = spec_for(error)
+    return spec.code if spec is not None else "internal_error"
+
+
+class Lease:
+    __slots__ = ("_ended", "attempt", "obs", "slot", "ticket", "tokens", "usage")
+
+    def __init__(self, obs: Observation) -> None:
+        self.obs = obs
+        self.ticket: Ticket | Unlimited = UNLIMITED_TICKET
+        self.slot: Slot | None = None
+        self.attempt: Attempt | None = None
+        self.tokens: int | None = None  # what to charge; None releases the reservation
+        self.usage: dict[str, Any] | None = None  # the engine's usage, for the metrics
+        self._ended = False
+
+    def __repr__(self) -> str:
+        return f"Lease(ended={self._ended}, tokens={self.tokens})"
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    def used(self, tokens: int, usage: dict[str, Any] | None = None) -> None:
+        """The request used ``tokens`` (what its ticket will be charged)."""
+        self.tokens = tokens
+        if usage is not None:
+            self.usage = usage
+
+    def end(self, status: int, error: BaseException | None = None) -> None:
+        """Release everything held. ``status`` is what the client got (200 for a stream
+        that had started, even if it then failed: ``error`` says so); 499 when it left."""
+        if self._ended:
+            return
+        self._ended = True
+        left = status == CLIENT_LEFT
+        self.ticket.finish(None if left else self.tokens)
+        if self.attempt is not None:
+            self.attempt.end(error, left=left)
+        if self.slot is not None:
+            self.slot.release()
+        if left:
+            code: str | None = "client_closed_request"
+        else:
+            code = error_code(error) if error is not None else None
+        self.obs.finish(status, error_type=code, usage=None if left else self.usage)

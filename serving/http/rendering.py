@@ -1,0 +1,104 @@
+"""Answers as HTTP: JSON bodies, SSE streams that watch for the client leaving, errors.
+
+``respond`` turns the use case's ``Answer`` into a Starlette response; ``error_response``
+and ``send_error`` render any exception through the one table (``serving.errors.render``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, Callable, Mapping
+from functools import partial
+from typing import Any
+
+import orjson
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from serving.core.answer import Answer, JsonAnswer
+from serving.core.disconnect import DisconnectGuard
+from serving.errors import render
+
+log = logging.getLogger("weir.gateway")
+
+
+class JSONBytes(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+async def until_disconnect(receive: Receive) -> None:
+    """After the body is read, the next message on ``receive`` is ``http.disconnect``."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def disconnected(receive: Receive) -> Callable[[], Any]:
+    return partial(until_disconnect, receive)
+
+
+class SSEResponse(StreamingResponse):
+    """Starlette's StreamingResponse, but it always watches for the client leaving.
+
+    ``on_close`` runs last, however the response ended (even if the stream never started).
+    """
+
+    def __init__(
+        self,
+        events: AsyncGenerator[bytes, None],
+        headers: Mapping[str, str] | None = None,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(events, headers=headers, media_type="text/event-stream")
+        self.events = events
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        guard: DisconnectGuard | None = None  # the stream is pumped in this task
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            guard = DisconnectGuard(disconnected(receive))
+            await self._pump(send)
+        except asyncio.CancelledError:
+            if guard is None or not guard.client_left():
+                raise
+            # the client left: this response is over, nothing else is
+        except OSError as exc:
+            log.info("stream write failed: %s", exc)
+        finally:
+            if guard is not None:
+                guard.disarm()
+            await self.events.aclose()  # closes the engine stream if the pump did not finish
+            if self.on_close is not None:
+                self.on_close()
+
+    async def _pump(self, send: Send) -> None:
+        async for event in self.events:
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def respond(answer: Answer) -> Response:
+    if isinstance(answer, JsonAnswer):
+        return JSONBytes(answer.body, status_code=answer.status, headers=answer.headers)
+    return SSEResponse(answer.events, headers=answer.headers, on_close=answer.on_close)
+
+
+def error_response(exc: BaseException, request_id: str) -> Response:
+    status, body, headers = render(exc, request_id)
+    return JSONBytes(body, status_code=status, headers=headers)
+
+
+async def send_error(send: Send, exc: BaseException, request_id: str) -> None:
+    status, body, headers = render(exc, request_id)
+    raw = orjson.dumps(body)
+    header_list = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(raw)).encode()),
+    ]
+    header_list += [(k.encode(), v.encode()) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": header_list})
+    await send({"type": "http.response.body", "body": raw})
