@@ -203,6 +203,12 @@ def main() -> None:
         help="cores for the gateway (and LiteLLM): 'auto' = the last core when there are 2+,"
         " the mocks, wrk and this client on the others; 'none' = no pinning; or '3,4'",
     )
+    parser.add_argument(
+        "--before",
+        default="",
+        help="a checkout of an earlier commit (git worktree): its gateway runs beside this"
+        " one, same config and core, measured interleaved as the target 'before'",
+    )
     args = parser.parse_args()
     proxy_cpus, rest = split_cores(args.proxy_cpus)
     if rest:
@@ -224,6 +230,16 @@ def main() -> None:
                 gateway_config(port, upstream, work, key=KEY), work, f"gw-{port}", cpus=proxy_cpus
             )
         )
+    before, before_paced = free_port(), free_port()
+    if args.before:
+        # the earlier commit's code first on the path; the same interpreter and packages
+        old = [sys.executable, "-P", "-m", "serving.cli"]  # -P: not this checkout first
+        env = {"PYTHONPATH": str(Path(args.before).resolve())}
+        for port, upstream in ((before, mock), (before_paced, paced)):
+            config = gateway_config(port, upstream, work, key=KEY)
+            procs.append(
+                start_gateway(config, work, f"before-{port}", env, cpus=proxy_cpus, weir=old)
+            )
     litellm_port = free_port()
     if args.litellm:
         config = work / "litellm.yaml"
@@ -274,6 +290,11 @@ def main() -> None:
             "direct": f"http://127.0.0.1:{paced}",
             "gateway": f"http://127.0.0.1:{paced_gate}",
         }
+        if args.before:
+            for port in (before, before_paced):
+                wait_for(f"http://127.0.0.1:{port}/readyz")
+            direct["before"] = f"http://127.0.0.1:{before}"
+            paced_targets["before"] = f"http://127.0.0.1:{before_paced}"
         if args.nginx:
             for port in (nginx_port, nginx_paced):
                 wait_for(f"http://127.0.0.1:{port}/health")
@@ -397,24 +418,55 @@ def targets(console: Console, results: dict[str, Any], best: dict[str, float]) -
     results["targets"] = verdicts
     if "nginx" in c1 and "nginx" in st:
         floor(console, results)
+    if "before" in c1 and "before" in st:
+        compare(console, results, best)
+
+
+def added_side_by_side(
+    results: dict[str, Any], other: str, rows: dict[str, tuple[str, str]]
+) -> dict[str, tuple[float, float]]:
+    """Per row, what ``other`` and the gateway add over direct: (other's, the gateway's)."""
+    found = {}
+    for name, (section, q) in rows.items():
+        data = results[section]
+        found[name] = (data[other][q] - data["direct"][q], data["gateway"][q] - data["direct"][q])
+    return found
+
+
+ADDED_ROWS = {
+    "added p50, c=1 (ms)": ("c1", "p50"),
+    "added p99, c=1 (ms)": ("c1", "p99"),
+    "added TTFT p50 (ms)": ("stream", "ttft_p50"),
+    "added TTFT p99 (ms)": ("stream", "ttft_p99"),
+}
+
+
+def compare(console: Console, results: dict[str, Any], best: dict[str, float]) -> None:
+    """The earlier commit (``--before``) against this one, measured in the same run."""
+    rows = ADDED_ROWS | {"gap p99 (ms)": ("stream", "gap_p99")}
+    table = Table(title="Before (--before) and after (this checkout), interleaved in one run")
+    for column in ("what", "before", "after", "after - before"):
+        table.add_column(column, justify="right")
+    changes: dict[str, dict[str, float]] = {}
+    for name, (was, now) in added_side_by_side(results, "before", rows).items():
+        changes[name] = {"before": was, "after": now, "change": now - was}
+        table.add_row(name, f"{was:+.3f}", f"{now:+.3f}", f"{now - was:+.3f}")
+    if "before" in best or "gateway" in best:
+        was, now = best.get("before", 0.0), best.get("gateway", 0.0)
+        name = "req/s, p99 added < 10 ms"
+        changes[name] = {"before": was, "after": now, "change": now - was}
+        table.add_row(name, f"{was:.0f}", f"{now:.0f}", f"{now - was:+.0f}")
+    console.print(table)
+    results["before_after"] = changes
 
 
 def floor(console: Console, results: dict[str, Any]) -> None:
     """What one bare hop costs on this layout (nginx), and the gateway's work above it."""
-    c1, st = results["c1"], results["stream"]
-    rows = {
-        "added p50, c=1 (ms)": (c1, "p50"),
-        "added p99, c=1 (ms)": (c1, "p99"),
-        "added TTFT p50 (ms)": (st, "ttft_p50"),
-        "added TTFT p99 (ms)": (st, "ttft_p99"),
-    }
     table = Table(title="The hop and the gateway's own work (nginx: a hop doing nothing)")
     for column in ("what", "nginx adds", "gateway adds", "gateway over nginx"):
         table.add_column(column, justify="right")
     above = {}
-    for name, (data, q) in rows.items():
-        hop = data["nginx"][q] - data["direct"][q]
-        ours = data["gateway"][q] - data["direct"][q]
+    for name, (hop, ours) in added_side_by_side(results, "nginx", ADDED_ROWS).items():
         above[name] = {"nginx": hop, "gateway": ours, "gateway_over_nginx": ours - hop}
         table.add_row(name, f"{hop:+.3f}", f"{ours:+.3f}", f"{ours - hop:+.3f}")
     console.print(table)

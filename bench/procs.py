@@ -15,37 +15,25 @@ import time
 import urllib.request
 from pathlib import Path
 
-GATEWAY_CONFIG = """
-[gateway]
-port = {port}
-api_keys = {keys}
-
-[engines]
-log_dir = "{logs}"
-
-[[models]]
-name = "smollm2"
-task = "chat"
-current = "mock"
-
-[[models.versions]]
-version = "mock"
-url = "http://127.0.0.1:{mock_port}"
-engine_args = ["--max-model-len", "2048"]
-{tokenizer}
-"""
+from bench.config_builder import model, weir_toml
 
 
 def gateway_config(
     port: int, mock_port: int, logs: Path, *, key: str | None = None, tokenizer: str | None = None
 ) -> str:
     """A weir.toml serving ``smollm2`` from a remote (mock) engine."""
-    return GATEWAY_CONFIG.format(
-        port=port,
-        mock_port=mock_port,
-        logs=logs,
-        keys=f'["{key}"]' if key else "[]",
-        tokenizer=f'tokenizer = "{tokenizer}"' if tokenizer else "",
+    return weir_toml(
+        gateway={"port": port, "api_keys": [key] if key else []},
+        engines={"log_dir": logs},
+        models=[
+            model(
+                "smollm2",
+                "mock",
+                url=f"http://127.0.0.1:{mock_port}",
+                engine_args=["--max-model-len", "2048"],
+                tokenizer=tokenizer,
+            )
+        ],
     )
 
 
@@ -115,11 +103,14 @@ def start_gateway(
     env: dict[str, str] | None = None,
     log_level: str = "WARNING",
     cpus: set[int] | None = None,
+    weir: list[str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """``weir serve`` with ``config_text`` as its weir.toml; logs to ``work/name.log``."""
+    """``weir serve`` with ``config_text`` as its weir.toml; logs to ``work/name.log``.
+    ``weir`` is the command to run instead of the installed ``weir``."""
     config = work / f"{name}.toml"
     config.write_text(config_text)
-    command = [weir_command(), "--config", str(config), "serve", "--log-level", log_level]
+    command = [*(weir or [weir_command()]), "--config", str(config), "serve"]
+    command += ["--log-level", log_level]
     return start(command, work / f"{name}.log", env, cpus)
 
 
