@@ -36,41 +36,29 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from bench.config_builder import model, weir_toml
 from bench.overhead import WRK_SCRIPT, wrk
 from bench.procs import free_port, start, start_gateway, stop_all, wait_for
 
 ADMIN = "fleet-sim-admin"
-GATEWAY = """
-[gateway]
-port = {port}
 
-[keys]
-enabled = true
-redis_url = "{redis}"
-admin_key = "{admin}"
 
-[cache]
-enabled = false
+def gateway_toml(port: int, redis: str, engines: list[str]) -> str:
+    """One gateway of the tier: keys in the shared Redis, no cache, no retrieval."""
+    return weir_toml(
+        gateway={"port": port},
+        keys={"enabled": True, "redis_url": redis, "admin_key": ADMIN},
+        cache={"enabled": False},
+        retrieval={"enabled": False},
+        observability={"access_log": False},
+        models=[
+            model(
+                "smollm2", "mock", urls=engines, routing={"max_in_flight": 512, "max_queue": 1024}
+            )
+        ],
+    )
 
-[retrieval]
-enabled = false
 
-[observability]
-access_log = false
-
-[[models]]
-name = "smollm2"
-task = "chat"
-current = "mock"
-
-[models.routing]
-max_in_flight = 512
-max_queue = 1024
-
-[[models.versions]]
-version = "mock"
-urls = [{urls}]
-"""
 BODY = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
 
 
@@ -147,12 +135,9 @@ def run_cell(args: argparse.Namespace, n: int, m: int, work: Path, redis: str) -
     mock = [sys.executable, "-m", "bench.mock_engine", "--delay-ms", str(args.delay_ms),
             "--capacity", str(args.capacity)]  # fmt: skip
     procs = [start([*mock, "--port", str(p)], work / f"mock-{p}.log") for p in engines]
-    urls = ", ".join(f'"http://127.0.0.1:{p}"' for p in engines)
+    urls = [f"http://127.0.0.1:{p}" for p in engines]
     ports = [free_port() for _ in range(n)]
-    procs += [
-        start_gateway(GATEWAY.format(port=p, redis=redis, admin=ADMIN, urls=urls), work, f"gw{p}")
-        for p in ports
-    ]
+    procs += [start_gateway(gateway_toml(p, redis, urls), work, f"gw{p}") for p in ports]
     try:
         for p in engines:
             wait_for(f"http://127.0.0.1:{p}/health")

@@ -30,36 +30,30 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from bench.config_builder import model, weir_toml
 from bench.procs import free_port, start, start_gateway, stop_all, wait_for
 
 ADMIN = "bench-admin-key"
-CONFIG = """
-[gateway]
-port = {port}
 
-[keys]
-enabled = true
-redis_url = "{redis}"
-admin_key = "{admin}"
 
-[limits]
-enabled = {enabled}
-store = "{store}"
+def config(port: int, mock: int, logs: Path, redis: str, *, enabled: bool, store: str) -> str:
+    return weir_toml(
+        gateway={"port": port},
+        keys={"enabled": True, "redis_url": redis, "admin_key": ADMIN},
+        limits={"enabled": enabled, "store": store},
+        engines={"log_dir": logs},
+        models=[
+            model(
+                "smollm2",
+                "mock",
+                url=f"http://127.0.0.1:{mock}",
+                engine_args=["--max-model-len", "2048"],
+                tokenizer="smollm2-135m-instruct",
+            )
+        ],
+    )
 
-[engines]
-log_dir = "{logs}"
 
-[[models]]
-name = "smollm2"
-task = "chat"
-current = "mock"
-
-[[models.versions]]
-version = "mock"
-url = "http://127.0.0.1:{mock}"
-engine_args = ["--max-model-len", "2048"]
-tokenizer = "smollm2-135m-instruct"
-"""
 BODY = {
     "model": "smollm2",
     "messages": [{"role": "user", "content": "What is the capital of France?"}],
@@ -95,15 +89,12 @@ def main() -> None:
     ]  # fmt: skip
     targets: dict[str, str] = {}
     for name, enabled, store in (
-        ("limits off", "false", "auto"),
-        ("limits in-process", "true", "memory"),
-        ("limits in Redis", "true", "redis"),
+        ("limits off", False, "auto"),
+        ("limits in-process", True, "memory"),
+        ("limits in Redis", True, "redis"),
     ):
         port = free_port()
-        text = CONFIG.format(
-            port=port, redis=redis_url, admin=ADMIN, enabled=enabled, store=store,
-            logs=work / "engines", mock=mock_port,
-        )  # fmt: skip
+        text = config(port, mock_port, work / "engines", redis_url, enabled=enabled, store=store)
         procs.append(start_gateway(text, work, name.replace(" ", "-")))
         targets[name] = f"http://127.0.0.1:{port}"
     samples: dict[str, list[float]] = {t: [] for t in targets}

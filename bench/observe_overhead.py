@@ -31,29 +31,19 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from bench.config_builder import model, weir_toml
 from bench.procs import free_port, start, start_gateway, stop_all, wait_for
 
-CONFIG = """
-[gateway]
-port = {port}
 
-[observability]
-metrics = {metrics}
-access_log = {log}
-log_format = "json"
+def config(port: int, mock: int, logs: Path, *, metrics: bool, access_log: bool) -> str:
+    return weir_toml(
+        gateway={"port": port},
+        observability={"metrics": metrics, "access_log": access_log, "log_format": "json"},
+        engines={"log_dir": logs},
+        models=[model("smollm2", "mock", url=f"http://127.0.0.1:{mock}")],
+    )
 
-[engines]
-log_dir = "{logs}"
 
-[[models]]
-name = "smollm2"
-task = "chat"
-current = "mock"
-
-[[models.versions]]
-version = "mock"
-url = "http://127.0.0.1:{mock}"
-"""
 BODY = {
     "model": "smollm2",
     "messages": [{"role": "user", "content": "What is the capital of France?"}],
@@ -110,12 +100,12 @@ def main() -> None:
     }
     targets: dict[str, str] = {}
     for name, metrics, log, env in (
-        ("off", "false", "false", {"OTEL_TRACES_EXPORTER": "none"}),
-        ("metrics + log", "true", "true", {"OTEL_TRACES_EXPORTER": "none"}),
-        ("metrics + log + traces", "true", "true", otel),
+        ("off", False, False, {"OTEL_TRACES_EXPORTER": "none"}),
+        ("metrics + log", True, True, {"OTEL_TRACES_EXPORTER": "none"}),
+        ("metrics + log + traces", True, True, otel),
     ):
         port = free_port()
-        text = CONFIG.format(port=port, metrics=metrics, log=log, logs=work, mock=mock)
+        text = config(port, mock, work, metrics=metrics, access_log=log)
         slug = name.replace(" + ", "-")
         procs.append(start_gateway(text, work, slug, env=env, log_level="INFO"))
         targets[name] = f"http://127.0.0.1:{port}"

@@ -31,29 +31,19 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
+from bench.config_builder import model, weir_toml
 from bench.procs import free_port, start, start_gateway, stop_all, wait_for
 
-CONFIG = """
-[gateway]
-port = {port}
 
-[engines]
-log_dir = "{logs}"
+def config(port: int, mock: int, logs: Path, *, in_flight: int, queue: int) -> str:
+    routing = {"max_in_flight": in_flight, "max_queue": queue, "queue_timeout_s": 1.0}
+    return weir_toml(
+        gateway={"port": port},
+        engines={"log_dir": logs},
+        models=[model("smollm2", "mock", url=f"http://127.0.0.1:{mock}", routing=routing)],
+    )
 
-[[models]]
-name = "smollm2"
-task = "chat"
-current = "mock"
 
-[models.routing]
-max_in_flight = {in_flight}
-max_queue = {queue}
-queue_timeout_s = 1.0
-
-[[models.versions]]
-version = "mock"
-url = "http://127.0.0.1:{mock}"
-"""
 BODY = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
 
 
@@ -131,7 +121,7 @@ def start_rig(work: Path, engine_ms: int, in_flight: int, queue: int) -> tuple[l
             work / "mock.log",
         )
     ]  # fmt: skip
-    text = CONFIG.format(port=port, logs=work, in_flight=in_flight, queue=queue, mock=mock)
+    text = config(port, mock, work, in_flight=in_flight, queue=queue)
     procs.append(start_gateway(text, work, "gateway"))
     base = f"http://127.0.0.1:{port}"
     wait_for(f"http://127.0.0.1:{mock}/health")

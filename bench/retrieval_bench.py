@@ -34,28 +34,20 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from bench.config_builder import model, weir_toml
 from bench.mock_engine import mock_vector
 from bench.procs import free_port, start, start_gateway, stop_all, wait_for
 from retrieval.index import IndexParams, VectorIndex, normalise
 
 DIM = 384
-CONFIG = """
-[gateway]
-port = {port}
 
-[retrieval]
-path = "{path}"
-embedding_model = "mock-embed"
 
-[[models]]
-name = "mock-embed"
-task = "embed"
-current = "v"
-
-[[models.versions]]
-version = "v"
-url = "http://127.0.0.1:{mock}"
-"""
+def config(port: int, mock: int, path: Path) -> str:
+    return weir_toml(
+        gateway={"port": port},
+        retrieval={"path": path, "embedding_model": "mock-embed"},
+        models=[model("mock-embed", "v", task="embed", url=f"http://127.0.0.1:{mock}")],
+    )
 
 
 def clustered(n: int, seed: int) -> np.ndarray:
@@ -140,7 +132,7 @@ def part_two(docs: int) -> dict[str, Any]:
     raw: list[float] = []
     try:
         wait_for(f"http://127.0.0.1:{mock}/health")
-        text = CONFIG.format(port=port, path=work / "retrieval", mock=mock)
+        text = config(port, mock, work / "retrieval")
         procs.append(start_gateway(text, work, "gateway"))
         wait_for(f"{base}/readyz")
         with httpx.Client(base_url=base, timeout=120) as client:

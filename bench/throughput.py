@@ -45,6 +45,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from bench.config_builder import model, weir_toml
 from bench.procs import free_port, start_gateway, stop_all, wait_for
 
 
@@ -283,25 +284,17 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     return {"design": design, "summary": summary, "rounds": [asdict(r) for r in rounds]}
 
 
-SERVE_CONFIG = """
-[gateway]
-host = "127.0.0.1"
-port = {port}
-
-[engines]
-log_dir = "{logs}"
-
-[[models]]
-name = "{model}"
-task = "chat"
-current = "bench"
-
-[[models.versions]]
-version = "bench"
-weights = "{weights}"
-cpus = {cpus}
-engine_args = ["--max-model-len", "2048"]
-"""
+def serve_config(port: int, logs: Path, name: str, weights: str, cpus: list[int]) -> str:
+    """``weir serve`` with one local engine of ``weights``, on ``cpus`` (empty: all)."""
+    return weir_toml(
+        gateway={"host": "127.0.0.1", "port": port},
+        engines={"log_dir": logs},
+        models=[
+            model(
+                name, "bench", weights=weights, cpus=cpus, engine_args=["--max-model-len", "2048"]
+            )
+        ],
+    )
 
 
 def serve(args: argparse.Namespace, work: Path) -> subprocess.Popen[bytes]:
@@ -315,9 +308,7 @@ def serve(args: argparse.Namespace, work: Path) -> subprocess.Popen[bytes]:
     if rest and engine_cpus:
         os.sched_setaffinity(0, rest)
     port = free_port()
-    config = SERVE_CONFIG.format(
-        port=port, logs=work, model=args.model, weights=args.weights, cpus=engine_cpus
-    )
+    config = serve_config(port, work, args.model, args.weights, engine_cpus)
     gateway = start_gateway(config, work, "gateway", cpus=rest if engine_cpus else None)
     args.gateway = f"http://127.0.0.1:{port}"
     Console(width=120).print(

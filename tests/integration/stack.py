@@ -12,39 +12,24 @@ from pathlib import Path
 import httpx
 import psutil
 
+from bench.config_builder import model, weir_toml
+
 READY_TIMEOUT_S = 600.0
 # Two replicas of the chat model (the replica-kill test needs them; every other test
 # goes through the router to either) and one of the embedding model.
-STACK_CONFIG = """
-[gateway]
-port = {port}
 
-[engines]
-log_dir = "{logs}"
 
-[retrieval]
-path = "{logs}/../retrieval"
-
-[[models]]
-name = "smollm2"
-task = "chat"
-current = "135m-instruct"
-
-[[models.versions]]
-version = "135m-instruct"
-weights = "smollm2-135m-instruct"
-replicas = 2
-engine_args = ["--max-model-len", "2048"]
-
-[[models]]
-name = "minilm"
-task = "embed"
-current = "l6-v2"
-
-[[models.versions]]
-version = "l6-v2"
-weights = "all-minilm-l6-v2"
-"""
+def stack_config(port: int, logs: Path) -> str:
+    return weir_toml(
+        gateway={"port": port},
+        engines={"log_dir": logs},
+        retrieval={"path": f"{logs}/../retrieval"},
+        models=[
+            model("smollm2", "135m-instruct", weights="smollm2-135m-instruct", replicas=2,
+                  engine_args=["--max-model-len", "2048"]),
+            model("minilm", "l6-v2", task="embed", weights="all-minilm-l6-v2"),
+        ],
+    )  # fmt: skip
 
 
 @dataclass
@@ -101,7 +86,7 @@ def alive(pids: list[int]) -> list[int]:
 def start_stack(workdir: Path, port: int) -> Stack:
     engine_logs = workdir / "engine-logs"
     config = workdir / "weir.toml"
-    config.write_text(STACK_CONFIG.format(port=port, logs=engine_logs))
+    config.write_text(stack_config(port, engine_logs))
     log_path = workdir / "serve.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from bench.config_builder import model, weir_toml
 from bench.procs import free_port, start_gateway, stop_all, wait_for
 from serving.keys.issue import KeyCreate, create_key
 from serving.keys.store import RedisKeyStore
@@ -25,38 +26,17 @@ from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
 
-CONFIG = """
-[gateway]
-port = {port}
 
-[keys]
-enabled = true
-redis_url = "{keys}"
-
-[cache]
-redis_url = "{cache}"
-timeout_s = 0.2
-
-[[models]]
-name = "smollm2"
-task = "chat"
-current = "135m-instruct"
-
-[[models.versions]]
-version = "135m-instruct"
-urls = {chat}
-tokenizer = "smollm2-135m-instruct"
-
-[[models]]
-name = "minilm"
-task = "embed"
-current = "l6-v2"
-
-[[models.versions]]
-version = "l6-v2"
-urls = {embed}
-tokenizer = "all-minilm-l6-v2"
-"""
+def config(port: int, keys: str, cache: str, chat: list[str], embed: list[str]) -> str:
+    return weir_toml(
+        gateway={"port": port},
+        keys={"enabled": True, "redis_url": keys},
+        cache={"redis_url": cache, "timeout_s": 0.2},
+        models=[
+            model("smollm2", "135m-instruct", urls=chat, tokenizer="smollm2-135m-instruct"),
+            model("minilm", "l6-v2", task="embed", urls=embed, tokenizer="all-minilm-l6-v2"),
+        ],
+    )
 
 
 @dataclass
@@ -88,10 +68,7 @@ def rig(stack: Stack, redis_url: str, tmp_path_factory: pytest.TempPathFactory) 
     chat_urls = [e["base_url"] for e in engines if e["model"] == "smollm2"]
     embed_urls = [e["base_url"] for e in engines if e["model"] == "minilm"]
     port = free_port()
-    text = CONFIG.format(
-        port=port, keys=redis_url, cache=cache.url,
-        chat=str(chat_urls).replace("'", '"'), embed=str(embed_urls).replace("'", '"'),
-    )  # fmt: skip
+    text = config(port, redis_url, cache.url, chat_urls, embed_urls)
 
     async def make_keys() -> list[dict[str, str]]:
         store = RedisKeyStore(redis_url)

@@ -23,53 +23,35 @@ import httpx
 import psutil
 import pytest
 
+from bench.config_builder import weir_toml
 from models.engines.launcher import free_port
 from models.store import ModelStore
 from tests.integration.stack import Stack, alive
 
 ADMIN_KEY = "deploy-admin-key"
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
-CONFIG = """
-[gateway]
-port = {port}
 
-[keys]
-admin_key = "{admin}"
 
-[engines]
-log_dir = "{logs}"
+def weir_config(port: int, logs: Path) -> str:
+    v1 = {"version": "v1", "weights": "smollm2-135m-instruct",
+          "engine_args": ["--max-model-len", "1024"], "cpus": [0]}  # fmt: skip
+    # v2 on its own core, as a new version gets its own GPU: vLLM's automatic binding puts
+    # every engine on core 0, where the busy v1 engine (its OpenMP threads spin there)
+    # starved the new engine's start-up past 5 minutes in some runs on 2 cores, its
+    # processes included
+    v2 = {"version": "v2", "weights": "smollm2-135m-instruct",
+          "engine_args": ["--max-model-len", "2048"], "standby": True, "cpus": [1]}  # fmt: skip
+    return weir_toml(
+        gateway={"port": port},
+        keys={"admin_key": ADMIN_KEY},
+        engines={"log_dir": logs},
+        retrieval={"enabled": False},
+        cache={"enabled": False},
+        deploy={"warm_requests": 2, "start_timeout_s": 400},
+        models=[{"name": "smollm2", "task": "chat", "current": "v1", "versions": [v1, v2]}],
+    )
 
-[retrieval]
-enabled = false
 
-[cache]
-enabled = false
-
-[deploy]
-warm_requests = 2
-start_timeout_s = 400
-
-[[models]]
-name = "smollm2"
-task = "chat"
-current = "v1"
-
-[[models.versions]]
-version = "v1"
-weights = "smollm2-135m-instruct"
-engine_args = ["--max-model-len", "1024"]
-cpus = [0]
-
-[[models.versions]]
-version = "v2"
-weights = "smollm2-135m-instruct"
-engine_args = ["--max-model-len", "2048"]
-standby = true
-# its own core, as a new version gets its own GPU: vLLM's automatic binding puts every
-# engine on core 0, where the busy v1 engine (its OpenMP threads spin there) starved the
-# new engine's start-up past 5 minutes in some runs on 2 cores, its processes included
-cpus = [1]
-"""
 RATE = 4.0  # requests per second arriving during the swap
 ENDED = ("done", "failed", "promoted", "rolled_back", "canary")
 
@@ -79,7 +61,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("deploy")
     port = free_port()
     config = workdir / "weir.toml"
-    config.write_text(CONFIG.format(port=port, admin=ADMIN_KEY, logs=workdir / "engine-logs"))
+    config.write_text(weir_config(port, workdir / "engine-logs"))
     log_path = workdir / "serve.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(

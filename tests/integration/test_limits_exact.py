@@ -21,6 +21,7 @@ import orjson
 import pytest
 import redis
 
+from bench.config_builder import model, weir_toml
 from bench.procs import start, start_gateway, stop_all, wait_for
 from serving.keys.issue import KeyCreate, create_key
 from serving.keys.records import KeyRecord
@@ -34,43 +35,25 @@ RUNS = 20
 PROMPT = [{"role": "user", "content": "Count the limits."}]
 DELAY_S = 2.0  # the mock holds every non-streamed answer: all admissions happen first
 
-GATEWAY = """
-[gateway]
-port = {port}
-api_keys = ["{static}"]
-engine_total_timeout_s = 3
-engine_idle_timeout_s = 3
 
-[keys]
-enabled = true
-redis_url = "{redis}"
-admin_key = "{admin}"
-
-[limits]
-on_redis_down = "{policy}"
-timeout_s = 0.5
-model_tpm = {{ smollm2 = 100000000 }}
-
-[engines]
-log_dir = "{logs}"
-
-[[models]]
-name = "smollm2"
-task = "chat"
-current = "mock"
-
-[models.routing]  # faults here are injected per request: no retries, no breaker trips;
-retries = 0       # and a bulkhead wider than the test's 200 clients
-breaker_failures = 1000000
-max_in_flight = 1000
-max_queue = 1000
-
-[[models.versions]]
-version = "mock"
-url = "http://127.0.0.1:{mock}"
-engine_args = ["--max-model-len", "2048"]
-tokenizer = "smollm2-135m-instruct"
-"""
+def gateway_toml(port: int, redis: str, policy: str, logs: Path, mock: int) -> str:
+    # faults here are injected per request: no retries, no breaker trips; and a bulkhead
+    # wider than the test's 200 clients
+    routing = {"retries": 0, "breaker_failures": 1000000, "max_in_flight": 1000,
+               "max_queue": 1000}  # fmt: skip
+    return weir_toml(
+        gateway={"port": port, "api_keys": [STATIC], "engine_total_timeout_s": 3,
+                 "engine_idle_timeout_s": 3},
+        keys={"enabled": True, "redis_url": redis, "admin_key": ADMIN},
+        limits={"on_redis_down": policy, "timeout_s": 0.5, "model_tpm": {"smollm2": 100000000}},
+        engines={"log_dir": logs},
+        models=[
+            model(
+                "smollm2", "mock", url=f"http://127.0.0.1:{mock}", routing=routing,
+                engine_args=["--max-model-len", "2048"], tokenizer="smollm2-135m-instruct",
+            )
+        ],
+    )  # fmt: skip
 
 
 @dataclass
@@ -102,10 +85,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         wait_for(f"http://127.0.0.1:{mock}/health", 30)
         for policy in ("closed", "open"):
             port = free_port()
-            text = GATEWAY.format(
-                port=port, static=STATIC, redis=server.url, admin=ADMIN, policy=policy,
-                logs=work / "engines", mock=mock,
-            )  # fmt: skip
+            text = gateway_toml(port, server.url, policy, work / "engines", mock)
             procs.append(start_gateway(text, work, f"gateway-{policy}"))
             urls.append(f"http://127.0.0.1:{port}")
         for url in urls:

@@ -16,34 +16,28 @@ from typing import Any
 import httpx
 import pytest
 
+from bench.config_builder import model, weir_toml
 from bench.overload import offer, start_rig, summary
 from bench.procs import free_port, start, start_gateway, stop_all, wait_for
 from tests.tcp_proxy import TcpProxy
 
-CONFIG = """
-[gateway]
-port = {port}
 
-[engines]
-log_dir = "{logs}"
-health_interval_s = 0.5
+def config(port: int, logs: Path, engines: list[str]) -> str:
+    return weir_toml(
+        gateway={"port": port},
+        engines={"log_dir": logs, "health_interval_s": 0.5},
+        models=[
+            model(
+                "smollm2",
+                "mock",
+                urls=engines,
+                routing={"breaker_failures": 3, "breaker_open_s": 2.0},
+                timeouts={"ttft_s": 0.5},
+            )
+        ],
+    )
 
-[[models]]
-name = "smollm2"
-task = "chat"
-current = "mock"
 
-[models.routing]
-breaker_failures = 3
-breaker_open_s = 2.0
-
-[models.timeouts]
-ttft_s = 0.5
-
-[[models.versions]]
-version = "mock"
-urls = ["http://127.0.0.1:{proxied}", "http://127.0.0.1:{mock}"]
-"""
 STREAM: dict[str, Any] = {
     "model": "smollm2",
     "messages": [{"role": "user", "content": "Hi"}],
@@ -65,7 +59,8 @@ def hung(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, TcpPro
     proxy = TcpProxy(mock)
     try:
         wait_for(f"http://127.0.0.1:{mock}/health")
-        text = CONFIG.format(port=port, logs=work, proxied=proxy.port, mock=mock)
+        engines = [f"http://127.0.0.1:{proxy.port}", f"http://127.0.0.1:{mock}"]
+        text = config(port, work, engines)
         procs.append(start_gateway(text, work, "gateway"))
         wait_for(f"http://127.0.0.1:{port}/readyz", 60)
         yield f"http://127.0.0.1:{port}", proxy

@@ -16,10 +16,12 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
 
+from bench.config_builder import model, weir_toml
 from bench.procs import start_gateway, stop_all, wait_for
 from models.engines.launcher import free_port
 from tests.integration.stack import Stack
@@ -27,35 +29,18 @@ from tests.integration.test_replica_kill import engine_pid, replicas
 from tests.redis_server import RedisServer
 
 ADMIN = "admin-key-for-scale-out"
-GATEWAY = """
-[gateway]
-port = {port}
-engine_total_timeout_s = 120
 
-[keys]
-enabled = true
-redis_url = "{redis}"
-admin_key = "{admin}"
 
-[cache]
-redis_url = "{redis}"
-
-[retrieval]
-enabled = false
-
-[engines]
-log_dir = "{logs}"
-
-[[models]]
-name = "smollm2"
-task = "chat"
-current = "135m-instruct"
-
-[[models.versions]]
-version = "135m-instruct"
-urls = [{urls}]
-tokenizer = "smollm2-135m-instruct"
-"""
+def gateway_toml(port: int, redis: str, logs: Path, engines: list[str]) -> str:
+    """One of two gateways sharing ``redis`` for keys and the cache, over the same engines."""
+    return weir_toml(
+        gateway={"port": port, "engine_total_timeout_s": 120},
+        keys={"enabled": True, "redis_url": redis, "admin_key": ADMIN},
+        cache={"redis_url": redis},
+        retrieval={"enabled": False},
+        engines={"log_dir": logs},
+        models=[model("smollm2", "135m-instruct", urls=engines, tokenizer="smollm2-135m-instruct")],
+    )
 
 
 @dataclass
@@ -68,11 +53,11 @@ class Tier:
 def tier(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tier]:
     work = tmp_path_factory.mktemp("scale-out")
     redis = RedisServer(work)
-    urls = ", ".join(f'"{e["base_url"]}"' for e in replicas(stack).values())
+    urls = [e["base_url"] for e in replicas(stack).values()]
     ports = [free_port(), free_port()]
     procs = [
         start_gateway(
-            GATEWAY.format(port=p, redis=redis.url, admin=ADMIN, logs=work, urls=urls),
+            gateway_toml(p, redis.url, work, urls),
             work,
             f"gateway-{p}",
         )

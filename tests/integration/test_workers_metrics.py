@@ -9,22 +9,17 @@ from pathlib import Path
 
 import httpx
 
+from bench.config_builder import model, weir_toml
 from bench.procs import free_port, start, stop_all, wait_for, weir_command
 from tests.unit.test_observe import sample
 
-CONFIG = """
-[gateway]
-port = {port}
 
-[[models]]
-name = "smollm2"
-task = "chat"
-current = "mock"
+def weir_config(port: int, mock: int) -> str:
+    return weir_toml(
+        gateway={"port": port}, models=[model("smollm2", "mock", url=f"http://127.0.0.1:{mock}")]
+    )
 
-[[models.versions]]
-version = "mock"
-url = "http://127.0.0.1:{mock}"
-"""
+
 REQUESTS = 120
 BODY = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
 
@@ -40,7 +35,7 @@ async def burst(base: str) -> list[int]:
 def test_two_workers_count_every_request_once(tmp_path: Path) -> None:
     mock, port = free_port(), free_port()
     config = tmp_path / "weir.toml"
-    config.write_text(CONFIG.format(port=port, mock=mock))
+    config.write_text(weir_config(port, mock))
     procs = [
         start([sys.executable, "-m", "bench.mock_engine", "--port", str(mock)], tmp_path / "m.log")
     ]
