@@ -19,9 +19,11 @@ from rich.table import Table
 
 from models.engines.fleet import Replica
 from models.types import ReplicaKey
+from serving.routing.breaker import CircuitBreaker
 from serving.routing.bulkhead import Bulkhead
+from serving.routing.load import ReplicaLoad
 from serving.routing.retry_budget import RetryBudget
-from serving.routing.router import LeastOutstanding, eligible
+from serving.routing.router import Candidate, LeastOutstanding, eligible
 
 
 class _NoEngine:
@@ -29,14 +31,18 @@ class _NoEngine:
         raise NotImplementedError
 
 
-def fleet(n: int) -> list[Replica]:
+def fleet(n: int) -> list[Candidate]:
+    """``n`` healthy replicas, each with its routing state, as the dispatcher pairs them."""
     return [
-        Replica(ReplicaKey("m", "v", i), _NoEngine(), "m", healthy=True)  # type: ignore[arg-type]
+        (
+            Replica(ReplicaKey("m", "v", i), _NoEngine(), "m", healthy=True),  # type: ignore[arg-type]
+            ReplicaLoad(CircuitBreaker()),
+        )
         for i in range(n)
     ]
 
 
-async def per_request(replicas: list[Replica], affinity: str | None, requests: int) -> float:
+async def per_request(replicas: list[Candidate], affinity: str | None, requests: int) -> float:
     bulkhead = Bulkhead("m@v", 1_000_000, 0, 1.0)
     router = LeastOutstanding()
     budget = RetryBudget()
@@ -44,11 +50,11 @@ async def per_request(replicas: list[Replica], affinity: str | None, requests: i
     for _ in range(requests):
         slot = await bulkhead.acquire()
         budget.record_request()
-        replica = router.choose(eligible(replicas), affinity)
-        replica.breaker.allow()
-        replica.outstanding += 1
-        replica.outstanding -= 1
-        replica.breaker.record(False)
+        _, load = router.choose(eligible(replicas), affinity)
+        load.breaker.allow()
+        load.outstanding += 1
+        load.outstanding -= 1
+        load.breaker.record(False)
         slot.release()
     return (time.perf_counter_ns() - started) / requests
 

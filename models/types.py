@@ -8,6 +8,20 @@ from typing import Literal
 Task = Literal["chat", "embed"]
 
 
+@dataclass(frozen=True, slots=True)
+class VersionKey:
+    """One version of one model: the key of every per-version table.
+
+    ``str`` gives ``model@version``, the form that JSON, logs and metric labels show.
+    """
+
+    model: str
+    version: str
+
+    def __str__(self) -> str:
+        return f"{self.model}@{self.version}"
+
+
 @dataclass(frozen=True)
 class ServedVersion:
     """A public model name resolved to the version that will serve the request."""
@@ -17,8 +31,8 @@ class ServedVersion:
     task: Task
 
     @property
-    def key(self) -> str:
-        return f"{self.model}@{self.version}"
+    def key(self) -> VersionKey:
+        return VersionKey(self.model, self.version)
 
 
 @dataclass(frozen=True)
@@ -26,6 +40,10 @@ class ReplicaKey:
     model: str
     version: str
     index: int
+
+    @property
+    def version_key(self) -> VersionKey:
+        return VersionKey(self.model, self.version)
 
     def __str__(self) -> str:
         return f"{self.model}@{self.version}#{self.index}"

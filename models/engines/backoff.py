@@ -1,4 +1,9 @@
-"""Back-off strategies: one method, ``compute(failures) -> seconds`` (after redis-py)."""
+"""Back-off strategies: one method, ``compute(failures) -> seconds`` (after redis-py).
+
+Two users: the supervisor waits this long before restarting an engine that keeps
+exiting, and ``serving.routing.dispatch`` before retrying on another replica. It lives
+here, below both, because ``models`` never imports ``serving``.
+"""
 
 from __future__ import annotations
 

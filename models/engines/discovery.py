@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from models.config import ModelConfig, VersionConfig
 from models.engines.fleet import Fleet, Replica
-from models.types import ReplicaKey
+from models.types import ReplicaKey, VersionKey
 
 log = logging.getLogger("weir.discovery")
 Resolver = Callable[[str, int], Awaitable[list[str]]]
@@ -53,21 +53,22 @@ class DnsDiscovery:
         self.fleet = fleet
         self.make_replica = make_replica
         self.resolver = resolver
-        self._targets: dict[str, _Target] = {}
+        self._targets: dict[VersionKey, _Target] = {}
         self._task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
-        return f"DnsDiscovery(versions={list(self._targets)!r})"
+        return f"DnsDiscovery(versions={[str(key) for key in self._targets]!r})"
 
     def track(self, model: ModelConfig, version: VersionConfig) -> None:
         assert version.dns is not None
         host, _, port = version.dns.rpartition(":")
-        self._targets[f"{model.name}@{version.version}"] = _Target(model, version, host, int(port))
+        key = VersionKey(model.name, version.version)
+        self._targets[key] = _Target(model, version, host, int(port))
 
-    def untrack(self, key: str) -> None:
+    def untrack(self, key: VersionKey) -> None:
         self._targets.pop(key, None)
 
-    async def refresh(self, key: str) -> list[Replica]:
+    async def refresh(self, key: VersionKey) -> list[Replica]:
         """Resolve one version's name now and reconcile its replicas; those added."""
         target = self._targets.get(key)
         if target is None:

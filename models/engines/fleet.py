@@ -5,7 +5,8 @@ A replica is an ``Engine`` (how to talk to it) plus, for local engines, the
 ``/health``; a local replica that never becomes healthy within the start timeout is
 restarted. A healthy replica leaves the rotation after ``unhealthy_after`` failed checks
 in a row (a busy CPU engine can be slow to answer one), or at once when its process has
-died. Which replica gets a request is ``serving.routing.router``'s choice.
+died. Which replica gets a request is ``serving.routing.router``'s choice; the routing
+state of a replica (its breaker, its requests in flight) is kept there, by replica.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ from dataclasses import dataclass, field
 
 from models.engines.client import Engine
 from models.engines.supervisor import EngineProcess
-from models.types import ReplicaKey, ServedVersion
-from serving.routing.breaker import CircuitBreaker
+from models.types import ReplicaKey, ServedVersion, VersionKey
 
 log = logging.getLogger("weir.fleet")
 
@@ -34,9 +34,6 @@ class Replica:
     healthy: bool = False
     since: float = field(default_factory=time.monotonic)  # last state change or spawn
     failed_checks: int = 0  # health checks failed in a row
-    outstanding: int = 0  # requests sent to it and not yet ended
-    requests: int = 0  # attempts sent to it, ever
-    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
 
 
 class Fleet:
@@ -54,7 +51,7 @@ class Fleet:
         self.start_timeout_s = start_timeout_s
         self.unhealthy_after = unhealthy_after
         self.clock = clock
-        self._by_version: dict[str, list[Replica]] = {}
+        self._by_version: dict[VersionKey, list[Replica]] = {}
         self._index()
         self._monitor: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
@@ -63,10 +60,9 @@ class Fleet:
         return f"Fleet(replicas={[str(r.key) for r in self.replicas]!r})"
 
     def _index(self) -> None:
-        by_version: dict[str, list[Replica]] = {}
+        by_version: dict[VersionKey, list[Replica]] = {}
         for replica in self.replicas:
-            key = f"{replica.key.model}@{replica.key.version}"
-            by_version.setdefault(key, []).append(replica)
+            by_version.setdefault(replica.key.version_key, []).append(replica)
         self._by_version = by_version
 
     async def add(self, replicas: list[Replica]) -> None:
@@ -78,7 +74,7 @@ class Fleet:
         self._index()
         await asyncio.gather(*(r.process.start() for r in replicas if r.process))
 
-    async def remove(self, version_key: str) -> list[Replica]:
+    async def remove(self, version_key: VersionKey) -> list[Replica]:
         """Take a version's replicas out of the fleet, stop their engines, close clients."""
         return await self.discard(list(self._by_version.get(version_key, [])))
 
@@ -135,8 +131,8 @@ class Fleet:
         return self._by_version.get(version.key, [])
 
     def readiness(self) -> dict[str, bool]:
-        """Per served version: does it have at least one healthy replica?"""
-        return {key: any(r.healthy for r in reps) for key, reps in self._by_version.items()}
+        """Per served version (``model@version``): does it have a healthy replica?"""
+        return {str(key): any(r.healthy for r in reps) for key, reps in self._by_version.items()}
 
     def ready(self) -> bool:
         return all(self.readiness().values())

@@ -16,13 +16,13 @@ import aiohttp
 
 from models.config import EngineConfig, ModelConfig, StoreConfig, VersionConfig
 from models.engines import vllm_engine
+from models.engines.backoff import ExponentialBackoff
 from models.engines.client import EngineTimeouts, HttpEngine
 from models.engines.fleet import Fleet, Replica
 from models.engines.supervisor import EngineProcess
 from models.store import ModelStore
 from models.tokenizer import TokenCounter
-from models.types import ReplicaKey
-from serving.routing.backoff import ExponentialBackoff
+from models.types import ReplicaKey, VersionKey
 
 log = logging.getLogger("weir.launcher")
 
@@ -34,18 +34,19 @@ def free_port() -> int:
         return port
 
 
-def check_weights(models: list[ModelConfig], store: StoreConfig) -> dict[str, Path]:
+def check_weights(models: list[ModelConfig], store: StoreConfig) -> dict[VersionKey, Path]:
     """Resolve (and verify, if configured) every running version's weights before start.
 
     Raises ``ModelNotInStore`` (whose message says ``weir models pull NAME``),
     ``VerificationFailed`` or ``StoreError``. Standby versions are checked when deployed.
     """
-    resolved: dict[str, Path] = {}
+    resolved: dict[VersionKey, Path] = {}
     for model in models:
         running = model.running()
         for version in model.versions:
             if version.weights is not None and version.version in running:
-                resolved[f"{model.name}@{version.version}"] = version_weights(version, store)
+                key = VersionKey(model.name, version.version)
+                resolved[key] = version_weights(version, store)
     return resolved
 
 
@@ -60,14 +61,14 @@ def version_weights(version: VersionConfig, store: StoreConfig) -> Path:
 
 
 def load_counters(
-    models: list[ModelConfig], weights: dict[str, Path], store: StoreConfig
-) -> dict[str, TokenCounter]:
+    models: list[ModelConfig], weights: dict[VersionKey, Path], store: StoreConfig
+) -> dict[VersionKey, TokenCounter]:
     """A token counter per running version (see ``version_counter``)."""
-    counters: dict[str, TokenCounter] = {}
+    counters: dict[VersionKey, TokenCounter] = {}
     for model in models:
         running = model.running()
         for version in model.versions:
-            key = f"{model.name}@{version.version}"
+            key = VersionKey(model.name, version.version)
             if version.version not in running:
                 continue
             counter = version_counter(key, version, weights.get(key), store)
@@ -77,7 +78,7 @@ def load_counters(
 
 
 def version_counter(
-    key: str, version: VersionConfig, weights: Path | None, store: StoreConfig
+    key: VersionKey, version: VersionConfig, weights: Path | None, store: StoreConfig
 ) -> TokenCounter | None:
     """From the version's weights, or its ``tokenizer`` for a remote one.
 
@@ -168,7 +169,7 @@ class ReplicaFactory:
 
 
 def build_fleet(
-    models: list[ModelConfig], weights: dict[str, Path], factory: ReplicaFactory
+    models: list[ModelConfig], weights: dict[VersionKey, Path], factory: ReplicaFactory
 ) -> Fleet:
     """The fleet of every running version's replicas (standby versions start on deploy)."""
     replicas: list[Replica] = []
@@ -176,8 +177,9 @@ def build_fleet(
         running = model.running()
         for version in model.versions:
             if version.version in running:
-                key = f"{model.name}@{version.version}"
-                replicas += factory(model, version, weights.get(key))
+                replicas += factory(
+                    model, version, weights.get(VersionKey(model.name, version.version))
+                )
     log.info("fleet on a %s host: %d replicas", factory.host, len(replicas))
     engines = factory.engines
     return Fleet(

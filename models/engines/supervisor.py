@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-from serving.routing.backoff import Backoff
+from models.engines.backoff import Backoff
 
 log = logging.getLogger("weir.supervisor")
 Sleep = Callable[[float], Awaitable[None]]

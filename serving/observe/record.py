@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 from opentelemetry import trace
 
+from models.types import VersionKey
 from serving.observe.metrics import Metrics
 from serving.rollout.tracker import VersionTracker, is_error
 
@@ -62,7 +63,7 @@ class Observation:
         self.model, self.version = model, version
         self._served = True
         if self.tracker is not None:
-            self.tracker.enter(f"{model}@{version}")
+            self.tracker.enter(VersionKey(model, version))
         if self.metrics is not None:
             self.metrics.child(self.metrics.inflight, model, version).inc()
 
@@ -71,9 +72,10 @@ class Observation:
         if self.metrics is not None:
             self.metrics.child(self.metrics.inflight, self.model, self.version).dec()
             self.metrics.child(self.metrics.inflight, model, version).inc()
+        new = VersionKey(model, version)
         if self.tracker is not None:
-            self.tracker.move(f"{self.model}@{self.version}", f"{model}@{version}")
-        self.fallback = f"{model}@{version}"
+            self.tracker.move(VersionKey(self.model, self.version), new)
+        self.fallback = str(new)
         self.model, self.version = model, version
 
     def asked(self, body: JSON) -> None:
@@ -138,7 +140,7 @@ class Observation:
             failed = is_error(status, error_type)
             first = self.first_at - self.started if self.first_at is not None else None
             ttft = None if failed or status != 200 else (elapsed if first is None else first)
-            self.tracker.leave(f"{self.model}@{self.version}", ttft, failed)
+            self.tracker.leave(VersionKey(self.model, self.version), ttft, failed)
         span = span or trace.get_current_span()
         if span.is_recording():
             if prompt is not None:

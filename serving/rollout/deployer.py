@@ -37,6 +37,7 @@ from models.errors import EngineError, StoreError
 from models.registry import Registry
 from models.store import ModelStore, loadable_problems
 from models.tokenizer import TokenCounter
+from models.types import VersionKey
 from serving.errors import DeployInProgress, DeployRefused, RouteNotFound
 from serving.rollout import gate
 from serving.rollout.state import RolloutState
@@ -120,7 +121,7 @@ class Deployer:
         registry: Registry,
         fleet: Fleet,
         dispatcher: Dispatcher,
-        counters: dict[str, TokenCounter],
+        counters: dict[VersionKey, TokenCounter],
         tracker: VersionTracker,
         make_replicas: ReplicaMaker,
         store: StoreConfig,
@@ -128,7 +129,7 @@ class Deployer:
         start_timeout_s: float,
         state: RolloutState | None = None,
         *,
-        counter_loader: Callable[[str, VersionConfig, Path | None], TokenCounter | None]
+        counter_loader: Callable[[VersionKey, VersionConfig, Path | None], TokenCounter | None]
         | None = None,
         discovery: DnsDiscovery | None = None,
     ) -> None:
@@ -167,12 +168,16 @@ class Deployer:
             "versions": [v.version for v in model.versions],
             "previous": self.previous.get(name),
             "replicas": [
-                {"replica": str(r.key), "healthy": r.healthy, "outstanding": r.outstanding}
+                {
+                    "replica": str(r.key),
+                    "healthy": r.healthy,
+                    "outstanding": self.dispatcher.load_of(r).outstanding,
+                }
                 for r in self.fleet.replicas
                 if r.key.model == name
             ],
             "in_flight": {
-                v: self.tracker.inflight[f"{name}@{v}"] for v in self.registry.running(name)
+                v: self.tracker.inflight[VersionKey(name, v)] for v in self.registry.running(name)
             },
             "operation": operation.view() if operation else None,
         }
@@ -424,7 +429,7 @@ class Deployer:
         self, operation: Operation, model: ModelConfig, version: VersionConfig, weights: Path | None
     ) -> int:
         """Start, health-check and warm ``version``'s replicas; how many were started."""
-        key = f"{model.name}@{version.version}"
+        key = VersionKey(model.name, version.version)
         if version.version in self.registry.running(model.name):
             return 0
         try:
@@ -486,8 +491,8 @@ class Deployer:
         await asyncio.sleep(spec.window_s)
         verdict = gate.judge(
             spec.terms,
-            self.tracker.since(f"{name}@{canary}", since),
-            self.tracker.since(f"{name}@{stable}", since),
+            self.tracker.since(VersionKey(name, canary), since),
+            self.tracker.since(VersionKey(name, stable), since),
             spec.min_requests,
         )
         operation.decision = {
@@ -528,7 +533,7 @@ class Deployer:
     async def _retire(self, operation: Operation, name: str, versions: list[str]) -> None:
         """Wait for each version's requests to finish, then stop its engines."""
         for version in versions:
-            key = f"{name}@{version}"
+            key = VersionKey(name, version)
             operation.step("draining", version=version, in_flight=self.tracker.inflight[key])
             if not await self.tracker.drained(key, self.config.drain_timeout_s):
                 log.error(

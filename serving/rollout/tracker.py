@@ -14,6 +14,8 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from models.types import VersionKey
+
 # Refusals that say nothing about the version's own health.
 NOT_THE_VERSIONS_FAULT = frozenset(
     {"rate_limits_unavailable", "auth_unavailable", "retrieval_unavailable"}
@@ -37,30 +39,31 @@ class VersionTracker:
     def __init__(self, keep: int = 20_000, clock: Callable[[], float] = time.monotonic) -> None:
         self.keep = keep
         self.clock = clock
-        self.inflight: Counter[str] = Counter()
-        self._samples: dict[str, deque[Sample]] = {}
+        self.inflight: Counter[VersionKey] = Counter()
+        self._samples: dict[VersionKey, deque[Sample]] = {}
 
     def __repr__(self) -> str:
-        return f"VersionTracker(inflight={dict(self.inflight)!r})"
+        inflight = {str(key): n for key, n in self.inflight.items()}
+        return f"VersionTracker(inflight={inflight!r})"
 
-    def enter(self, key: str) -> None:
+    def enter(self, key: VersionKey) -> None:
         self.inflight[key] += 1
 
-    def move(self, old: str, new: str) -> None:
+    def move(self, old: VersionKey, new: VersionKey) -> None:
         self.inflight[old] -= 1
         self.inflight[new] += 1
 
-    def leave(self, key: str, ttft_s: float | None, error: bool) -> None:
+    def leave(self, key: VersionKey, ttft_s: float | None, error: bool) -> None:
         self.inflight[key] -= 1
         samples = self._samples.get(key)
         if samples is None:
             samples = self._samples[key] = deque(maxlen=self.keep)
         samples.append(Sample(self.clock(), ttft_s, error))
 
-    def since(self, key: str, start: float) -> list[Sample]:
+    def since(self, key: VersionKey, start: float) -> list[Sample]:
         return [s for s in self._samples.get(key, ()) if s.at >= start]
 
-    async def drained(self, key: str, timeout_s: float, poll_s: float = 0.05) -> bool:
+    async def drained(self, key: VersionKey, timeout_s: float, poll_s: float = 0.05) -> bool:
         """Wait until no request resolved to ``key`` is still running; False on timeout."""
         deadline = self.clock() + timeout_s
         while self.inflight[key] > 0:

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from opentelemetry.trace import SpanKind, Tracer
 
-from models.config import ModelConfig, RoutingConfig
+from models.config import ModelConfig
 from models.engines.client import EngineStream
 from models.engines.fleet import Fleet, Replica
 from models.errors import (
@@ -31,12 +32,15 @@ from models.errors import (
     EngineTimeout,
     EngineUnavailable,
 )
-from models.types import ServedVersion
+from models.types import ServedVersion, VersionKey
 from serving.observe.tracing import recording, span
-from serving.routing.backoff import ExponentialBackoff
+from serving.routing.breaker import CircuitBreaker
 from serving.routing.bulkhead import Bulkhead, Slot
-from serving.routing.retry_budget import RetryBudget
-from serving.routing.router import LeastOutstanding, eligible
+from serving.routing.load import ReplicaLoad
+from serving.routing.router import Candidate, eligible
+from serving.routing.served import Deadlines, ServedModel
+
+__all__ = ["Attempt", "Deadlines", "Dispatcher", "PrimedStream", "is_fault"]
 
 JSON = dict[str, Any]
 T = TypeVar("T")
@@ -48,28 +52,23 @@ def is_fault(exc: BaseException | None) -> bool:
     return isinstance(exc, EngineError) and not isinstance(exc, EngineRejected)
 
 
-@dataclass(frozen=True)
-class Deadlines:
-    ttft_s: float
-    total_s: float
-
-
 @dataclass
 class Attempt:
     """A request on one replica, until it ends; ``end`` is idempotent."""
 
     replica: Replica
+    load: ReplicaLoad
     _open: bool = field(default=True, init=False)
 
     def end(self, error: BaseException | None, *, left: bool = False) -> None:
         if not self._open:
             return
         self._open = False
-        self.replica.outstanding -= 1
+        self.load.outstanding -= 1
         if left:
-            self.replica.breaker.forget()
+            self.load.breaker.forget()
         else:
-            self.replica.breaker.record(is_fault(error))
+            self.load.breaker.record(is_fault(error))
 
 
 class PrimedStream:
@@ -101,6 +100,13 @@ class PrimedStream:
 
 
 class Dispatcher:
+    """Routing state: a ``ServedModel`` per model, a ``ReplicaLoad`` per replica.
+
+    A replica's load is made the first time routing meets it, with its model's breaker
+    settings (``adopt`` makes it at once), and goes when the replica does: replicas
+    join and leave the fleet (deploys, DNS discovery) without telling the dispatcher.
+    """
+
     def __init__(
         self,
         fleet: Fleet,
@@ -116,73 +122,65 @@ class Dispatcher:
         self.sleep = sleep
         self.tracer = recording(tracer)
         self.on_retry = on_retry
-        self.routing: dict[str, RoutingConfig] = {}
-        self.deadlines: dict[str, Deadlines] = {}
-        self.bulkheads: dict[str, Bulkhead] = {}
-        self.budgets: dict[str, RetryBudget] = {}
-        self.backoffs: dict[str, ExponentialBackoff] = {}
-        self.routers: dict[str, LeastOutstanding] = {}
         self.clock = clock
         self.defaults = defaults
+        self.models: dict[str, ServedModel] = {}
+        self._loads: weakref.WeakKeyDictionary[Replica, ReplicaLoad] = weakref.WeakKeyDictionary()
         for model in models:
             self.configure(model)
         self.adopt(fleet.replicas)
 
     def configure(self, model: ModelConfig) -> None:
         """Routing state for a model and a bulkhead per version (new versions on deploy)."""
-        routing = model.routing
-        if model.name not in self.routing:
-            defaults = self.defaults
-            self.routing[model.name] = routing
-            self.deadlines[model.name] = Deadlines(
-                model.timeouts.ttft_s or defaults.ttft_s, model.timeouts.total_s or defaults.total_s
-            )
-            self.budgets[model.name] = RetryBudget(
-                routing.retry_budget,
-                routing.retry_budget_window_s,
-                routing.retry_budget_floor,
-                self.clock,
-            )
-            self.backoffs[model.name] = ExponentialBackoff(
-                routing.backoff_base_s, routing.backoff_cap_s, jitter=True
-            )
-            self.routers[model.name] = LeastOutstanding(routing.affinity_slack)
-        for version in model.versions:
-            key = f"{model.name}@{version.version}"
-            if key not in self.bulkheads:
-                self.bulkheads[key] = Bulkhead(
-                    key, routing.max_in_flight, routing.max_queue, routing.queue_timeout_s
-                )
+        served = self.models.get(model.name)
+        if served is None:
+            self.models[model.name] = ServedModel.of(model, self.defaults, self.clock)
+        else:
+            served.add_versions(model)
 
     def adopt(self, replicas: list[Replica]) -> None:
-        """Give replicas their model's breaker settings and this dispatcher's clock."""
+        """Routing state for replicas joining, with their model's breaker settings."""
         for replica in replicas:
-            own = self.routing.get(replica.key.model)
-            if own is not None:
-                replica.breaker.failures_to_open = own.breaker_failures
-                replica.breaker.open_s = own.breaker_open_s
-                replica.breaker.probes = own.breaker_probes
-                replica.breaker.clock = self.clock
+            load = self.load_of(replica)
+            served = self.models.get(replica.key.model)
+            if served is not None:
+                served.fit(load.breaker)
+
+    def load_of(self, replica: Replica) -> ReplicaLoad:
+        """``replica``'s breaker and request counts (made on first sight)."""
+        load = self._loads.get(replica)
+        if load is None:
+            served = self.models.get(replica.key.model)
+            breaker = CircuitBreaker(clock=self.clock)
+            load = ReplicaLoad(served.fit(breaker) if served is not None else breaker)
+            self._loads[replica] = load
+        return load
+
+    def bulkheads(self) -> dict[VersionKey, Bulkhead]:
+        """Every served version's bulkhead."""
+        return {key: b for served in self.models.values() for key, b in served.bulkheads.items()}
 
     def __repr__(self) -> str:
-        return f"Dispatcher(bulkheads={list(self.bulkheads)!r})"
+        return f"Dispatcher(models={list(self.models)!r})"
 
     def affinity_chars(self, model: str) -> int | None:
         """How many prompt characters steer ``model``'s requests to one replica (None: off)."""
-        routing = self.routing.get(model)
-        if routing is None or not routing.prefix_affinity:
-            return None
-        return routing.affinity_prefix_chars
+        served = self.models.get(model)
+        return None if served is None else served.affinity_chars()
 
     def available(self, served: ServedVersion) -> bool:
         """Could ``served`` take a request now: a place in its bulkhead and a live replica?"""
-        bulkhead = self.bulkheads.get(served.key)
+        own = self.models.get(served.model)
+        bulkhead = None if own is None else own.bulkheads.get(served.key)
         if bulkhead is not None and bulkhead.full():
             return False
-        return bool(eligible(self.fleet.replicas_of(served)))
+        return any(
+            r.healthy and self.load_of(r).breaker.available()
+            for r in self.fleet.replicas_of(served)
+        )
 
     async def admit(self, served: ServedVersion) -> Slot:
-        return await self.bulkheads[served.key].acquire()
+        return await self.models[served.model].bulkheads[served.key].acquire()
 
     async def complete(
         self, served: ServedVersion, path: str, body: JSON, affinity: str | None
@@ -198,7 +196,7 @@ class Dispatcher:
         self, served: ServedVersion, path: str, body: JSON, affinity: str | None
     ) -> tuple[PrimedStream, Attempt]:
         """A stream whose first chunk is in hand; the caller ends the ``Attempt``."""
-        limits = self.deadlines[served.model]
+        limits = self.models[served.model].deadlines
 
         async def call(replica: Replica) -> PrimedStream:
             deadline = time.monotonic() + limits.total_s
@@ -236,15 +234,15 @@ class Dispatcher:
         affinity: str | None,
         call: Callable[[Replica], Awaitable[T]],
     ) -> tuple[T, Attempt]:
-        routing = self.routing[served.model]
-        budget = self.budgets[served.model]
+        model = self.models[served.model]
+        budget = model.budget
         budget.record_request()
-        tried: set[int] = set()
+        tried: set[Replica] = set()
         failures = 0
         while True:
-            attempt = Attempt(self._choose(served, affinity, tried))
-            attempt.replica.outstanding += 1
-            attempt.replica.requests += 1
+            attempt = Attempt(*self._choose(model, served, affinity, tried))
+            attempt.load.outstanding += 1
+            attempt.load.requests += 1
             try:
                 with span(
                     self.tracer, "weir.engine", kind=SpanKind.CLIENT, record_exception=False
@@ -255,37 +253,38 @@ class Dispatcher:
                     result = await call(attempt.replica)
             except EngineError as exc:
                 attempt.end(exc)
-                if not is_fault(exc) or failures >= routing.retries or not budget.spend():
+                if not is_fault(exc) or failures >= model.routing.retries or not budget.spend():
                     raise
                 failures += 1
                 if self.on_retry is not None:
                     self.on_retry(served.model)
-                tried.add(id(attempt.replica))
-                await self.sleep(self.backoffs[served.model].compute(failures))
+                tried.add(attempt.replica)
+                await self.sleep(model.backoff.compute(failures))
                 continue
             except BaseException:
                 attempt.end(None, left=True)
                 raise
             return result, attempt
 
-    def _choose(self, served: ServedVersion, affinity: str | None, tried: set[int]) -> Replica:
+    def _choose(
+        self, model: ServedModel, served: ServedVersion, affinity: str | None, tried: set[Replica]
+    ) -> Candidate:
         replicas = self.fleet.replicas_of(served)
-        router = self.routers[served.model]
-        candidates = eligible(replicas)
-        fresh = [r for r in candidates if id(r) not in tried]
+        pool = [(r, self.load_of(r)) for r in replicas]
+        candidates = eligible(pool)
+        fresh = [c for c in candidates if c[0] not in tried]
         while fresh or candidates:
-            pool = fresh or candidates
-            replica = router.choose(pool, affinity)
-            if replica.breaker.allow():
-                return replica
-            fresh = [r for r in fresh if r is not replica]
-            candidates = [r for r in candidates if r is not replica]
+            chosen = model.router.choose(fresh or candidates, affinity)
+            if chosen[1].breaker.allow():
+                return chosen
+            fresh = [c for c in fresh if c is not chosen]
+            candidates = [c for c in candidates if c is not chosen]
         unhealthy = sum(not r.healthy for r in replicas)
-        open_ = sum(r.healthy and not r.breaker.available() for r in replicas)
+        open_ = sum(r.healthy and not load.breaker.available() for r, load in pool)
         raise EngineUnavailable(
             f"no engine can take requests for {served.key} ({len(replicas)} replicas:"
             f" {unhealthy} unhealthy, {open_} with an open circuit); retry shortly",
-            engine=served.key,
+            engine=str(served.key),
         )
 
 

@@ -6,6 +6,7 @@ from pydantic import ValidationError
 from models.config import ModelConfig, VersionConfig, default_models
 from models.errors import ConfigError, ModelNotFound
 from models.registry import Registry
+from models.types import VersionKey
 
 
 def two_versions() -> ModelConfig:
@@ -23,7 +24,8 @@ def two_versions() -> ModelConfig:
 def test_alias_resolves_to_current_version() -> None:
     served = Registry([two_versions()]).resolve("chat")
     assert (served.model, served.version, served.task) == ("chat", "v1", "chat")
-    assert served.key == "chat@v1"
+    assert served.key == VersionKey("chat", "v1")
+    assert str(served.key) == "chat@v1"
 
 
 def test_pinned_version() -> None:
@@ -41,7 +43,7 @@ def test_defaults_serve_chat_and_embeddings() -> None:
     registry = Registry(default_models())
     assert registry.resolve("smollm2").task == "chat"
     assert registry.resolve("minilm").task == "embed"
-    assert [v.key for v in registry.served_versions()] == [
+    assert [str(v.key) for v in registry.served_versions()] == [
         "smollm2@135m-instruct",
         "minilm@l6-v2",
     ]

@@ -7,14 +7,15 @@ import random
 
 import pytest
 
+from models.engines.backoff import ExponentialBackoff
 from models.engines.fleet import Fleet, Replica
 from models.errors import EngineOverloaded
 from models.types import ReplicaKey
-from serving.routing.backoff import ExponentialBackoff
 from serving.routing.breaker import CircuitBreaker
 from serving.routing.bulkhead import Bulkhead
+from serving.routing.load import ReplicaLoad
 from serving.routing.retry_budget import RetryBudget
-from serving.routing.router import LeastOutstanding, eligible
+from serving.routing.router import Candidate, LeastOutstanding, eligible
 from tests.fakes.engine import FakeEngine
 
 
@@ -83,19 +84,18 @@ def test_retry_budget_is_a_share_of_recent_requests() -> None:
     assert not budget.spend()
 
 
-def replica(index: int, outstanding: int = 0, healthy: bool = True) -> Replica:
+def replica(index: int, outstanding: int = 0, healthy: bool = True) -> Candidate:
     made = Replica(ReplicaKey("m", "v", index), FakeEngine(), "m", healthy=healthy)
-    made.outstanding = outstanding
-    return made
+    return made, ReplicaLoad(CircuitBreaker(), outstanding=outstanding)
 
 
 def test_router_prefers_the_least_busy_and_rotates_ties() -> None:
     router = LeastOutstanding(slack=2)
     a, b, c = replica(0, 3), replica(1, 1), replica(2, 1)
-    picks = {str(router.choose([a, b, c]).key) for _ in range(4)}
+    picks = {str(router.choose([a, b, c])[0].key) for _ in range(4)}
     assert picks == {"m@v#1", "m@v#2"}
-    c.breaker.state = "open"
-    c.breaker.opened_at = 1e18  # open for good
+    c[1].breaker.state = "open"
+    c[1].breaker.opened_at = 1e18  # open for good
     assert eligible([a, b, c, replica(3, healthy=False)]) == [a, b]
 
 
@@ -104,10 +104,10 @@ def test_router_affinity_sticks_until_the_replica_is_too_busy() -> None:
     replicas = [replica(i) for i in range(4)]
     prompts = [f"system prompt number {i}" for i in range(40)]
     first = {p: router.choose(replicas, p) for p in prompts}
-    assert len({str(r.key) for r in first.values()}) >= 3  # prompts spread over replicas
+    assert len({str(r.key) for r, _ in first.values()}) >= 3  # prompts spread over replicas
     assert all(router.choose(replicas, p) is first[p] for p in prompts)  # and stick
     sticky = first[prompts[0]]
-    sticky.outstanding = 3  # more than slack above the others
+    sticky[1].outstanding = 3  # more than slack above the others
     assert router.choose(replicas, prompts[0]) is not sticky
 
 

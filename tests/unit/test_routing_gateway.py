@@ -16,6 +16,7 @@ from models.engines.fleet import Fleet, Replica
 from models.errors import EngineFailed, EngineRejected, EngineUnavailable
 from models.types import ReplicaKey
 from serving.http.app import create_app
+from serving.routing.dispatch import Dispatcher
 from serving.settings import Settings
 from tests.fakes.engine import FakeEngine
 
@@ -63,8 +64,9 @@ def client_for(config: Settings, engines: dict[str, FakeEngine]) -> TestClient:
 
 
 def breaker_state(client: TestClient, key: str) -> str:
-    fleet = client.app.state.proxy.fleet  # type: ignore[attr-defined]
-    return next(r.breaker.state for r in fleet.replicas if str(r.key) == key)  # type: ignore[no-any-return]
+    dispatcher: Dispatcher = client.app.state.proxy.dispatcher  # type: ignore[attr-defined]
+    replica = next(r for r in dispatcher.fleet.replicas if str(r.key) == key)
+    return dispatcher.load_of(replica).breaker.state
 
 
 def test_engine_faults_are_retried_on_another_replica_and_trip_the_breaker() -> None:

@@ -19,12 +19,12 @@ import pytest
 
 from models.config import EngineConfig
 from models.engines import vllm_engine
+from models.engines.backoff import ExponentialBackoff
 from models.engines.client import EngineTimeouts, HttpEngine
 from models.engines.fleet import Fleet, Replica
 from models.engines.launcher import free_port
 from models.engines.supervisor import EngineProcess
 from models.types import ReplicaKey
-from serving.routing.backoff import ExponentialBackoff
 
 pytestmark = pytest.mark.anyio
 FAKE_SERVER = Path(__file__).resolve().parents[1] / "fakes" / "engine_server.py"
@@ -177,7 +177,7 @@ def test_engines_die_with_a_killed_gateway(tmp_path: Path) -> None:
         f"""
         import asyncio, sys
         from pathlib import Path
-        from serving.routing.backoff import ExponentialBackoff
+        from models.engines.backoff import ExponentialBackoff
         from models.engines.supervisor import EngineProcess
 
         async def main():

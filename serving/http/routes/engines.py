@@ -45,29 +45,31 @@ class EngineList(BaseModel):
 
 @router.get("/engines", summary="Engine replicas, their health and load")
 async def list_engines(proxy: ProxyDep) -> EngineList:
-    fleet = proxy.fleet
+    dispatcher = proxy.dispatcher
     bulkheads = [
         BulkheadView(
-            version=key, in_flight=b.in_flight, queued=b.queued, max_in_flight=b.max_in_flight,
-            max_queue=b.max_queue, rejected=b.rejected,
+            version=str(key), in_flight=b.in_flight, queued=b.queued,
+            max_in_flight=b.max_in_flight, max_queue=b.max_queue, rejected=b.rejected,
         )
-        for key, b in proxy.dispatcher.bulkheads.items()
+        for key, b in dispatcher.bulkheads().items()
     ]  # fmt: skip
-    views = [
-        ReplicaView(
-            replica=str(r.key),
-            model=r.key.model,
-            version=r.key.version,
-            base_url=getattr(r.engine, "base_url", None),
-            healthy=r.healthy,
-            local=r.process is not None,
-            pid=r.process.pid if r.process else None,
-            restarts=r.process.restarts if r.process else 0,
-            breaker=r.breaker.state,
-            breaker_trips=r.breaker.trips,
-            outstanding=r.outstanding,
-            requests=r.requests,
+    views = []
+    for r in dispatcher.fleet.replicas:
+        load = dispatcher.load_of(r)
+        views.append(
+            ReplicaView(
+                replica=str(r.key),
+                model=r.key.model,
+                version=r.key.version,
+                base_url=getattr(r.engine, "base_url", None),
+                healthy=r.healthy,
+                local=r.process is not None,
+                pid=r.process.pid if r.process else None,
+                restarts=r.process.restarts if r.process else 0,
+                breaker=load.breaker.state,
+                breaker_trips=load.breaker.trips,
+                outstanding=load.outstanding,
+                requests=load.requests,
+            )
         )
-        for r in fleet.replicas
-    ]
     return EngineList(data=views, bulkheads=bulkheads)

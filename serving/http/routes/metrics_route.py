@@ -19,10 +19,12 @@ async def metrics(proxy: ProxyDep) -> Response:
     if found is None:
         raise RouteNotFound("Metrics are off (observability.metrics = false).")
     healthy: dict[tuple[str, str], int] = {}
-    for replica in proxy.fleet.replicas:
+    dispatcher = proxy.dispatcher
+    for replica in dispatcher.fleet.replicas:
         key = (replica.key.model, replica.key.version)
         healthy[key] = healthy.get(key, 0) + int(replica.healthy)
-        found.breaker.labels(str(replica.key)).set(BREAKER_STATES[replica.breaker.state])
+        state = dispatcher.load_of(replica).breaker.state
+        found.breaker.labels(str(replica.key)).set(BREAKER_STATES[state])
     for (model, version), count in healthy.items():
         found.healthy.labels(model, version).set(count)
     return Response(found.exposition(), media_type=CONTENT_TYPE_LATEST)
