@@ -236,9 +236,9 @@ def main() -> None:
         old = [sys.executable, "-P", "-m", "serving.cli"]  # -P: not this checkout first
         env = {"PYTHONPATH": str(Path(args.before).resolve())}
         for port, upstream in ((before, mock), (before_paced, paced)):
-            config = gateway_config(port, upstream, work, key=KEY)
+            toml = gateway_config(port, upstream, work, key=KEY)
             procs.append(
-                start_gateway(config, work, f"before-{port}", env, cpus=proxy_cpus, weir=old)
+                start_gateway(toml, work, f"before-{port}", env, cpus=proxy_cpus, weir=old)
             )
     litellm_port = free_port()
     if args.litellm:

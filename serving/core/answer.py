@@ -1,13 +1,13 @@
 """What the use cases give back to the edge, and what every answer path shares.
 
 ``Proxy.handle`` returns an ``Answer``: a ``JsonAnswer`` (a body and headers) or a
-``StreamAnswer`` (SSE events, headers and what to run when the stream is over, however it
-ended). Only ``serving.http`` turns them into HTTP responses.
+``StreamAnswer`` (SSE events, headers and what to await when the stream is over, however
+it ended). Only ``serving.http`` turns them into HTTP responses.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,11 +24,12 @@ class JsonAnswer:
 
 @dataclass(slots=True)
 class StreamAnswer:
-    """SSE events; ``on_close`` runs last, however the stream ended (even if never sent)."""
+    """SSE events; ``on_close`` is awaited last, however the stream ended, even if it was
+    never sent (the events generator then never ran, so it closed nothing)."""
 
     events: AsyncGenerator[bytes, None]
     headers: dict[str, str] = field(default_factory=dict)
-    on_close: Callable[[], None] | None = None
+    on_close: Callable[[], Awaitable[None]] | None = None
 
 
 Answer = JsonAnswer | StreamAnswer

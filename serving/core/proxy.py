@@ -23,7 +23,7 @@ from models.engines.fleet import Fleet
 from models.errors import EngineFailed
 from models.registry import Registry, split_name
 from models.tokenizer import TokenCounter
-from models.types import ServedVersion, Task
+from models.types import ServedVersion, Task, VersionKey
 from serving import streaming
 from serving.cache.entries import RESULT_HEADER, Assembler, extension
 from serving.cache.service import Cache
@@ -98,7 +98,7 @@ class Proxy:
         self,
         registry: Registry,
         dispatcher: Dispatcher,
-        counters: Mapping[str, TokenCounter],
+        counters: Mapping[VersionKey, TokenCounter],
         config: ContractConfig,
         limiter: Limiter | None = None,
         model_tpm: Mapping[str, int] | None = None,
@@ -185,15 +185,19 @@ class Proxy:
         if plan is not None and plan.mode == "use" and route.streams and self.cached:
             hit = await self.cached.hit(request, served, plan, lease)
             if hit is not None:
+                if output_check.schema_of(prepared.body.get("response_format")) is not None:
+                    hit.headers[OUTPUT_VALID_HEADER] = (
+                        "true"  # only answers that conform are stored
+                    )
                 return hit
         target, prepared, fell_back = self._target(route, request, served, prepared)
         lease.slot = await self._queue(target)
         headers = {VERSION_HEADER: target.version, **lease.ticket.headers}
         if fell_back:
-            headers[FALLBACK_HEADER] = target.key
+            headers[FALLBACK_HEADER] = str(target.key)
             lease.obs.fell_back(target.model, target.version)
             if self.metrics is not None:
-                self.metrics.fallbacks.labels(served.model, target.key).inc()
+                self.metrics.fallbacks.labels(served.model, str(target.key)).inc()
         # a fallback's answer is not the requested version's: never stored under its key
         store_key = plan.key if self.cache and plan and plan.mode != "bypass" else None
         if fell_back:
@@ -328,8 +332,11 @@ class Proxy:
                 entry["system_fingerprint"] = cleaning.fingerprint(target)
                 self.cache.store_soon(job.store_key, entry)
 
-        def closed() -> None:  # the client left, or the stream never started
-            lease.end(CLIENT_LEFT)
+        async def closed() -> None:  # last, however the stream ended
+            # A relay that never ran (the client left before the first event) closed
+            # nothing: close the engine stream here, which makes vLLM abort (idempotent).
+            await stream.aclose()
+            lease.end(CLIENT_LEFT)  # the client left, unless the relay ended it first
 
         events = streaming.relay(stream, fix, job.call.request_id, ended)
         return StreamAnswer(events, job.headers | SSE_HEADERS, on_close=closed)

@@ -38,6 +38,7 @@ from models.engines.launcher import ReplicaFactory, build_fleet, check_weights, 
 from models.errors import WeirModelError
 from models.registry import Registry
 from models.tokenizer import TokenCounter
+from models.types import VersionKey
 from retrieval.errors import RetrievalError
 from serving.cache.service import Cache
 from serving.cache.store import CacheStore, MemoryCacheStore, RedisCacheStore
@@ -126,8 +127,8 @@ def create_app(
     settings: Settings,
     *,
     fleet_factory: FleetFactory | None = None,
-    weights: dict[str, Path] | None = None,
-    counters: dict[str, TokenCounter] | None = None,
+    weights: dict[VersionKey, Path] | None = None,
+    counters: dict[VersionKey, TokenCounter] | None = None,
     on_ready: OnReady | None = None,
     tracer_provider: TracerProvider | None = None,
     replicas_factory: ReplicasFactory | None = None,
@@ -177,7 +178,7 @@ def create_app(
         health_s=settings.engines.health_timeout_s,
     )
 
-    def resolved_weights() -> dict[str, Path]:
+    def resolved_weights() -> dict[VersionKey, Path]:
         if weights is not None:
             return weights
         if fleet_factory is not None:
@@ -194,7 +195,7 @@ def create_app(
             return discovery_factory(fleet, session)
         return DnsDiscovery(fleet, ReplicaFactory(settings.engines, session, timeouts).remote)
 
-    def make_fleet(session: aiohttp.ClientSession, found: dict[str, Path]) -> Fleet:
+    def make_fleet(session: aiohttp.ClientSession, found: dict[VersionKey, Path]) -> Fleet:
         if fleet_factory is not None:
             return fleet_factory(session)
         factory = ReplicaFactory(settings.engines, session, timeouts)
@@ -327,7 +328,7 @@ def _openapi(api: FastAPI) -> Callable[[], dict[str, Any]]:
 
 
 def _counter_for(
-    registry: Registry, counters: Mapping[str, TokenCounter], model: str
+    registry: Registry, counters: Mapping[VersionKey, TokenCounter], model: str
 ) -> TokenCounter | None:
     try:
         return counters.get(registry.resolve(model).key)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from functools import partial
 from typing import Any
 
@@ -43,14 +43,15 @@ def disconnected(receive: Receive) -> Callable[[], Any]:
 class SSEResponse(StreamingResponse):
     """Starlette's StreamingResponse, but it always watches for the client leaving.
 
-    ``on_close`` runs last, however the response ended (even if the stream never started).
+    ``on_close`` is awaited last, however the response ended (even if the stream never
+    started).
     """
 
     def __init__(
         self,
         events: AsyncGenerator[bytes, None],
         headers: Mapping[str, str] | None = None,
-        on_close: Callable[[], None] | None = None,
+        on_close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         super().__init__(events, headers=headers, media_type="text/event-stream")
         self.events = events
@@ -73,7 +74,7 @@ class SSEResponse(StreamingResponse):
                 guard.disarm()
             await self.events.aclose()  # closes the engine stream if the pump did not finish
             if self.on_close is not None:
-                self.on_close()
+                await self.on_close()
 
     async def _pump(self, send: Send) -> None:
         async for event in self.events:

@@ -80,6 +80,7 @@ class PrimedStream:
         self._stream = stream
         self._rest = rest
         self._first = first
+        self._closed = False
         self._deadline = deadline
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -93,6 +94,10 @@ class PrimedStream:
             yield payload
 
     async def aclose(self) -> None:
+        """Close the engine stream (which makes vLLM abort it); once, however often called."""
+        if self._closed:
+            return
+        self._closed = True
         closer = getattr(self._rest, "aclose", None)
         if closer is not None:
             await closer()

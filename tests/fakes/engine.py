@@ -114,7 +114,7 @@ class FakeEngine:
     async def open_stream(self, path: str, body: JSON) -> EngineStream:
         self.calls.append(body)
         await self._before()
-        return _FakeStream(self, body)
+        return _FakeStream(self, body, path)
 
     async def health(self) -> bool:
         return self.healthy
@@ -134,26 +134,25 @@ class FakeEngine:
 
 
 class _FakeStream:
-    def __init__(self, engine: FakeEngine, body: JSON) -> None:
+    """vLLM's chunks for the route asked: chat deltas, or text pieces for completions."""
+
+    def __init__(self, engine: FakeEngine, body: JSON, path: str) -> None:
         self.engine = engine
         self.body = body
+        self.chat = path != "/v1/completions"
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._chunks()
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         base = {
-            "id": "chatcmpl-1",
-            "object": "chat.completion.chunk",
+            "id": "chatcmpl-1" if self.chat else "cmpl-1",
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
             "created": 1,
             "model": self.body["model"],
         }
-        first = {
-            "index": 0,
-            "delta": {"role": "assistant", "content": ""},
-            "logprobs": None,
-            "finish_reason": None,
-        }
+        first: JSON = {"index": 0, "logprobs": None, "finish_reason": None}
+        first |= {"delta": {"role": "assistant", "content": ""}} if self.chat else {"text": ""}
         if self.engine.first_chunk_delay_s:
             try:
                 await asyncio.sleep(self.engine.first_chunk_delay_s)
@@ -165,9 +164,9 @@ class _FakeStream:
             if self.engine.die_after is not None and n >= self.engine.die_after:
                 raise EngineFailed("connection to engine fake broke: ServerDisconnectedError")
             last = n == len(self.engine.words) - 1
-            choice = {
+            choice: JSON = {
                 "index": 0,
-                "delta": {"content": word},
+                **({"delta": {"content": word}} if self.chat else {"text": word}),
                 "logprobs": None,
                 "finish_reason": "stop" if last else None,
                 "token_ids": None,

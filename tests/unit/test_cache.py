@@ -15,6 +15,7 @@ from starlette.testclient import TestClient
 from models.engines.fleet import Fleet, Replica
 from models.errors import EngineFailed
 from models.types import ReplicaKey
+from serving.cache.entries import Assembler
 from serving.cache.store import MemoryCacheStore
 from serving.http.app import create_app
 from serving.settings import CacheConfig, KeysConfig, Settings
@@ -192,6 +193,66 @@ def test_broken_and_failed_answers_are_never_stored(rig: Rig) -> None:
     assert post(rig, CHAT, auth).status_code == 502
     rig.chat.fail_with = None
     assert post(rig, CHAT, auth).headers["x-weir-cache"] == "miss"
+
+
+SCHEMA_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {"name": "city", "schema": {"type": "object", "required": ["city"]}},
+}
+
+
+def test_a_streamed_answer_that_breaks_its_schema_is_never_stored(rig: Rig) -> None:
+    """Issue 29: the stream was stored unchecked, and the same request sent plain was then a
+    200 hit with output that breaks the schema (a miss is a 502)."""
+    auth = rig.key()
+    rig.chat.words = ["not", " json"]
+    asked = CHAT | {"response_format": SCHEMA_FORMAT}
+    streamed, _lines = stream(rig, asked, auth)
+    assert streamed.headers["x-weir-cache"] == "miss"
+    plain = post(rig, asked, auth)
+    assert plain.headers.get("x-weir-cache") != "hit"
+    assert plain.status_code == 502
+    assert plain.json()["error"]["code"] == "invalid_model_output"
+    rig.chat.words = ['{"city": ', '"Paris"}']  # a conforming stream is stored
+    stream(rig, asked, auth)
+    again = post(rig, asked, auth)
+    assert (again.status_code, again.headers["x-weir-cache"]) == (200, "hit")
+    assert again.headers["x-weir-output-valid"] == "true"
+
+
+def test_a_streamed_completion_is_replayed_as_a_completion(rig: Rig) -> None:
+    """Issue 29: the stored shape came from the engine's ``object`` field, not the route."""
+    auth = rig.key()
+    asked = {"model": "smollm2", "prompt": "Capital of France?", "temperature": 0}
+    first = rig.client.post("/v1/completions", json=asked | {"stream": True}, headers=auth)
+    rig.drain()
+    assert first.headers["x-weir-cache"] == "miss"
+    hit = rig.client.post("/v1/completions", json=asked, headers=auth)
+    assert hit.headers["x-weir-cache"] == "hit"
+    validate("CreateCompletionResponse", hit.json())
+    assert hit.json()["choices"][0]["text"] == "Hello there!"
+
+
+def test_the_assembler_builds_the_routes_shape_whatever_the_chunks_say() -> None:
+    chat_chunk = {
+        "object": "chat.completion.chunk",
+        "id": "x",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}],
+    }
+    text = Assembler(chat=False)
+    text.add(chat_chunk)
+    entry = text.entry()
+    assert entry is not None
+    assert entry["object"] == "text_completion"
+    assert entry["choices"][0]["text"] == "hi"
+    chat = Assembler(chat=True)
+    chat.add(chat_chunk | {"object": "text_completion"})
+    made = chat.entry()
+    assert made is not None
+    assert made["object"] == "chat.completion"
+    assert made["choices"][0]["message"]["content"] == "hi"
 
 
 def test_cache_down_never_fails_a_request(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from models.config import StoreConfig
 from models.engines.fleet import Fleet, Replica
 from models.store import ModelStore
 from models.tokenizer import TokenCounter
-from models.types import ReplicaKey
+from models.types import ReplicaKey, VersionKey
 from serving.http.app import create_app
 from serving.settings import ContractConfig, GatewayConfig, Settings
 from tests.fakes.engine import FakeEngine
@@ -27,7 +27,7 @@ def make_client(
     chat: FakeEngine,
     embed: FakeEngine | None = None,
     *,
-    counters: dict[str, TokenCounter] | None = None,
+    counters: dict[VersionKey, TokenCounter] | None = None,
     contract: ContractConfig | None = None,
     **gateway: Any,
 ) -> TestClient:
@@ -250,7 +250,7 @@ def smollm2_counter() -> TokenCounter:
 
 def test_context_overflow_never_reaches_the_engine() -> None:
     engine = FakeEngine()
-    counters = {"smollm2@135m-instruct": smollm2_counter()}
+    counters = {VersionKey("smollm2", "135m-instruct"): smollm2_counter()}
     with make_client(engine, counters=counters) as client:
         response = client.post("/v1/chat/completions", json=CHAT | {"max_tokens": 2047})
         assert response.status_code == 400
