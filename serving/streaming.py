@@ -32,6 +32,13 @@ def event(payload: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
+async def replayed(chunks: list[dict[str, Any]]) -> AsyncGenerator[bytes, None]:
+    """Stored chunks (a cache hit) as a stream's events, then ``[DONE]``."""
+    for chunk in chunks:
+        yield event(chunk)
+    yield DONE
+
+
 def error_event(exc: BaseException, request_id: str) -> bytes:
     _, body, _ = render(exc, request_id)
     return event(body)

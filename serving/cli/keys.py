@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-from serving.cli.config import load
+from serving.cli.config import load, run_reporting
 
 
 def keys(args: argparse.Namespace) -> int:
-    import asyncio
-
     from rich.console import Console
     from rich.table import Table
 
@@ -21,56 +18,46 @@ def keys(args: argparse.Namespace) -> int:
     config = load(args).keys
     store = make_key_store(config.file, config.redis_url, config.timeout_s)
 
-    async def run() -> int:
-        try:
-            if args.keys_command == "create":
-                spec = KeyCreate(
-                    name=args.name,
-                    models=[m for m in (args.models or "").split(",") if m],
-                    rpm=args.rpm,
-                    tpm=args.tpm,
-                    tokens_per_day=args.tokens_per_day,
-                    max_concurrency=args.max_concurrency,
-                    cache=not args.no_cache,
-                    cache_namespace=args.cache_namespace,
-                )
-                secret, record = await create_key(store, spec)
-                print(f"created key {record.id} ({record.name}); its secret, shown only now:")
-                print(secret)
-            elif args.keys_command == "list":
-                table = Table(title=f"API keys in {store!r}")
-                for column in (
-                    "id",
-                    "name",
-                    "models",
-                    "rpm",
-                    "tpm",
-                    "tokens/day",
-                    "concurrency",
-                    "revoked",
-                ):
-                    table.add_column(column)
-                for r in await store.list():
-                    table.add_row(
-                        r.id, r.name, ",".join(r.models) or "*", str(r.rpm or "-"),
-                        str(r.tpm or "-"), str(r.tokens_per_day or "-"),
-                        str(r.max_concurrency or "-"), "yes" if r.revoked else "",
-                    )  # fmt: skip
-                Console(width=max(140, Console().width)).print(table)
-            else:
-                record = await store.revoke(args.key_id)
-                print(f"revoked key {record.id} ({record.name})")
-        except KeyStoreUnavailable as exc:
-            print(f"weir: {exc}", file=sys.stderr)
-            return 1
-        except UnknownKey as exc:
-            print(f"weir: {exc}", file=sys.stderr)
-            return 1
-        finally:
-            await store.aclose()
-        return 0
+    async def run() -> None:
+        if args.keys_command == "create":
+            spec = KeyCreate(
+                name=args.name,
+                models=[m for m in (args.models or "").split(",") if m],
+                rpm=args.rpm,
+                tpm=args.tpm,
+                tokens_per_day=args.tokens_per_day,
+                max_concurrency=args.max_concurrency,
+                cache=not args.no_cache,
+                cache_namespace=args.cache_namespace,
+            )
+            secret, record = await create_key(store, spec)
+            print(f"created key {record.id} ({record.name}); its secret, shown only now:")
+            print(secret)
+        elif args.keys_command == "list":
+            table = Table(title=f"API keys in {store!r}")
+            for column in (
+                "id",
+                "name",
+                "models",
+                "rpm",
+                "tpm",
+                "tokens/day",
+                "concurrency",
+                "revoked",
+            ):
+                table.add_column(column)
+            for r in await store.list():
+                table.add_row(
+                    r.id, r.name, ",".join(r.models) or "*", str(r.rpm or "-"),
+                    str(r.tpm or "-"), str(r.tokens_per_day or "-"),
+                    str(r.max_concurrency or "-"), "yes" if r.revoked else "",
+                )  # fmt: skip
+            Console(width=max(140, Console().width)).print(table)
+        else:
+            record = await store.revoke(args.key_id)
+            print(f"revoked key {record.id} ({record.name})")
 
-    return asyncio.run(run())
+    return run_reporting(run, store.aclose, (KeyStoreUnavailable, UnknownKey))
 
 
 def add_commands(commands: Any) -> None:

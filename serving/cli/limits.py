@@ -8,13 +8,11 @@ import json
 import sys
 from typing import Any
 
-from serving.cli.config import load
+from serving.cli.config import load, run_reporting
 from serving.settings import Settings
 
 
 def limits(args: argparse.Namespace) -> int:
-    import asyncio
-
     settings = load(args)
     url = settings.limits.store_url(settings.keys)
     tpm = None if args.limits_command == "show" or args.clear else args.tpm
@@ -29,25 +27,17 @@ def limits(args: argparse.Namespace) -> int:
     from serving.limits.store import LimitStoreUnavailable
     from serving.limits.view import limits_view
 
-    async def run() -> int:
-        limiter = Limiter(RedisLimitStore(url, timeout_s=settings.limits.timeout_s))
-        try:
-            if args.limits_command == "set":
-                await limiter.store.set_model_tpm(args.model, tpm)
-                print(
-                    f"{args.model}: tokens per minute {tpm if tpm is not None else 'as configured'}"
-                )
-            else:
-                view = await limits_view(limiter, dict(settings.limits.model_tpm))
-                print(json.dumps(view.model_dump(), indent=2))
-        except LimitStoreUnavailable as exc:
-            print(f"weir: {exc}", file=sys.stderr)
-            return 1
-        finally:
-            await limiter.aclose()
-        return 0
+    limiter = Limiter(RedisLimitStore(url, timeout_s=settings.limits.timeout_s))
 
-    return asyncio.run(run())
+    async def run() -> None:
+        if args.limits_command == "set":
+            await limiter.store.set_model_tpm(args.model, tpm)
+            print(f"{args.model}: tokens per minute {tpm if tpm is not None else 'as configured'}")
+        else:
+            view = await limits_view(limiter, dict(settings.limits.model_tpm))
+            print(json.dumps(view.model_dump(), indent=2))
+
+    return run_reporting(run, limiter.aclose, (LimitStoreUnavailable,))
 
 
 def _limits_over_http(settings: Settings, command: str, model: str | None, tpm: int | None) -> int:

@@ -3,7 +3,6 @@ embeddings looked up per input (only the misses go to the engine)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,26 +10,17 @@ from opentelemetry.trace import Tracer
 
 from models.errors import EngineFailed
 from models.types import ServedVersion
-from serving import streaming
 from serving.cache.entries import (
     RESULT_HEADER,
     Mode,
     embedding_key,
     mode_for,
-    replay,
     replayable,
     response_key,
 )
 from serving.cache.service import Cache
 from serving.core import cleaning, contract
-from serving.core.answer import (
-    SSE_HEADERS,
-    VERSION_HEADER,
-    Answer,
-    JsonAnswer,
-    StreamAnswer,
-    total_tokens,
-)
+from serving.core.answer import total_tokens
 from serving.core.call import Call, Disconnected
 from serving.core.disconnect import run_or_cancel
 from serving.core.lease import Lease
@@ -98,8 +88,9 @@ class CachedCalls:
         served: ServedVersion,
         plan: CachePlan,
         lease: Lease,
-    ) -> Answer | None:
-        """The stored answer as this request's answer (the lease ended), or None: a miss."""
+    ) -> JSON | None:
+        """The stored answer for this request, or None: a miss. A hit ends the lease (the
+        tokens it charges, if any) and is named as the client named the model."""
         with span(self.tracer, "weir.cache") as current:
             entry = await self.cache.lookup(plan.key)
             current.set_attribute("weir.cache.hit", entry is not None)
@@ -107,25 +98,12 @@ class CachedCalls:
             self.count("response", "miss")
             return None
         self.count("response", "hit")
-        usage = entry.get("usage") if isinstance(entry.get("usage"), dict) else None
         lease.used(total_tokens(entry, 0) if self.cache.charge_hits else 0)
         lease.obs.cache = "hit"
         lease.end(200)  # no engine tokens were used: none reported to the metrics
         entry["model"] = request.model
         entry["system_fingerprint"] = cleaning.fingerprint(served)
-        headers = {VERSION_HEADER: served.version, RESULT_HEADER: "hit", **lease.ticket.headers}
-        if not request.stream:
-            return JsonAnswer(entry, headers)
-        options = getattr(request, "stream_options", None)
-        wants_usage = bool(getattr(options, "include_usage", False)) and usage is not None
-        chunks = replay(entry, wants_usage)
-
-        async def events() -> AsyncGenerator[bytes, None]:
-            for chunk in chunks:
-                yield streaming.event(chunk)
-            yield streaming.DONE
-
-        return StreamAnswer(events(), headers | SSE_HEADERS)
+        return entry
 
     async def embeddings(
         self,

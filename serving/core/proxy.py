@@ -25,7 +25,7 @@ from models.registry import Registry, split_name
 from models.tokenizer import TokenCounter
 from models.types import ServedVersion, Task, VersionKey
 from serving import streaming
-from serving.cache.entries import RESULT_HEADER, Assembler, extension
+from serving.cache.entries import RESULT_HEADER, Assembler, extension, replay
 from serving.cache.service import Cache
 from serving.core import cleaning, contract, output_check
 from serving.core.answer import (
@@ -183,13 +183,9 @@ class Proxy:
             else None
         )
         if plan is not None and plan.mode == "use" and route.streams and self.cached:
-            hit = await self.cached.hit(request, served, plan, lease)
-            if hit is not None:
-                if output_check.schema_of(prepared.body.get("response_format")) is not None:
-                    hit.headers[OUTPUT_VALID_HEADER] = (
-                        "true"  # only answers that conform are stored
-                    )
-                return hit
+            entry = await self.cached.hit(request, served, plan, lease)
+            if entry is not None:
+                return self._replay(request, served, prepared, entry, lease)
         target, prepared, fell_back = self._target(route, request, served, prepared)
         lease.slot = await self._queue(target)
         headers = {VERSION_HEADER: target.version, **lease.ticket.headers}
@@ -213,6 +209,25 @@ class Proxy:
         if request.stream:
             return await self._stream(job)
         return await self._complete(job, plan, rag)
+
+    def _replay(
+        self,
+        request: ModelRequest,
+        served: ServedVersion,
+        prepared: contract.Prepared,
+        entry: JSON,
+        lease: Lease,
+    ) -> Answer:
+        """A stored answer as this request's answer: JSON, or replayed as a stream."""
+        headers = {VERSION_HEADER: served.version, RESULT_HEADER: "hit", **lease.ticket.headers}
+        if output_check.schema_of(prepared.body.get("response_format")) is not None:
+            headers[OUTPUT_VALID_HEADER] = "true"  # only answers that conform are stored
+        if not request.stream:
+            return JsonAnswer(entry, headers)
+        options = getattr(request, "stream_options", None)
+        usage = entry.get("usage")
+        wants_usage = bool(getattr(options, "include_usage", False)) and isinstance(usage, dict)
+        return StreamAnswer(streaming.replayed(replay(entry, wants_usage)), headers | SSE_HEADERS)
 
     async def _queue(self, target: ServedVersion) -> Slot:
         queued = time.perf_counter()

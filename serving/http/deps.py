@@ -6,13 +6,23 @@ every request for what is an attribute lookup.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 
 from models.engines.fleet import Fleet
 from models.registry import Registry
 from serving.core.proxy import Proxy
+from serving.errors import RouteNotFound
+
+T = TypeVar("T")
+
+
+def configured(service: T | None, off: str) -> T:
+    """``service``, or a 404 saying why the route is off (no key store, limits off)."""
+    if service is None:
+        raise RouteNotFound(off)
+    return service
 
 
 async def _proxy(request: Request) -> Proxy:

@@ -214,8 +214,7 @@ class Dispatcher:
                     rest = aiter(stream)
                     first = await anext(rest)
             except TimeoutError:
-                if stream is not None:
-                    await stream.aclose()
+                await _close(stream)
                 raise EngineTimeout(
                     f"engine {replica.key} sent no first token within {limits.ttft_s:g}s",
                     engine=str(replica.key),

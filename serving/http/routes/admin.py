@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from serving.errors import InvalidRequest, RouteNotFound
+from serving.http.deps import configured
 from serving.keys.issue import KeyCreate, create_key
 from serving.keys.store import KeyStore, UnknownKey
 from serving.protocol.admin import KeyCreated, KeyList, KeyView
@@ -14,9 +15,7 @@ router = APIRouter(prefix="/weir/admin")
 
 def _store(request: Request) -> KeyStore:
     store: KeyStore | None = request.app.state.key_store
-    if store is None:
-        raise RouteNotFound("No key store is configured.")
-    return store
+    return configured(store, "No key store is configured.")
 
 
 @router.post("/keys", summary="Create a key; its secret is shown only in this answer")

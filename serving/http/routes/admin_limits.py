@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.errors import LimitsUnavailable, RouteNotFound
+from serving.errors import LimitsUnavailable
+from serving.http.deps import configured
 from serving.limits.limiter import Limiter
 from serving.limits.store import LimitStoreUnavailable
 from serving.limits.view import LimitsView, limits_view
@@ -22,9 +23,7 @@ class ModelLimit(BaseModel):
 
 def _limiter(request: Request) -> Limiter:
     limiter: Limiter | None = request.app.state.limiter
-    if limiter is None:
-        raise RouteNotFound("Limits are off (limits.enabled = false).")
-    return limiter
+    return configured(limiter, "Limits are off (limits.enabled = false).")
 
 
 @router.get("", summary="Model token budgets and outstanding reservations")

@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from retrieval.service import Document
 from serving.core.rag import RetrievalGate
-from serving.errors import InvalidRequest, RouteNotFound
+from serving.errors import InvalidRequest
+from serving.http.deps import configured
 from serving.http.front import caller_of
 
 router = APIRouter(prefix="/v1/collections")
@@ -52,9 +53,7 @@ def tenant_of(request: Request) -> str:
 
 def _gate(request: Request) -> RetrievalGate:
     gate: RetrievalGate | None = getattr(request.app.state, "retrieval", None)
-    if gate is None:
-        raise RouteNotFound("Retrieval is off (retrieval.enabled = false).")
-    return gate
+    return configured(gate, "Retrieval is off (retrieval.enabled = false).")
 
 
 def _check(gate: RetrievalGate, documents: list[DocumentIn]) -> None:
