@@ -48,6 +48,9 @@ class EngineConfig(_Strict):
     cpu_args: list[str] = ["--enforce-eager", "--dtype", "bfloat16"]
     cuda_args: list[str] = []
     cpu_env: dict[str, str] = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    # Which engine flags apply: auto = cuda where an NVIDIA device is visible, else cpu.
+    # Env: WEIR_ENGINES__HOST=cuda (the CUDA image sets it).
+    host: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class VersionConfig(_Strict):

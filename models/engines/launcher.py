@@ -111,7 +111,10 @@ class ReplicaFactory:
     engines: EngineConfig
     session: aiohttp.ClientSession
     timeouts: EngineTimeouts
-    host: vllm_engine.HostKind = dataclasses.field(default_factory=vllm_engine.host_kind)
+    host: vllm_engine.HostKind = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "host", vllm_engine.host_kind(self.engines.host))
 
     def remote(
         self, model: ModelConfig, version: VersionConfig, key: ReplicaKey, url: str

@@ -22,10 +22,11 @@ HostKind = Literal["cpu", "cuda"]
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
 
-def host_kind() -> HostKind:
-    """``cuda`` where an NVIDIA device is visible, else ``cpu``; no torch import needed."""
-    if os.environ.get("WEIR_HOST_KIND") in ("cpu", "cuda"):
-        return "cuda" if os.environ["WEIR_HOST_KIND"] == "cuda" else "cpu"
+def host_kind(configured: str = "auto") -> HostKind:
+    """The host kind the settings name (``engines.host``), or when ``auto``: ``cuda`` where
+    an NVIDIA device is visible, else ``cpu``; no torch import needed."""
+    if configured in ("cpu", "cuda"):
+        return "cuda" if configured == "cuda" else "cpu"
     if Path("/dev/nvidia0").exists() or shutil.which("nvidia-smi"):
         return "cuda"
     return "cpu"

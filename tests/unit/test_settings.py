@@ -63,3 +63,18 @@ def test_unknown_keys_are_refused(tmp_path: Path) -> None:
 def test_missing_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         load_settings(tmp_path / "absent.toml")
+
+
+def test_the_host_kind_is_a_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``engines.host`` (env ``WEIR_ENGINES__HOST``) picks the engine flags; auto detects."""
+    from models.engines import vllm_engine
+
+    assert load_settings(None).engines.host == "auto"
+    monkeypatch.setenv("WEIR_ENGINES__HOST", "cuda")
+    settings = load_settings(None)
+    assert settings.engines.host == "cuda"
+    assert vllm_engine.host_kind(settings.engines.host) == "cuda"
+    assert vllm_engine.host_kind("cpu") == "cpu"
+    monkeypatch.setenv("WEIR_ENGINES__HOST", "tpu")
+    with pytest.raises(ValidationError):
+        load_settings(None)
