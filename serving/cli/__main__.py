@@ -1,6 +1,8 @@
 """``python -m serving.cli``."""
 
+import sys
+
 from serving.cli.main import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -63,3 +63,19 @@ def test_durations_read_like_people_write_them() -> None:
     assert [duration_s(t) for t in ("90", "90s", "5m", "1.5h")] == [90, 90, 300, 5400]
     with pytest.raises(Exception, match="not a duration"):
         duration_s("five minutes")
+
+
+def test_python_dash_m_passes_the_exit_code_on() -> None:
+    """``python -m serving.cli`` (how tests and the stack start ``weir``) exits with the
+    command's own code, not 0 (a failed deploy must fail the shell)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "serving.cli", "limits", "set", "smollm2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "give --tpm" in done.stderr
