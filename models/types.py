@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
 
 Task = Literal["chat", "embed"]
 
 
-@dataclass(frozen=True, slots=True)
-class VersionKey:
+class VersionKey(NamedTuple):
     """One version of one model: the key of every per-version table.
 
-    ``str`` gives ``model@version``, the form that JSON, logs and metric labels show.
+    ``str`` gives ``model@version``, the form that JSON, logs and metric labels show. A
+    named tuple, not a dataclass: it is hashed several times per request, and a tuple's
+    hash and equality run in C.
     """
 
     model: str
@@ -29,10 +30,10 @@ class ServedVersion:
     model: str  # public name, e.g. "smollm2"
     version: str  # e.g. "135m-instruct"
     task: Task
+    key: VersionKey = field(init=False, compare=False, repr=False)  # made once
 
-    @property
-    def key(self) -> VersionKey:
-        return VersionKey(self.model, self.version)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", VersionKey(self.model, self.version))
 
 
 @dataclass(frozen=True)

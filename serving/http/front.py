@@ -76,7 +76,7 @@ class Keys:
         tracer: Tracer | None = None,
     ) -> None:
         # a static key is its own cache tenant, known by a short hash (made once, here)
-        self.static = [(k.encode(), hash_secret(k)[:12]) for k in keys]
+        self.static = [(k.encode(), Caller(static_key=hash_secret(k)[:12])) for k in keys]
         self.store = store
         self.admin_key = admin_key.encode() if admin_key else None
         self.tracer = recording(tracer)
@@ -98,12 +98,12 @@ class Keys:
             return ANONYMOUS
         if token is None:
             raise Unauthenticated("Missing or invalid API key.")
-        tenant = None
-        for key, short in self.static:
+        found = None
+        for key, caller in self.static:  # every key compared: the time says nothing
             if hmac.compare_digest(token, key):
-                tenant = short
-        if tenant is not None:
-            return Caller(static_key=tenant)
+                found = caller
+        if found is not None:
+            return found
         if self.store is None:
             raise Unauthenticated("Missing or invalid API key.")
         try:
