@@ -3,10 +3,16 @@
 The spec lives in ``../shared/spec/openai-openapi.yaml`` beside the checkout (override
 with ``WEIR_OPENAI_SPEC``). It is OpenAPI 3.1 but still uses 3.0's ``nullable: true`` in
 places; we rewrite that to JSON Schema before validating.
+
+One schema is added: ``CompletionStreamChunk``. The spec names ``CreateCompletionResponse``
+as the event of a completions stream too, but its ``finish_reason`` is not nullable, while
+OpenAI (and vLLM) send ``null`` in every chunk but the last; the added schema is
+``CreateCompletionResponse`` with that one field nullable, nothing else changed.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 from pathlib import Path
@@ -44,6 +50,11 @@ def _registry() -> Registry[Any]:
         raise FileNotFoundError(f"OpenAI spec not found at {path}; set WEIR_OPENAI_SPEC")
     with path.open() as handle:
         document = _nullable(yaml.load(handle, Loader=yaml.CSafeLoader))
+    schemas = document["components"]["schemas"]
+    chunk = copy.deepcopy(schemas["CreateCompletionResponse"])
+    choice = chunk["properties"]["choices"]["items"]["properties"]
+    choice["finish_reason"] = {"anyOf": [choice["finish_reason"], {"type": "null"}]}
+    schemas["CompletionStreamChunk"] = chunk
     resource = Resource.from_contents(document, default_specification=DRAFT202012)
     registry: Registry[Any] = Registry().with_resource(URI, resource)
     return registry
