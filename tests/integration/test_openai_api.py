@@ -142,8 +142,11 @@ def test_bad_bodies_are_400(stack: Stack) -> None:
 
 
 def test_engine_rejection_is_a_400_not_a_500(stack: Stack) -> None:
-    body = {"model": "smollm2", "messages": [QUESTION], "max_tokens": 100000}
+    """A body our contract lets through (vLLM's own ``min_tokens``) and vLLM refuses: the
+    engine's 400 reaches the client as an OpenAI error, in its words."""
+    body = {"model": "smollm2", "messages": [QUESTION], "max_tokens": 10, "min_tokens": 50}
     response = httpx.post(f"{stack.base_url}/v1/chat/completions", json=body, timeout=60)
-    assert response.status_code == 400
+    assert response.status_code == 400, response.text
     validate("ErrorResponse", response.json())
-    assert response.json()["error"]["param"] == "max_tokens"
+    assert response.json()["error"]["code"] == "invalid_request"
+    assert "min_tokens" in response.json()["error"]["message"]  # vLLM's words, not ours

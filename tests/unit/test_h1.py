@@ -195,10 +195,15 @@ async def test_garbage_is_a_broken_connection() -> None:
 
 
 async def test_cancelled_request_closes_its_connection_and_frees_its_slot() -> None:
+    """The server sees the connection end (EOF) when the caller cancels: that is what makes
+    vLLM abort the request."""
+    eof = asyncio.Event()
+
     def script(server: Server) -> Script:
         async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await server.read_request(reader)
-            await asyncio.sleep(5)
+            if await reader.read(1) == b"":  # waits for more bytes, or the client's EOF
+                eof.set()
 
         return run
 
@@ -206,9 +211,11 @@ async def test_cancelled_request_closes_its_connection_and_frees_its_slot() -> N
         upstream = Upstream(url, connect_timeout_s=1, limit=1)
         task = asyncio.ensure_future(upstream.post("/", b"{}", idle_s=5))
         await asyncio.sleep(0.1)
+        assert not eof.is_set()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        await asyncio.wait_for(eof.wait(), 2)  # the server saw the connection closed
         assert upstream.slots._value == 1
         assert upstream.idle == []
 
