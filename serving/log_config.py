@@ -4,16 +4,38 @@ In JSON each record is one object; the per-request line (logger ``weir.access``)
 its fields (request id, trace id, key hash, model, version, status, tokens, times)
 as keys. No handler here ever formats a prompt, a completion or a key: the code never
 logs them in the first place.
+
+A record is one line in text too: control characters and line breaks in a message (a
+field name or a value a client sent, whatever the call site did) are escaped, so no
+client can forge a line; a traceback, written by the gateway, follows as it is.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 import orjson
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# C0 and C1 controls (\n, \r, ESC for terminal tricks...) and the Unicode line and
+# paragraph separators: whatever a reader or ``str.splitlines`` would break a line at
+_BREAKS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with every control character escaped as Python would write it."""
+    if not _BREAKS.search(text):
+        return text
+    return _BREAKS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+class TextLines(logging.Formatter):
+    """The text format, one line per record whatever the message holds."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return one_line(super().formatMessage(record))
 
 
 class JsonLines(logging.Formatter):
@@ -43,6 +65,6 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
     if fmt == "json":
         handler.setFormatter(JsonLines())
     else:
-        handler.setFormatter(logging.Formatter(FORMAT))
+        handler.setFormatter(TextLines(FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

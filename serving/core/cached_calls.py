@@ -1,5 +1,8 @@
 """The proxy's cache side: which requests may use the cache, serving hits, and
-embeddings looked up per input (only the misses go to the engine)."""
+embeddings looked up per input (only the misses go to the engine).
+
+Both are scoped like the caller (``Caller.cache_scope``): a tenant never gets, nor learns
+through ``x-weir-cache-hits``, what another tenant's requests put in the cache."""
 
 from __future__ import annotations
 
@@ -113,14 +116,19 @@ class CachedCalls:
         disconnected: Disconnected,
         prepared: contract.Prepared,
         headers: dict[str, str],
+        *,
+        scope: str,
     ) -> tuple[JSON, int]:
         """Embeddings with cached vectors reused: one lookup, only the misses to the engine.
-        Returns the answer and the tokens to charge (the misses' only)."""
+        ``scope`` is whose vectors these are (the caller's cache scope). Returns the answer
+        and the tokens to charge (the misses' only)."""
         raw = body["input"]
         single = isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int))
         inputs: list[Any] = [raw] if single else list(raw)
         dims = body.get("dimensions")
-        keys = [embedding_key(target.model, target.version, dims, text) for text in inputs]
+        # the scope is part of what is hashed: [scope, text] as JSON, unambiguous
+        keys = [embedding_key(target.model, target.version, dims, [scope, text])
+                for text in inputs]  # fmt: skip
         with span(self.tracer, "weir.cache") as current:
             vectors = await self.cache.lookup_vectors(keys)
             current.set_attribute("weir.cache.hits", sum(v is not None for v in vectors))

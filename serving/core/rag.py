@@ -6,14 +6,26 @@ collection route or RAG request needs them. ``augment`` runs a chat request's
 into a system message, and say what happened (``ok``, or ``degraded`` when retrieval
 failed or ran late and the request went on without context; ``required: true`` turns
 that into a 503 instead).
+
+Whoever asks pays and is bounded: every collections request and every RAG search runs
+for a ``Caller``. ``request(caller)`` (a collections route) refuses a key whose model
+list leaves out the embedding model (403) and takes one request from the key's ``rpm``
+and ``max_concurrency``; every embedding made on the caller's behalf (a document's
+chunks, a query, RAG's query) reserves its tokens from the key's ``tpm`` and
+``tokens_per_day`` and the embedding model's ``model_tpm``, and is looked up in the
+embedding cache under the caller's cache scope, never another tenant's. RAG takes no
+request of its own: the chat request it is part of is the one counted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sqlite3
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from models.errors import EngineError, ModelNotFound
@@ -21,8 +33,11 @@ from models.tokenizer import TokenCounter
 from retrieval import chunking
 from retrieval.errors import CollectionNotFound
 from retrieval.index import IndexParams
-from retrieval.service import Embed, Hit, Retrieval
-from serving.errors import InvalidRequest, RetrievalUnavailable
+from retrieval.service import Hit, Retrieval
+from serving.core.call import Caller
+from serving.errors import InvalidRequest, PermissionDenied, RetrievalUnavailable
+from serving.limits.limiter import UNLIMITED_TICKET, Limiter, Ticket, Unlimited
+from serving.limits.plan import Kind, plan
 from serving.settings import RetrievalConfig
 
 log = logging.getLogger("weir.rag")
@@ -32,6 +47,15 @@ TEMPLATE = (
     " user's documents; each passage is numbered.\n\n{passages}"
 )
 Count = Callable[[str], None]
+# texts and the cache scope of the caller they are embedded for -> their vectors
+ScopedEmbed = Callable[[list[str], str], Awaitable[list[list[float]]]]
+REQUEST_KINDS: frozenset[Kind] = frozenset({"requests", "concurrency"})  # one per request
+TOKEN_KINDS: frozenset[Kind] = frozenset({"tokens", "model_tokens"})  # each embedding
+# Who the retrieval service is working for right now. ``Retrieval`` calls its embed
+# function with texts only; the gate sets this around each call it makes into the service
+# (a task started inside, like ``wait_for``'s, inherits it), so the embedding is charged
+# to, and cached for, that caller.
+_working_for: ContextVar[Caller | None] = ContextVar("weir_retrieval_caller", default=None)
 # What makes retrieval fail for a while without anything being wrong with the request or
 # the gateway: the time limit, the embedding engine (busy, down, refusing the text), its
 # model not served right now, the docstore's database. Anything else (a corrupt index,
@@ -43,14 +67,19 @@ class RetrievalGate:
     def __init__(
         self,
         config: RetrievalConfig,
-        embed: Embed,
+        embed: ScopedEmbed,
         counter: TokenCounter | None,
         count: Count | None = None,
+        *,
+        limiter: Limiter | None = None,
+        model_tpm: Mapping[str, int] | None = None,
     ) -> None:
         self.config = config
         self.embed = embed
         self.counter = counter
         self.count = count or (lambda result: None)
+        self.limiter = limiter
+        self.model_tpm = model_tpm or {}
         self._service: Retrieval | None = None
         self._opening = asyncio.Lock()
 
@@ -68,7 +97,7 @@ class RetrievalGate:
         async with self._opening:
             if self._service is None:
                 made = Retrieval(
-                    self.config.path.expanduser(), self.embed, self._split,
+                    self.config.path.expanduser(), self._embed, self._split,
                     params=IndexParams(self.config.index), consistency=self.config.consistency,
                     snapshot_every=self.config.snapshot_every,
                 )  # fmt: skip
@@ -80,9 +109,67 @@ class RetrievalGate:
         if self._service is not None:
             await self._service.close()
 
-    async def augment(self, tenant: str, body: JSON, spec: Any) -> tuple[list[JSON] | None, JSON]:
+    @asynccontextmanager
+    async def request(self, caller: Caller, *, embeds: bool = True) -> AsyncIterator[Retrieval]:
+        """The service, for one collections request by ``caller``: refused (403) when it
+        ``embeds`` and the key may not use the embedding model, counted as one request
+        against the key's limits (429 past them); its embeddings charge their tokens."""
+        if embeds:
+            self._check_model(caller)
+        ticket = await self._admit(caller, REQUEST_KINDS, 0)
+        working = _working_for.set(caller)
+        try:
+            yield await self.service()
+        finally:
+            _working_for.reset(working)
+            ticket.finish(0)  # a request holds no tokens: this frees its concurrency slot
+
+    def _check_model(self, caller: Caller) -> None:
+        if not caller.allows(self.config.embedding_model):
+            raise PermissionDenied(
+                "This API key may not use the retrieval embedding model.", param=None
+            )
+
+    async def _admit(
+        self, caller: Caller, kinds: frozenset[Kind], tokens: int
+    ) -> Ticket | Unlimited:
+        if self.limiter is None:
+            return UNLIMITED_TICKET
+        model = self.config.embedding_model
+        checks = plan(caller.key, model, tokens, self.model_tpm.get(model))
+        wanted = [c for c in checks if c.kind in kinds]
+        if not wanted:
+            return UNLIMITED_TICKET
+        return await self.limiter.admit(model, wanted)
+
+    def _tokens(self, texts: list[str]) -> int:
+        if self.counter is not None:
+            return sum(self.counter.count_texts(texts))
+        return sum(math.ceil(len(text) / 4) for text in texts)  # as ``_split`` reckons
+
+    async def _embed(self, texts: list[str]) -> list[list[float]]:
+        """The service's embed function: for whoever the gate is working for, within
+        their model list and token limits, cached under their scope."""
+        caller = _working_for.get()
+        if caller is None:
+            raise RuntimeError("retrieval embedded outside a caller's request")
+        self._check_model(caller)
+        tokens = self._tokens(texts)
+        ticket = await self._admit(caller, TOKEN_KINDS, tokens)
+        try:
+            vectors = await self.embed(texts, caller.cache_scope)
+        except BaseException:
+            ticket.finish(None)  # nothing embedded: the reservation goes back
+            raise
+        ticket.finish(tokens)
+        return vectors
+
+    async def augment(
+        self, caller: Caller, body: JSON, spec: Any
+    ) -> tuple[list[JSON] | None, JSON]:
         """New messages with the passages (None: unchanged) and the response extension,
-        searching ``tenant``'s collections."""
+        searching ``caller``'s collections (its chat request is the one counted; the
+        query's embedding charges its tokens)."""
         if not isinstance(spec, dict) or not isinstance(spec.get("collection"), str):
             raise InvalidRequest(
                 "weir.retrieval needs a collection name.", param="weir.retrieval.collection"
@@ -95,10 +182,12 @@ class RetrievalGate:
             )
         messages = body.get("messages") or []
         query = _last_user_text(messages)
+        self._check_model(caller)
+        working = _working_for.set(caller)
         try:
             service = await self.service()
             hits = await asyncio.wait_for(
-                service.search(tenant, spec["collection"], query, top_k,
+                service.search(caller.tenant, spec["collection"], query, top_k,
                                spec.get("min_score")),
                 self.config.timeout_s,
             )  # fmt: skip
@@ -111,6 +200,8 @@ class RetrievalGate:
             log.warning("retrieval degraded for %s: %s", spec["collection"], type(exc).__name__)
             self.count("degraded")
             return None, {"status": "degraded", "citations": []}
+        finally:
+            _working_for.reset(working)
         self.count("ok")
         extension = {
             "status": "ok",

@@ -9,8 +9,15 @@ outage. Here:
 - a found record is reused for ``ttl_s`` (a revocation reaches other gateways within
   that; the gateway that revokes forgets at once); an unknown key for ``negative_ttl_s``;
 - concurrent lookups of the same key share one store call;
-- when the store is unreachable, a record seen within ``stale_s`` is still used (logged),
-  so a Redis blip does not turn away known keys; unknown keys still get 503.
+- revocation wins: a key this gateway has seen revoked (revoked here, or a lookup that
+  came back revoked) stays revoked here, whatever the store or the cache says later, and
+  while the store is unreachable it gets 401, never a stale record;
+- when the store is unreachable, a record confirmed within ``stale_s`` is still used
+  (logged), so a Redis blip does not turn away known keys; unknown keys still get 503.
+  Off by default (``stale_s = 0``): a gateway cannot learn of a revocation made elsewhere
+  (the CLI, another gateway) while Redis is down, so a record kept past its ``ttl_s``
+  may be one that was revoked in the meantime. Turn it on only if keeping known keys
+  working through an outage is worth that.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ class CachedKeyStore:
         *,
         ttl_s: float = 5.0,
         negative_ttl_s: float = 1.0,
-        stale_s: float = 300.0,
+        stale_s: float = 0.0,
         max_entries: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -51,6 +58,7 @@ class CachedKeyStore:
         self.max_entries = max_entries
         self.clock = clock
         self._entries: dict[str, _Entry] = {}
+        self._revoked: dict[str, KeyRecord] = {}  # by digest: revocations seen here
         self._pending: dict[str, asyncio.Future[KeyRecord | None]] = {}
 
     def __repr__(self) -> str:
@@ -58,6 +66,9 @@ class CachedKeyStore:
 
     async def lookup(self, secret: str) -> KeyRecord | None:
         digest = hash_secret(secret)
+        revoked = self._revoked.get(digest)
+        if revoked is not None:
+            return revoked  # final: no store call, no stale record can override it
         entry = self._entries.get(digest)
         now = self.clock()
         if entry is not None:
@@ -82,6 +93,8 @@ class CachedKeyStore:
             raise
         finally:
             self._pending.pop(digest, None)
+        if record is not None and record.revoked:
+            self._remember_revoked(record)
         if len(self._entries) >= self.max_entries:
             self._entries.clear()  # bounded: start over rather than grow without end
         self._entries[digest] = _Entry(record, self.clock())
@@ -98,7 +111,13 @@ class CachedKeyStore:
     async def revoke(self, key_id: str) -> KeyRecord:
         revoked = await self.store.revoke(key_id)
         self._entries.pop(revoked.hash, None)
+        self._remember_revoked(revoked)
         return revoked
+
+    def _remember_revoked(self, record: KeyRecord) -> None:
+        if len(self._revoked) >= self.max_entries:
+            del self._revoked[next(iter(self._revoked))]  # bounded: the oldest goes first
+        self._revoked[record.hash] = record
 
     async def aclose(self) -> None:
         await self.store.aclose()

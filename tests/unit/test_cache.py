@@ -296,6 +296,26 @@ def test_embeddings_send_only_misses_and_keep_order(rig: Rig) -> None:
     assert len(rig.embed.calls) == 2
 
 
+def test_embedding_cache_is_scoped_per_tenant(rig: Rig) -> None:
+    """Tenant B never hits (nor learns, from x-weir-cache-hits) what tenant A embedded."""
+    a, b = rig.key(), rig.key()
+    texts = ["the text only tenant a embedded", "another of a's"]
+    body = {"model": "minilm", "input": texts}
+    first = rig.client.post("/v1/embeddings", json=body, headers=a)
+    rig.drain()
+    assert first.headers["x-weir-cache-hits"] == "0/2"
+    other = rig.client.post("/v1/embeddings", json=body, headers=b)
+    rig.drain()
+    assert other.status_code == 200
+    assert other.headers["x-weir-cache-hits"] == "0/2"
+    assert other.headers["x-weir-cache"] == "miss"
+    assert rig.embed.calls[-1]["input"] == texts  # b's texts went to the engine
+    assert [d["embedding"] for d in other.json()["data"]] == [embedding_of(t) for t in texts]
+    again = rig.client.post("/v1/embeddings", json=body, headers=a)
+    assert again.headers["x-weir-cache-hits"] == "2/2"  # a's own entries still serve a
+    assert len(rig.embed.calls) == 2
+
+
 def test_memory_store_is_bounded_lru() -> None:
     import asyncio
 

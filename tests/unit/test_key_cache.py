@@ -110,3 +110,56 @@ async def test_unknown_keys_are_remembered_briefly() -> None:
     clock.now = 1.5
     assert await cached.lookup(stranger) is None
     assert store.lookups == 2
+
+
+@pytest.mark.anyio
+async def test_a_stale_record_is_off_by_default_so_a_revocation_elsewhere_wins() -> None:
+    store, clock = CountingStore(), Clock()
+    secret = new_secret()
+    record = KeyRecord(hash=hash_secret(secret), name="k")
+    await store.add(record)
+    cached = CachedKeyStore(store, ttl_s=5, clock=clock)  # stale_s as the gateway defaults
+    assert await cached.lookup(secret) is not None
+    await store.revoke(record.id)  # the CLI or another gateway: this one cannot know
+    store.down = True
+    clock.now = 6  # past the ttl, Redis down: the record it holds may be revoked
+    with pytest.raises(KeyStoreUnavailable):
+        await cached.lookup(secret)
+
+
+@pytest.mark.anyio
+async def test_a_revocation_seen_here_wins_over_a_lookup_in_flight_and_an_outage() -> None:
+    store, cached, clock, secret, record = await setup()  # stale_s = 60
+    in_flight = asyncio.create_task(cached.lookup(secret))
+    await asyncio.sleep(0)  # the lookup has asked the store
+    await cached.revoke(record.id)
+    await in_flight  # answered from before the revocation; it must not be remembered
+    found = await cached.lookup(secret)
+    assert found is not None
+    assert found.revoked
+    store.down = True
+    cached._entries.clear()  # e.g. the bounded cache started over
+    clock.now = 30
+    for _ in range(3):  # while Redis is down: still revoked (401), not 503, never stale
+        found = await cached.lookup(secret)
+        assert found is not None
+        assert found.revoked
+
+
+@pytest.mark.anyio
+async def test_a_revocation_seen_in_a_lookup_is_remembered() -> None:
+    store, cached, clock, secret, record = await setup()
+    await cached.lookup(secret)
+    await store.revoke(record.id)
+    clock.now = 6
+    seen = await cached.lookup(secret)
+    assert seen is not None
+    assert seen.revoked
+    lookups = store.lookups
+    store.down = True
+    cached._entries.clear()
+    clock.now = 20
+    again = await cached.lookup(secret)
+    assert again is not None
+    assert again.revoked
+    assert store.lookups == lookups  # no store call for a key known revoked

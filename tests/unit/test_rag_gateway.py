@@ -27,10 +27,11 @@ class Rig:
     def __init__(self, client: TestClient, chat: FakeEngine, embed: FakeEngine) -> None:
         self.client, self.chat, self.embed = client, chat, embed
 
-    def key(self) -> dict[str, str]:
+    def key(self, **fields: Any) -> dict[str, str]:
         made = self.client.post(
-            "/weir/admin/keys", json={"name": "r"}, headers={"authorization": f"Bearer {ADMIN}"}
-        ).json()
+            "/weir/admin/keys", json={"name": "r", **fields},
+            headers={"authorization": f"Bearer {ADMIN}"},
+        ).json()  # fmt: skip
         return {"authorization": f"Bearer {made['key']}"}
 
 
@@ -176,3 +177,79 @@ def test_ingest_files_through_the_api(rig: Rig, tmp_path: Path) -> None:
     assert ingest(rig.client, "files", docs, show=False) == 4
     listed = rig.client.get("/v1/collections").json()["data"]
     assert listed[0]["documents"] == 5  # 4 ids, plus the jsonl line without one, twice
+
+
+def test_collections_count_against_the_keys_requests_per_minute(rig: Rig) -> None:
+    a = rig.key(rpm=5)
+    c = rig.client
+    assert c.post("/v1/collections", json={"name": "notes"}, headers=a).status_code == 201
+    docs = {"documents": [{"id": "door", "text": FACT}]}
+    assert c.post("/v1/collections/notes/documents", json=docs, headers=a).status_code == 200
+    search = {"query": FACT}
+    assert c.post("/v1/collections/notes/search", json=search, headers=a).status_code == 200
+    assert c.get("/v1/collections", headers=a).status_code == 200
+    assert c.post("/v1/collections/notes/search", json=search, headers=a).status_code == 200
+    calls = len(rig.embed.calls)
+    refused = c.post("/v1/collections/notes/search", json=search, headers=a)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["type"] == "rate_limit_exceeded" or refused.headers.get(
+        "retry-after"
+    )
+    assert len(rig.embed.calls) == calls  # refused before anything was embedded
+    assert c.get("/v1/collections", headers=a).status_code == 429
+    assert c.get("/v1/collections", headers=rig.key(rpm=5)).status_code == 200  # per key
+
+
+def test_collections_and_rag_need_the_embedding_model_in_the_keys_list(rig: Rig) -> None:
+    owner, chat_only = rig.key(), rig.key(models=["smollm2"])
+    c = rig.client
+    assert c.post("/v1/collections", json={"name": "facts"}, headers=chat_only).status_code == 403
+    c.post("/v1/collections", json={"name": "facts"}, headers=owner)
+    calls = len(rig.embed.calls)
+    docs = {"documents": [{"text": FACT}]}
+    added = c.post("/v1/collections/facts/documents", json=docs, headers=chat_only)
+    assert added.status_code == 403
+    assert added.json()["error"]["code"] == "permission_denied" or added.status_code == 403
+    searched = c.post("/v1/collections/facts/search", json={"query": FACT}, headers=chat_only)
+    assert searched.status_code == 403
+    rag = c.post("/v1/chat/completions", json=chat_with_retrieval(), headers=chat_only)
+    assert rag.status_code == 403
+    assert len(rig.embed.calls) == calls  # the embedding model never ran for that key
+    assert rig.chat.calls == []
+    assert c.get("/v1/collections", headers=chat_only).status_code == 200  # nothing embedded
+    allowed = rig.key(models=["smollm2", "minilm"])
+    assert c.post("/v1/collections", json={"name": "x"}, headers=allowed).status_code == 201
+
+
+def test_embeddings_for_collections_and_rag_charge_the_keys_tokens(rig: Rig) -> None:
+    a = rig.key(tpm=40)  # no tokenizer here: about four characters a token
+    c = rig.client
+    assert c.post("/v1/collections", json={"name": "facts"}, headers=a).status_code == 201
+    calls = len(rig.embed.calls)
+    big = {"documents": [{"text": "word " * 60}]}  # about 75 tokens
+    refused = c.post("/v1/collections/facts/documents", json=big, headers=a)
+    assert refused.status_code == 429
+    assert len(rig.embed.calls) == calls
+    small = {"documents": [{"id": "door", "text": FACT}]}  # about 11 tokens
+    assert c.post("/v1/collections/facts/documents", json=small, headers=a).status_code == 200
+    for _ in range(2):  # each search's query charges about 11 more
+        assert c.post("/v1/collections/facts/search", json={"query": FACT}, headers=a).is_success
+    rag = c.post("/v1/chat/completions", json=chat_with_retrieval(), headers=a)
+    assert rag.status_code == 429  # the query's embedding no longer fits the key's tpm
+
+
+def test_rag_embeddings_are_cached_under_the_tenants_scope(rig: Rig) -> None:
+    a, b = rig.key(), rig.key()
+    c = rig.client
+    c.post("/v1/collections", json={"name": "facts"}, headers=a)
+    added = c.post(
+        "/v1/collections/facts/documents", json={"documents": [{"text": FACT}]}, headers=a
+    )
+    assert added.status_code == 200
+    cache = c.app.state.proxy.cache  # type: ignore[attr-defined]
+    c.portal.call(cache.drain)  # type: ignore[union-attr]
+    probe = {"model": "minilm", "input": [FACT]}
+    theirs = c.post("/v1/embeddings", json=probe, headers=b)
+    assert theirs.headers["x-weir-cache-hits"] == "0/1"  # b learns nothing of a's document
+    own = c.post("/v1/embeddings", json=probe, headers=a)
+    assert own.headers["x-weir-cache-hits"] == "1/1"  # a's document, embedded for a

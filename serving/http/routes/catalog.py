@@ -1,4 +1,5 @@
-"""``/v1/models``: every public name (the alias) and every pinned ``name@version``."""
+"""``/v1/models``: every public name (the alias) and every pinned ``name@version`` that
+the caller's key may use (a key limited to some models sees only those)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
 from serving.http.deps import RegistryDep
+from serving.http.front import caller_of
 
 router = APIRouter(prefix="/v1")
 
@@ -33,8 +35,11 @@ class ModelList(BaseModel):
 @router.get("/models", summary="List the served models", response_model_exclude_none=True)
 async def list_models(request: Request, registry: RegistryDep) -> ModelList:
     created: int = request.app.state.started
+    caller = caller_of(request.scope)
     cards: list[ModelCard] = []
     for model in registry.models:
+        if not caller.allows(model.name):
+            continue
         split = AliasTraffic(split=model.shares(), current=model.current)
         cards.append(ModelCard(id=model.name, created=created, weir=split))
         cards += [

@@ -1,13 +1,18 @@
-"""``/v1/collections``: a tenant's collections, their documents, and search."""
+"""``/v1/collections``: a tenant's collections, their documents, and search.
+
+Every route runs inside ``RetrievalGate.request(caller)``: one request against the key's
+limits, and the key's model list and token limits for what it embeds (``serving.core.rag``).
+"""
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from retrieval.service import Document
+from retrieval.service import Document, Retrieval
 from serving.core.rag import RetrievalGate
 from serving.errors import InvalidRequest
 from serving.http.deps import configured
@@ -51,6 +56,13 @@ def tenant_of(request: Request) -> str:
     return caller_of(request.scope).tenant
 
 
+def _for(
+    gate: RetrievalGate, request: Request, *, embeds: bool = True
+) -> AbstractAsyncContextManager[Retrieval]:
+    """The service for this request's caller, counted and checked (an async context)."""
+    return gate.request(caller_of(request.scope), embeds=embeds)
+
+
 def _gate(request: Request) -> RetrievalGate:
     gate: RetrievalGate | None = getattr(request.app.state, "retrieval", None)
     return configured(gate, "Retrieval is off (retrieval.enabled = false).")
@@ -72,21 +84,21 @@ def _check(gate: RetrievalGate, documents: list[DocumentIn]) -> None:
 
 @router.post("", status_code=201, summary="Create a collection")
 async def create(spec: CollectionCreate, request: Request) -> dict[str, Any]:
-    service = await _gate(request).service()
-    await service.create_collection(tenant_of(request), spec.name)
+    async with _for(_gate(request), request) as service:
+        await service.create_collection(tenant_of(request), spec.name)
     return {"name": spec.name, "object": "collection"}
 
 
 @router.get("", summary="This tenant's collections")
 async def list_all(request: Request) -> dict[str, Any]:
-    service = await _gate(request).service()
-    return {"object": "list", "data": service.list_collections(tenant_of(request))}
+    async with _for(_gate(request), request, embeds=False) as service:
+        return {"object": "list", "data": service.list_collections(tenant_of(request))}
 
 
 @router.delete("/{name}", summary="Delete a collection and its documents")
 async def delete(name: str, request: Request) -> dict[str, Any]:
-    service = await _gate(request).service()
-    service.delete_collection(tenant_of(request), name)
+    async with _for(_gate(request), request, embeds=False) as service:
+        service.delete_collection(tenant_of(request), name)
     return {"name": name, "deleted": True}
 
 
@@ -94,9 +106,9 @@ async def delete(name: str, request: Request) -> dict[str, Any]:
 async def add(name: str, spec: DocumentsIn, request: Request) -> dict[str, Any]:
     gate = _gate(request)
     _check(gate, spec.documents)
-    service = await gate.service()
     docs = [Document(d.text, d.id, d.metadata) for d in spec.documents]
-    ids = await service.upsert(tenant_of(request), name, docs)
+    async with _for(gate, request) as service:
+        ids = await service.upsert(tenant_of(request), name, docs)
     return {"object": "list", "ids": ids}
 
 
@@ -104,15 +116,15 @@ async def add(name: str, spec: DocumentsIn, request: Request) -> dict[str, Any]:
 async def update(name: str, doc_id: str, spec: DocumentUpdate, request: Request) -> dict[str, Any]:
     gate = _gate(request)
     _check(gate, [DocumentIn(id=doc_id, text=spec.text, metadata=spec.metadata)])
-    service = await gate.service()
-    await service.upsert(tenant_of(request), name, [Document(spec.text, doc_id, spec.metadata)])
+    async with _for(gate, request) as service:
+        await service.upsert(tenant_of(request), name, [Document(spec.text, doc_id, spec.metadata)])
     return {"id": doc_id}
 
 
 @router.delete("/{name}/documents/{doc_id}", summary="Delete one document")
 async def remove(name: str, doc_id: str, request: Request) -> dict[str, Any]:
-    service = await _gate(request).service()
-    await service.delete_document(tenant_of(request), name, doc_id)
+    async with _for(_gate(request), request, embeds=False) as service:
+        await service.delete_document(tenant_of(request), name, doc_id)
     return {"id": doc_id, "deleted": True}
 
 
@@ -121,10 +133,10 @@ async def search(name: str, spec: SearchIn, request: Request) -> dict[str, Any]:
     gate = _gate(request)
     if spec.top_k > gate.config.max_top_k:
         raise InvalidRequest(f"top_k is at most {gate.config.max_top_k}.", param="top_k")
-    service = await gate.service()
-    hits = await service.search(
-        tenant_of(request), name, spec.query, spec.top_k, spec.min_score, spec.filter
-    )
+    async with _for(gate, request) as service:
+        hits = await service.search(
+            tenant_of(request), name, spec.query, spec.top_k, spec.min_score, spec.filter
+        )
     return {
         "object": "list",
         "data": [
