@@ -61,7 +61,9 @@ class KeysConfig(BaseModel):
     timeout_s: float = Field(0.5, gt=0)  # Redis connect and read timeout
     cache_ttl_s: float = Field(5.0, ge=0)  # reuse a looked-up key this long (0: every time);
     # a revocation reaches the other gateways within it
-    stale_s: float = Field(300.0, ge=0)  # Redis down: keys seen this recently still work
+    # Redis down: >0 serves keys confirmed this recently (a revocation made elsewhere may be
+    # missed); 0: a stored key gets 503 auth_unavailable until Redis is back
+    stale_s: float = Field(0.0, ge=0)
 
 
 class LimitsConfig(BaseModel):

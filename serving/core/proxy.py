@@ -186,7 +186,7 @@ class Proxy:
             entry = await self.cached.hit(request, served, plan, lease)
             if entry is not None:
                 return self._replay(request, served, prepared, entry, lease)
-        target, prepared, fell_back = self._target(route, request, served, prepared)
+        target, prepared, fell_back = self._target(route, request, call, served, prepared)
         lease.slot = await self._queue(target)
         headers = {VERSION_HEADER: target.version, **lease.ticket.headers}
         if fell_back:
@@ -258,7 +258,7 @@ class Proxy:
             )
         with span(self.tracer, "weir.retrieval"):
             asked = request.model_dump(exclude_unset=True)
-            messages, found = await self.rag.augment(call.caller.tenant, asked, spec)
+            messages, found = await self.rag.augment(call.caller, asked, spec)
         if messages is None:
             return request, found
         return type(request).model_validate({**asked, "messages": messages}), found
@@ -281,14 +281,18 @@ class Proxy:
         self,
         route: Route,
         request: ModelRequest,
+        call: Call,
         served: ServedVersion,
         prepared: contract.Prepared,
     ) -> tuple[ServedVersion, contract.Prepared, bool]:
-        """``served``, or the first of its fallbacks that can take the request when it can't."""
+        """``served``, or the first of its fallbacks that can take the request when it can't
+        (and that the caller's key may use: a fallback answers as that model)."""
         if self.dispatcher.available(served):
             return served, prepared, False
         for fallback in self.registry.fallbacks(served.model):
             if fallback.task != route.task or not self.dispatcher.available(fallback):
+                continue
+            if not call.caller.allows(fallback.model):
                 continue
             try:
                 again = route.prepare(request, self.counters.get(fallback.key), self.config)
@@ -362,8 +366,9 @@ class Proxy:
         affinity = self._affinity(target, body)
         if job.route is EMBEDDINGS and plan is not None and plan.mode == "use" and self.cached:
             answer, charged = await self.cached.embeddings(
-                target, body, affinity, job.call.disconnected, job.prepared, headers
-            )
+                target, body, affinity, job.call.disconnected, job.prepared, headers,
+                scope=job.call.caller.cache_scope,
+            )  # fmt: skip
         else:
             answer, _ = await run_or_cancel(
                 self.dispatcher.complete(target, job.route.path, body, affinity),
@@ -390,9 +395,12 @@ class Proxy:
             self.cache.store_soon(job.store_key, cleaned)
         return JsonAnswer(cleaned, headers)
 
-    async def embed_texts(self, model: str, texts: list[str], batch: int = 64) -> list[list[float]]:
+    async def embed_texts(
+        self, model: str, texts: list[str], scope: str, batch: int = 64
+    ) -> list[list[float]]:
         """Vectors for ``texts`` from ``model``, through its bulkhead and the embedding cache
-        (what retrieval uses for ingest and queries)."""
+        under ``scope`` (the cache scope of the caller they are for: what retrieval uses
+        for ingest and queries)."""
         served = self.registry.resolve(model)
         if served.task != "embed":
             raise WrongTask(f"The model '{model}' is not an embedding model.", param="model")
@@ -405,7 +413,7 @@ class Proxy:
                 if self.cached is not None and self.cache_embeddings:
                     prepared = contract.Prepared(body, None, None)
                     answer, _ = await self.cached.embeddings(
-                        served, body, None, never, prepared, {}
+                        served, body, None, never, prepared, {}, scope=scope
                     )
                 else:
                     answer, _ = await self.dispatcher.complete(served, EMBEDDINGS.path, body, None)

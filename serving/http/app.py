@@ -248,15 +248,18 @@ def create_app(
         if settings.retrieval.enabled:
             embed_model = settings.retrieval.embedding_model
 
-            async def embed(texts: list[str]) -> list[list[float]]:
-                return await proxy.embed_texts(embed_model, texts)
+            async def embed(texts: list[str], scope: str) -> list[list[float]]:
+                return await proxy.embed_texts(embed_model, texts, scope)
 
             def count_retrieval(result: str) -> None:
                 if metrics is not None:
                     metrics.retrieval.labels(result).inc()
 
             counter = _counter_for(registry, loaded, embed_model)
-            proxy.rag = RetrievalGate(settings.retrieval, embed, counter, count_retrieval)
+            proxy.rag = RetrievalGate(
+                settings.retrieval, embed, counter, count_retrieval,
+                limiter=limiter, model_tpm=limits.model_tpm,
+            )  # fmt: skip
             api.state.retrieval = proxy.rag
         announcer: asyncio.Task[None] | None = None
         try:

@@ -322,9 +322,10 @@ def test_redis_down_follows_the_policy_and_recovers(rig: Rig) -> None:
     assert during
     assert after
     assert max(s[4] for s in seen) < 2.0, "a request waited on a dead Redis"
-    # while down: a store key seen before the outage passes auth from the gateway's key
-    # cache (one not seen would be 503 auth_unavailable); then the closed gateway refuses
-    # and the open one admits against local counters
+    # while down: a store key looked up in the last keys.cache_ttl_s (5 s) passes auth from
+    # the gateway's key cache, then it is 503 auth_unavailable (keys.stale_s = 0: no stale
+    # keys, as the Redis-down runbook says); past auth, the closed gateway refuses and the
+    # open one admits against local counters
     codes = {(s[1], s[2], s[3]) for s in during}
     assert codes <= {
         (rig.closed, 503, "auth_unavailable"),
