@@ -31,7 +31,7 @@ def scrape_targets(args: argparse.Namespace) -> int:
     from serving.cli.admin_client import AdminCallFailed, AdminClient
 
     settings = load(args)
-    client = AdminClient.from_settings(settings, args.url, key_env="WEIR_API_KEY")
+    client = AdminClient.from_settings(settings, args.url)  # engine URLs: the admin key
     try:
         engines = client.call("GET", "/weir/engines")["data"]
     except (AdminCallFailed, KeyError, TypeError) as exc:
