@@ -4,6 +4,11 @@ Uses the model's ``tokenizer.json`` (the ``tokenizers`` library, no transformers
 and its chat template rendered in a sandboxed Jinja environment, as transformers does.
 A chat prompt is the rendered template tokenized without added special tokens; a
 completion prompt is tokenized with them; both match vLLM's ``usage.prompt_tokens``.
+
+Counting is CPU work in Rust that releases the GIL (``encode_batch``: the tokenizers
+binding's ``encode`` holds it), so a caller may run it in a thread without stalling the
+event loop. ``max_chars`` bounds a text by its length before any of that work: see
+``char_bound``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,18 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from models.errors import StoreError
 
 DEFAULT_CONTEXT = 2048
+# Pre-tokenizers and normalizers that never drop a character of the input, so that every
+# character ends up inside some token. Splitting on whitespace (BERT, ``Whitespace``) drops
+# it; a ``Replace`` may delete; "removed" split behaviours delete what they match.
+KEEPING_PRE_TOKENIZERS = frozenset({"ByteLevel", "Metaspace", "Digits", "Split", "Punctuation"})
+COMPOSING_NORMALIZERS = frozenset({"NFC", "NFKC"})  # may merge code points into one
+KEEPING_NORMALIZERS = COMPOSING_NORMALIZERS | {"NFD", "NFKD", "Lowercase", "Prepend"}
+MAX_COMPOSED = 4  # code points one composed character can stand for (canonical maximum)
+# Pre-tokenizers that split at every space and tokenize the pieces apart, with normalizers
+# that work character by character: a text's tokens are at least its prefix's, cut at a space.
+SPLITTING_PRE_TOKENIZERS = frozenset({"BertPreTokenizer", "Whitespace", "WhitespaceSplit"})
+PER_CHAR_NORMALIZERS = frozenset({"BertNormalizer", "Lowercase", "StripAccents", "NFD", "NFKD"})
+PREFIX_CHARS_PER_TOKEN = 8  # first prefix tried: context * this many characters
 
 
 def _raise(message: str) -> None:
@@ -52,6 +69,60 @@ def context_length(model_dir: Path, engine_args: Sequence[str]) -> int:
     return DEFAULT_CONTEXT
 
 
+def _parts(component: Any, key: str) -> list[dict[str, Any]]:
+    if component is None:
+        return []
+    if component.get("type") == "Sequence":
+        return [p for c in component.get(key, []) for p in _parts(c, key)]
+    return [component]
+
+
+def char_bound(tokenizer: tokenizers.Tokenizer, context: int) -> int | None:
+    """The most characters a text can have and still fit ``context`` tokens, or None when
+    this tokenizer gives no such bound.
+
+    Sound for BPE that never drops input: byte-level (every byte of the text is in exactly
+    one token) or byte-fallback, with pre-tokenizers and normalizers that keep every
+    character. Then a token stands for at most as many characters as its longest vocabulary
+    entry has (byte-level entries are one character per byte, and a character is at least
+    one byte), special tokens included; a composing normalizer (NFC, NFKC) can fold up to
+    ``MAX_COMPOSED`` code points into one character first. So a text longer than
+    ``context * longest * fold`` characters has more than ``context`` tokens. WordPiece and
+    Unigram give no bound: WordPiece turns a word of any length into one ``[UNK]``, and
+    BERT's normalizer and pre-tokenizer drop whitespace and control characters.
+    """
+    spec = json.loads(tokenizer.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        return None
+    pre = _parts(spec.get("pre_tokenizer"), "pretokenizers")
+    if not (model.get("byte_fallback") or any(p.get("type") == "ByteLevel" for p in pre)):
+        return None
+    for part in pre:
+        behaviour = str(part.get("behavior", "")).lower()
+        if part.get("type") not in KEEPING_PRE_TOKENIZERS or behaviour == "removed":
+            return None
+    normalizers = _parts(spec.get("normalizer"), "normalizers")
+    if any(n.get("type") not in KEEPING_NORMALIZERS for n in normalizers):
+        return None
+    fold = MAX_COMPOSED if any(n.get("type") in COMPOSING_NORMALIZERS for n in normalizers) else 1
+    longest = max(len(t) for t in tokenizer.get_vocab(with_added_tokens=True))
+    return context * longest * fold
+
+
+def splits_at_spaces(tokenizer: tokenizers.Tokenizer) -> bool:
+    """Whether a text has at least as many tokens as any prefix of it cut at a space
+    (BERT's WordPiece: words are tokenized one by one, the normalizer is per character)."""
+    spec = json.loads(tokenizer.to_str())
+    pre = _parts(spec.get("pre_tokenizer"), "pretokenizers")
+    normalizers = _parts(spec.get("normalizer"), "normalizers")
+    return (
+        len(pre) == 1
+        and pre[0].get("type") in SPLITTING_PRE_TOKENIZERS
+        and all(n.get("type") in PER_CHAR_NORMALIZERS for n in normalizers)
+    )
+
+
 class TokenCounter:
     """Counts prompt tokens for one model version; loaded once, then pure CPU work."""
 
@@ -67,6 +138,8 @@ class TokenCounter:
         tokenizer.no_padding()
         self.tokenizer = tokenizer
         self.context = context
+        self.max_chars = char_bound(tokenizer, context)  # None: no bound by length
+        self.prefix_counts = self.max_chars is None and splits_at_spaces(tokenizer)
         self.special_tokens = special_tokens or {}
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
@@ -112,14 +185,38 @@ class TokenCounter:
         )
 
     def count_chat(self, messages: list[dict[str, Any]], tools: list[Any] | None = None) -> int:
-        text = self.render_chat(messages, tools)
-        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        return self.count_rendered(self.render_chat(messages, tools))
+
+    def count_rendered(self, text: str) -> int:
+        """A rendered chat prompt (no special tokens added: the template has them)."""
+        return len(self.tokenizer.encode_batch([text], add_special_tokens=False)[0])
 
     def count_text(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=True).ids)
+        return self.count_texts([text])[0]
 
     def count_texts(self, texts: list[str]) -> list[int]:
-        return [len(e.ids) for e in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
+        """Each text's tokens; for a long text past the context, possibly only a count of
+        more than ``context`` (a prefix's), found without tokenizing all of it."""
+        window = self.context * PREFIX_CHARS_PER_TOKEN
+        if self.prefix_counts and any(len(t) > window for t in texts):
+            return [self._count_long(t) if len(t) > window else self._count(t) for t in texts]
+        return [len(e) for e in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
+
+    def _count_long(self, text: str) -> int:
+        """Prefixes cut at a space, doubling, until one has more tokens than the context
+        (then the text has too) or the prefix is the text: at most twice the full work."""
+        window = self.context * PREFIX_CHARS_PER_TOKEN
+        while window < len(text):
+            cut = text.rfind(" ", 0, window)
+            if cut > 0:
+                count = self._count(text[:cut])
+                if count > self.context:
+                    return count
+            window *= 2
+        return self._count(text)
+
+    def _count(self, text: str) -> int:
+        return len(self.tokenizer.encode_batch([text], add_special_tokens=True)[0])
 
 
 def _flatten(message: dict[str, Any]) -> dict[str, Any]:

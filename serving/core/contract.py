@@ -5,13 +5,23 @@ the prompt with the served version's own tokenizer, refuses a prompt plus ``max_
 that would overflow the context (400 ``context_length_exceeded``, both numbers in the
 message), and fills in ``max_tokens`` from what remains of the context when the client
 left it out. The prompt token count it returns is what later limits charge.
+
+Every prompt of a list counts: its tokens are summed, and its completions are reserved.
+A prompt longer in characters than the counter's ``max_chars`` is refused before it is
+tokenized (no text that long fits the context), and ``prepare_async`` counts large prompts
+in a small thread pool, so that tokenizing never stalls the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
 import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import jsonschema
 from jinja2 import TemplateError
@@ -28,6 +38,12 @@ from serving.settings import ContractConfig
 
 log = logging.getLogger("weir.contract")
 JSON = dict[str, Any]
+R = TypeVar("R", bound=ModelRequest)
+# Prompts of more characters than this are counted off the event loop (about 2 ms of
+# tokenizing at worst inline; the hop to a thread costs tens of microseconds).
+OFF_LOOP_CHARS = 2048
+COUNTING_THREADS = 4  # large prompts counted at once; the rest wait for a thread
+_pool: ThreadPoolExecutor | None = None
 
 # Fields that are not in our wire models but are known: OpenAI's own that we pass on as
 # they are, and vLLM's sampling extensions. Anything else is "unknown".
@@ -48,7 +64,10 @@ KNOWN_EXTRAS = frozenset(
 @dataclass(frozen=True)
 class Prepared:
     body: JSON  # what the engine gets (model name still the public one)
-    prompt_tokens: int | None  # None when the version has no local tokenizer
+    prompt_tokens: int | None  # every prompt's; None when the version has no local tokenizer
+    # Completion tokens one choice can take, over every prompt of the request: the body's
+    # max_tokens times the number of prompts (a completions list answers each prompt). The
+    # limiter reserves prompt_tokens + max_tokens * n.
     max_tokens: int | None
 
 
@@ -141,11 +160,13 @@ def prepare_chat(
     if counter is None:
         return Prepared(body, None, requested)
     try:
-        prompt = counter.count_chat(body["messages"], body.get("tools"))
+        text = counter.render_chat(body["messages"], body.get("tools"))
     except TemplateError as exc:
         raise InvalidRequest(
             f"The messages do not fit the model's chat template: {exc}", param="messages"
         ) from exc
+    _check_chars(len(text), counter, "messages", "the rendered conversation")
+    prompt = counter.count_rendered(text)
     budget = _budget(prompt, requested, counter, "messages")
     if requested is None:
         body["max_tokens"] = budget
@@ -159,29 +180,55 @@ def prepare_completion(
     _check_n(request.n, config)
     _check_requested(request.max_tokens, config, "max_tokens")
     body = request.model_dump(exclude_unset=True)
-    if counter is None:
-        return Prepared(body, None, request.max_tokens)
-    counts = _prompt_counts(request.prompt, counter)
-    if not counts:
+    prompts = _prompt_list(request.prompt)
+    if not prompts:
         raise InvalidRequest("prompt is empty.", param="prompt")
+    if counter is None:
+        each = request.max_tokens
+        return Prepared(body, None, None if each is None else each * len(prompts))
+    counts = _prompt_counts(prompts, counter, "prompt")
     budget = min(_budget(c, request.max_tokens, counter, "prompt") for c in counts)
     if request.max_tokens is None:
         body["max_tokens"] = budget
-    return Prepared(body, sum(counts), budget)
+    return Prepared(body, sum(counts), budget * len(prompts))
 
 
-def _prompt_counts(
-    prompt: str | list[str] | list[int] | list[list[int]], counter: TokenCounter
-) -> list[int]:
+def _prompt_list(
+    prompt: str | list[str] | list[int] | list[list[int]],
+) -> list[str] | list[list[int]]:
+    """A prompt as the list of prompts it is: one text, one token-id list, or many."""
     if isinstance(prompt, str):
-        return [counter.count_text(prompt)]
+        return [prompt]
     if not prompt:
         return []
     if isinstance(prompt[0], int):
-        return [len(prompt)]
+        return [[i for i in prompt if isinstance(i, int)]]
     if isinstance(prompt[0], str):
-        return counter.count_texts([p for p in prompt if isinstance(p, str)])
-    return [len(p) for p in prompt if isinstance(p, list)]
+        return [p for p in prompt if isinstance(p, str)]
+    return [p for p in prompt if isinstance(p, list)]
+
+
+def _check_chars(chars: int, counter: TokenCounter, param: str, what: str) -> None:
+    """Refuses a text too long to fit the context whatever its tokens, before counting."""
+    if counter.max_chars is not None and chars > counter.max_chars:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {counter.context} tokens; {what} has"
+            f" {chars} characters, more than the {counter.max_chars} that so many tokens of"
+            " this model's tokenizer can hold.",
+            param=param,
+        )
+
+
+def _prompt_counts(
+    prompts: list[str] | list[list[int]], counter: TokenCounter, param: str
+) -> list[int]:
+    texts = [p for p in prompts if isinstance(p, str)]
+    if not texts:
+        return [len(p) for p in prompts]
+    for index, text in enumerate(texts):
+        what = f"{param} {index}" if len(texts) > 1 else f"the {param}"
+        _check_chars(len(text), counter, param, what)
+    return counter.count_texts(texts)
 
 
 def prepare_embeddings(
@@ -198,7 +245,7 @@ def prepare_embeddings(
     body = request.model_dump(exclude_unset=True)
     if counter is None:
         return Prepared(body, None, None)
-    counts = _prompt_counts(request.input, counter)
+    counts = _prompt_counts(_prompt_list(request.input), counter, "input")
     longest = max(counts)
     if longest > counter.context:
         index = counts.index(longest)
@@ -208,3 +255,67 @@ def prepare_embeddings(
             param="input",
         )
     return Prepared(body, sum(counts), None)
+
+
+def prompt_chars(request: ModelRequest) -> int:
+    """About how many characters counting this request's prompt means: cheap to work out
+    (no rendering, no tokenizing), and never much less than the truth."""
+    if isinstance(request, ChatCompletionRequest):
+        chars = _json_chars(request.tools) if request.tools else 0
+        for message in request.messages:
+            content = message.content
+            if isinstance(content, str):
+                chars += len(content)
+            elif content is not None:
+                chars += sum(len(getattr(part, "text", "")) for part in content)
+            if message.tool_calls:
+                chars += _json_chars(message.tool_calls)
+            if message.model_extra:
+                chars += _json_chars(message.model_extra)
+        return chars
+    prompt = getattr(request, "prompt", getattr(request, "input", None))
+    if isinstance(prompt, str):
+        return len(prompt)
+    if isinstance(prompt, list):
+        return sum(len(p) if isinstance(p, str | list) else 1 for p in prompt)
+    return 0
+
+
+def _json_chars(value: Any) -> int:
+    """Characters in the strings of free-form JSON (its depth is bounded by the wire model)."""
+    total = 0
+    stack: list[Any] = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            total += len(node)
+        elif isinstance(node, dict):
+            total += sum(len(k) for k in node if isinstance(k, str))
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return total
+
+
+def _counting_pool() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(COUNTING_THREADS, thread_name_prefix="weir-count")
+    return _pool
+
+
+async def prepare_async(
+    prepare: Callable[[R, TokenCounter | None, ContractConfig], Prepared],
+    request: R,
+    counter: TokenCounter | None,
+    config: ContractConfig,
+) -> Prepared:
+    """``prepare(request, counter, config)``, in the counting pool when the prompt is large
+    enough that tokenizing it would hold up the event loop (the tokenizer releases the GIL
+    while it works); inline otherwise."""
+    if counter is None or prompt_chars(request) <= OFF_LOOP_CHARS:
+        return prepare(request, counter, config)
+    call = functools.partial(prepare, request, counter, config)
+    context = contextvars.copy_context()
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_counting_pool(), context.run, call)

@@ -42,7 +42,12 @@ class Check:
 
 
 def reservation_size(prompt_tokens: int | None, max_tokens: int | None, n: int) -> int:
-    """Tokens to hold at admission: the exact prompt plus every completion at its maximum."""
+    """Tokens to hold at admission: the exact prompt plus every completion at its maximum.
+
+    ``prompt_tokens`` is every prompt's, and ``max_tokens`` one choice's over every prompt
+    (``contract.Prepared``): ``["hi"] * 100`` with ``max_tokens`` 100 and ``n`` 2 holds the
+    hundred prompts plus 100 * 100 * 2 tokens.
+    """
     return (prompt_tokens or 0) + (max_tokens or 0) * n
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from models.store import ModelStore
 from models.tokenizer import TokenCounter, context_length
 from serving.core.contract import prepare_chat, prepare_completion, prepare_embeddings
 from serving.errors import ContextLengthExceeded, InvalidRequest
+from serving.limits.plan import reservation_size
 from serving.protocol.requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from serving.settings import ContractConfig
 
@@ -165,3 +167,47 @@ def test_without_a_counter_nothing_is_counted() -> None:
     prepared = prepare_chat(chat(max_tokens=5), None, ContractConfig())
     assert prepared.prompt_tokens is None
     assert prepared.max_tokens == 5
+
+
+def test_every_prompt_of_a_list_is_reserved(chat_counter: TokenCounter) -> None:
+    request = CompletionRequest(model="smollm2", prompt=["hi"] * 100, max_tokens=100, n=2)
+    prepared = prepare_completion(request, chat_counter, ContractConfig())
+    assert prepared.body["max_tokens"] == 100  # what the engine gets: per prompt
+    assert prepared.prompt_tokens == sum(chat_counter.count_texts(["hi"] * 100))
+    assert reservation_size(prepared.prompt_tokens, prepared.max_tokens, 2) == (
+        prepared.prompt_tokens + 100 * 100 * 2
+    )
+    uncounted = prepare_completion(request, None, ContractConfig())
+    assert uncounted.max_tokens == 100 * 100
+
+
+def test_prompts_too_long_to_fit_are_refused_before_counting(chat_counter: TokenCounter) -> None:
+    assert chat_counter.max_chars is not None
+    huge = "word " * 800_000
+    started = time.perf_counter()
+    with pytest.raises(ContextLengthExceeded, match="characters"):
+        prepare_completion(
+            CompletionRequest(model="smollm2", prompt=["Hi", huge]), chat_counter, ContractConfig()
+        )
+    with pytest.raises(ContextLengthExceeded, match="characters"):
+        prepare_chat(
+            chat(messages=[{"role": "user", "content": huge}]), chat_counter, ContractConfig()
+        )
+    assert time.perf_counter() - started < 0.4  # counting them took about 6 s
+
+
+def test_long_wordpiece_inputs_are_counted_by_prefix(embed_counter: TokenCounter) -> None:
+    assert embed_counter.max_chars is None
+    assert embed_counter.prefix_counts
+    started = time.perf_counter()
+    with pytest.raises(ContextLengthExceeded, match="input 0"):
+        prepare_embeddings(
+            EmbeddingRequest(model="minilm", input="word " * 800_000),
+            embed_counter,
+            ContractConfig(),
+        )
+    assert time.perf_counter() - started < 0.2
+    fits = "word " * 250  # 2 + 250 tokens: exact; past the context, at least a prefix's
+    short, long = embed_counter.count_texts([fits, fits * 3])
+    assert short == 252
+    assert embed_counter.context < long <= 752
