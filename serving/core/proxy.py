@@ -173,7 +173,9 @@ class Proxy:
         spec = extension(request.model_extra or {}).get("retrieval")
         if spec is not None:
             request, rag = await self._augment(route, request, call, spec)
-        prepared = route.prepare(request, self.counters.get(served.key), self.config)
+        prepared = await contract.prepare_async(
+            route.prepare, request, self.counters.get(served.key), self.config
+        )
         lease.obs.asked(prepared.body)
         with span(self.tracer, "weir.limits"):
             lease.ticket = await self._admit(call, served, prepared, getattr(request, "n", 1) or 1)
@@ -186,7 +188,7 @@ class Proxy:
             entry = await self.cached.hit(request, served, plan, lease)
             if entry is not None:
                 return self._replay(request, served, prepared, entry, lease)
-        target, prepared, fell_back = self._target(route, request, call, served, prepared)
+        target, prepared, fell_back = await self._target(route, request, call, served, prepared)
         lease.slot = await self._queue(target)
         headers = {VERSION_HEADER: target.version, **lease.ticket.headers}
         if fell_back:
@@ -277,7 +279,7 @@ class Proxy:
         user = getattr(request, "user", None)
         return f"{user or ''}\x00{opening}" if (user or opening) else None
 
-    def _target(
+    async def _target(
         self,
         route: Route,
         request: ModelRequest,
@@ -295,7 +297,9 @@ class Proxy:
             if not call.caller.allows(fallback.model):
                 continue
             try:
-                again = route.prepare(request, self.counters.get(fallback.key), self.config)
+                again = await contract.prepare_async(
+                    route.prepare, request, self.counters.get(fallback.key), self.config
+                )
             except GatewayError:
                 continue  # e.g. the prompt does not fit the fallback's context
             return fallback, again, True

@@ -36,7 +36,11 @@ def prompt_hash(body: JSON) -> str:
 
 
 def asked_hash(asked: Any) -> str:
-    return hashlib.sha256(orjson.dumps(asked, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+    try:
+        raw = orjson.dumps(asked, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:  # nested past orjson's limit: the request says why
+        return "unhashable"
+    return hashlib.sha256(raw).hexdigest()[:16]
 
 
 @dataclass

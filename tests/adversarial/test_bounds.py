@@ -7,7 +7,6 @@ model store), with keys and a tokens-per-minute limit where the reservation matt
 from __future__ import annotations
 
 import asyncio
-import inspect
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from models.engines.fleet import Fleet, Replica
 from models.store import ModelStore
 from models.tokenizer import TokenCounter
 from models.types import ReplicaKey, VersionKey
-from serving.core import contract, proxy
+from serving.core import contract
 from serving.protocol.requests import MAX_JSON_DEPTH, MAX_LOGIT_BIAS, MAX_PROMPTS
 from serving.settings import ContractConfig, KeysConfig, Settings
 from tests.fakes.engine import FakeEngine
@@ -200,13 +199,6 @@ def test_the_char_bound_is_sound(counters: dict[VersionKey, TokenCounter]) -> No
     assert counter.count_text(dense) <= counter.context
 
 
-proxy_counts_off_loop = pytest.mark.skipif(
-    "prepare_async" not in inspect.getsource(proxy),
-    reason="serving/core/proxy.py does not call contract.prepare_async yet",
-)
-
-
-@proxy_counts_off_loop
 def test_long_embedding_inputs_do_not_stall_the_gateway(
     client: TestClient, auth: dict[str, str]
 ) -> None:
