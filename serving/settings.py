@@ -34,6 +34,9 @@ class GatewayConfig(BaseModel):
     engine_idle_timeout_s: float = Field(120.0, gt=0)  # any read: headers, the next chunk
     engine_ttft_timeout_s: float = Field(120.0, gt=0)  # a stream's first chunk
     engine_total_timeout_s: float = Field(600.0, gt=0)  # a whole request, streamed or not
+    # the longest a stream waits for its client to take the next event (a client that stops
+    # reading would hold its engine slot); past it the stream is closed as if the client left
+    client_send_timeout_s: float = Field(30.0, gt=0)
     # aiohttp pool (health checks, warm-ups); requests use one keep-alive pool per engine
     # (models.engines.h1, up to 1000 connections each)
     max_connections: int = Field(1000, ge=1)

@@ -306,8 +306,14 @@ def create_app(
     api.include_router(metrics_route.router)
     api.include_router(collections.router)
     api.openapi = _openapi(api)  # type: ignore[method-assign]
+
+    def refused(path: str, error: BaseException) -> None:
+        if metrics is not None and path in model_routes.MODEL_PATHS:
+            metrics.refused(path, error)
+
+    edge = model_routes.Edge(gateway.client_send_timeout_s, refused)
     router = Router(
-        routes=[*model_routes.routes(lambda: api.state.proxy), Mount("", app=api)],
+        routes=[*model_routes.routes(lambda: api.state.proxy, edge), Mount("", app=api)],
         lifespan=lifespan,
     )
     keys_gate = Keys(
@@ -316,7 +322,10 @@ def create_app(
         admin_key=keys.admin_key.get_secret_value() if keys.admin_key else None,
         tracer=tracer,
     )
-    front = Front(router, keys=keys_gate, max_body_bytes=gateway.max_body_bytes, tracer=tracer)
+    front = Front(
+        router, keys=keys_gate, max_body_bytes=gateway.max_body_bytes, tracer=tracer,
+        refused=refused,
+    )  # fmt: skip
     return Gateway(front, router, api)
 
 

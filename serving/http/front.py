@@ -15,7 +15,7 @@ import hmac
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from starlette.exceptions import HTTPException
@@ -25,6 +25,7 @@ from serving.core.call import ANONYMOUS, Caller
 from serving.errors import (
     AuthUnavailable,
     ClientClosed,
+    GatewayError,
     MethodNotAllowed,
     PayloadTooLarge,
     PermissionDenied,
@@ -143,11 +144,13 @@ class Front:
         keys: Keys,
         max_body_bytes: int,
         tracer: Tracer | None = None,
+        refused: Callable[[str, BaseException], None] | None = None,
     ) -> None:
         self.app = app
         self.keys = keys
         self.max_bytes = max_body_bytes
         self.tracer = recording(tracer)
+        self.refused = refused  # counts what is refused here (size, key) in the metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -216,13 +219,18 @@ class Front:
     async def _serve(
         self, scope: Scope, receive: Receive, send: Send, authorization: bytes, length: bytes
     ) -> None:
-        if length.isdigit():
-            if int(length) > self.max_bytes:
-                raise self._too_large()
-            # the server reads no more than Content-Length: the body is within the limit
-        else:
-            receive, send = self._counted(scope, receive, send)
-        scope["state"]["caller"] = await self.keys.check(scope, authorization)
+        try:
+            if length.isdigit():
+                if int(length) > self.max_bytes:
+                    raise self._too_large()
+                # the server reads no more than Content-Length: the body is within the limit
+            else:
+                receive, send = self._counted(scope, receive, send)
+            scope["state"]["caller"] = await self.keys.check(scope, authorization)
+        except GatewayError as exc:
+            if self.refused is not None:
+                self.refused(scope["path"], exc)
+            raise
         await self.app(scope, receive, send)
 
     def _too_large(self) -> PayloadTooLarge:
@@ -241,7 +249,10 @@ class Front:
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
                     answered = True
-                    await send_error(send, self._too_large(), request_id_of(scope))
+                    refusal = self._too_large()
+                    if self.refused is not None:
+                        self.refused(scope["path"], refusal)
+                    await send_error(send, refusal, request_id_of(scope))
                     return {"type": "http.disconnect"}
             return message
 

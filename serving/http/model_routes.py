@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 from serving.cache.entries import CONTROL_HEADER
 from serving.core.call import Call
 from serving.core.proxy import CHAT, COMPLETIONS, EMBEDDINGS, PIN_HEADER, Proxy, Route
-from serving.errors import InvalidRequest, MethodNotAllowed
+from serving.errors import GatewayError, InvalidRequest, MethodNotAllowed
 from serving.http.front import caller_of, request_id_of
 from serving.http.rendering import disconnected, respond
 from serving.http.routes.openapi_errors import GENERATION_ERRORS
@@ -51,40 +51,71 @@ MODEL_ROUTES = (
     ModelRoute(COMPLETIONS, CompletionRequest, "Create a text completion (JSON or SSE)"),
     ModelRoute(EMBEDDINGS, EmbeddingRequest, "Create embeddings"),
 )
+MODEL_PATHS = frozenset(spec.route.path for spec in MODEL_ROUTES)
+
+
+Refused = Callable[[str, BaseException], None]
+
+
+def _not_counted(path: str, error: BaseException) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Edge:
+    """What the model routes take from the gateway's settings and metrics."""
+
+    send_timeout_s: float | None = None  # gateway.client_send_timeout_s
+    refused: Refused = _not_counted  # counts a refusal the use case never saw
 
 
 class ModelEndpoint:
     """The ASGI endpoint of one model route."""
 
-    def __init__(self, spec: ModelRoute, proxy: Callable[[], Proxy]) -> None:
+    def __init__(
+        self, spec: ModelRoute, proxy: Callable[[], Proxy], edge: Edge | None = None
+    ) -> None:
         self.route = spec.route
         self.model = spec.model
         self.proxy = proxy  # made by the app's lifespan, so looked up per request
+        self.edge = edge or Edge()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            request = await self._request(scope, receive)
+        except GatewayError as exc:  # refused before the use case saw it: counted here
+            self.edge.refused(scope["path"], exc)
+            raise
+        if request is None:
+            return  # the client left while sending (or was refused a too-large body)
+        pin = control = None
+        for name, value in scope["headers"]:
+            if name == _PIN:
+                pin = value.decode("latin-1")
+            elif name == _CONTROL:
+                control = value.decode("latin-1")
+        call = Call(caller_of(scope), request_id_of(scope), disconnected(receive), pin, control)
+        answer = await self.proxy().handle(self.route, request, call)
+        await respond(answer, self.edge.send_timeout_s)(scope, receive, send)
+
+    async def _request(self, scope: Scope, receive: Receive) -> ModelRequest | None:
+        """The validated body; None when the client left before sending all of it."""
         if scope["method"] != "POST":
             raise MethodNotAllowed(f"Method {scope['method']} is not allowed on {scope['path']}.")
         raw = await read_body(receive)
         if raw is None:
-            return  # the client left while sending (or was refused a too-large body)
-        content_type = pin = control = None
+            return None
+        content_type = None
         for name, value in scope["headers"]:
             if name == b"content-type":
                 content_type = value.decode("latin-1")
-            elif name == _PIN:
-                pin = value.decode("latin-1")
-            elif name == _CONTROL:
-                control = value.decode("latin-1")
-        request = parse(self.model, raw, content_type)
-        call = Call(caller_of(scope), request_id_of(scope), disconnected(receive), pin, control)
-        answer = await self.proxy().handle(self.route, request, call)
-        await respond(answer)(scope, receive, send)
+        return parse(self.model, raw, content_type)
 
 
-def routes(proxy: Callable[[], Proxy]) -> list[StarletteRoute]:
+def routes(proxy: Callable[[], Proxy], edge: Edge | None = None) -> list[StarletteRoute]:
     """The model routes for the router; every method reaches them (others get a 405)."""
     return [
-        StarletteRoute(spec.route.path, ModelEndpoint(spec, proxy), methods=None)
+        StarletteRoute(spec.route.path, ModelEndpoint(spec, proxy, edge), methods=None)
         for spec in MODEL_ROUTES
     ]
 

@@ -52,10 +52,12 @@ class SSEResponse(StreamingResponse):
         events: AsyncGenerator[bytes, None],
         headers: Mapping[str, str] | None = None,
         on_close: Callable[[], Awaitable[None]] | None = None,
+        send_timeout_s: float | None = None,
     ) -> None:
         super().__init__(events, headers=headers, media_type="text/event-stream")
         self.events = events
         self.on_close = on_close
+        self.send_timeout_s = send_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         guard: DisconnectGuard | None = None  # the stream is pumped in this task
@@ -67,6 +69,9 @@ class SSEResponse(StreamingResponse):
             if guard is None or not guard.client_left():
                 raise
             # the client left: this response is over, nothing else is
+        except TimeoutError:
+            # the client stopped reading: over, as if it had left (the connection is cut)
+            log.info("client took no event for %ss: stream closed", self.send_timeout_s)
         except OSError as exc:
             log.info("stream write failed: %s", exc)
         finally:
@@ -77,15 +82,26 @@ class SSEResponse(StreamingResponse):
                 await self.on_close()
 
     async def _pump(self, send: Send) -> None:
-        async for event in self.events:
-            await send({"type": "http.response.body", "body": event, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        """Each event waits at most ``send_timeout_s`` for the client to take it (a client
+        that stops reading exerts back-pressure; it must not hold the engine forever)."""
+        loop = asyncio.get_running_loop()
+        limit = self.send_timeout_s
+        async with asyncio.timeout(None) as deadline:
+            async for event in self.events:
+                if limit is not None:
+                    deadline.reschedule(loop.time() + limit)
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+                deadline.reschedule(None)  # waiting for the engine is the engine's deadline
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-def respond(answer: Answer) -> Response:
+def respond(answer: Answer, send_timeout_s: float | None = None) -> Response:
     if isinstance(answer, JsonAnswer):
         return JSONBytes(answer.body, status_code=answer.status, headers=answer.headers)
-    return SSEResponse(answer.events, headers=answer.headers, on_close=answer.on_close)
+    return SSEResponse(
+        answer.events, headers=answer.headers, on_close=answer.on_close,
+        send_timeout_s=send_timeout_s,
+    )  # fmt: skip
 
 
 def error_response(exc: BaseException, request_id: str) -> Response:

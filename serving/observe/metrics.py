@@ -2,7 +2,9 @@
 
 Names and labels are the contract with dashboards and runbooks: ``tokens_used_total``
 and ``model_errors_total`` exactly as the runbooks name them, the rest ``weir_*``.
-Latency histograms use vLLM's bucket boundaries so gateway and engine views overlay.
+TTFT and inter-token histograms use vLLM's bucket boundaries so gateway and engine views
+overlay; the gateway's own timings (request duration, queue wait) use ``GATEWAY_BUCKETS``,
+0.5 ms to 10 min, so a 1 ms cache hit or a 2 ms embedding reads as such, not as 0.3 s.
 Label values are always bounded: model and version names from our config, routes,
 error codes from our table, limit kinds, replica keys; never a key, prompt or id.
 
@@ -25,14 +27,21 @@ from prometheus_client import (
     multiprocess,
 )
 
+from serving.errors import spec_for
+
 # vLLM's own boundaries (vllm/v1/metrics/buckets.py), checked by a test.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
                 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
                7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
+# vLLM's e2e request latency boundaries: lowest 0.3 s, too coarse for the gateway's own
+# timings (cache hits, embeddings, refusals take milliseconds); kept for comparison only.
 REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                    60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
-QUEUE_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# The gateway's own: request duration and queue wait, 0.5 ms to 10 min, roughly logarithmic
+# (1-2.5-5 per decade to 10 s, denser where generations end: 10 s to 2 min).
+GATEWAY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                   5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)  # fmt: skip
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 VERSION = ("model", "model_version")
 REQUEST = ("model", "model_version", "route", "stream")
@@ -70,6 +79,14 @@ class Metrics:
             found = self._children[key] = metric.labels(*labels)
         return found
 
+    def refused(self, route: str, error: BaseException) -> None:
+        """A model route's answer refused before the request named a served model (its
+        body, its size, its key): counted once, under model ``unknown``."""
+        spec = spec_for(error)
+        status, code = (spec.status, spec.code) if spec else (500, "internal_error")
+        self.child(self.requests, "unknown", "unknown", route, "unknown", str(status)).inc()
+        self.child(self.errors, "unknown", "unknown", code).inc()
+
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
         reg = registry or CollectorRegistry()
@@ -94,7 +111,7 @@ class Metrics:
             ),
             duration=Histogram(
                 "weir_request_duration_seconds", "Client-observed request duration, end to end",
-                REQUEST, buckets=REQUEST_BUCKETS, registry=reg,
+                REQUEST, buckets=GATEWAY_BUCKETS, registry=reg,
             ),
             requests=Counter(
                 "weir_requests", "Requests that named a model, by status", [*REQUEST, "status"],
@@ -106,7 +123,7 @@ class Metrics:
             ),
             queue_wait=Histogram(
                 "weir_queue_wait_seconds", "Time waiting for a bulkhead slot", VERSION,
-                buckets=QUEUE_BUCKETS, registry=reg,
+                buckets=GATEWAY_BUCKETS, registry=reg,
             ),
             limit_rejections=Counter(
                 "weir_ratelimit_rejections", "Requests refused by a limit, by kind",

@@ -1,0 +1,83 @@
+"""A client that stops reading a stream must not hold its engine slot for ever: after
+``gateway.client_send_timeout_s`` without taking an event, the stream is closed as if the
+client had left (the engine stream is closed, the slot and the reservation given back)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+import pytest
+from starlette.types import Message
+
+from models.engines.fleet import Fleet, Replica
+from models.types import ReplicaKey
+from serving.http.app import create_app
+from serving.settings import GatewayConfig, Settings
+from tests.fakes.engine import FakeEngine
+
+pytestmark = pytest.mark.anyio
+CHAT: dict[str, Any] = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+def scope_for(body: bytes) -> dict[str, Any]:
+    return {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"", "query_string": b"",
+        "root_path": "", "client": ("127.0.0.1", 1), "server": ("t", 80),
+        "headers": [(b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode())],
+    }  # fmt: skip
+
+
+async def test_a_client_that_stops_reading_gives_its_slot_back() -> None:
+    engine = FakeEngine(words=["word "] * 50)
+    base = Settings()
+    one_slot = [
+        m.model_copy(update={"routing": m.routing.model_copy(update={"max_in_flight": 1,
+                                                                     "max_queue": 0})})
+        for m in base.models
+    ]  # fmt: skip
+    settings = Settings(gateway=GatewayConfig(client_send_timeout_s=0.3), models=one_slot)
+
+    def fleet(_: object) -> Fleet:
+        replica = Replica(ReplicaKey("smollm2", "135m-instruct", 0), engine, "smollm2")
+        return Fleet([replica], health_interval_s=0.05)
+
+    app = create_app(settings, fleet_factory=fleet, counters={})
+    stuck = asyncio.Event()  # never set: the client's receive window is full
+
+    async def call(body: dict[str, Any], stops_reading: bool) -> list[Message]:
+        raw = orjson.dumps(body)
+        sent: list[Message] = []
+        delivered = False
+
+        async def receive() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": raw, "more_body": False}
+            await asyncio.Event().wait()  # the client never hangs up
+            return {"type": "http.disconnect"}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+            if stops_reading and message["type"] == "http.response.body" and len(sent) > 2:
+                await stuck.wait()
+
+        await app(scope_for(raw), receive, send)
+        return sent
+
+    async with app.router.lifespan_context(app):
+        await asyncio.sleep(0.1)  # the first health round marks the replica healthy
+        started = time.monotonic()
+        sent = await asyncio.wait_for(call(CHAT | {"stream": True}, stops_reading=True), 5)
+        took = time.monotonic() - started
+        assert 0.3 <= took < 2.0  # bounded by the send timeout, not by the stream or engine
+        assert sent[0]["status"] == 200
+        assert sent[-1].get("more_body", False) is True  # cut, never finished
+        assert engine.closed_streams == 1  # the engine stream was closed (vLLM aborts)
+        again = await asyncio.wait_for(call(CHAT, stops_reading=False), 5)
+        assert again[0]["status"] == 200  # the one slot came back
