@@ -214,21 +214,22 @@ class Dispatcher:
                     rest = aiter(stream)
                     first = await anext(rest)
             except TimeoutError:
-                await _close(stream)
-                raise EngineTimeout(
+                failure: EngineError = EngineTimeout(
                     f"engine {replica.key} sent no first token within {limits.ttft_s:g}s",
                     engine=str(replica.key),
-                ) from None
+                )
             except StopAsyncIteration:
-                await _close(stream)
-                raise EngineFailed(
+                failure = EngineFailed(
                     f"engine {replica.key} ended the stream before its first chunk",
                     engine=str(replica.key),
-                ) from None
+                )
             except BaseException:
                 await _close(stream)
                 raise
-            return PrimedStream(stream, rest, first, deadline)
+            else:
+                return PrimedStream(stream, rest, first, deadline)
+            await _close(stream)
+            raise failure from None
 
         return await self._with_retries(served, affinity, call)
 

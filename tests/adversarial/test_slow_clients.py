@@ -16,20 +16,12 @@ from models.engines.fleet import Fleet, Replica
 from models.types import ReplicaKey
 from serving.http.app import create_app
 from serving.settings import GatewayConfig, Settings
+from tests.asgi import body_then_leave, post_scope
 from tests.fakes.engine import FakeEngine
 
 pytestmark = pytest.mark.anyio
+CHAT_PATH = "/v1/chat/completions"
 CHAT: dict[str, Any] = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}
-
-
-def scope_for(body: bytes) -> dict[str, Any]:
-    return {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-        "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"", "query_string": b"",
-        "root_path": "", "client": ("127.0.0.1", 1), "server": ("t", 80),
-        "headers": [(b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode())],
-    }  # fmt: skip
 
 
 async def test_a_client_that_stops_reading_gives_its_slot_back() -> None:
@@ -52,22 +44,14 @@ async def test_a_client_that_stops_reading_gives_its_slot_back() -> None:
     async def call(body: dict[str, Any], stops_reading: bool) -> list[Message]:
         raw = orjson.dumps(body)
         sent: list[Message] = []
-        delivered = False
-
-        async def receive() -> Message:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": raw, "more_body": False}
-            await asyncio.Event().wait()  # the client never hangs up
-            return {"type": "http.disconnect"}
 
         async def send(message: Message) -> None:
             sent.append(message)
             if stops_reading and message["type"] == "http.response.body" and len(sent) > 2:
                 await stuck.wait()
 
-        await app(scope_for(raw), receive, send)
+        never = asyncio.Event().wait  # the client never hangs up
+        await app(post_scope(CHAT_PATH, raw), body_then_leave(raw, never), send)
         return sent
 
     async with app.router.lifespan_context(app):

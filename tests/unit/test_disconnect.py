@@ -16,6 +16,7 @@ from models.types import ReplicaKey
 from serving.core.disconnect import run_or_cancel
 from serving.http.app import create_app
 from serving.settings import Settings
+from tests.asgi import body_then_leave, post_scope
 from tests.fakes.engine import FakeEngine
 
 pytestmark = pytest.mark.anyio
@@ -32,28 +33,13 @@ async def call_and_leave(
 
     app = create_app(Settings(), fleet_factory=fleet, counters={})
     raw = orjson.dumps(body)
-    scope = {
-        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
-        "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"",
-        "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("t", 80),
-        "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())
-        ],
-    }  # fmt: skip
     sent: list[Message] = []
-    delivered = False
-
-    async def receive() -> Message:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-        await asyncio.sleep(leave_after_s)
-        return {"type": "http.disconnect"}
 
     async def send(message: Message) -> None:
         sent.append(message)
 
+    receive = body_then_leave(raw, lambda: asyncio.sleep(leave_after_s))
+    scope = post_scope("/v1/chat/completions", raw)
     async with app.router.lifespan_context(app):
         await asyncio.wait_for(app(scope, receive, send), timeout=5)
     return sent

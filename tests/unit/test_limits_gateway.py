@@ -19,6 +19,7 @@ from models.types import ReplicaKey
 from serving.http.app import Gateway, create_app
 from serving.limits.limiter import Limiter
 from serving.settings import KeysConfig, LimitsConfig, Settings
+from tests.asgi import body_then_leave, post_scope
 from tests.fakes.engine import FakeEngine
 from tests.openai_spec import validate
 
@@ -144,21 +145,8 @@ async def test_client_disconnect_releases(tmp_path: Path, stream: bool) -> None:
     engine = FakeEngine(hang_s=30) if not stream else FakeEngine(first_chunk_delay_s=30)
     app = make_app(engine, tmp_path, LimitsConfig(model_tpm={"smollm2": 1000}))
     raw = orjson.dumps(CHAT | {"stream": stream})
-    scope: dict[str, Any] = {
-        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
-        "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"",
-        "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("t", 80),
-        "headers": [(b"content-type", b"application/json")],
-    }  # fmt: skip
-    delivered = False
-
-    async def receive() -> Message:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-        await asyncio.sleep(0.2)
-        return {"type": "http.disconnect"}
+    scope = post_scope("/v1/chat/completions", raw)
+    receive = body_then_leave(raw, lambda: asyncio.sleep(0.2))
 
     async def send(message: Message) -> None:
         return None
