@@ -23,10 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import jsonschema
 from jinja2 import TemplateError
 
 from models.tokenizer import TokenCounter
+from serving.core import output_check
 from serving.errors import ContextLengthExceeded, InvalidRequest
 from serving.protocol.requests import (
     ChatCompletionRequest,
@@ -133,13 +133,19 @@ def check_response_format(response_format: JSON | None) -> None:
             "response_format.json_schema.schema must be a JSON Schema object.",
             param="response_format.json_schema.schema",
         )
-    try:
-        jsonschema.Draft202012Validator.check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        raise InvalidRequest(
-            f"response_format.json_schema.schema is not a valid JSON Schema: {exc.message}",
-            param="response_format.json_schema.schema",
-        ) from exc
+    # bounded, local references only, a valid schema: before any engine is called
+    output_check.check_request_schema(schema, param="response_format.json_schema.schema")
+
+
+def check_tool_schemas(tools: list[Any] | None) -> None:
+    """A function tool's ``parameters`` is a JSON Schema: held to the same bounds as a
+    response format's (size, depth, local references only, a valid schema)."""
+    for index, tool in enumerate(tools or ()):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        parameters = function.get("parameters") if isinstance(function, dict) else None
+        if isinstance(parameters, dict):
+            param = f"tools[{index}].function.parameters"
+            output_check.check_request_schema(parameters, param=param)
 
 
 def prepare_chat(
@@ -153,6 +159,7 @@ def prepare_chat(
         )
     _check_n(request.n, config)
     check_response_format(request.response_format)
+    check_tool_schemas(request.tools)
     param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
     requested = request.max_completion_tokens or request.max_tokens
     _check_requested(requested, config, param)

@@ -161,3 +161,18 @@ def test_a_normal_schema_is_still_checked(content: str, status: int, valid: str 
     assert response.headers.get("x-weir-output-valid") == valid
     if status == 502:
         assert response.json()["error"]["code"] == "invalid_model_output"
+
+
+def test_a_tool_schema_that_reaches_out_is_refused_before_the_engine() -> None:
+    """Tool ``parameters`` are schemas too: the same bounds as ``response_format``'s."""
+    engine = FakeEngine()
+    tool = {
+        "type": "function",
+        "function": {"name": "f", "parameters": {"$ref": "file:///etc/passwd"}},
+    }
+    with make_client(engine) as client:
+        answer = client.post("/v1/chat/completions", json=CHAT | {"tools": [tool]})
+    assert answer.status_code == 400
+    assert answer.json()["error"]["param"] == "tools[0].function.parameters"
+    assert "root:" not in answer.text
+    assert engine.calls == []

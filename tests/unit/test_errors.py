@@ -131,6 +131,10 @@ NEVER_RENDERED = {
     "models.engines.h1.ConnectFailed",
     "models.engines.h1.UpstreamTimeout",
     "models.engines.h1.ConnectionBroken",
+    # output_check's own: a pattern out of time or that does not compile, caught there and
+    # reported as InvalidModelOutput (an answer) or InvalidRequest (a schema)
+    "serving.core.output_check._OutOfTime",
+    "serving.core.output_check._BadPattern",
 }
 
 
