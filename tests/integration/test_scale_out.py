@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from bench.config_builder import model, weir_toml
 from bench.procs import start_gateway, stop_all, wait_for
@@ -114,6 +115,12 @@ def test_request_limits_are_exact_across_both_gateways(tier: Tier) -> None:
     assert statuses == {200: 30, 429: 50}
 
 
+def stored_answers(tier: Tier) -> int:
+    """How many answers the shared response cache holds."""
+    with redis.Redis.from_url(tier.redis.url) as client:
+        return sum(1 for _ in client.scan_iter(match="weir:cache:r:*", count=1000))
+
+
 def test_cache_is_shared_by_gateways_and_never_by_tenants(tier: Tier) -> None:
     alice, bob = new_key(tier, "alice"), new_key(tier, "bob")
     a, b = tier.gateways
@@ -122,10 +129,17 @@ def test_cache_is_shared_by_gateways_and_never_by_tenants(tier: Tier) -> None:
         for n in range(5):
             ask = body(f"Name a colour, number {n}.", max_tokens=4)
             for who, key, gateway in ((alice, "alice", a), (alice, "alice", b), (bob, "bob", b)):
+                stored = stored_answers(tier)
                 answer = client.post(f"{gateway}/v1/chat/completions", json=ask,
                                      headers={"authorization": f"Bearer {who}"})  # fmt: skip
                 assert answer.status_code == 200, answer.text
                 seen.append((key, gateway, answer.headers["x-weir-cache"]))
+                if answer.headers["x-weir-cache"] == "miss":
+                    # a miss is stored after its answer is sent (never delaying it): wait
+                    # until it is in Redis before asking the other gateway
+                    deadline = time.monotonic() + 5
+                    while stored_answers(tier) == stored and time.monotonic() < deadline:
+                        time.sleep(0.01)
     for n in range(5):
         first, again, other = seen[3 * n : 3 * n + 3]
         assert first[2] == "miss"
