@@ -42,10 +42,6 @@ class Lease:
     def __repr__(self) -> str:
         return f"Lease(ended={self._ended}, tokens={self.tokens})"
 
-    @property
-    def ended(self) -> bool:
-        return self._ended
-
     def used(self, tokens: int, usage: dict[str, Any] | None = None) -> None:
         """The request used ``tokens`` (what its ticket will be charged)."""
         self.tokens = tokens

@@ -47,13 +47,10 @@ from serving.core.proxy import Proxy
 from serving.core.rag import RetrievalGate
 from serving.errors import (
     GatewayError,
-    InvalidRequest,
-    MethodNotAllowed,
-    RouteNotFound,
 )
 from serving.http import model_routes
 from serving.http.front import Front, Keys, request_id_of
-from serving.http.rendering import error_response
+from serving.http.rendering import as_ours, error_response
 from serving.http.routes import (
     admin,
     admin_limits,
@@ -89,16 +86,8 @@ async def _rendered(request: Request, exc: Exception) -> Response:
     if isinstance(exc, RequestValidationError):
         error = invalid_request_from(exc)
     elif isinstance(exc, StarletteHTTPException):
-        error = _http_error(request, exc)
+        error = as_ours(exc, request.scope)
     return error_response(error, request_id_of(request.scope))
-
-
-def _http_error(request: Request, exc: StarletteHTTPException) -> Exception:
-    if exc.status_code == 404:
-        return RouteNotFound(f"No route {request.method} {request.url.path}.")
-    if exc.status_code == 405:
-        return MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}.")
-    return InvalidRequest(str(exc.detail) or "Bad request.")
 
 
 class Gateway:

@@ -18,7 +18,6 @@ import re
 from collections.abc import Callable, Sequence
 
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
-from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.core.call import ANONYMOUS, Caller
@@ -26,14 +25,12 @@ from serving.errors import (
     AuthUnavailable,
     ClientClosed,
     GatewayError,
-    MethodNotAllowed,
     PayloadTooLarge,
     PermissionDenied,
-    RouteNotFound,
     Unauthenticated,
     spec_for,
 )
-from serving.http.rendering import send_error
+from serving.http.rendering import as_ours, send_error
 from serving.keys.records import hash_secret
 from serving.keys.store import KeyStore, KeyStoreUnavailable
 from serving.observe.tracing import extract, recording, span
@@ -185,7 +182,7 @@ class Front:
             else:
                 await self._serve(scope, receive, send_out, authorization, length)
         except Exception as exc:
-            error = _mapped(exc, scope)
+            error = as_ours(exc, scope)
             if isinstance(error, ClientClosed):
                 log.info("client closed request %s before the answer", rid)
             elif spec_for(error) is None:
@@ -261,14 +258,3 @@ class Front:
                 await send(message)
 
         return counting_receive, guarded_send
-
-
-def _mapped(exc: Exception, scope: Scope) -> Exception:
-    """Starlette's own 404/405 as ours; every other error as it is."""
-    if not isinstance(exc, HTTPException):
-        return exc
-    if exc.status_code == 404:
-        return RouteNotFound(f"No route {scope['method']} {scope['path']}.")
-    if exc.status_code == 405:
-        return MethodNotAllowed(f"Method {scope['method']} is not allowed on {scope['path']}.")
-    return exc

@@ -13,12 +13,13 @@ from functools import partial
 from typing import Any
 
 import orjson
+from starlette.exceptions import HTTPException
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from serving.core.answer import Answer, JsonAnswer
 from serving.core.disconnect import DisconnectGuard
-from serving.errors import render
+from serving.errors import InvalidRequest, MethodNotAllowed, RouteNotFound, render
 
 log = logging.getLogger("weir.gateway")
 
@@ -102,6 +103,18 @@ def respond(answer: Answer, send_timeout_s: float | None = None) -> Response:
         answer.events, headers=answer.headers, on_close=answer.on_close,
         send_timeout_s=send_timeout_s,
     )  # fmt: skip
+
+
+def as_ours(exc: Exception, scope: Scope) -> Exception:
+    """Starlette's own HTTP errors as ours (404, 405, else a 400 with their detail);
+    every other error as it is."""
+    if not isinstance(exc, HTTPException):
+        return exc
+    if exc.status_code == 404:
+        return RouteNotFound(f"No route {scope['method']} {scope['path']}.")
+    if exc.status_code == 405:
+        return MethodNotAllowed(f"Method {scope['method']} is not allowed on {scope['path']}.")
+    return InvalidRequest(str(exc.detail) or "Bad request.")
 
 
 def error_response(exc: BaseException, request_id: str) -> Response:
