@@ -18,6 +18,8 @@ The gateway's own tree::
     ├── RetrievalUnavailable 503 retrieval was required and could not be done
     ├── DeployRefused       422  a deploy, rollback or split that cannot be done as asked
     ├── DeployInProgress    409  another rollout of the same model is running
+    ├── ResponseNotFound    404  no stored response with that id for this key
+    ├── ResponsesUnavailable 503 the response store cannot be reached
     └── ClientClosed        499  the client went away (logged only; nobody reads the answer)
 
 ``models.errors`` brings the model and engine errors, ``retrieval.errors`` the
@@ -137,6 +139,14 @@ class DeployInProgress(GatewayError):
     """Another rollout of the same model is running."""
 
 
+class ResponseNotFound(GatewayError):
+    """No stored response with that id for this key (expired, deleted or never stored)."""
+
+
+class ResponsesUnavailable(GatewayError):
+    """The response store cannot be reached."""
+
+
 @dataclass(frozen=True)
 class ErrorSpec:
     status: int
@@ -178,6 +188,8 @@ ERROR_TABLE: dict[type[BaseException], ErrorSpec] = {
     DeployInProgress: ErrorSpec(409, "invalid_request_error", "deploy_in_progress"),
     RetrievalError: ErrorSpec(502, "server_error", "retrieval_error"),
     RetrievalUnavailable: ErrorSpec(503, "server_error", "retrieval_unavailable", retry_after_s=1),
+    ResponseNotFound: ErrorSpec(404, "invalid_request_error", "response_not_found"),
+    ResponsesUnavailable: ErrorSpec(503, "server_error", "responses_unavailable", retry_after_s=1),
 }
 INTERNAL = ErrorSpec(500, "server_error", "internal_error")
 

@@ -111,6 +111,24 @@ class CacheConfig(BaseModel):
     embeddings: bool = True  # cache embeddings per (version, text)
 
 
+class ResponsesConfig(BaseModel):
+    """The Responses API's stored responses: Redis (shared by gateways) or a SQLite file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True  # POST/GET/DELETE /v1/responses
+    redis_url: str | None = None  # default: keys.redis_url; none: the SQLite file
+    sqlite_path: Path = Path("~/.cache/weir/responses.sqlite3")  # one host's gateways
+    timeout_s: float = Field(0.5, gt=0)  # Redis connect and read timeout
+    ttl_s: int = Field(30 * 24 * 3600, ge=1)  # a stored response is kept this long
+    max_input_items: int = Field(256, ge=1, le=2048)  # items in one request's input
+    max_chain_items: int = Field(1024, ge=1)  # items of a conversation (previous_response_id)
+    max_chain_bytes: int = Field(4 * 2**20, ge=1024)  # a stored conversation's size
+
+    def store_url(self, keys: KeysConfig) -> str | None:
+        return self.redis_url or keys.redis_url
+
+
 class RetrievalConfig(BaseModel):
     """Collections, search and RAG. The docstore and indexes live under ``path``."""
 
@@ -178,6 +196,7 @@ class Settings(BaseSettings):
     observability: ObservabilityConfig = ObservabilityConfig()
     cache: CacheConfig = CacheConfig()
     retrieval: RetrievalConfig = RetrievalConfig()
+    responses: ResponsesConfig = ResponsesConfig()
     deploy: DeployConfig = DeployConfig()
     store: StoreConfig = StoreConfig()
     engines: EngineConfig = EngineConfig()

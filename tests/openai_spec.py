@@ -66,3 +66,30 @@ def validate(schema_name: str, instance: Any) -> None:
         {"$ref": f"{URI}#/components/schemas/{schema_name}"}, registry=_registry()
     )
     validator.validate(instance)
+
+
+@functools.cache
+def _stream_event_schemas() -> dict[str, str]:
+    """Each Responses stream event's ``type`` -> the name of its schema in the spec (the
+    ``ResponseStreamEvent`` union's members, by their ``type`` enum)."""
+    contents = _registry().contents(URI)
+    schemas = contents["components"]["schemas"]
+    found: dict[str, str] = {}
+    for member in schemas["ResponseStreamEvent"]["anyOf"]:
+        name = member["$ref"].rsplit("/", 1)[1]
+        kinds = schemas[name].get("properties", {}).get("type", {}).get("enum") or []
+        for kind in kinds:
+            found[kind] = name
+    return found
+
+
+def validate_response_event(event: Any) -> str:
+    """Validate one Responses stream event against ``ResponseStreamEvent`` and against the
+    one member schema its ``type`` names (the union alone would let an event pass as any
+    member). Returns that schema's name; raises ``jsonschema.ValidationError``."""
+    name = _stream_event_schemas().get(event.get("type")) if isinstance(event, dict) else None
+    if name is None:
+        raise jsonschema.ValidationError(f"no ResponseStreamEvent has type {event!r:.80}")
+    validate("ResponseStreamEvent", event)
+    validate(name, event)
+    return name

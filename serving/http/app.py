@@ -48,7 +48,7 @@ from serving.core.rag import RetrievalGate
 from serving.errors import (
     GatewayError,
 )
-from serving.http import model_routes
+from serving.http import model_routes, responses_routes
 from serving.http.front import Front, Keys, request_id_of
 from serving.http.rendering import as_ours, error_response
 from serving.http.routes import (
@@ -68,6 +68,7 @@ from serving.limits.limiter import Limiter
 from serving.limits.redis_store import make_limit_store
 from serving.observe.metrics import Metrics
 from serving.observe.tracing import make_provider, tracer_from
+from serving.responses.service import make_responses
 from serving.rollout.deployer import Deployer, ReplicaMaker
 from serving.rollout.state import RolloutState
 from serving.routing.dispatch import Deadlines, Dispatcher
@@ -278,6 +279,8 @@ def create_app(
                 await cache.aclose()
             if getattr(api.state, "retrieval", None) is not None:
                 await api.state.retrieval.aclose()
+            if responses is not None:
+                await responses.aclose()
             if provider is not None and tracer_provider is None:
                 provider.shutdown()  # flushes the batch exporter
 
@@ -301,8 +304,12 @@ def create_app(
             metrics.refused(path, error)
 
     edge = model_routes.Edge(gateway.client_send_timeout_s, refused)
+    responses = make_responses(settings, lambda: api.state.proxy)
+    api.state.responses = responses
+    responded = responses_routes.routes(lambda: api.state.responses, edge) if responses else []
     router = Router(
-        routes=[*model_routes.routes(lambda: api.state.proxy, edge), Mount("", app=api)],
+        routes=[*model_routes.routes(lambda: api.state.proxy, edge), *responded,
+                Mount("", app=api)],  # fmt: skip
         lifespan=lifespan,
     )
     keys_gate = Keys(
@@ -326,7 +333,8 @@ def _openapi(api: FastAPI) -> Callable[[], dict[str, Any]]:
             api.openapi_schema = get_openapi(
                 title=api.title,
                 version=api.version,
-                routes=[*model_routes.openapi_routes(), *api.routes],
+                routes=[*model_routes.openapi_routes(), *responses_routes.openapi_routes(),
+                        *api.routes],  # fmt: skip
             )
         return api.openapi_schema
 

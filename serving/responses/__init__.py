@@ -1,0 +1,1 @@
+"""The Responses API: requests translated to chat completions, and the stored responses."""
