@@ -37,6 +37,9 @@ class FakeEngine:
     healthy: bool = True
     content: str | None = None  # the whole answer instead of the joined words
     first_chunk_delay_s: float = 0.0
+    # a stream waits on it after its last content chunk (finish_reason sent), before the
+    # usage chunk and [DONE]: a client can leave there, with the whole answer delivered
+    hold_before_done: asyncio.Event | None = None
     calls: list[JSON] = field(default_factory=list)
     closed_streams: int = 0
     cancelled: int = 0  # calls cancelled while in flight (client went away)
@@ -173,6 +176,12 @@ class _FakeStream:
             }
             yield orjson.dumps(base | {"choices": [choice]})
             await asyncio.sleep(0)
+        if self.engine.hold_before_done is not None:
+            try:
+                await self.engine.hold_before_done.wait()
+            except asyncio.CancelledError:
+                self.engine.cancelled += 1
+                raise
         if self.engine.end_without_done:
             return
         usage = {

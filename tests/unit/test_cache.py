@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 import redis
 from pydantic import SecretStr
 from starlette.testclient import TestClient
+from starlette.types import Message
 
+from models.config import ModelConfig, VersionConfig
 from models.engines.fleet import Fleet, Replica
 from models.errors import EngineFailed
 from models.types import ReplicaKey
@@ -19,6 +24,7 @@ from serving.cache.entries import Assembler
 from serving.cache.store import MemoryCacheStore
 from serving.http.app import create_app
 from serving.settings import CacheConfig, KeysConfig, Settings
+from tests.asgi import body_then_leave, post_scope
 from tests.fakes.engine import FakeEngine, embedding_of
 from tests.openai_spec import validate
 from tests.redis_server import free_port
@@ -218,6 +224,126 @@ def test_a_streamed_answer_that_breaks_its_schema_is_never_stored(rig: Rig) -> N
     again = post(rig, asked, auth)
     assert (again.status_code, again.headers["x-weir-cache"]) == (200, "hit")
     assert again.headers["x-weir-output-valid"] == "true"
+
+
+def test_a_fallback_answer_is_never_stored(tmp_path: Path) -> None:
+    """Another version's answer, stored under the key of the version asked for, would
+    later be served as that version's (issue 29: no test covered it)."""
+    primary, fallback = FakeEngine(name="v1", words=["from v1"]), FakeEngine(name="v2")
+    chat = ModelConfig(
+        name="smollm2", task="chat", current="v1", fallbacks=["smollm2@v2"],
+        versions=[VersionConfig(version="v1", url="x"), VersionConfig(version="v2", url="y")],
+    )  # fmt: skip
+
+    def fleet(_: object) -> Fleet:
+        return Fleet(
+            [
+                Replica(ReplicaKey("smollm2", "v1", 0), primary, "smollm2"),
+                Replica(ReplicaKey("smollm2", "v2", 0), fallback, "smollm2"),
+            ],
+            health_interval_s=0.05,
+        )
+
+    app = create_app(Settings(models=[chat], cache=CacheConfig()), fleet_factory=fleet,
+                     counters={})  # fmt: skip
+    with TestClient(app) as client:
+        drain = client.app.state.proxy.cache.drain  # type: ignore[attr-defined]
+
+        def ask(n: int) -> Any:
+            asked = CHAT | {"messages": [{"role": "user", "content": f"Question {n}?"}]}
+            answer = client.post("/v1/chat/completions", json=asked)
+            client.portal.call(drain)  # type: ignore[union-attr]
+            return answer
+
+        primary.healthy = False  # each try asks something new: a stored answer would hide
+        n = poll(ask, lambda a: "x-weir-fallback" in a.headers)  # what happens next
+        moved = ask(n)
+        assert moved.headers["x-weir-fallback"] == "smollm2@v2"
+        assert moved.headers["x-weir-cache"] == "miss"
+        assert moved.json()["choices"][0]["message"]["content"] == "Hello there!"
+        primary.healthy = True
+        poll(ask, lambda a: "x-weir-fallback" not in a.headers)
+        calls = len(primary.calls)
+        back = ask(n)  # what the fallback answered, asked again of v1
+        assert back.headers["x-weir-model-version"] == "v1"
+        assert back.headers["x-weir-cache"] == "miss"  # the fallback's answer was not stored
+        assert back.json()["choices"][0]["message"]["content"] == "from v1"
+        assert len(primary.calls) == calls + 1
+        again = ask(n)  # v1's own answer is stored
+        assert (again.headers["x-weir-cache"], len(primary.calls)) == ("hit", calls + 1)
+
+
+_asked = iter(range(1_000_000))
+
+
+def poll(ask: Any, until: Any, timeout_s: float = 10) -> int:
+    """Ask new questions until an answer satisfies ``until`` (the fleet's health round has
+    run); the question that did, asked again, would be a hit if it was stored."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        n = next(_asked)
+        if until(ask(n)):
+            return n + 1_000_000  # a question of its own, not yet asked
+        time.sleep(0.02)
+    raise AssertionError("the fleet's health round never changed the route")
+
+
+def test_an_answer_over_max_entry_bytes_is_never_stored(tmp_path: Path) -> None:
+    client, chat, embed = make_rig(tmp_path, CacheConfig(max_entry_bytes=2048))
+    with client:
+        rig = Rig(client, chat, embed)
+        auth = rig.key()
+        chat.content = "x" * 4096  # the entry is over 2048 bytes
+        big = [post(rig, CHAT, auth).headers["x-weir-cache"] for _ in range(2)]
+        assert big == ["miss", "miss"]
+        assert len(chat.calls) == 2
+        chat.content = None  # a small answer under the same bound is stored
+        small = CHAT | {"max_tokens": 21}
+        assert [post(rig, small, auth).headers["x-weir-cache"] for _ in range(2)] == [
+            "miss",
+            "hit",
+        ]
+        assert len(chat.calls) == 3
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_a_stream_the_client_left_is_never_stored(store: str, redis_url: str) -> None:
+    """The client leaves after the chunk with finish_reason (the whole answer is in the
+    assembler) but before the usage chunk and [DONE]: still never stored."""
+    if store == "redis":
+        redis.Redis.from_url(redis_url).flushdb()
+    config = CacheConfig(redis_url=redis_url if store == "redis" else None)
+    held = asyncio.Event()
+    engine = FakeEngine(hold_before_done=held)
+
+    def fleet(_: object) -> Fleet:
+        replica = Replica(ReplicaKey("smollm2", "135m-instruct", 0), engine, "smollm2")
+        return Fleet([replica], health_interval_s=0.05)
+
+    app = create_app(Settings(cache=config), fleet_factory=fleet, counters={})
+    raw = orjson.dumps(CHAT | {"stream": True})
+    finished = asyncio.Event()  # the client has the chunk with finish_reason
+    bodies: list[bytes] = []
+
+    async def send(message: Message) -> None:
+        bodies.append(message.get("body", b""))
+        if b'"finish_reason":"stop"' in bodies[-1]:
+            finished.set()
+
+    async with app.router.lifespan_context(app):
+        receive = body_then_leave(raw, finished.wait)
+        await asyncio.wait_for(app(post_scope("/v1/chat/completions", raw), receive, send), 10)
+        assert b"[DONE]" not in b"".join(bodies)  # it left before the end of the stream
+        assert engine.closed_streams == 1
+        await app.state.proxy.cache.drain()
+        engine.hold_before_done = None
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            again = await client.post("/v1/chat/completions", json=CHAT)
+    assert again.status_code == 200
+    assert again.headers["x-weir-cache"] == "miss"
+    assert len(engine.calls) == 2
 
 
 def test_a_streamed_completion_is_replayed_as_a_completion(rig: Rig) -> None:

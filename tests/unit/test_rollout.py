@@ -81,14 +81,16 @@ def client_for(config: Settings, engines: dict[str, FakeEngine]) -> TestClient:
     return TestClient(app)
 
 
-def wait_done(client: TestClient, model: str = "smollm2", timeout_s: float = 20) -> dict[str, Any]:
+def wait_done(
+    client: TestClient, timeout_s: float = 20, ended: tuple[str, ...] = ENDED
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         status: dict[str, Any] = client.get(
-            f"/weir/admin/models/{model}/deployment", headers=ADMIN
+            "/weir/admin/models/smollm2/deployment", headers=ADMIN
         ).json()
         operation = status["operation"]
-        if operation is not None and operation["phase"] in ENDED:
+        if operation is not None and operation["phase"] in ended:
             return status
         time.sleep(0.02)
     raise AssertionError(f"rollout did not finish: {status}")
@@ -117,7 +119,10 @@ def test_full_deploy_switches_drains_and_stops_the_old_version(tmp_path: Path) -
             target=lambda: slow.append(client.post("/v1/chat/completions", json=CHAT))
         )
         caller.start()
-        time.sleep(0.1)
+        deadline = time.monotonic() + 10  # the slow request has reached v1's engine
+        while len(engines["smollm2@v1#0"].calls) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(engines["smollm2@v1#0"].calls) == 4
         answer = client.post("/weir/admin/models/smollm2/deploy", headers=ADMIN,
                              json={"version": "v2"})  # fmt: skip
         assert answer.status_code == 202, answer.text
@@ -225,46 +230,67 @@ def test_a_version_that_fails_to_start_or_warm_changes_nothing(
         assert versions_served(client, 5) == {"v1": 5}
 
 
+SLOW_S = 0.2  # the slow side's fake latency; the fast side's is 0
+
+
 def gated(client: TestClient, window_s: float) -> dict[str, Any]:
+    """A 50% canary gated on ``ttft_p95<1.5x``, with four callers sending until the gate
+    decides (enough canary requests whichever side is slow)."""
     answer = client.post(
         "/weir/admin/models/smollm2/deploy", headers=ADMIN,
         json={"version": "v2", "canary": 50, "promote_if": "ttft_p95<1.5x,errors<5%",
               "window_s": window_s, "min_requests": 10},
     )  # fmt: skip
     assert answer.status_code == 202, answer.text
-    deadline = time.monotonic() + window_s + 10
-    while time.monotonic() < deadline:
-        client.post("/v1/chat/completions", json=CHAT)
-        status: dict[str, Any] = client.get(
-            "/weir/admin/models/smollm2/deployment", headers=ADMIN
-        ).json()
-        if status["operation"]["phase"] in ("promoted", "rolled_back"):
-            return status
-    raise AssertionError(status)
+    decided = threading.Event()
+
+    def call() -> None:
+        while not decided.is_set():
+            assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+    callers = [threading.Thread(target=call) for _ in range(4)]
+    for caller in callers:
+        caller.start()
+    try:
+        return wait_done(client, window_s + 20, ended=("promoted", "rolled_back", "failed"))
+    finally:
+        decided.set()
+        for caller in callers:
+            caller.join()
+
+
+# The two versions' latencies are 0 and SLOW_S: a sleep never returns early, so the slow
+# side's TTFTs are at least SLOW_S whatever the host does, and the fast side's p95 would
+# have to take 1.5 x SLOW_S (300 ms) of scheduler noise, or the slow side's fall under
+# SLOW_S / 1.5, for a verdict to flip. (20 ms against 20 ms decided on noise.)
 
 
 def test_a_slow_canary_is_rolled_back_by_its_gate(tmp_path: Path) -> None:
-    engines = {"smollm2@v1#0": FakeEngine(hang_s=0.02), "smollm2@v2#0": FakeEngine(hang_s=0.08)}
+    engines = {"smollm2@v1#0": FakeEngine(), "smollm2@v2#0": FakeEngine(hang_s=SLOW_S)}
     with client_for(settings(tmp_path), engines) as client:
         status = gated(client, window_s=1.5)
         decision = status["operation"]["decision"]
         assert status["operation"]["phase"] == "rolled_back", decision
         assert decision["promote"] is False
+        assert decision["canary"]["requests"] >= 10  # judged on latency, not on traffic
         assert any("ttft_p95<1.5x" in r and "fails" in r for r in decision["reasons"])
-        assert decision["canary"]["ttft_p95_ms"] > 1.5 * decision["stable"]["ttft_p95_ms"]
+        assert decision["canary"]["ttft_p95_ms"] >= SLOW_S * 1000
         assert status["running"] == ["v1"]
         assert versions_served(client, 4) == {"v1": 4}
 
 
 def test_a_healthy_canary_is_promoted_by_its_gate(tmp_path: Path) -> None:
-    # both answer in about 20 ms (sub-millisecond fakes would be judged on noise)
-    engines = {"smollm2@v1#0": FakeEngine(hang_s=0.02), "smollm2@v2#0": FakeEngine(hang_s=0.02)}
+    engines = {"smollm2@v1#0": FakeEngine(hang_s=SLOW_S), "smollm2@v2#0": FakeEngine()}
     with client_for(settings(tmp_path), engines) as client:
-        status = gated(client, window_s=1.0)
-        assert status["operation"]["phase"] == "promoted", status["operation"]["decision"]
+        status = gated(client, window_s=1.5)
+        decision = status["operation"]["decision"]
+        assert status["operation"]["phase"] == "promoted", decision
+        assert decision["promote"] is True
+        assert decision["canary"]["requests"] >= 10
+        assert decision["stable"]["ttft_p95_ms"] >= SLOW_S * 1000
+        assert all(r.endswith("(ok)") for r in decision["reasons"]), decision["reasons"]
         assert status["current"] == "v2"
         assert status["running"] == ["v2"]
-        assert status["operation"]["decision"]["canary"]["requests"] >= 10
 
 
 def test_a_restarted_gateway_serves_what_was_deployed(tmp_path: Path) -> None:
