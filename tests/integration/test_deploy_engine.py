@@ -291,3 +291,89 @@ def test_canary_at_25_percent_then_rollback(gateway: Stack) -> None:
     assert now["operation"]["phase"] == "rolled_back"
     assert now["running"] == ["v2"]
     assert {e["version"] for e in engines(gateway)} == {"v2"}
+
+
+def gated_canary(gateway: Stack, promote_if: str, window_s: float = 20) -> dict[str, Any]:
+    """Deploy the version not serving as a 50% canary gated by ``promote_if``, with streamed
+    requests running until the gate decides (TTFT: the first content chunk, measured by the
+    gateway on the real engines). Returns the deployment status after the decision."""
+    stable = status(gateway)["current"]
+    canary = "v1" if stable == "v2" else "v2"
+    asked = {"version": canary, "canary": 50, "promote_if": promote_if,
+             "window_s": window_s, "min_requests": 10}  # fmt: skip
+    answer = httpx.post(f"{gateway.base_url}/weir/admin/models/smollm2/deploy", headers=ADMIN,
+                        json=asked, timeout=30)  # fmt: skip
+    assert answer.status_code == 202, answer.text
+    decided = threading.Event()
+    outcomes: Counter[tuple[int, str | None]] = Counter()
+    lock = threading.Lock()
+
+    def load() -> None:
+        body = {"model": "smollm2", "messages": [{"role": "user", "content": "Say hello."}],
+                "max_tokens": 4, "stream": True}  # fmt: skip
+        with httpx.Client(base_url=gateway.base_url, timeout=300) as client:
+            while not decided.is_set():
+                with client.stream("POST", "/v1/chat/completions", json=body) as streamed:
+                    text = "".join(streamed.iter_text())
+                    version = streamed.headers.get("x-weir-model-version")
+                    ok = streamed.status_code == 200 and '"error"' not in text
+                with lock:
+                    outcomes[(200 if ok else streamed.status_code, version)] += 1
+
+    workers = [threading.Thread(target=load) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    try:
+        deadline = time.monotonic() + 900  # the canary's engine start, then the window
+        now = status(gateway)
+        while time.monotonic() < deadline:
+            now = status(gateway)
+            if now["operation"]["phase"] in ("promoted", "rolled_back", "failed"):
+                break
+            time.sleep(0.5)
+    finally:
+        decided.set()
+        for worker in workers:
+            worker.join()
+    print(f"\ngated canary {canary} ({promote_if}): {now['operation']['decision']};"
+          f" requests {dict(outcomes)}")  # fmt: skip
+    assert now["operation"]["phase"] in ("promoted", "rolled_back"), now
+    assert set(outcomes) <= {(200, "v1"), (200, "v2")}, outcomes  # no request failed
+    assert outcomes[(200, canary)] >= 10
+    now["canary"], now["stable"] = canary, stable
+    return now
+
+
+@pytest.mark.timeout(900)  # a canary engine starts in each; 2 cores may take minutes
+def test_a_gated_canary_that_misses_its_gate_is_rolled_back(gateway: Stack) -> None:
+    """Issue 29: the gate had only been run against fake sleeps. Here it decides on the
+    TTFTs the gateway measured from two real vLLM engines (each version on its own core):
+    a bound no CPU engine meets rolls the canary back."""
+    failed = gated_canary(gateway, "ttft_p95<1ms,errors<1%")
+    decision = failed["operation"]["decision"]
+    assert failed["operation"]["phase"] == "rolled_back", decision
+    assert decision["promote"] is False
+    assert decision["canary"]["requests"] >= 10
+    assert decision["stable"]["requests"] >= 10
+    assert decision["canary"]["errors"] == 0
+    assert decision["canary"]["ttft_p95_ms"] >= 1.0  # measured, and no engine answers in 1 ms
+    assert any(r.startswith("ttft_p95<1ms") and "fails" in r for r in decision["reasons"])
+    assert failed["current"] == failed["stable"]
+    assert failed["running"] == [failed["stable"]]
+    assert {e["version"] for e in engines(gateway)} == {failed["stable"]}
+
+
+@pytest.mark.timeout(900)
+def test_a_gated_canary_within_its_gate_is_promoted(gateway: Stack) -> None:
+    """Two copies of one model, each on its own core: the canary's real TTFT p95 is within
+    3x the stable one's, so the gate promotes it."""
+    passed = gated_canary(gateway, "ttft_p95<3x,errors<1%")
+    decision = passed["operation"]["decision"]
+    assert passed["operation"]["phase"] == "promoted", decision
+    assert decision["promote"] is True
+    canary_ms, stable_ms = decision["canary"]["ttft_p95_ms"], decision["stable"]["ttft_p95_ms"]
+    assert 0 < canary_ms < 3 * stable_ms
+    assert decision["canary"]["requests"] >= 10
+    assert passed["current"] == passed["canary"]
+    assert passed["running"] == [passed["canary"]]
+    assert {e["version"] for e in engines(gateway)} == {passed["canary"]}
