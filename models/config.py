@@ -73,6 +73,13 @@ class VersionConfig(_Strict):
     # OpenMP threads bound there); empty: vLLM binds from core 0 up, every engine alike
     cpus: list[Annotated[int, Field(ge=0)]] = []
     standby: bool = False  # configured but not started: `weir deploy` starts it
+    # Tool calling (chat): "auto" derives vLLM's tool-call parser from the chat template;
+    # "off" refuses requests with tools; else a parser name (--tool-call-parser).
+    tool_parser: str = Field("auto", pattern=r"^[a-z0-9_]+$")
+    chat_template: str | None = None  # a Jinja file the engine renders chats with
+    # how strictly vLLM holds tool calls to their schemas: "parameter" (every call's
+    # arguments match its tool's parameters), "function", or "auto" (per tool's strict)
+    tool_strict: Literal["auto", "function", "parameter"] = "parameter"
 
     @field_validator("version")
     @classmethod

@@ -133,6 +133,7 @@ class TokenCounter:
         context: int,
         chat_template: str | None = None,
         special_tokens: dict[str, str] | None = None,
+        calls_tools: bool = True,
     ) -> None:
         tokenizer.no_truncation()
         tokenizer.no_padding()
@@ -141,16 +142,28 @@ class TokenCounter:
         self.max_chars = char_bound(tokenizer, context)  # None: no bound by length
         self.prefix_counts = self.max_chars is None and splits_at_spaces(tokenizer)
         self.special_tokens = special_tokens or {}
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        self.calls_tools = calls_tools  # False: its engine calls no tools (tools refused)
+        # as transformers renders chat templates (vLLM uses it): same options and filters
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.globals["raise_exception"] = _raise
-        env.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent)
+        env.filters["tojson"] = _tojson
         self._template = env.from_string(chat_template) if chat_template else None
 
     def __repr__(self) -> str:
         return f"TokenCounter(context={self.context}, chat={self._template is not None})"
 
     @classmethod
-    def from_dir(cls, model_dir: Path, engine_args: Sequence[str] = ()) -> TokenCounter:
+    def from_dir(
+        cls,
+        model_dir: Path,
+        engine_args: Sequence[str] = (),
+        chat_template: Path | None = None,
+        calls_tools: bool = True,
+    ) -> TokenCounter:
+        """The counter of the weights in ``model_dir``; ``chat_template``: the template the
+        engine is given instead of the model's own (``--chat-template``)."""
         path = model_dir / "tokenizer.json"
         if not path.is_file():
             raise StoreError(f"{model_dir} has no tokenizer.json: cannot count tokens")
@@ -158,7 +171,7 @@ class TokenCounter:
         config: dict[str, Any] = (
             json.loads(config_path.read_text()) if config_path.is_file() else {}
         )
-        template_path = model_dir / "chat_template.jinja"
+        template_path = chat_template or model_dir / "chat_template.jinja"
         template = (
             template_path.read_text() if template_path.is_file() else config.get("chat_template")
         )
@@ -168,6 +181,7 @@ class TokenCounter:
             context=context_length(model_dir, engine_args),
             chat_template=template if isinstance(template, str) else None,
             special_tokens=special,
+            calls_tools=calls_tools,
         )
 
     @property
@@ -219,8 +233,56 @@ class TokenCounter:
         return len(self.tokenizer.encode_batch([text], add_special_tokens=True)[0])
 
 
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    """transformers' ``tojson``: Jinja's own escapes HTML and sorts keys."""
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _arguments(raw: Any) -> Any:
+    """A tool call's arguments as vLLM gives them to templates: a dict (a JSON string
+    parsed; empty, malformed or not an object: ``{}``)."""
+    if isinstance(raw, dict):
+        return raw
+    if not raw or not isinstance(raw, str):
+        return {}
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def _with_dict_arguments(calls: list[Any]) -> list[Any]:
+    out = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            call = {
+                **call,
+                "function": {**function, "arguments": _arguments(function.get("arguments"))},
+            }
+        out.append(call)
+    return out
+
+
 def _flatten(message: dict[str, Any]) -> dict[str, Any]:
-    """Text content parts joined as vLLM does for string-content chat templates."""
+    """Text content parts joined as vLLM does for string-content chat templates; tool call
+    arguments as dicts, as vLLM passes them."""
+    calls = message.get("tool_calls")
+    if message.get("role") == "assistant" and isinstance(calls, list):
+        message = (
+            {**message, "tool_calls": _with_dict_arguments(calls)}
+            if calls
+            else {k: v for k, v in message.items() if k != "tool_calls"}
+        )
     content = message.get("content")
     if isinstance(content, list):
         texts = [

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import aiohttp
 
+from models import tool_calling
 from models.config import EngineConfig, ModelConfig, StoreConfig, VersionConfig
 from models.engines import vllm_engine
 from models.engines.backoff import ExponentialBackoff
@@ -71,14 +72,18 @@ def load_counters(
             key = VersionKey(model.name, version.version)
             if version.version not in running:
                 continue
-            counter = version_counter(key, version, weights.get(key), store)
+            counter = version_counter(key, version, weights.get(key), store, model.task)
             if counter is not None:
                 counters[key] = counter
     return counters
 
 
 def version_counter(
-    key: VersionKey, version: VersionConfig, weights: Path | None, store: StoreConfig
+    key: VersionKey,
+    version: VersionConfig,
+    weights: Path | None,
+    store: StoreConfig,
+    task: str = "chat",
 ) -> TokenCounter | None:
     """From the version's weights, or its ``tokenizer`` for a remote one.
 
@@ -91,7 +96,13 @@ def version_counter(
     else:
         log.warning("%s: no tokenizer configured; prompts are not counted", key)
         return None
-    return TokenCounter.from_dir(directory, version.engine_args)
+    support = tool_calling.for_version(task, version, weights)
+    return TokenCounter.from_dir(
+        directory,
+        version.engine_args,
+        chat_template=support.template,
+        calls_tools=support.calls_tools,
+    )
 
 
 def model_timeouts(model: ModelConfig, timeouts: EngineTimeouts) -> EngineTimeouts:
@@ -145,7 +156,8 @@ class ReplicaFactory:
                 port=port,
                 task=model.task,
                 config=engines,
-                extra_args=version.engine_args,
+                extra_args=tool_calling.for_version(model.task, version, weights).engine_args()
+                + version.engine_args,
                 host=self.host,
             )
             process = EngineProcess(

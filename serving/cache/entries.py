@@ -76,8 +76,10 @@ class Assembler:
             into = self.choices.setdefault(index, {"index": index, "text": ""})
             delta = choice.get("delta")
             if isinstance(delta, dict):
-                if delta.get("tool_calls") or delta.get("function_call"):
-                    self.replayable = False
+                if delta.get("function_call"):
+                    self.replayable = False  # the deprecated form: not assembled
+                for call in delta.get("tool_calls") or ():
+                    self._add_call(into, call)
                 into["text"] += delta.get("content") or ""
             elif isinstance(choice.get("text"), str):
                 into["text"] += choice["text"]
@@ -85,6 +87,21 @@ class Assembler:
                 self.replayable = False
             if choice.get("finish_reason"):
                 into["finish_reason"] = choice["finish_reason"]
+
+    def _add_call(self, into: JSON, call: Any) -> None:
+        """A streamed tool call's delta: the first names it, the next add to arguments."""
+        if not isinstance(call, dict) or not isinstance(call.get("index"), int):
+            self.replayable = False
+            return
+        calls: dict[int, JSON] = into.setdefault("calls", {})
+        known = calls.setdefault(
+            call["index"], {"id": None, "type": "function", "name": "", "arguments": ""}
+        )
+        if call.get("id"):
+            known["id"] = call["id"]
+        function = call.get("function") or {}
+        known["name"] += function.get("name") or ""
+        known["arguments"] += function.get("arguments") or ""
 
     def entry(self) -> JSON | None:
         if not self.replayable or not self.choices:
@@ -96,7 +113,14 @@ class Assembler:
         for index in sorted(self.choices):
             c = self.choices[index]
             if chat:
-                message = {"role": "assistant", "content": c["text"], "refusal": None}
+                message: JSON = {"role": "assistant", "content": c["text"], "refusal": None}
+                if c.get("calls"):
+                    message["content"] = c["text"] or None
+                    message["tool_calls"] = [
+                        {"id": call["id"], "type": "function",
+                         "function": {"name": call["name"], "arguments": call["arguments"]}}
+                        for _, call in sorted(c["calls"].items())
+                    ]  # fmt: skip
                 choices.append({"index": index, "message": message, "logprobs": None,
                                 "finish_reason": c["finish_reason"]})  # fmt: skip
             else:
@@ -115,14 +139,22 @@ class Assembler:
 
 
 def replayable(entry: JSON) -> bool:
-    """Can this stored answer be replayed as a stream?"""
+    """Can this stored answer be replayed as a stream? (Not the deprecated function_call.)"""
     for choice in entry.get("choices") or ():
         message = choice.get("message")
-        if isinstance(message, dict) and (
-            message.get("tool_calls") or message.get("function_call")
-        ):
+        if isinstance(message, dict) and message.get("function_call"):
             return False
     return True
+
+
+def _call_deltas(calls: list[JSON]) -> list[JSON]:
+    """A stored message's tool calls as stream deltas: one per call, whole."""
+    return [
+        {"index": i, "id": call.get("id"), "type": "function",
+         "function": {"name": (call.get("function") or {}).get("name"),
+                      "arguments": (call.get("function") or {}).get("arguments") or ""}}
+        for i, call in enumerate(calls)
+    ]  # fmt: skip
 
 
 def replay(entry: JSON, include_usage: bool) -> list[JSON]:
@@ -141,13 +173,19 @@ def replay(entry: JSON, include_usage: bool) -> list[JSON]:
         index = choice.get("index", 0)
         finish = choice.get("finish_reason")
         if chat:
-            content = (choice.get("message") or {}).get("content") or ""
+            message = choice.get("message") or {}
+            content = message.get("content") or ""
             chunks.append(base | {"choices": [
                 {"index": index, "delta": {"role": "assistant", "content": ""},
                  "logprobs": None, "finish_reason": None}]})  # fmt: skip
-            chunks.append(base | {"choices": [
-                {"index": index, "delta": {"content": content}, "logprobs": None,
-                 "finish_reason": None}]})  # fmt: skip
+            if content:
+                chunks.append(base | {"choices": [
+                    {"index": index, "delta": {"content": content}, "logprobs": None,
+                     "finish_reason": None}]})  # fmt: skip
+            if message.get("tool_calls"):
+                chunks.append(base | {"choices": [
+                    {"index": index, "delta": {"tool_calls": _call_deltas(message["tool_calls"])},
+                     "logprobs": None, "finish_reason": None}]})  # fmt: skip
             chunks.append(
                 base
                 | {

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from jinja2 import TemplateError
 
 from models.tokenizer import TokenCounter
-from serving.core import output_check
+from serving.core import output_check, tools
 from serving.errors import ContextLengthExceeded, InvalidRequest
 from serving.protocol.requests import (
     ChatCompletionRequest,
@@ -137,17 +137,6 @@ def check_response_format(response_format: JSON | None) -> None:
     output_check.check_request_schema(schema, param="response_format.json_schema.schema")
 
 
-def check_tool_schemas(tools: list[Any] | None) -> None:
-    """A function tool's ``parameters`` is a JSON Schema: held to the same bounds as a
-    response format's (size, depth, local references only, a valid schema)."""
-    for index, tool in enumerate(tools or ()):
-        function = tool.get("function") if isinstance(tool, dict) else None
-        parameters = function.get("parameters") if isinstance(function, dict) else None
-        if isinstance(parameters, dict):
-            param = f"tools[{index}].function.parameters"
-            output_check.check_request_schema(parameters, param=param)
-
-
 def prepare_chat(
     request: ChatCompletionRequest, counter: TokenCounter | None, config: ContractConfig
 ) -> Prepared:
@@ -159,15 +148,21 @@ def prepare_chat(
         )
     _check_n(request.n, config)
     check_response_format(request.response_format)
-    check_tool_schemas(request.tools)
+    tools.check_tools(request)
     param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
     requested = request.max_completion_tokens or request.max_tokens
     _check_requested(requested, config, param)
     body = request.model_dump(exclude_unset=True)
     if counter is None:
         return Prepared(body, None, requested)
+    if not counter.calls_tools and tools.calls_tools(body):
+        raise InvalidRequest(
+            "This model does not call tools: its chat template renders none, or its version"
+            ' sets tool_parser = "off". Send tool_choice "none" or no tools.',
+            param="tools",
+        )
     try:
-        text = counter.render_chat(body["messages"], body.get("tools"))
+        text = counter.render_chat(body["messages"], tools.rendered(body.get("tools")))
     except TemplateError as exc:
         raise InvalidRequest(
             f"The messages do not fit the model's chat template: {exc}", param="messages"

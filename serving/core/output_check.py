@@ -453,40 +453,43 @@ def _check_choice(choice: JSON, schema: JSON) -> None:
         raise InvalidModelOutput(
             f"choice {index}: the model's output is not JSON, as response_format requires."
         ) from exc
+    _check_value(value, schema, f"choice {index}: the model's output", "the requested schema")
+
+
+def check_value(value: Any, schema: JSON, what: str) -> None:
+    """Raise ``InvalidModelOutput`` unless ``value`` (what the model produced, named by
+    ``what``) matches ``schema``, within ``CHECK_BUDGET_S``; a tool's strict arguments."""
+    check_request_schema(schema)
+    token = _DEADLINE.set(time.monotonic() + CHECK_BUDGET_S)
+    try:
+        _check_value(value, schema, what, "its schema")
+    finally:
+        _DEADLINE.reset(token)
+
+
+def _check_value(value: Any, schema: JSON, what: str, against: str) -> None:
     try:
         error = _first_error(schema, value)
     except _OutOfTime as exc:
         raise InvalidModelOutput(
-            f"choice {index}: the model's output could not be checked against the requested"
-            f" schema within {CHECK_BUDGET_S} s."
+            f"{what} could not be checked against {against} within {CHECK_BUDGET_S} s."
         ) from exc
     except RecursionError as exc:
         raise InvalidModelOutput(
-            f"choice {index}: the model's output is nested too deeply to check against the"
-            " requested schema."
+            f"{what} is nested too deeply to check against {against}."
         ) from exc
     except Unresolvable as exc:
         raise InvalidRequest(
-            "response_format's schema has a reference that does not resolve locally"
+            "The schema has a reference that does not resolve locally"
             " (only '#/...' references do).",
             param=PARAM,
         ) from exc
     except _BadPattern as exc:
         raise InvalidRequest(
-            "response_format's schema has a pattern that does not compile.", param=PARAM
+            "The schema has a pattern that does not compile.", param=PARAM
         ) from exc
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "(root)"
         raise InvalidModelOutput(
-            f"choice {index}: the model's output breaks the requested schema at {where}:"
-            f" {error.message[:MAX_MESSAGE_CHARS]}"
+            f"{what} breaks {against} at {where}: {error.message[:MAX_MESSAGE_CHARS]}"
         )
-
-
-def conforms(answer: JSON, schema: JSON) -> bool:
-    """Would ``check_chat_output`` accept ``answer``? (A streamed answer before it is stored.)"""
-    try:
-        check_chat_output(answer, schema)
-    except (InvalidModelOutput, InvalidRequest):
-        return False
-    return True

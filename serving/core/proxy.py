@@ -12,6 +12,7 @@ ended exactly once. The engine call is cancelled the moment the client disconnec
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from models.types import ServedVersion, Task, VersionKey
 from serving import streaming
 from serving.cache.entries import RESULT_HEADER, Assembler, extension, replay
 from serving.cache.service import Cache
-from serving.core import cleaning, contract, output_check
+from serving.core import cleaning, contract, output_check, tools
 from serving.core.answer import (
     SSE_HEADERS,
     VERSION_HEADER,
@@ -91,6 +92,35 @@ EMBEDDINGS = Route(
     cleaning.clean_embeddings,
     streams=False,
 )
+
+
+OutputCheck = Callable[[JSON], None]
+
+
+def _output_checks(body: JSON) -> list[OutputCheck]:
+    """What a chat answer to ``body`` is held to: its ``response_format`` schema and the
+    parameters of its ``strict`` tools (each raises ``InvalidModelOutput``)."""
+    checks: list[OutputCheck] = []
+    schema = output_check.schema_of(body.get("response_format"))
+    if schema is not None:
+        checks.append(functools.partial(_check_schema, schema=schema))
+    strict = tools.strict_schemas(body)
+    if strict:
+        checks.append(functools.partial(tools.check_tool_calls, strict=strict))
+    return checks
+
+
+def _check_schema(answer: JSON, schema: JSON) -> None:
+    output_check.check_chat_output(answer, schema)
+
+
+def _passes(checks: list[OutputCheck], answer: JSON) -> bool:
+    try:
+        for check in checks:
+            check(answer)
+    except (InvalidModelOutput, InvalidRequest):
+        return False
+    return True
 
 
 class Proxy:
@@ -222,7 +252,7 @@ class Proxy:
     ) -> Answer:
         """A stored answer as this request's answer: JSON, or replayed as a stream."""
         headers = {VERSION_HEADER: served.version, RESULT_HEADER: "hit", **lease.ticket.headers}
-        if output_check.schema_of(prepared.body.get("response_format")) is not None:
+        if _output_checks(prepared.body):
             headers[OUTPUT_VALID_HEADER] = "true"  # only answers that conform are stored
         if not request.stream:
             return JsonAnswer(entry, headers)
@@ -318,7 +348,7 @@ class Proxy:
         wants_usage = bool(options.get("include_usage"))
         body["stream_options"] = {**options, "include_usage": True}  # what settles limits
         assembler = Assembler(chat=job.route is CHAT) if job.store_key else None
-        schema = output_check.schema_of(body.get("response_format"))
+        checks = _output_checks(body)
         obs, clean, requested = lease.obs, job.route.clean, job.requested
 
         def fix(chunk: JSON) -> JSON | None:
@@ -345,11 +375,7 @@ class Proxy:
                 lease.used(lease.ticket.reserved)  # the engine did not say: what was reserved
             lease.end(200, error)
             entry = assembler.entry() if assembler is not None and error is None else None
-            if (
-                entry is not None
-                and schema is not None
-                and not output_check.conforms(entry, schema)
-            ):
+            if entry is not None and not _passes(checks, entry):
                 entry = None  # an answer that broke its schema is never stored
             if entry is not None and self.cache is not None and job.store_key is not None:
                 entry["system_fingerprint"] = cleaning.fingerprint(target)
@@ -382,10 +408,11 @@ class Proxy:
         usage = answer.get("usage")
         lease.used(charged, usage if isinstance(usage, dict) else None)
         storable = job.store_key is not None
-        schema = output_check.schema_of(body.get("response_format"))
-        if schema is not None:
+        checks = _output_checks(body)
+        if checks:
             try:
-                output_check.check_chat_output(answer, schema)
+                for check in checks:
+                    check(answer)
                 headers[OUTPUT_VALID_HEADER] = "true"
             except InvalidModelOutput:
                 if self.config.invalid_output == "reject":
