@@ -24,6 +24,7 @@ from serving.http.app import create_app
 from serving.settings import GatewayConfig, ResponsesConfig, Settings
 from tests.fakes.engine import FakeEngine
 from tests.openai_spec import validate, validate_response_event
+from tests.redis_server import free_port
 
 JSON = dict[str, Any]
 KEYS = ["sk-alice", "sk-bob"]
@@ -451,3 +452,39 @@ def test_the_openai_client(client: TestClient) -> None:
     sdk.responses.delete(first.id)
     with pytest.raises(openai.NotFoundError):
         sdk.responses.retrieve(first.id)
+
+
+def test_two_gateways_sharing_redis_continue_each_others_responses(
+    tmp_path: Path, redis_url: str
+) -> None:
+    one, two = ToolEngine(), ToolEngine()
+    with (
+        make_client(one, tmp_path / "a", redis_url=redis_url) as a,
+        make_client(two, tmp_path / "b", redis_url=redis_url) as b,
+    ):
+        first = create(a, input="My name is Ada.").json()
+        assert b.get(f"/v1/responses/{first['id']}", headers=ALICE).json() == first
+        second = stream(b, input="Name?", previous_response_id=first["id"])[-1]["response"]
+        assert len(two.calls[-1]["messages"]) == 3
+        third = create(a, input="Again?", previous_response_id=second["id"])
+        assert third.status_code == 200
+        assert len(one.calls[-1]["messages"]) == 5
+        assert b.get(f"/v1/responses/{first['id']}", headers=BOB).status_code == 404
+    assert not (tmp_path / "a" / "responses.sqlite3").exists()  # Redis, not the file
+
+
+def test_store_down_is_a_503_or_a_failed_stream(tmp_path: Path) -> None:
+    down = f"redis://127.0.0.1:{free_port()}/0"
+    with make_client(ToolEngine(), tmp_path, redis_url=down, timeout_s=0.2) as client:
+        for answer in (
+            create(client, input="Hi"),
+            create(client, input="Hi", previous_response_id="resp_1"),
+            client.get("/v1/responses/resp_1", headers=ALICE),
+        ):
+            assert answer.status_code == 503
+            validate("ErrorResponse", answer.json())
+            assert answer.json()["error"]["code"] == "responses_unavailable"
+        events = stream(client, input="Hi")
+        assert [e["type"] for e in events[-2:]] == ["error", "response.failed"]
+        assert events[-2]["code"] == "responses_unavailable"
+        assert create(client, input="Hi", store=False).status_code == 200  # needs no store
