@@ -488,3 +488,14 @@ def test_store_down_is_a_503_or_a_failed_stream(tmp_path: Path) -> None:
         assert [e["type"] for e in events[-2:]] == ["error", "response.failed"]
         assert events[-2]["code"] == "responses_unavailable"
         assert create(client, input="Hi", store=False).status_code == 200  # needs no store
+
+
+def test_version_pin_and_cache_control_headers_apply(client: TestClient) -> None:
+    pinned = {**ALICE, "x-weir-model-version": "135m-instruct", "x-weir-cache-control": "bypass"}
+    answer = create(client, pinned, input="Hi", temperature=0)
+    assert answer.status_code == 200
+    assert answer.headers["x-weir-model-version"] == "135m-instruct"
+    assert answer.headers["x-weir-cache"] == "bypass"
+    missing = create(client, {**ALICE, "x-weir-model-version": "v9"}, input="Hi")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "model_not_found"
