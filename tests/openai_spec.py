@@ -87,7 +87,8 @@ def validate_response_event(event: Any) -> str:
     """Validate one Responses stream event against ``ResponseStreamEvent`` and against the
     one member schema its ``type`` names (the union alone would let an event pass as any
     member). Returns that schema's name; raises ``jsonschema.ValidationError``."""
-    name = _stream_event_schemas().get(event.get("type")) if isinstance(event, dict) else None
+    kind = event.get("type") if isinstance(event, dict) else None
+    name = _stream_event_schemas().get(kind) if isinstance(kind, str) else None
     if name is None:
         raise jsonschema.ValidationError(f"no ResponseStreamEvent has type {event!r:.80}")
     validate("ResponseStreamEvent", event)

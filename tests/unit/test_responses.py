@@ -30,7 +30,7 @@ JSON = dict[str, Any]
 KEYS = ["sk-alice", "sk-bob"]
 ALICE = {"authorization": "Bearer sk-alice"}
 BOB = {"authorization": "Bearer sk-bob"}
-CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather"}}
+CALL: JSON = {"id": "call_1", "type": "function", "function": {"name": "get_weather"}}
 ARGUMENTS = ['{"city": ', '"Paris"}']
 
 
