@@ -27,7 +27,7 @@ from serving.errors import InvalidRequest, MethodNotAllowed
 from serving.http.front import caller_of, request_id_of
 from serving.http.model_routes import Edge, parse, read_body
 from serving.http.rendering import JSONBytes, disconnected, respond
-from serving.http.routes.openapi_errors import GENERATION_ERRORS
+from serving.http.routes.openapi_errors import GENERATION_ERRORS, errors
 from serving.http.validation import invalid_request_from_errors
 from serving.protocol.responses import InputItemsQuery, ResponseRequest
 from serving.responses.service import Responses
@@ -38,6 +38,7 @@ _CONTROL = CONTROL_HEADER.encode()
 ONE = PATH + "/{response_id}"
 INPUT_ITEMS = ONE + "/input_items"
 Service = Callable[[], Responses]
+STORED_ERRORS = errors(400, 401, 404, 405, 503)
 
 
 def _allow(scope: Scope, *methods: str) -> None:
@@ -152,7 +153,21 @@ def openapi_routes() -> list[APIRoute]:
             summary="Create a model response (JSON or SSE)",
             responses=GENERATION_ERRORS,
         ),
-        APIRoute(ONE, one, methods=["GET"], summary="Get a stored response"),
-        APIRoute(ONE, one, methods=["DELETE"], summary="Delete a stored response"),
-        APIRoute(INPUT_ITEMS, items, methods=["GET"], summary="List a response's input items"),
+        APIRoute(
+            ONE, one, methods=["GET"], summary="Get a stored response", responses=STORED_ERRORS
+        ),
+        APIRoute(
+            ONE,
+            one,
+            methods=["DELETE"],
+            summary="Delete a stored response",
+            responses=STORED_ERRORS,
+        ),
+        APIRoute(
+            INPUT_ITEMS,
+            items,
+            methods=["GET"],
+            summary="List a response's input items",
+            responses=STORED_ERRORS,
+        ),
     ]

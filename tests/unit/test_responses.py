@@ -428,10 +428,18 @@ def test_methods_and_stream_retrieval_are_refused(client: TestClient) -> None:
 
 
 def test_openapi_lists_the_routes(client: TestClient) -> None:
-    paths = client.get("/openapi.json", headers=ALICE).json()["paths"]
+    document = client.get("/openapi.json", headers=ALICE).json()
+    paths = document["paths"]
     assert set(paths["/v1/responses"]) == {"post"}
     assert set(paths["/v1/responses/{response_id}"]) == {"get", "delete"}
     assert set(paths["/v1/responses/{response_id}/input_items"]) == {"get"}
+    create = paths["/v1/responses"]["post"]
+    body = create["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/ResponseRequest"}
+    assert "429" in create["responses"]
+    assert "404" in paths["/v1/responses/{response_id}"]["get"]["responses"]
+    listed = paths["/v1/responses/{response_id}/input_items"]["get"]["parameters"]
+    assert {p["name"] for p in listed} == {"response_id", "limit", "order", "after"}
 
 
 def test_the_openai_client(client: TestClient) -> None:
