@@ -48,6 +48,10 @@ class EngineConfig(_Strict):
     cpu_args: list[str] = ["--enforce-eager", "--dtype", "bfloat16"]
     cuda_args: list[str] = []
     cpu_env: dict[str, str] = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    # GPU placement: each engine needs its weights (per TP rank) + this KV cache budget +
+    # about 1.5 GiB of CUDA overhead; engines on one GPU take at most gpu_memory_cap of it
+    gpu_kv_cache_gib: float = Field(2.0, gt=0)
+    gpu_memory_cap: float = Field(0.9, gt=0, le=1)
     # Which engine flags apply: auto = cuda where an NVIDIA device is visible, else cpu.
     # Env: WEIR_ENGINES__HOST=cuda (the CUDA image sets it).
     host: Literal["auto", "cpu", "cuda"] = "auto"
@@ -70,8 +74,11 @@ class VersionConfig(_Strict):
     engine_args: list[str] = []
     env: dict[str, str] = {}
     # CPU hosts: the cores this version's local engines run on (processes pinned, vLLM's
-    # OpenMP threads bound there); empty: vLLM binds from core 0 up, every engine alike
+    # OpenMP threads bound there); empty: the planner gives each engine its own share
     cpus: list[Annotated[int, Field(ge=0)]] = []
+    # GPU hosts: the GPUs its replicas use (replica i: the i-th run of its TP size);
+    # empty: the planner picks free ones (models/engines/placement)
+    gpus: list[Annotated[int, Field(ge=0)]] = []
     standby: bool = False  # configured but not started: `weir deploy` starts it
     # Tool calling (chat): "auto" derives vLLM's tool-call parser from the chat template;
     # "off" refuses requests with tools; else a parser name (--tool-call-parser).

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from models.engines.client import Engine
+from models.engines.placement import Host, Placement
 from models.engines.supervisor import EngineProcess
 from models.types import ReplicaKey, ServedVersion, VersionKey
 
@@ -34,6 +35,7 @@ class Replica:
     healthy: bool = False
     since: float = field(default_factory=time.monotonic)  # last state change or spawn
     failed_checks: int = 0  # health checks failed in a row
+    placement: Placement | None = None  # its GPUs or cores (local engines)
 
 
 class Fleet:
@@ -45,8 +47,10 @@ class Fleet:
         start_timeout_s: float = 600.0,
         unhealthy_after: int = 1,
         clock: Callable[[], float] = time.monotonic,
+        host: Host | None = None,
     ) -> None:
         self.replicas = list(replicas)
+        self.host = host  # the devices read at start, before any engine: what placement plans on
         self.health_interval_s = health_interval_s
         self.start_timeout_s = start_timeout_s
         self.unhealthy_after = unhealthy_after
@@ -126,6 +130,10 @@ class Fleet:
         for replica in self.replicas:
             replica.healthy = False
             await replica.engine.aclose()
+
+    def placements(self) -> list[Placement]:
+        """Where the local replicas run now (a deploy plans beside these)."""
+        return [r.placement for r in self.replicas if r.placement is not None]
 
     def replicas_of(self, version: ServedVersion) -> list[Replica]:
         return self._by_version.get(version.key, [])

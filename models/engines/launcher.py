@@ -7,9 +7,10 @@ Local versions get a vLLM process per replica on a free loopback port; versions 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
-import os
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 import aiohttp
@@ -20,6 +21,9 @@ from models.engines import vllm_engine
 from models.engines.backoff import ExponentialBackoff
 from models.engines.client import EngineTimeouts, HttpEngine
 from models.engines.fleet import Fleet, Replica
+from models.engines.placement import DeployPlan, EngineSpec, Host, Placement, plan, plan_deploy
+from models.engines.placement.discover import discover
+from models.engines.placement.types import describe
 from models.engines.supervisor import EngineProcess
 from models.store import ModelStore
 from models.tokenizer import TokenCounter
@@ -122,6 +126,8 @@ class ReplicaFactory:
     engines: EngineConfig
     session: aiohttp.ClientSession
     timeouts: EngineTimeouts
+    machine: Host | None = None  # the host's devices as described; None: read on first use
+    server: str = vllm_engine.SERVER_MODULE  # the module run with python -m, vLLM's server
     host: vllm_engine.HostKind = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
@@ -135,13 +141,21 @@ class ReplicaFactory:
         return Replica(key, engine, version.served_name or model.name)
 
     def __call__(
-        self, model: ModelConfig, version: VersionConfig, weights: Path | None
+        self,
+        model: ModelConfig,
+        version: VersionConfig,
+        weights: Path | None,
+        placements: Sequence[Placement] | None = None,
     ) -> list[Replica]:
+        """The version's replicas; a local one's on ``placements`` (one per replica), or
+        planned alone on the host when none are given."""
         engines = self.engines
         backoff = ExponentialBackoff(engines.restart_backoff_base_s, engines.restart_backoff_cap_s)
         timeouts = model_timeouts(model, self.timeouts)
         served_name = version.served_name or model.name
         remote = version.remote
+        if not remote and placements is None:
+            placements = self.plan(model, version, weights, host=self.devices)
         replicas: list[Replica] = []
         for index in range(version.replica_count):
             key = ReplicaKey(model.name, version.version, index)
@@ -149,6 +163,8 @@ class ReplicaFactory:
                 replicas.append(self.remote(model, version, key, remote[index]))
                 continue
             assert weights is not None, f"{key}: local version without weights"
+            assert placements is not None
+            placement = placements[index]
             port = free_port()
             cmd = vllm_engine.command(
                 weights=weights,
@@ -159,46 +175,93 @@ class ReplicaFactory:
                 extra_args=tool_calling.for_version(model.task, version, weights).engine_args()
                 + version.engine_args,
                 host=self.host,
+                placement=placement,
+                server=self.server,
             )
             process = EngineProcess(
                 str(key),
                 cmd,
-                env=vllm_engine.environment(
-                    engines,
-                    version.env,
-                    self.host,
-                    version.cpus
-                    or vllm_engine.replica_cores(
-                        index, version.replica_count, os.sched_getaffinity(0)
-                    ),
-                ),
-                cpus=version.cpus if self.host == "cpu" else (),
+                env=vllm_engine.environment(engines, version.env, self.host, placement),
+                cpus=placement.cpus if self.host == "cpu" else (),
                 log_path=engines.log_dir.expanduser()
                 / f"{model.name}@{version.version}-{index}.log",
                 grace_s=engines.stop_grace_s,
                 backoff=backoff,
             )
             engine = HttpEngine(str(key), f"http://127.0.0.1:{port}", self.session, timeouts)
-            replicas.append(Replica(key, engine, served_name, process))
+            replicas.append(Replica(key, engine, served_name, process, placement=placement))
         return replicas
+
+    @functools.cached_property
+    def devices(self) -> Host:
+        """The host's GPUs or cores, read once, on first use (before engines start)."""
+        return self.machine if self.machine is not None else discover(self.host)
+
+    def spec(self, model: ModelConfig, version: VersionConfig, weights: Path | None) -> EngineSpec:
+        key = VersionKey(model.name, version.version)
+        return vllm_engine.engine_spec(key, version, weights, self.engines)
+
+    def plan(
+        self,
+        model: ModelConfig,
+        version: VersionConfig,
+        weights: Path | None,
+        *,
+        host: Host,
+        running: Sequence[Placement] = (),
+    ) -> tuple[Placement, ...]:
+        """Devices for one local version's replicas beside ``running``."""
+        spec = self.spec(model, version, weights)
+        return plan(host, [spec], running=running, cap=self.engines.gpu_memory_cap)
+
+    def plan_deploy(
+        self,
+        model: ModelConfig,
+        version: VersionConfig,
+        weights: Path | None,
+        *,
+        host: Host,
+        running: Sequence[Placement],
+        replacing: VersionKey | None,
+    ) -> DeployPlan:
+        """Where a deployed version's replicas go while ``running`` keeps serving."""
+        spec = self.spec(model, version, weights)
+        return plan_deploy(host, spec, running, replacing, cap=self.engines.gpu_memory_cap)
 
 
 def build_fleet(
     models: list[ModelConfig], weights: dict[VersionKey, Path], factory: ReplicaFactory
 ) -> Fleet:
-    """The fleet of every running version's replicas (standby versions start on deploy)."""
+    """The fleet of every running version's replicas (standby versions start on deploy).
+
+    Local versions are placed together first (``PlacementRefused``, with the numbers,
+    when they do not fit): each replica gets its GPUs and memory fraction, or its cores.
+    """
+    running = [
+        (model, version)
+        for model in models
+        for version in model.versions
+        if version.version in model.running()
+    ]
+    local = [(m, v) for m, v in running if not v.remote and v.dns is None]
+    host = factory.devices if local else None
+    placed: dict[VersionKey, list[Placement]] = {}
+    if host is not None:
+        specs = [factory.spec(m, v, weights.get(VersionKey(m.name, v.version))) for m, v in local]
+        for each in plan(host, specs, cap=factory.engines.gpu_memory_cap):
+            placed.setdefault(each.replica.version_key, []).append(each)
     replicas: list[Replica] = []
-    for model in models:
-        running = model.running()
-        for version in model.versions:
-            if version.version in running:
-                replicas += factory(
-                    model, version, weights.get(VersionKey(model.name, version.version))
-                )
+    for model, version in running:
+        key = VersionKey(model.name, version.version)
+        replicas += factory(model, version, weights.get(key), placed.get(key, []))
     log.info("fleet on a %s host: %d replicas", factory.host, len(replicas))
+    for replica in replicas:
+        if replica.placement is not None:
+            log.info("placed %s", describe(replica.placement))
     engines = factory.engines
     return Fleet(
         replicas,
+        host=host,
         health_interval_s=engines.health_interval_s,
         start_timeout_s=engines.start_timeout_s,
         unhealthy_after=engines.unhealthy_after,

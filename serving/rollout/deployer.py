@@ -32,7 +32,9 @@ from typing import Any
 from models.config import ModelConfig, StoreConfig, VersionConfig
 from models.engines.discovery import DnsDiscovery
 from models.engines.fleet import Fleet, Replica
-from models.engines.launcher import version_counter
+from models.engines.launcher import ReplicaFactory, version_counter
+from models.engines.placement import Placement, PlacementRefused
+from models.engines.placement.types import describe
 from models.errors import EngineError, StoreError
 from models.registry import Registry
 from models.store import ModelStore, loadable_problems
@@ -46,7 +48,7 @@ from serving.routing.dispatch import Dispatcher
 from serving.settings import DeployConfig
 
 log = logging.getLogger("weir.rollout")
-ReplicaMaker = Callable[[ModelConfig, VersionConfig, Path | None], list[Replica]]
+ReplicaMaker = Callable[..., list[Replica]]  # (model, version, weights[, placements])
 WARM_CHAT = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
 
 
@@ -207,6 +209,8 @@ class Deployer:
         weights = None
         if asked.version not in running:
             weights = await asyncio.to_thread(self._check_weights, name, version)
+            replacing = None if asked.canary is not None else model.current
+            self._placements(model, version, weights, replacing)  # refused before it starts
         kind = "canary" if asked.canary is not None else "deploy"
         operation = Operation(kind, name, asked.version)
         if gate_spec is not None:
@@ -346,6 +350,37 @@ class Deployer:
         updated = model.model_copy(update={"versions": [*model.versions, version]})
         return version, updated
 
+    def _placements(
+        self,
+        model: ModelConfig,
+        version: VersionConfig,
+        weights: Path | None,
+        replacing: str | None,
+    ) -> tuple[Placement, ...] | None:
+        """Where a local version's new engines go, beside what runs (``None``: remote, or
+        replicas not made by the launcher); ``DeployRefused`` when they do not fit, with
+        the numbers and, where one would fit, the rolling swap that would."""
+        factory, host = self.make_replicas, self.fleet.host
+        local = version.weights is not None and not version.remote and version.dns is None
+        if not local or host is None or not isinstance(factory, ReplicaFactory):
+            return None
+        old = VersionKey(model.name, replacing) if replacing is not None else None
+        try:
+            plan = factory.plan_deploy(
+                model, version, weights, host=host, running=self.fleet.placements(),
+                replacing=old,
+            )  # fmt: skip
+        except PlacementRefused as exc:
+            raise DeployRefused(f"{model.name}@{version.version}: {exc}") from None
+        if plan.kind != "beside":
+            raise DeployRefused(
+                f"{model.name}@{version.version}: {plan.note}. A rolling swap would fit"
+                f" (capacity reduced, never zero): {plan.describe()}. Weir does not run"
+                " rolling swaps by itself: free the GPUs (fewer replicas of what runs) or"
+                " give the version less memory (--gpu-memory-utilization in engine_args)."
+            )
+        return plan.placements
+
     def _check_weights(self, name: str, version: VersionConfig) -> Path | None:
         """The weights' directory, after checking they would load; ``DeployRefused``."""
         if version.weights is None:
@@ -443,7 +478,14 @@ class Deployer:
                 if not replicas:
                     raise DeployFailed(f"{version.dns} resolves to no engines")
             else:
-                replicas = self.make_replicas(model, version, weights)
+                placements = self._placements(
+                    model, version, weights, self._model(key.model).current
+                )
+                if placements is None:
+                    replicas = self.make_replicas(model, version, weights)
+                else:
+                    replicas = self.make_replicas(model, version, weights, placements)
+                    operation.step("placed", on=[describe(p) for p in placements])
                 self.dispatcher.adopt(replicas)
                 operation.step("starting", replicas=len(replicas))
                 await self.fleet.add(replicas)

@@ -27,7 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--child", action="store_true")
-    args = parser.parse_args()
+    args, _ = parser.parse_known_args()  # started as vLLM is: its flags are ignored
     if args.child:
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
     ThreadingHTTPServer(("127.0.0.1", args.port), Handler).serve_forever()

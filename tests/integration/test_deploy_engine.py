@@ -33,14 +33,13 @@ ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 
 
 def weir_config(port: int, logs: Path) -> str:
+    # no cpus anywhere: the planner gives v1 a share of the cores and a deployed v2 a share
+    # of its own (vLLM's own binding put both on core 0, where the busy v1 starved v2's
+    # start-up past the start timeout on 2 cores)
     v1 = {"version": "v1", "weights": "smollm2-135m-instruct",
-          "engine_args": ["--max-model-len", "1024"], "cpus": [0]}  # fmt: skip
-    # v2 on its own core, as a new version gets its own GPU: vLLM's automatic binding puts
-    # every engine on core 0, where the busy v1 engine (its OpenMP threads spin there)
-    # starved the new engine's start-up past 5 minutes in some runs on 2 cores, its
-    # processes included
+          "engine_args": ["--max-model-len", "1024"]}  # fmt: skip
     v2 = {"version": "v2", "weights": "smollm2-135m-instruct",
-          "engine_args": ["--max-model-len", "2048"], "standby": True, "cpus": [1]}  # fmt: skip
+          "engine_args": ["--max-model-len", "2048"], "standby": True}  # fmt: skip
     return weir_toml(
         gateway={"port": port},
         keys={"admin_key": ADMIN_KEY},
@@ -97,8 +96,14 @@ def wait_phase(gateway: Stack, timeout_s: float = 600) -> dict[str, Any]:
 
 
 def engines(gateway: Stack) -> list[dict[str, Any]]:
-    data: list[dict[str, Any]] = httpx.get(f"{gateway.base_url}/weir/engines").json()["data"]
+    answer = httpx.get(f"{gateway.base_url}/weir/engines", headers=ADMIN)
+    data: list[dict[str, Any]] = answer.json()["data"]
     return data
+
+
+def cores_of(pid: int) -> set[int]:
+    """The cores an engine's processes may run on (the guard's, which they inherit)."""
+    return set(psutil.Process(pid).cpu_affinity() or [])
 
 
 def engine_rss_mb(gateway: Stack) -> float:
@@ -247,6 +252,12 @@ def test_swap_under_load_fails_nothing_and_stops_the_old_engines(gateway: Stack)
     assert alive([e["pid"] for e in old]) == []
     assert not any(listening(e["base_url"]) for e in old)
     assert {e["version"] for e in engines(gateway)} == {"v2"}
+    # v2 ran on cores of its own beside v1, as the planner put them (no cpus configured)
+    (new,) = engines(gateway)
+    print(f"placement: v1 {[e['placement'] for e in old]}, v2 {new['placement']}")
+    assert new["placement"]["cpus"]
+    assert not set(new["placement"]["cpus"]) & {c for e in old for c in e["placement"]["cpus"]}
+    assert cores_of(new["pid"]) == set(new["placement"]["cpus"])
 
 
 def test_canary_at_25_percent_then_rollback(gateway: Stack) -> None:

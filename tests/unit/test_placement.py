@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from models.engines.placement import (
@@ -41,9 +43,11 @@ def test_one_gpu_holds_a_chat_and_an_embedding_model_with_fractions_that_fit() -
     embed = EngineSpec(EMBED, memory_bytes=3 * GIB)
     chat_at, embed_at = plan(host, [chat, embed])
     assert chat_at.gpus == embed_at.gpus == (0,)
-    assert chat_at.memory_fraction is not None and embed_at.memory_fraction is not None
+    assert chat_at.memory_fraction is not None
+    assert embed_at.memory_fraction is not None
     # each gets at least its need, the bigger one more, and together at most 0.9
-    assert chat_at.memory_fraction >= 10 / 80 and embed_at.memory_fraction >= 3 / 80
+    assert chat_at.memory_fraction >= 10 / 80
+    assert embed_at.memory_fraction >= 3 / 80
     assert chat_at.memory_fraction > embed_at.memory_fraction
     assert 0.88 <= chat_at.memory_fraction + embed_at.memory_fraction <= 0.9
 
@@ -159,8 +163,10 @@ def test_two_cores_one_engine_each_or_one_engine_and_room_for_a_deploy() -> None
 def test_sixteen_cores_on_two_numa_nodes() -> None:
     host = CpuHost(tuple(range(16)), tuple((c, c // 8) for c in range(16)))
     chat, embed = plan(host, [EngineSpec(CHAT), EngineSpec(EMBED)])
-    assert chat.cpus == (0, 1, 2, 3, 4) and chat.omp_bind == "0-3"
-    assert embed.cpus == (8, 9, 10, 11, 12) and embed.omp_bind == "8-11"  # a node each
+    assert chat.cpus == (0, 1, 2, 3, 4)
+    assert chat.omp_bind == "0-3"
+    assert embed.cpus == (8, 9, 10, 11, 12)
+    assert embed.omp_bind == "8-11"
     deploy = plan_deploy(host, EngineSpec(CHAT2), [chat, embed], CHAT)
     new = deploy.placements[0]
     # the free cores of one node (three of them) rather than a wider share on busy ones
@@ -181,3 +187,59 @@ def test_explicit_cpus_win_and_unknown_cores_are_refused() -> None:
 def test_core_lists_read_and_write_linux_form() -> None:
     assert core_list((0, 1, 2, 3, 6, 8, 9)) == "0-3,6,8-9"
     assert parse_list("0-3,6,8-9\n") == (0, 1, 2, 3, 6, 8, 9)
+
+
+def test_the_engine_environment_follows_the_placement_and_the_version_env_wins() -> None:
+    from models.config import EngineConfig
+    from models.engines import vllm_engine
+
+    key = ReplicaKey("smollm2", "v1", 0)
+    on_cpu = Placement(key, cpus=(0, 1, 2), omp=((0, 1),))
+    assert (
+        vllm_engine.environment(EngineConfig(), {}, "cpu", on_cpu)["VLLM_CPU_OMP_THREADS_BIND"]
+        == "0-1"
+    )
+    own = {"VLLM_CPU_OMP_THREADS_BIND": "2"}
+    assert (
+        vllm_engine.environment(EngineConfig(), own, "cpu", on_cpu)["VLLM_CPU_OMP_THREADS_BIND"]
+        == "2"
+    )
+    on_gpu = Placement(key, gpus=(4, 5), memory_fraction=0.45)
+    env = vllm_engine.environment(EngineConfig(), {}, "cuda", on_gpu)
+    assert env["CUDA_VISIBLE_DEVICES"] == "4,5"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in env or "VLLM_CPU_OMP_THREADS_BIND" in os.environ
+    from pathlib import Path
+
+    cmd = vllm_engine.command(weights=Path("/w"), served_name="s", port=1, task="chat",
+                              config=EngineConfig(), extra_args=["--gpu-memory-utilization", "0.3"],
+                              host="cuda", placement=on_gpu)  # fmt: skip
+    # ours first, the version's own after it (vLLM takes the last)
+    assert cmd[-4:] == ["--gpu-memory-utilization", "0.45", "--gpu-memory-utilization", "0.3"]
+
+
+def test_weir_placement_plans_the_configured_versions_on_this_host(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from serving.cli.main import main
+
+    assert main(["placement", "--plan"]) == 0
+    shown = capsys.readouterr().out
+    assert "smollm2@135m-instruct#0" in shown
+    assert "minilm@l6-v2#0" in shown
+
+
+def test_weir_placement_rows_from_the_gateways_engines() -> None:
+    from serving.cli.placement import rows_of
+
+    on_gpu = Placement(ReplicaKey("smollm2", "v1", 0), gpus=(0, 1), memory_fraction=0.45)
+    on_cpu = Placement(ReplicaKey("minilm", "l6", 0), cpus=(2, 3, 4), omp=((2, 3),))
+    engines = [
+        {"replica": "smollm2@v1#0", "local": True, "placement": on_gpu.view()},
+        {"replica": "minilm@l6#0", "local": True, "placement": on_cpu.view()},
+        {"replica": "far@v1#0", "local": False, "placement": None},
+    ]
+    assert rows_of(engines) == [
+        ("smollm2@v1#0", "0,1", "0.45", "-", "-"),
+        ("minilm@l6#0", "-", "-", "2-4", "2-3"),
+        ("far@v1#0", "-", "-", "-", "remote"),
+    ]

@@ -23,6 +23,7 @@ from models.engines.backoff import ExponentialBackoff
 from models.engines.client import EngineTimeouts, HttpEngine
 from models.engines.fleet import Fleet, Replica
 from models.engines.launcher import free_port
+from models.engines.placement import Placement
 from models.engines.supervisor import EngineProcess
 from models.types import ReplicaKey
 
@@ -222,7 +223,8 @@ async def test_an_engine_pinned_to_cores_runs_only_there(tmp_path: Path) -> None
     """``cpus`` (a version's cores on a CPU host): the guard and the engine under it are
     pinned, and vLLM is told to bind its OpenMP threads to the same cores."""
     core = max(os.sched_getaffinity(0))
-    env = vllm_engine.environment(EngineConfig(), {}, "cpu", [core])
+    pinned = Placement(ReplicaKey("pinned", "v1", 0), cpus=(core,), omp=((core,),))
+    env = vllm_engine.environment(EngineConfig(), {}, "cpu", pinned)
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == str(core)
     assert "VLLM_CPU_OMP_THREADS_BIND" not in vllm_engine.environment(EngineConfig(), {}, "cpu")
     process = EngineProcess(
@@ -247,25 +249,3 @@ async def test_an_engine_pinned_to_cores_runs_only_there(tmp_path: Path) -> None
         assert shown in process.log_path.read_text()
     finally:
         await process.stop()
-
-
-def test_replicas_of_a_version_split_the_cores_between_them() -> None:
-    """Without ``cpus``, a version's local replicas bind vLLM's OpenMP threads to an even
-    share of the host's cores each, not all to vLLM's default first cores."""
-    assert vllm_engine.replica_cores(0, 1, [0, 1]) == ()  # one replica: vLLM's own binding
-    assert [vllm_engine.replica_cores(i, 2, [1, 0]) for i in range(2)] == [(0,), (1,)]
-    assert [vllm_engine.replica_cores(i, 2, range(8)) for i in range(2)] == [
-        (0, 1, 2, 3),
-        (4, 5, 6, 7),
-    ]
-    assert [vllm_engine.replica_cores(i, 3, [0, 1]) for i in range(3)] == [(0,), (1,), (0,)]
-    env = vllm_engine.environment(
-        EngineConfig(), {}, "cpu", vllm_engine.replica_cores(1, 2, [0, 1])
-    )
-    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
-    # a version's own env still wins, and a CUDA host is left alone
-    own = vllm_engine.environment(EngineConfig(), {"VLLM_CPU_OMP_THREADS_BIND": "0-1"}, "cpu", (1,))
-    assert own["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
-    assert "VLLM_CPU_OMP_THREADS_BIND" not in vllm_engine.environment(
-        EngineConfig(), {}, "cuda", (1,)
-    )

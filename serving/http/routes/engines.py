@@ -12,6 +12,7 @@ may use, without URLs, pids or where they run.
 from __future__ import annotations
 
 import hmac
+from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
@@ -36,6 +37,8 @@ class ReplicaView(BaseModel):
     breaker_trips: int
     outstanding: int
     requests: int
+    # where it runs (local engines, full view): gpus + memory_fraction, or cpus + OpenMP
+    placement: dict[str, Any] | None = None
 
 
 class BulkheadView(BaseModel):
@@ -108,6 +111,7 @@ async def list_engines(proxy: ProxyDep, request: Request) -> EngineList:
                 breaker_trips=load.breaker.trips,
                 outstanding=load.outstanding,
                 requests=load.requests,
+                placement=r.placement.view() if full and r.placement else None,
             )
         )
     return EngineList(data=views, bulkheads=bulkheads)
