@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import time
+from collections.abc import Callable
 
 import httpx
 import jsonschema
@@ -87,36 +89,70 @@ def chat_engines(stack: Stack) -> list[str]:
     return [e["base_url"] for e in engines if e["model"] == "smollm2"]
 
 
-def test_leaving_mid_stream_stops_the_engine(stack: Stack) -> None:
+LONG = 1500  # tokens asked for (ignore_eos): minutes of generation on a CPU engine
+
+
+def finished_requests(base: str) -> float:
+    """Requests the engine finished by generating (stop or length), aborts excluded."""
+    return sum(
+        metric(base, "vllm:request_success_total", f'finished_reason="{reason}"')
+        for reason in ("stop", "length")
+    )
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll: vLLM publishes its gauges on its own stats tick (seconds apart on CPU)."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def leave_mid_generation(stack: Stack, stream: bool) -> None:
+    """Ask one chat engine for LONG tokens, leave once vLLM reports the request running,
+    then check in vLLM's own counters that it was aborted: nothing running any more, no
+    request finished by generating, far fewer tokens generated than asked."""
     urls = chat_engines(stack)
-    body = {
-        "model": "smollm2",
-        "messages": [{"role": "user", "content": "Write a very long story."}],
-        "max_tokens": 1500,
-        "ignore_eos": True,
-        "stream": True,
-    }
-    busy: str | None = None
-    with httpx.stream("POST", f"{stack.base_url}/v1/chat/completions", json=body, timeout=60) as r:
-        lines = 0
-        for line in r.iter_lines():  # read until an engine's gauge shows it generating
-            lines += line.startswith("data: ")
-            if lines % 10 == 0:
-                busy = next((u for u in urls if metric(u, "vllm:num_requests_running") >= 1), None)
-                if busy is not None:
-                    break
-            assert lines < 1400, "no engine ever reported the request as running"
-    assert busy is not None
-    left = time.monotonic()
-    while metric(busy, "vllm:num_requests_running") > 0 and time.monotonic() - left < 10:
-        time.sleep(0.05)
-    stopped_after = time.monotonic() - left
-    assert metric(busy, "vllm:num_requests_running") == 0
-    # generation stopped: the engine's token counter no longer moves
-    before = metric(busy, "vllm:generation_tokens_total")
-    time.sleep(1.0)
-    assert metric(busy, "vllm:generation_tokens_total") == before
-    assert stopped_after < 3.0, stopped_after
+    assert all(metric(u, "vllm:num_requests_running") == 0 for u in urls)
+    finished = {u: finished_requests(u) for u in urls}
+    generated = {u: metric(u, "vllm:generation_tokens_total") for u in urls}
+    body = json.dumps({
+        "model": "smollm2", "messages": [{"role": "user", "content": "Write a very long story."}],
+        "max_tokens": LONG, "ignore_eos": True, "stream": stream,
+    }).encode()  # fmt: skip
+    host, port = stack.base_url.removeprefix("http://").split(":")
+    busy: list[str] = []
+    with socket.create_connection((host, int(port))) as client:  # a client that hangs up
+        client.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\ncontent-type: application/json"
+            b"\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+        )
+
+        def running() -> bool:
+            busy[:] = [u for u in urls if metric(u, "vllm:num_requests_running") >= 1]
+            return bool(busy)
+
+        wait_until(running, 120, "no engine ever reported the request as running")
+    engine = busy[0]
+    wait_until(lambda: metric(engine, "vllm:num_requests_running") == 0, 60,
+               "the engine still runs the request its client left")  # fmt: skip
+    made = metric(engine, "vllm:generation_tokens_total") - generated[engine]
+    aborts = metric(engine, "vllm:request_success_total", 'finished_reason="abort"')
+    kind = "stream" if stream else "plain"
+    print(f"\nclient left ({kind}): the engine generated {made:g} of {LONG} tokens;"
+          f" vLLM's abort count {aborts:g}")  # fmt: skip
+    assert finished_requests(engine) == finished[engine]  # it never finished generating
+    assert made < LONG
+    assert all(finished_requests(u) == finished[u] for u in urls)
+
+
+def test_leaving_mid_stream_aborts_the_request_in_the_engine(stack: Stack) -> None:
+    leave_mid_generation(stack, stream=True)
+
+
+def test_leaving_a_plain_request_aborts_it_in_the_engine(stack: Stack) -> None:
+    """The unit tests count the fake's cancellations; this is vLLM's own account."""
+    leave_mid_generation(stack, stream=False)
 
 
 def test_json_schema_output_validates(stack: Stack) -> None:

@@ -28,6 +28,7 @@ from models.engines.launcher import free_port
 from tests.integration.stack import Stack
 from tests.integration.test_replica_kill import engine_pid, replicas
 from tests.redis_server import RedisServer
+from tests.windows import wait_for_fresh_window
 
 ADMIN = "admin-key-for-scale-out"
 
@@ -95,6 +96,7 @@ def body(text: str, max_tokens: int = 1) -> dict[str, object]:
 
 def test_request_limits_are_exact_across_both_gateways(tier: Tier) -> None:
     key = new_key(tier, "exact", rpm=30)
+    wait_for_fresh_window(20)  # every admission in one minute (Redis TIME): 30, not 60
 
     async def run() -> Counter[int]:
         async with httpx.AsyncClient(timeout=300) as client:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from serving.cli.main import main
+from tests.redis_server import dead_port
 
 
 def test_non_loopback_without_keys_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
@@ -47,12 +48,11 @@ def test_pull_of_an_unknown_model_fails_cleanly(
 def test_deploy_and_rollback_say_when_the_gateway_does_not_answer(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from models.engines.launcher import free_port
-
-    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    assert main(["deploy", "smollm2", "v2", "--canary", "10", "--url", url]) == 1
-    assert main(["rollback", "smollm2", "--url", url]) == 1
-    assert main(["deployments", "smollm2", "--url", url]) == 1
+    with dead_port() as port:  # nothing listens there, nor can while the block runs
+        url = f"http://127.0.0.1:{port}"
+        assert main(["deploy", "smollm2", "v2", "--canary", "10", "--url", url]) == 1
+        assert main(["rollback", "smollm2", "--url", url]) == 1
+        assert main(["deployments", "smollm2", "--url", url]) == 1
     err = capsys.readouterr().err
     assert err.count(f"gateway at {url} did not answer") == 3
 

@@ -128,8 +128,11 @@ def test_template_errors_are_client_errors(chat_counter: TokenCounter) -> None:
     with pytest.raises(InvalidRequest, match="user first") as caught:
         prepare_chat(chat(), strict, ContractConfig())
     assert caught.value.param == "messages"
+    # a null content is no template error: it renders as an empty message and counts as
+    # one (the template's default system prompt and the empty user turn: 30 tokens)
     empty = chat(messages=[{"role": "user", "content": None}])
-    assert prepare_chat(empty, chat_counter, ContractConfig()).prompt_tokens is not None
+    counted = prepare_chat(empty, chat_counter, ContractConfig()).prompt_tokens
+    assert counted == chat_counter.count_chat([{"role": "user", "content": ""}]) == 30
 
 
 def test_completion_budget_uses_the_longest_prompt(chat_counter: TokenCounter) -> None:

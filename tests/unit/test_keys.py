@@ -27,7 +27,7 @@ from serving.keys.store import (
 )
 from serving.settings import KeysConfig, Settings
 from tests.fakes.engine import FakeEngine
-from tests.redis_server import free_port
+from tests.redis_server import dead_port
 
 ADMIN = "admin-secret-for-tests"
 CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}
@@ -79,9 +79,10 @@ async def test_store_keeps_hashes_not_secrets(
 
 @pytest.mark.anyio
 async def test_unreachable_redis_fails_fast() -> None:
-    store = RedisKeyStore(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.3)
-    with pytest.raises(KeyStoreUnavailable):
-        await store.lookup("sk-weir-anything")
+    with dead_port() as port:
+        store = RedisKeyStore(f"redis://127.0.0.1:{port}/0", timeout_s=0.3)
+        with pytest.raises(KeyStoreUnavailable):
+            await store.lookup("sk-weir-anything")
     await store.aclose()
 
 
@@ -160,9 +161,11 @@ def test_admin_api_is_off_without_an_admin_key(tmp_path: Path) -> None:
 
 
 def test_unreachable_key_store_is_a_503(tmp_path: Path) -> None:
-    config = KeysConfig(enabled=True, redis_url=f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.3)
-    with make_client(config) as client:
-        response = client.post("/v1/chat/completions", json=CHAT, headers=bearer("sk-weir-x"))
+    with dead_port() as port:
+        url = f"redis://127.0.0.1:{port}/0"
+        config = KeysConfig(enabled=True, redis_url=url, timeout_s=0.3)
+        with make_client(config) as client:
+            response = client.post("/v1/chat/completions", json=CHAT, headers=bearer("sk-weir-x"))
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "auth_unavailable"
 

@@ -19,7 +19,7 @@ from serving.limits.limiter import Limiter
 from serving.limits.plan import Check, plan, reservation_size
 from serving.limits.redis_store import RedisLimitStore
 from serving.limits.store import LimitStore, MemoryLimitStore
-from tests.redis_server import free_port
+from tests.redis_server import dead_port
 
 
 class Clock:
@@ -121,12 +121,18 @@ async def test_a_refusal_charges_nothing(store: LimitStore) -> None:
 async def test_concurrency_slots_free_on_settle_and_at_lease_end(store: LimitStore) -> None:
     slots = [Check("max_concurrency", "weir:{rl}:test:conc", "concurrency", 2, 0, 1)]
     assert (await store.admit("a", "m", slots, 60)).admitted
+    leased = time.monotonic()  # b's lease starts after this
     assert (await store.admit("b", "m", slots, 0.3)).admitted
     assert not (await store.admit("c", "m", slots, 60)).admitted
     await store.settle("a", 0)
     assert (await store.admit("c", "m", slots, 60)).admitted
-    await asyncio.sleep(0.45)  # b's gateway "died": its lease runs out
-    assert (await store.admit("d", "m", slots, 60)).admitted
+    # b's gateway "died": its slot frees when its 0.3 s lease runs out, never before (a
+    # refused admission charges nothing, so asking again until then changes nothing)
+    deadline = leased + 10
+    while not (await store.admit("d", "m", slots, 60)).admitted:
+        assert time.monotonic() < deadline, "b's lease never ran out"
+        await asyncio.sleep(0.02)
+    assert time.monotonic() - leased >= 0.3
     assert not (await store.admit("e", "m", slots, 60)).admitted
 
 
@@ -165,7 +171,8 @@ def test_headers_follow_openai() -> None:
 
 @pytest.mark.anyio
 async def test_limiter_refuses_with_retry_after_and_headers() -> None:
-    limiter = Limiter(MemoryLimitStore())
+    window = MemoryLimitStore(clock=Clock(960_000.0))  # one window, whenever the test runs
+    limiter = Limiter(window)
     checks = plan(key(rpm=1, tpm=1000), "m", 10, None)
     ticket = await limiter.admit("m", checks)
     assert ticket.headers["x-ratelimit-limit-requests"] == "1"
@@ -185,15 +192,16 @@ async def test_limiter_refuses_with_retry_after_and_headers() -> None:
 @pytest.mark.anyio
 async def test_limiter_fails_closed_fast_and_recovers(redis_url: str) -> None:
     clock = Clock(0.0)
-    dead = RedisLimitStore(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.2)
-    limiter = Limiter(dead, policy="closed", retry_s=1.0, clock=clock)
-    checks = plan(key(rpm=100), "m", 5, None)
-    started = time.monotonic()
-    with pytest.raises(LimitsUnavailable):
-        await limiter.admit("m", checks)
-    with pytest.raises(LimitsUnavailable):  # inside retry_s: Redis is not even tried
-        await limiter.admit("m", checks)
-    assert time.monotonic() - started < 1.0
+    with dead_port() as port:
+        dead = RedisLimitStore(f"redis://127.0.0.1:{port}/0", timeout_s=0.2)
+        limiter = Limiter(dead, policy="closed", retry_s=1.0, clock=clock)
+        checks = plan(key(rpm=100), "m", 5, None)
+        started = time.monotonic()
+        with pytest.raises(LimitsUnavailable):
+            await limiter.admit("m", checks)
+        with pytest.raises(LimitsUnavailable):  # inside retry_s: Redis is not even tried
+            await limiter.admit("m", checks)
+        assert time.monotonic() - started < 1.0
     limiter.store = RedisLimitStore(redis_url)  # "Redis is back"
     with pytest.raises(LimitsUnavailable):
         await limiter.admit("m", checks)  # still inside retry_s
@@ -207,14 +215,16 @@ async def test_limiter_fails_closed_fast_and_recovers(redis_url: str) -> None:
 
 @pytest.mark.anyio
 async def test_limiter_fails_open_to_a_local_bound() -> None:
-    dead = RedisLimitStore(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.2)
-    limiter = Limiter(dead, policy="open")
-    checks = plan(key(rpm=2), "m", 5, None)
-    first = await limiter.admit("m", checks)
-    second = await limiter.admit("m", checks)
-    assert first.store is second.store is limiter.fallback
-    with pytest.raises(RateLimited):
-        await limiter.admit("m", checks)  # the per-process bound still holds
+    with dead_port() as port:
+        dead = RedisLimitStore(f"redis://127.0.0.1:{port}/0", timeout_s=0.2)
+        limiter = Limiter(dead, policy="open")
+        limiter.fallback = MemoryLimitStore(clock=Clock(960_000.0))  # one window throughout
+        checks = plan(key(rpm=2), "m", 5, None)
+        first = await limiter.admit("m", checks)
+        second = await limiter.admit("m", checks)
+        assert first.store is second.store is limiter.fallback
+        with pytest.raises(RateLimited):
+            await limiter.admit("m", checks)  # the per-process bound still holds
     first.finish(5)
     second.finish(None)
     await limiter.aclose()

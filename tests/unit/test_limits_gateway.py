@@ -22,6 +22,7 @@ from serving.settings import KeysConfig, LimitsConfig, Settings
 from tests.asgi import body_then_leave, post_scope
 from tests.fakes.engine import FakeEngine
 from tests.openai_spec import validate
+from tests.windows import hold_limit_window
 
 ADMIN = "admin-secret-for-limit-tests"
 CHAT: dict[str, Any] = {
@@ -75,6 +76,7 @@ def engine() -> FakeEngine:
 @pytest.fixture
 def client(engine: FakeEngine, tmp_path: Path) -> Iterator[TestClient]:
     with TestClient(make_app(engine, tmp_path), raise_server_exceptions=False) as made:
+        hold_limit_window(made.app)  # its minute never ends under a test
         yield made
 
 

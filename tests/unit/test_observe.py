@@ -27,6 +27,7 @@ from serving.observe import metrics as ours
 from serving.settings import KeysConfig, Settings
 from tests.fakes.engine import FakeEngine
 from tests.redis_server import free_port
+from tests.windows import hold_limit_window
 
 CHAT: dict[str, Any] = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}
 ADMIN = "admin-for-observability"
@@ -65,6 +66,7 @@ def client(engine: FakeEngine, tmp_path: Path) -> Iterator[TestClient]:
     keys = KeysConfig(enabled=True, file=tmp_path / "keys.json", admin_key=SecretStr(ADMIN))
     app = create_app(Settings(keys=keys), fleet_factory=fleet_of(engine), counters={})
     with TestClient(app, raise_server_exceptions=False) as made:
+        hold_limit_window(made.app)  # rpm=3 then a 429: one minute throughout
         yield made
 
 
