@@ -358,8 +358,8 @@ def gated_canary(gateway: Stack, promote_if: str, window_s: float = 20) -> dict[
 @pytest.mark.timeout(900)  # a canary engine starts in each; 2 cores may take minutes
 def test_a_gated_canary_that_misses_its_gate_is_rolled_back(gateway: Stack) -> None:
     """Issue 29: the gate had only been run against fake sleeps. Here it decides on the
-    TTFTs the gateway measured from two real vLLM engines (each version on its own core):
-    a bound no CPU engine meets rolls the canary back."""
+    TTFTs the gateway measured from two real vLLM engines (each version on its own share
+    of the cores): a bound no CPU engine meets rolls the canary back."""
     failed = gated_canary(gateway, "ttft_p95<1ms,errors<1%")
     decision = failed["operation"]["decision"]
     assert failed["operation"]["phase"] == "rolled_back", decision
@@ -376,8 +376,8 @@ def test_a_gated_canary_that_misses_its_gate_is_rolled_back(gateway: Stack) -> N
 
 @pytest.mark.timeout(900)
 def test_a_gated_canary_within_its_gate_is_promoted(gateway: Stack) -> None:
-    """Two copies of one model, each on its own core: the canary's real TTFT p95 is within
-    3x the stable one's, so the gate promotes it."""
+    """Two copies of one model, each on its own share of the cores: the canary's real TTFT
+    p95 is within 3x the stable one's, so the gate promotes it."""
     passed = gated_canary(gateway, "ttft_p95<3x,errors<1%")
     decision = passed["operation"]["decision"]
     assert passed["operation"]["phase"] == "promoted", decision
