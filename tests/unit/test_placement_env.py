@@ -17,14 +17,18 @@ from typing import Literal
 
 import psutil
 import pytest
+from starlette.testclient import TestClient
 
 from models.config import EngineConfig, ModelConfig, VersionConfig
 from models.engines.client import EngineTimeouts
 from models.engines.fleet import Fleet, Replica
 from models.engines.launcher import ReplicaFactory, build_fleet
-from models.engines.placement import CpuHost, Gpu, GpuHost, Host
+from models.engines.placement import CpuHost, Gpu, GpuHost, Host, Placement
 from models.engines.placement.types import GIB
-from models.types import VersionKey
+from models.types import ReplicaKey, VersionKey
+from serving.http.app import create_app
+from serving.settings import DeployConfig, KeysConfig, Settings
+from tests.fakes.engine import FakeEngine
 
 pytestmark = pytest.mark.anyio
 FAKE = "tests.fakes.engine_server"
@@ -144,3 +148,107 @@ async def test_cpu_host_engines_and_a_deployed_version_get_cores_of_their_own(
         new = await asyncio.to_thread(engine_of, added[0])
         assert environ(new)["VLLM_CPU_OMP_THREADS_BIND"] == str(cores[1])
         assert new.cpu_affinity() == [cores[1]]
+
+
+ADMIN = {"authorization": "Bearer admin-secret"}
+
+
+def loadable(directory: Path) -> Path:
+    """The smallest weights directory a deploy's checks accept (config, tokenizer, one
+    safetensors tensor)."""
+    import json
+
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    Tokenizer(WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(
+        str(directory / "tokenizer.json")
+    )
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    (directory / "model.safetensors").write_bytes(
+        len(header).to_bytes(8, "little") + header + b"\0" * 4
+    )
+    return directory
+
+
+def gpu_gateway(tmp_path: Path, host: GpuHost, fractions: list[float]) -> TestClient:
+    """A gateway whose chat@v1 runs (fake engines) at ``fractions`` of GPU 0, v2 on
+    standby; deploys start ``tests.fakes.engine_server`` through the real launcher."""
+    weights = loadable(tmp_path / "weights")
+    chat = ModelConfig(name="chat", task="chat", current="v1", versions=[
+        VersionConfig(version="v1", weights=str(weights), replicas=len(fractions)),
+        VersionConfig(version="v2", weights=str(weights), replicas=len(fractions),
+                      standby=True),
+    ])  # fmt: skip
+    settings = Settings(
+        models=[chat],
+        keys=KeysConfig(admin_key="admin-secret"),
+        store={"path": tmp_path / "store"},
+        engines={"host": "cuda", "log_dir": tmp_path / "logs", "stop_grace_s": 2.0},
+        deploy=DeployConfig(warm_requests=0, start_timeout_s=20),
+    )
+    made = ReplicaFactory(settings.engines, EngineTimeouts(health_s=0.5), machine=host,
+                          server=FAKE)  # fmt: skip
+
+    def fleet(_: object) -> Fleet:
+        running = []
+        for index, fraction in enumerate(fractions):
+            key = ReplicaKey("chat", "v1", index)
+            where = Placement(key, gpus=(0,), memory_fraction=fraction)
+            running.append(Replica(key, FakeEngine(name=str(key)), "chat", placement=where))
+        return Fleet(running, health_interval_s=0.05, host=host)
+
+    app = create_app(settings, fleet_factory=fleet, replicas_factory=lambda _: made, counters={})
+    return TestClient(app)
+
+
+def test_a_deploy_onto_a_full_gpu_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    host = GpuHost((Gpu(0, 24 * GIB, 24 * GIB),))
+    with gpu_gateway(tmp_path, host, [0.9]) as client:
+        answer = client.post("/weir/admin/models/chat/deploy", headers=ADMIN,
+                             json={"version": "v2"})  # fmt: skip
+        assert answer.status_code == 422, answer.text
+        message = answer.json()["error"]["message"]
+        assert "chat@v2 does not fit: a replica needs 3.5 GiB on each of 1 GPU(s)" in message
+        assert "GPU 0 0.0 GiB of 24.0 GiB" in message
+        status = client.get("/weir/admin/models/chat/deployment", headers=ADMIN).json()
+        assert status["running"] == ["v1"]
+        assert status["operation"] is None
+    assert not (tmp_path / "logs").exists()  # no engine was started
+
+
+def test_a_full_gpu_with_two_replicas_offers_the_rolling_swap(tmp_path: Path) -> None:
+    host = GpuHost((Gpu(0, 24 * GIB, 24 * GIB),))
+    with gpu_gateway(tmp_path, host, [0.45, 0.45]) as client:
+        answer = client.post("/weir/admin/models/chat/deploy", headers=ADMIN,
+                             json={"version": "v2"})  # fmt: skip
+        assert answer.status_code == 422, answer.text
+        message = answer.json()["error"]["message"]
+        assert "A rolling swap would fit (capacity reduced, never zero)" in message
+        assert "stop chat@v1#1, start chat@v2#0 on GPU 0 at 0.45" in message
+        assert "then stop chat@v1#0, start chat@v2#1 on GPU 0 at 0.45" in message
+
+
+def test_a_deploy_starts_the_new_version_on_a_free_gpu(tmp_path: Path) -> None:
+    host = GpuHost((Gpu(0, 24 * GIB, 24 * GIB), Gpu(1, 24 * GIB, 24 * GIB)))
+    with gpu_gateway(tmp_path, host, [0.9]) as client:
+        answer = client.post("/weir/admin/models/chat/deploy", headers=ADMIN,
+                             json={"version": "v2"})  # fmt: skip
+        assert answer.status_code == 202, answer.text
+        deadline = time.monotonic() + 30
+        status = client.get("/weir/admin/models/chat/deployment", headers=ADMIN).json()
+        while status["operation"]["phase"] not in ("done", "failed"):
+            assert time.monotonic() < deadline, status
+            time.sleep(0.05)
+            status = client.get("/weir/admin/models/chat/deployment", headers=ADMIN).json()
+        assert status["operation"]["phase"] == "done", status
+        placed = next(s for s in status["operation"]["steps"] if s["phase"] == "placed")
+        assert placed["on"] == ["chat@v2#0 on GPU 1 at 0.9"]
+        (engine,) = client.get("/weir/engines", headers=ADMIN).json()["data"]
+        assert engine["placement"]["gpus"] == [1]
+        started = psutil.Process(engine["pid"]).children()[0]
+        assert environ(started)["CUDA_VISIBLE_DEVICES"] == "1"
+        cmdline = started.cmdline()
+        assert cmdline[cmdline.index("--gpu-memory-utilization") + 1] == "0.9"
