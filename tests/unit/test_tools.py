@@ -215,7 +215,7 @@ def test_a_version_that_calls_no_tools_refuses_them_before_the_engine() -> None:
 
 # A tool call as vLLM 0.32 streams it (hermes parser, recorded): named first, then the
 # arguments in pieces, then finish_reason tool_calls.
-STREAMED = [
+STREAMED: list[JSON] = [
     {"delta": {"role": "assistant", "content": ""}},
     {"delta": {"tool_calls": [{"index": 0, "id": "chatcmpl-tool-1", "type": "function",
                                "function": {"name": "get_weather"}}]}},
@@ -228,7 +228,12 @@ STREAMED = [
 def test_a_streamed_tool_call_is_stored_and_replays_as_valid_chunks() -> None:
     assembler = Assembler(chat=True)
     for choice in STREAMED:
-        head = {"id": "c1", "created": 1, "model": "smollm2", "object": "chat.completion.chunk"}
+        head: JSON = {
+            "id": "c1",
+            "created": 1,
+            "model": "smollm2",
+            "object": "chat.completion.chunk",
+        }
         assembler.add(head | {"choices": [{"index": 0, **choice}]})
     entry = assembler.entry()
     assert entry is not None
