@@ -101,7 +101,12 @@ def test_gateway_routes_to_discovered_engines_as_they_come_and_go() -> None:
             assert time.monotonic() < deadline, engines
             assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
         dns.addresses = ["10.0.0.2"]
-        time.sleep(0.3)  # a few refreshes
+        gone = engines["http://10.0.0.1:8000"]
+        running = client.app.state.proxy.dispatcher.fleet  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 5
+        while any(r.engine is gone for r in running.replicas):  # polled: a refresh has run
+            assert time.monotonic() < deadline, "the departed engine was never dropped"
+            time.sleep(0.01)
         before = len(engines["http://10.0.0.1:8000"].calls)
         for _ in range(5):
             assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
