@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -208,8 +209,6 @@ def test_the_engine_environment_follows_the_placement_and_the_version_env_wins()
     env = vllm_engine.environment(EngineConfig(), {}, "cuda", on_gpu)
     assert env["CUDA_VISIBLE_DEVICES"] == "4,5"
     assert "VLLM_CPU_OMP_THREADS_BIND" not in env or "VLLM_CPU_OMP_THREADS_BIND" in os.environ
-    from pathlib import Path
-
     cmd = vllm_engine.command(weights=Path("/w"), served_name="s", port=1, task="chat",
                               config=EngineConfig(), extra_args=["--gpu-memory-utilization", "0.3"],
                               host="cuda", placement=on_gpu)  # fmt: skip
@@ -243,3 +242,70 @@ def test_weir_placement_rows_from_the_gateways_engines() -> None:
         ("minilm@l6#0", "-", "-", "2-4", "2-3"),
         ("far@v1#0", "-", "-", "-", "remote"),
     ]
+
+
+class FakeNvml:
+    """nvidia-ml-py's calls that discovery makes, for 4 GPUs: 0-1 and 2-3 joined by
+    NVLink, GPU 3 with 10 GiB in use by something else."""
+
+    NVML_P2P_CAPS_INDEX_NVLINK = 2
+    NVML_P2P_STATUS_OK = 0
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self) -> None:
+        self.shut = False
+
+    def nvmlInit(self) -> None:
+        return None
+
+    def nvmlShutdown(self) -> None:
+        self.shut = True
+
+    def nvmlDeviceGetCount(self) -> int:
+        return 4
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        return index
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> object:
+        from types import SimpleNamespace
+
+        used = 10 * GIB if handle == 3 else 0
+        return SimpleNamespace(total=80 * GIB, free=80 * GIB - used)
+
+    def nvmlDeviceGetPciInfo(self, handle: int) -> object:
+        raise self.NVMLError("not supported")
+
+    def nvmlDeviceGetP2PStatus(self, a: int, b: int, index: int) -> int:
+        assert index == self.NVML_P2P_CAPS_INDEX_NVLINK
+        return 0 if a // 2 == b // 2 else 1
+
+
+def test_nvml_discovery_reads_memory_islands_and_the_visible_gpus() -> None:
+    from models.engines.placement.discover import _visible, nvml_gpus
+
+    nvml = FakeNvml()
+    found = nvml_gpus(None, nvml)
+    assert found is not None
+    assert [(g.index, g.island, g.free_bytes // GIB) for g in found] == [
+        (0, 0, 80), (1, 0, 80), (2, 2, 80), (3, 2, 70)
+    ]  # fmt: skip
+    assert nvml.shut
+    visible = nvml_gpus(_visible("3,1"), nvml)
+    assert visible is not None
+    assert [g.index for g in visible] == [1, 3]  # physical indices, as the engines get them
+    # a TP-2 engine goes on one island
+    (pair,) = plan(GpuHost(tuple(found)), [EngineSpec(CHAT, tensor_parallel=2, memory_bytes=GIB)])
+    assert pair.gpus in ((0, 1), (2, 3))
+
+
+def test_cpu_discovery_reads_numa_nodes(tmp_path: Path) -> None:
+    from models.engines.placement.discover import numa_of
+
+    nodes = tmp_path
+    for node, cores in (("node0", "0-1\n"), ("node1", "2-3\n")):
+        (nodes / node).mkdir()
+        (nodes / node / "cpulist").write_text(cores)
+    assert numa_of((0, 1, 2, 3), nodes) == ((0, 0), (1, 0), (2, 1), (3, 1))
