@@ -371,10 +371,10 @@ class Deployer:
                 replacing=old,
             )  # fmt: skip
         except PlacementRefused as exc:
-            raise DeployRefused(f"{model.name}@{version.version}: {exc}") from None
+            raise DeployRefused(str(exc)) from None  # it names the version and the numbers
         if plan.kind != "beside":
             raise DeployRefused(
-                f"{model.name}@{version.version}: {plan.note}. A rolling swap would fit"
+                f"{plan.note}. A rolling swap would fit"
                 f" (capacity reduced, never zero): {plan.describe()}. Weir does not run"
                 " rolling swaps by itself: free the GPUs (fewer replicas of what runs) or"
                 " give the version less memory (--gpu-memory-utilization in engine_args)."
