@@ -93,6 +93,18 @@ class ClientClosed(GatewayError):
     pass
 
 
+class HeaderTooLarge(GatewayError):
+    """A request's head (request line and headers) is over ``gateway.max_header_bytes``."""
+
+
+class RequestTimeout(GatewayError):
+    """A client did not send its headers, or its body, within the gateway's time."""
+
+
+class TooManyConnections(GatewayError):
+    """One client address holds ``gateway.max_connections_per_client`` connections."""
+
+
 class ContextLengthExceeded(GatewayError):
     pass
 
@@ -166,6 +178,9 @@ ERROR_TABLE: dict[type[BaseException], ErrorSpec] = {
     RouteNotFound: ErrorSpec(404, "invalid_request_error", "not_found"),
     MethodNotAllowed: ErrorSpec(405, "invalid_request_error", "method_not_allowed"),
     PayloadTooLarge: ErrorSpec(413, "invalid_request_error", "payload_too_large"),
+    HeaderTooLarge: ErrorSpec(431, "invalid_request_error", "request_header_too_large"),
+    RequestTimeout: ErrorSpec(408, "invalid_request_error", "request_timeout"),
+    TooManyConnections: ErrorSpec(429, "rate_limit_error", "too_many_connections", retry_after_s=1),
     RateLimited: ErrorSpec(429, "rate_limit_error", "rate_limit_exceeded", retry_after_s=1),
     ClientClosed: ErrorSpec(499, "invalid_request_error", "client_closed_request"),
     InvalidModelOutput: ErrorSpec(502, "server_error", "invalid_model_output"),

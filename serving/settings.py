@@ -30,10 +30,22 @@ class GatewayConfig(BaseModel):
     api_keys: list[SecretStr] = []  # static bearer keys; none means loopback only
     allow_unauthenticated: bool = False  # required to bind beyond loopback without keys
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # 413 above this
+    # Before any key is checked (serving.http.connection_guard): a request's head over this
+    # is a 431; a head not received within header_timeout_s (from its first byte, or from
+    # the connection's opening) or a body within body_timeout_s is a 408; one client
+    # address over max_connections_per_client open connections is refused (429; 0: no cap;
+    # raise it behind a proxy that sends every client from one address)
+    max_header_bytes: int = Field(32 * 1024, ge=1024, le=1024 * 1024)
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(30.0, gt=0)
+    max_connections_per_client: int = Field(256, ge=0)
     engine_connect_timeout_s: float = Field(5.0, gt=0)
     engine_idle_timeout_s: float = Field(120.0, gt=0)  # any read: headers, the next chunk
     engine_ttft_timeout_s: float = Field(120.0, gt=0)  # a stream's first chunk
     engine_total_timeout_s: float = Field(600.0, gt=0)  # a whole request, streamed or not
+    # an idle pooled engine connection is closed after this, below the engines' own
+    # keep-alive (5 s for vLLM) so that no request goes out on one they are closing
+    engine_keepalive_s: float = Field(4.0, gt=0)
     # the longest a stream waits for its client to take the next event (a client that stops
     # reading would hold its engine slot); past it the stream is closed as if the client left
     client_send_timeout_s: float = Field(30.0, gt=0)
@@ -186,7 +198,11 @@ class DeployConfig(BaseModel):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="WEIR_", env_nested_delimiter="__", extra="forbid", frozen=True
+        env_prefix="WEIR_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        hide_input_in_errors=True,  # a config error never echoes keys, headers or passwords
     )
 
     gateway: GatewayConfig = GatewayConfig()

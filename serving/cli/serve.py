@@ -10,6 +10,8 @@ from typing import Any
 from models.engines.launcher import check_weights
 from models.errors import StoreError
 from serving.cli.config import load
+from serving.http import connection_guard
+from serving.http.connection_guard import GuardedHttpTools
 from serving.settings import Settings, load_settings
 
 EXAMPLE_BODY = (
@@ -72,12 +74,13 @@ def serve(args: argparse.Namespace) -> int:
         )
 
     app = create_app(settings, weights=weights, on_ready=banner)
+    connection_guard.configure(gateway)
     config = uvicorn.Config(
         app,
         host=gateway.host,
         port=gateway.port,
         loop="uvloop",
-        http="httptools",
+        http=GuardedHttpTools,
         log_level=args.log_level.lower(),
         access_log=False,
         timeout_graceful_shutdown=30,
@@ -130,7 +133,7 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
         host=host,
         port=port,
         loop="uvloop",
-        http="httptools",
+        http=GuardedHttpTools,
         log_level=args.log_level.lower(),
         access_log=False,
         timeout_graceful_shutdown=30,
@@ -147,6 +150,7 @@ def app_from_environment() -> Any:
 
     config = os.environ.get(CONFIG_ENV)
     settings = load_settings(Path(config) if config else None)
+    connection_guard.configure(settings.gateway)
     configure(os.environ.get("WEIR_LOG_LEVEL", "INFO"), settings.observability.log_format)
     return create_app(settings)
 

@@ -308,8 +308,11 @@ def create_app(
     api.state.responses = responses
     responded = responses_routes.routes(lambda: api.state.responses, edge) if responses else []
     router = Router(
-        routes=[*model_routes.routes(lambda: api.state.proxy, edge), *responded,
-                Mount("", app=api)],  # fmt: skip
+        routes=[
+            *model_routes.routes(lambda: api.state.proxy, edge),
+            *responded,
+            Mount("", app=api),
+        ],
         lifespan=lifespan,
     )
     keys_gate = Keys(
@@ -333,8 +336,11 @@ def _openapi(api: FastAPI) -> Callable[[], dict[str, Any]]:
             api.openapi_schema = get_openapi(
                 title=api.title,
                 version=api.version,
-                routes=[*model_routes.openapi_routes(), *responses_routes.openapi_routes(),
-                        *api.routes],  # fmt: skip
+                routes=[
+                    *model_routes.openapi_routes(),
+                    *responses_routes.openapi_routes(),
+                    *api.routes,
+                ],
             )
         return api.openapi_schema
 

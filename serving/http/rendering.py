@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from functools import partial
+from http import HTTPStatus
 from typing import Any
 
 import orjson
@@ -120,6 +121,21 @@ def as_ours(exc: Exception, scope: Scope) -> Exception:
 def error_response(exc: BaseException, request_id: str) -> Response:
     status, body, headers = render(exc, request_id)
     return JSONBytes(body, status_code=status, headers=headers)
+
+
+def raw_error(exc: BaseException) -> bytes:
+    """A whole HTTP/1.1 error response that closes its connection: for the connection
+    guard, which answers before any ASGI app (or request id) exists."""
+    status, body, headers = render(exc, "")
+    raw = orjson.dumps(body)
+    lines = [
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+        "content-type: application/json",
+        f"content-length: {len(raw)}",
+        "connection: close",
+        *(f"{name}: {value}" for name, value in headers.items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + raw
 
 
 async def send_error(send: Send, exc: BaseException, request_id: str) -> None:
