@@ -38,7 +38,7 @@ class GatewayConfig(BaseModel):
     max_header_bytes: int = Field(32 * 1024, ge=1024, le=1024 * 1024)
     header_timeout_s: float = Field(10.0, gt=0)
     body_timeout_s: float = Field(30.0, gt=0)
-    max_connections_per_client: int = Field(256, ge=0)
+    max_connections_per_client: int = Field(1024, ge=0)
     engine_connect_timeout_s: float = Field(5.0, gt=0)
     engine_idle_timeout_s: float = Field(120.0, gt=0)  # any read: headers, the next chunk
     engine_ttft_timeout_s: float = Field(120.0, gt=0)  # a stream's first chunk

@@ -31,7 +31,7 @@ class ConnectionLimits:
     max_header_bytes: int = 32 * 1024
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
-    max_per_client: int = 256  # 0: no cap
+    max_per_client: int = 1024  # 0: no cap
 
     @classmethod
     def of(cls, gateway: GatewayConfig) -> ConnectionLimits:
