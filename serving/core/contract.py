@@ -262,6 +262,9 @@ def prepare_embeddings(
 def prompt_chars(request: ModelRequest) -> int:
     """About how many characters counting this request's prompt means: cheap to work out
     (no rendering, no tokenizing), and never much less than the truth."""
+    own = getattr(request, "text_chars", None)  # a pass-through request says (passthrough)
+    if callable(own):
+        return int(own())
     if isinstance(request, ChatCompletionRequest):
         chars = _json_chars(request.tools) if request.tools else 0
         for message in request.messages:

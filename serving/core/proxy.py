@@ -72,13 +72,23 @@ OUTPUT_VALID_HEADER = "x-weir-output-valid"
 TASK_NAMES = {"chat": "a chat model", "embed": "an embedding model"}
 
 
+Charge = Callable[[JSON, int], int]  # (answer, tokens reserved) -> tokens to charge
+
+
 @dataclass(frozen=True)
 class Route:
     path: str
-    task: Task
+    task: Task | None  # the task the model must have; None: any model serves it
     prepare: Preparer
     clean: Cleaner
     streams: bool = True
+    cached: bool = True  # whether the response (or embedding) cache may serve it
+    charge: Charge = total_tokens  # what the limits charge for an answer
+    upstream: str | None = None  # the engine's path when it is not ``path``
+
+    @property
+    def engine_path(self) -> str:
+        return self.upstream or self.path
 
 
 CHAT = Route("/v1/chat/completions", "chat", contract.prepare_chat, cleaning.clean_generation)
@@ -191,7 +201,7 @@ class Proxy:
             raise PermissionDenied("This API key may not use the requested model.", param="model")
         served = self.registry.resolve(requested, sticky=self._sticky(request, call))
         lease.obs.served(served.model, served.version)
-        if served.task != route.task:
+        if route.task is not None and served.task != route.task:
             raise WrongTask(
                 f"The model '{requested}' is {TASK_NAMES[served.task]}; "
                 f"it does not serve {route.path}.",
@@ -211,7 +221,7 @@ class Proxy:
             lease.ticket = await self._admit(call, served, prepared, getattr(request, "n", 1) or 1)
         plan = (
             self.cached.plan(route.path, route is EMBEDDINGS, call, served, prepared)
-            if self.cached
+            if self.cached and route.cached
             else None
         )
         if plan is not None and plan.mode == "use" and route.streams and self.cached:
@@ -322,7 +332,7 @@ class Proxy:
         if self.dispatcher.available(served):
             return served, prepared, False
         for fallback in self.registry.fallbacks(served.model):
-            if fallback.task != route.task or not self.dispatcher.available(fallback):
+            if fallback.task != served.task or not self.dispatcher.available(fallback):
                 continue
             if not call.caller.allows(fallback.model):
                 continue
@@ -366,7 +376,9 @@ class Proxy:
             return clean(chunk, requested, target)
 
         stream, lease.attempt = await run_or_cancel(
-            self.dispatcher.open_stream(target, job.route.path, body, self._affinity(target, body)),
+            self.dispatcher.open_stream(
+                target, job.route.engine_path, body, self._affinity(target, body)
+            ),
             job.call.disconnected,
         )
 
@@ -401,10 +413,10 @@ class Proxy:
             )  # fmt: skip
         else:
             answer, _ = await run_or_cancel(
-                self.dispatcher.complete(target, job.route.path, body, affinity),
+                self.dispatcher.complete(target, job.route.engine_path, body, affinity),
                 job.call.disconnected,
             )
-            charged = total_tokens(answer, lease.ticket.reserved)
+            charged = job.route.charge(answer, lease.ticket.reserved)
         usage = answer.get("usage")
         lease.used(charged, usage if isinstance(usage, dict) else None)
         storable = job.store_key is not None

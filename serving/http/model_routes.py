@@ -1,4 +1,5 @@
-"""The model routes: ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``.
+"""The model routes: ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``,
+and vLLM's ``/v1/rerank``, ``/v1/score``, ``/tokenize``, ``/detokenize`` passed through.
 
 Nearly all of a gateway's traffic, so served without dependency injection: the body is
 read once (``Front`` has already bounded it), validated from bytes by the models in
@@ -22,12 +23,19 @@ from starlette.types import Receive, Scope, Send
 
 from serving.cache.entries import CONTROL_HEADER
 from serving.core.call import Call
+from serving.core.passthrough import DETOKENIZE, RERANK, SCORE, TOKENIZE
 from serving.core.proxy import CHAT, COMPLETIONS, EMBEDDINGS, PIN_HEADER, Proxy, Route
 from serving.errors import GatewayError, InvalidRequest, MethodNotAllowed
 from serving.http.front import caller_of, request_id_of
 from serving.http.rendering import disconnected, respond
 from serving.http.routes.openapi_errors import GENERATION_ERRORS
 from serving.http.validation import invalid_request_from_errors
+from serving.protocol.passthrough import (
+    DetokenizeRequest,
+    RerankRequest,
+    ScoreRequest,
+    TokenizeRequest,
+)
 from serving.protocol.requests import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -50,6 +58,10 @@ MODEL_ROUTES = (
     ModelRoute(CHAT, ChatCompletionRequest, "Create a chat completion (JSON or SSE)"),
     ModelRoute(COMPLETIONS, CompletionRequest, "Create a text completion (JSON or SSE)"),
     ModelRoute(EMBEDDINGS, EmbeddingRequest, "Create embeddings"),
+    ModelRoute(RERANK, RerankRequest, "Rerank documents by relevance to a query (vLLM's)"),
+    ModelRoute(SCORE, ScoreRequest, "Score text pairs (vLLM's)"),
+    ModelRoute(TOKENIZE, TokenizeRequest, "Tokenize a prompt or messages (vLLM's)"),
+    ModelRoute(DETOKENIZE, DetokenizeRequest, "Detokenize token ids (vLLM's)"),
 )
 MODEL_PATHS = frozenset(spec.route.path for spec in MODEL_ROUTES)
 

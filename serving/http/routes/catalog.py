@@ -1,5 +1,7 @@
 """``/v1/models``: every public name (the alias) and every pinned ``name@version`` that
-the caller's key may use (a key limited to some models sees only those)."""
+the caller's key may use (a key limited to some models sees only those).
+``/v1/models/{model}``: one of those cards; any other id, and any the key may not use, is
+the same 404 ``model_not_found`` (nothing says whether a model the key can't use exists)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,12 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
+from models.errors import ModelNotFound
+from models.registry import Registry, split_name
+from serving.core.call import Caller
 from serving.http.deps import RegistryDep
 from serving.http.front import caller_of
+from serving.http.routes.openapi_errors import errors
 
 router = APIRouter(prefix="/v1")
 
@@ -46,3 +52,27 @@ async def list_models(request: Request, registry: RegistryDep) -> ModelList:
             ModelCard(id=f"{model.name}@{v}", created=created) for v in registry.running(model.name)
         ]
     return ModelList(data=cards)  # weir is left out of pinned cards (exclude_none below)
+
+
+def card(registry: Registry, caller: Caller, name: str, created: int) -> ModelCard:
+    """The card ``/v1/models`` lists under ``name``; ``ModelNotFound`` when it lists none."""
+    base, version = split_name(name)
+    model = registry.model(base)
+    if model is None or not caller.allows(base):
+        raise ModelNotFound(name)
+    if name == base:
+        return ModelCard(id=base, created=created, weir=AliasTraffic(
+            split=model.shares(), current=model.current))  # fmt: skip
+    if version not in registry.running(base):
+        raise ModelNotFound(name)  # not configured, or stopped: /v1/models lists neither
+    return ModelCard(id=name, created=created)
+
+
+@router.get(
+    "/models/{model:path}",
+    summary="Retrieve a served model (an alias or a name@version pin)",
+    response_model_exclude_none=True,
+    responses=errors(401, 404),
+)
+async def retrieve_model(model: str, request: Request, registry: RegistryDep) -> ModelCard:
+    return card(registry, caller_of(request.scope), model, request.app.state.started)
