@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import jsonschema
 import openai
 import orjson
 import pytest
@@ -123,3 +124,50 @@ def test_previous_response_id_across_gateways_and_tenants(tier: Tier) -> None:
     with pytest.raises(openai.NotFoundError):
         b.responses.retrieve(first.id)
     assert b.responses.retrieve(second.id).id == second.id  # its own record stays
+
+
+WEATHER_PARAMETERS = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+
+
+def test_create_with_a_required_function_tool(tier: Tier) -> None:
+    key = new_key(tier, "tools-r")
+    answer = sdk(tier.gateways[0], key).responses.create(
+        model="smollm2", input="What is the weather in Paris right now?", temperature=0,
+        max_output_tokens=80, tool_choice="required",
+        tools=[{"type": "function", "name": "get_weather", "strict": False,
+                "description": "Get the current weather in a city",
+                "parameters": WEATHER_PARAMETERS}],
+        extra_headers={"x-weir-cache-control": "bypass"},
+    )  # fmt: skip
+    calls = [item for item in answer.output if item.type == "function_call"]
+    assert calls, answer.output
+    assert calls[0].name == "get_weather"
+    arguments = orjson.loads(calls[0].arguments)
+    jsonschema.validate(arguments, WEATHER_PARAMETERS)
+    assert calls[0].call_id
+    raw = httpx.get(f"{tier.gateways[1]}/v1/responses/{answer.id}",
+                    headers={"authorization": f"Bearer {key}"}, timeout=30)  # fmt: skip
+    assert raw.status_code == 200
+    validate("Response", raw.json())
+
+
+def test_create_with_a_json_schema_format(tier: Tier) -> None:
+    key = new_key(tier, "format-r")
+    schema = {"type": "object", "properties": {"capital": {"type": "string"}},
+              "required": ["capital"], "additionalProperties": False}  # fmt: skip
+    answer = sdk(tier.gateways[0], key).responses.create(
+        model="smollm2", input=QUESTION, temperature=0, max_output_tokens=40,
+        text={"format": {"type": "json_schema", "name": "capital", "schema": schema,
+                         "strict": True}},
+        extra_headers={"x-weir-cache-control": "bypass"},
+    )  # fmt: skip
+    parsed = orjson.loads(answer.output_text)
+    jsonschema.validate(parsed, schema)
+    assert answer.text is not None
+    assert answer.text.format is not None
+    assert answer.text.format.type == "json_schema"
