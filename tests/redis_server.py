@@ -5,16 +5,14 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tests import ports
+from tests.ports import free_port
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+__all__ = ["RedisServer", "dead_port", "free_port"]
 
 
 @contextmanager
@@ -29,38 +27,59 @@ def dead_port() -> Iterator[int]:
 
 class RedisServer:
     """``durable``: every write is fsynced to an append-only file, so a killed and
-    restarted server (same ``port``, same ``workdir``) comes back with its data."""
+    restarted server (same ``port``, same ``workdir``) comes back with its data.
 
-    def __init__(self, workdir: Path, *, port: int | None = None, durable: bool = False) -> None:
+    Without a ``port`` it takes a free one, and another when redis-server says the port
+    was taken before it could bind it (``tests.ports``); ``pick`` chooses the ports tried.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        durable: bool = False,
+        pick: Callable[[], int] = ports.free_port,
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (.ci/run installs it with apt-get)")
+        self.binary = binary
         self.workdir = workdir
         self.durable = durable
-        self.port = port or free_port()
+        if port is None:
+            self.process, self.port = ports.listening_process(self._spawn, self._log, pick=pick)
+        else:  # a restart: this port or nothing (its clients know no other)
+            self.port = port
+            self.process = self._spawn(port)
+            try:
+                ports.wait_listening(self.process, port, self._log(port), timeout_s=10)
+            except ports.PortTaken:
+                raise RuntimeError(f"redis-server: port {port} was taken") from None
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as conn:
+            conn.sendall(b"PING\r\n")
+            answer = conn.recv(16)
+        if not answer.startswith(b"+PONG"):
+            self.stop()
+            raise RuntimeError(f"redis-server on {self.port} answered {answer!r} to PING")
+
+    def _log(self, port: int) -> Path:
+        return self.workdir / f"redis-{port}.log"
+
+    def _spawn(self, port: int) -> subprocess.Popen[bytes]:
         persistence = (
             ["--appendonly", "yes", "--appendfsync", "always"]
-            if durable
+            if self.durable
             else ["--appendonly", "no"]
         )
-        self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             *persistence, "--dir", str(workdir), "--maxmemory-policy", "noeviction"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
-                    conn.sendall(b"PING\r\n")
-                    if conn.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("redis-server did not start")
+        with self._log(port).open("ab") as log:
+            return subprocess.Popen(
+                [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                 *persistence, "--dir", str(self.workdir), "--maxmemory-policy", "noeviction"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
 
     def kill(self) -> None:
         """SIGKILL: no shutdown, no last save."""

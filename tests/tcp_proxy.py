@@ -6,25 +6,23 @@ import asyncio
 import contextlib
 import threading
 
-from tests.redis_server import free_port
-
 
 class TcpProxy:
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
-        self.port = free_port()
+        self.port = 0  # bound by the proxy's server itself (port 0: no race for a freed one)
         self.frozen = threading.Event()  # set: bytes are read and held, never passed on
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tcp-proxy", daemon=True)
         self._thread.start()
-        self._ready.wait(5)
+        if not self._ready.wait(5):
+            raise RuntimeError("the TCP proxy did not start")
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
-        server = self._loop.run_until_complete(
-            asyncio.start_server(self._handle, "127.0.0.1", self.port)
-        )
+        server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
+        self.port = int(server.sockets[0].getsockname()[1])
         self._ready.set()
         try:
             self._loop.run_forever()

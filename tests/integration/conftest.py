@@ -5,13 +5,12 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from models.engines.launcher import free_port
 from tests.integration.stack import Stack, start_stack
 
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    running = start_stack(tmp_path_factory.mktemp("stack"), free_port())
+    running = start_stack(tmp_path_factory.mktemp("stack"))
     try:
         running.wait_ready()
         yield running

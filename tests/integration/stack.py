@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import httpx
 import psutil
 
 from bench.config_builder import model, weir_toml
+from tests.ports import free_port, listening_process
 
 READY_TIMEOUT_S = 600.0
 # Two replicas of the chat model (the replica-kill test needs them; every other test
@@ -83,16 +85,30 @@ def alive(pids: list[int]) -> list[int]:
     return [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
 
 
-def start_stack(workdir: Path, port: int) -> Stack:
+def start_stack(
+    workdir: Path,
+    config: Callable[[int, Path], str] = stack_config,
+    *,
+    pick: Callable[[], int] = free_port,
+) -> Stack:
+    """``weir serve`` with ``config(port, engine log dir)`` as its weir.toml, on a port it
+    could bind (tried again on another when it was taken first: ``tests.ports``); not yet
+    ready (``Stack.wait_ready``)."""
     engine_logs = workdir / "engine-logs"
-    config = workdir / "weir.toml"
-    config.write_text(stack_config(port, engine_logs))
     log_path = workdir / "serve.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "serving.cli", "--config", str(config), "serve"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
+
+    def launch(port: int) -> subprocess.Popen[bytes]:
+        path = workdir / "weir.toml"
+        path.write_text(config(port, engine_logs))
+        with log_path.open("wb") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "serving.cli", "--config", str(path), "serve"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+    process, port = listening_process(
+        launch, lambda _: log_path, timeout_s=READY_TIMEOUT_S, pick=pick
+    )
     return Stack(f"http://127.0.0.1:{port}", process, log_path, engine_logs)

@@ -18,9 +18,10 @@ import httpx
 import pytest
 
 from bench.config_builder import model, weir_toml
-from bench.procs import free_port, start_gateway, stop_all, wait_for
+from bench.procs import stop_all, wait_for
 from serving.keys.issue import KeyCreate, create_key
 from serving.keys.store import RedisKeyStore
+from tests import ports
 from tests.integration.stack import Stack
 from tests.redis_server import RedisServer
 
@@ -67,8 +68,6 @@ def rig(stack: Stack, redis_url: str, tmp_path_factory: pytest.TempPathFactory) 
     engines = httpx.get(f"{stack.base_url}/weir/engines").json()["data"]
     chat_urls = [e["base_url"] for e in engines if e["model"] == "smollm2"]
     embed_urls = [e["base_url"] for e in engines if e["model"] == "minilm"]
-    port = free_port()
-    text = config(port, redis_url, cache.url, chat_urls, embed_urls)
 
     async def make_keys() -> list[dict[str, str]]:
         store = RedisKeyStore(redis_url)
@@ -77,10 +76,12 @@ def rig(stack: Stack, redis_url: str, tmp_path_factory: pytest.TempPathFactory) 
         return [{"authorization": f"Bearer {secret}"} for secret, _ in made]
 
     keys = asyncio.run(make_keys())
-    proc = start_gateway(text, work, "gateway")
+    proc, base = ports.gateway(
+        lambda port: config(port, redis_url, cache.url, chat_urls, embed_urls), work, "gateway"
+    )
     try:
-        wait_for(f"http://127.0.0.1:{port}/readyz", 120)
-        yield Rig(f"http://127.0.0.1:{port}", chat_urls, cache, keys)
+        wait_for(f"{base}/readyz", 120)
+        yield Rig(base, chat_urls, cache, keys)
     finally:
         stop_all([proc])
         cache.stop()

@@ -24,9 +24,8 @@ import psutil
 import pytest
 
 from bench.config_builder import weir_toml
-from models.engines.launcher import free_port
 from models.store import ModelStore
-from tests.integration.stack import Stack, alive
+from tests.integration.stack import Stack, alive, start_stack
 
 ADMIN_KEY = "deploy-admin-key"
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
@@ -57,17 +56,7 @@ ENDED = ("done", "failed", "promoted", "rolled_back", "canary")
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    workdir = tmp_path_factory.mktemp("deploy")
-    port = free_port()
-    config = workdir / "weir.toml"
-    config.write_text(weir_config(port, workdir / "engine-logs"))
-    log_path = workdir / "serve.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "serving.cli", "--config", str(config), "serve"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-    stack = Stack(f"http://127.0.0.1:{port}", process, log_path, workdir / "engine-logs")
+    stack = start_stack(tmp_path_factory.mktemp("deploy"), weir_config)
     try:
         stack.wait_ready()
         yield stack

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,12 @@ import pytest
 import redis
 
 from bench.config_builder import model, weir_toml
-from bench.procs import start, start_gateway, stop_all, wait_for
+from bench.procs import stop_all, wait_for
 from serving.keys.issue import KeyCreate, create_key
 from serving.keys.records import KeyRecord
 from serving.keys.store import RedisKeyStore
-from tests.redis_server import RedisServer, free_port
+from tests import ports
+from tests.redis_server import RedisServer
 
 ADMIN = "admin-key-for-exactness"
 STATIC = "static-key-for-exactness"
@@ -72,22 +73,19 @@ class Rig:
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     work = tmp_path_factory.mktemp("limits")
     server = RedisServer(work, durable=True)
-    mock = free_port()
-    procs = [
-        start(
-            [sys.executable, "-m", "bench.mock_engine", "--port", str(mock), "--chunks", "8",
-             "--interval-ms", "5", "--delay-ms", str(int(DELAY_S * 1000))],
-            work / "mock.log",
-        )
-    ]  # fmt: skip
+    engine, mock = ports.mock_engine(
+        work, "--chunks", "8", "--interval-ms", "5", "--delay-ms", str(int(DELAY_S * 1000))
+    )
+    procs = [engine]
     urls = []
+    logs = work / "engines"
     try:
         wait_for(f"http://127.0.0.1:{mock}/health", 30)
         for policy in ("closed", "open"):
-            port = free_port()
-            text = gateway_toml(port, server.url, policy, work / "engines", mock)
-            procs.append(start_gateway(text, work, f"gateway-{policy}"))
-            urls.append(f"http://127.0.0.1:{port}")
+            toml = partial(gateway_toml, redis=server.url, policy=policy, logs=logs, mock=mock)
+            gateway, url = ports.gateway(toml, work, f"gateway-{policy}")
+            procs.append(gateway)
+            urls.append(url)
         for url in urls:
             wait_for(f"{url}/readyz", 120)
         holder = Rig(server, urls[0], urls[1], work)

@@ -7,7 +7,6 @@ demand); the hang is a TCP proxy that stops forwarding bytes.
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,8 @@ import pytest
 
 from bench.config_builder import model, weir_toml
 from bench.overload import offer, start_rig, summary
-from bench.procs import free_port, start, start_gateway, stop_all, wait_for
+from bench.procs import stop_all, wait_for
+from tests import ports
 from tests.tcp_proxy import TcpProxy
 
 
@@ -52,18 +52,16 @@ def engines(base: str) -> dict[str, dict[str, Any]]:
 @pytest.fixture(scope="module")
 def hung(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, TcpProxy]]:
     work = tmp_path_factory.mktemp("hang")
-    mock, port = free_port(), free_port()
-    procs = [
-        start([sys.executable, "-m", "bench.mock_engine", "--port", str(mock)], work / "m.log")
-    ]
+    engine, mock = ports.mock_engine(work)
+    procs = [engine]
     proxy = TcpProxy(mock)
     try:
         wait_for(f"http://127.0.0.1:{mock}/health")
         engines = [f"http://127.0.0.1:{proxy.port}", f"http://127.0.0.1:{mock}"]
-        text = config(port, work, engines)
-        procs.append(start_gateway(text, work, "gateway"))
-        wait_for(f"http://127.0.0.1:{port}/readyz", 60)
-        yield f"http://127.0.0.1:{port}", proxy
+        gateway, base = ports.gateway(lambda port: config(port, work, engines), work, "gateway")
+        procs.append(gateway)
+        wait_for(f"{base}/readyz", 60)
+        yield base, proxy
     finally:
         stop_all(procs)
         proxy.stop()

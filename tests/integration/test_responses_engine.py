@@ -9,6 +9,7 @@ against OpenAI's spec.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,8 +19,8 @@ import openai
 import orjson
 import pytest
 
-from bench.procs import start_gateway, stop_all, wait_for
-from models.engines.launcher import free_port
+from bench.procs import stop_all, wait_for
+from tests import ports
 from tests.integration.stack import Stack
 from tests.integration.test_replica_kill import replicas
 from tests.integration.test_scale_out import Tier, gateway_toml, new_key
@@ -35,13 +36,18 @@ def tier(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tie
     work: Path = tmp_path_factory.mktemp("responses")
     redis = RedisServer(work)
     urls = [e["base_url"] for e in replicas(stack).values()]
-    ports = [free_port(), free_port()]
-    procs = [start_gateway(gateway_toml(p, redis.url, work, urls), work, f"gateway-{p}")
-             for p in ports]  # fmt: skip
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        for port in ports:
-            wait_for(f"http://127.0.0.1:{port}/readyz", timeout_s=120)
-        yield Tier([f"http://127.0.0.1:{p}" for p in ports], redis)
+        bases = []
+        for n in range(2):
+            proc, base = ports.gateway(
+                lambda p: gateway_toml(p, redis.url, work, urls), work, f"gateway-{n}"
+            )
+            procs.append(proc)
+            bases.append(base)
+        for base in bases:
+            wait_for(f"{base}/readyz", timeout_s=120)
+        yield Tier(bases, redis)
     finally:
         stop_all(procs)
         redis.stop()

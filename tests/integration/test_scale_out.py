@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -23,8 +24,8 @@ import pytest
 import redis
 
 from bench.config_builder import model, weir_toml
-from bench.procs import start_gateway, stop_all, wait_for
-from models.engines.launcher import free_port
+from bench.procs import stop_all, wait_for
+from tests import ports
 from tests.integration.stack import Stack
 from tests.integration.test_replica_kill import engine_pid, replicas
 from tests.redis_server import RedisServer
@@ -56,19 +57,18 @@ def tier(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tie
     work = tmp_path_factory.mktemp("scale-out")
     redis = RedisServer(work)
     urls = [e["base_url"] for e in replicas(stack).values()]
-    ports = [free_port(), free_port()]
-    procs = [
-        start_gateway(
-            gateway_toml(p, redis.url, work, urls),
-            work,
-            f"gateway-{p}",
-        )
-        for p in ports
-    ]
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        for port in ports:
-            wait_for(f"http://127.0.0.1:{port}/readyz", timeout_s=120)
-        yield Tier([f"http://127.0.0.1:{p}" for p in ports], redis)
+        bases = []
+        for n in range(2):
+            proc, base = ports.gateway(
+                lambda p: gateway_toml(p, redis.url, work, urls), work, f"gateway-{n}"
+            )
+            procs.append(proc)
+            bases.append(base)
+        for base in bases:
+            wait_for(f"{base}/readyz", timeout_s=120)
+        yield Tier(bases, redis)
     finally:
         stop_all(procs)
         redis.stop()

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 
 from bench.config_builder import model, weir_toml
-from bench.procs import free_port, start, stop_all, wait_for, weir_command
+from bench.procs import start, stop_all, wait_for, weir_command
+from tests import ports
 from tests.unit.test_observe import sample
 
 
@@ -33,17 +33,20 @@ async def burst(base: str) -> list[int]:
 
 
 def test_two_workers_count_every_request_once(tmp_path: Path) -> None:
-    mock, port = free_port(), free_port()
+    engine, mock = ports.mock_engine(tmp_path)
+    procs = [engine]
     config = tmp_path / "weir.toml"
-    config.write_text(weir_config(port, mock))
-    procs = [
-        start([sys.executable, "-m", "bench.mock_engine", "--port", str(mock)], tmp_path / "m.log")
-    ]
-    base = f"http://127.0.0.1:{port}"
+
+    def workers(port: int) -> subprocess.Popen[bytes]:
+        config.write_text(weir_config(port, mock))
+        command = [weir_command(), "--config", str(config), "serve", "--workers", "2"]
+        return start(command, tmp_path / "gateway.log")
+
     try:
         wait_for(f"http://127.0.0.1:{mock}/health")
-        command = [weir_command(), "--config", str(config), "serve", "--workers", "2"]
-        procs.append(start(command, tmp_path / "gateway.log"))
+        gateway, port = ports.listening_process(workers, lambda _: tmp_path / "gateway.log")
+        procs.append(gateway)
+        base = f"http://127.0.0.1:{port}"
         wait_for(f"{base}/readyz", 60)
         assert asyncio.run(burst(base)) == [200] * REQUESTS
         scrapes = [httpx.get(f"{base}/metrics").text for _ in range(6)]
