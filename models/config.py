@@ -87,6 +87,18 @@ class VersionConfig(_Strict):
     # how strictly vLLM holds tool calls to their schemas: "parameter" (every call's
     # arguments match its tool's parameters), "function", or "auto" (per tool's strict)
     tool_strict: Literal["auto", "function", "parameter"] = "parameter"
+    # LoRA (models/adapters): engines start with LoRA on when the version lists adapters
+    # (store names, served as MODEL:ADAPTER) or sets lora; adapters whose base is this
+    # version in the adapter store are served too, and `weir adapters add` loads new ones
+    # into running engines
+    adapters: list[str] = []
+    lora: bool = False
+    max_loras: int = Field(4, ge=1, le=256)  # adapters an engine holds; LRU unloaded beyond
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = 16
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.lora or bool(self.adapters)
 
     @field_validator("version")
     @classmethod

@@ -16,6 +16,7 @@ from pathlib import Path
 import aiohttp
 
 from models import tool_calling
+from models.adapters import engine_args as lora
 from models.config import EngineConfig, ModelConfig, StoreConfig, VersionConfig
 from models.engines import vllm_engine
 from models.engines.backoff import ExponentialBackoff
@@ -173,6 +174,7 @@ class ReplicaFactory:
                 task=model.task,
                 config=engines,
                 extra_args=tool_calling.for_version(model.task, version, weights).engine_args()
+                + lora.engine_args(version)
                 + version.engine_args,
                 host=self.host,
                 placement=placement,
@@ -181,7 +183,9 @@ class ReplicaFactory:
             process = EngineProcess(
                 str(key),
                 cmd,
-                env=vllm_engine.environment(engines, version.env, self.host, placement),
+                env=vllm_engine.environment(
+                    engines, lora.engine_env(version) | version.env, self.host, placement
+                ),
                 cpus=placement.cpus if self.host == "cpu" else (),
                 log_path=engines.log_dir.expanduser()
                 / f"{model.name}@{version.version}-{index}.log",

@@ -6,14 +6,36 @@ import argparse
 import sys
 from pathlib import Path
 
-from serving.cli import bench, deploy, ingest, keys, limits, model_store, placement, scrape, serve
+from serving.cli import (
+    adapters,
+    bench,
+    deploy,
+    ingest,
+    keys,
+    limits,
+    model_store,
+    placement,
+    scrape,
+    serve,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="weir", description=__doc__)
     parser.add_argument("--config", type=Path, default=None, help="weir.toml (default: built-in)")
     commands = parser.add_subparsers(dest="command", required=True)
-    for group in (serve, model_store, keys, limits, scrape, ingest, deploy, bench, placement):
+    for group in (
+        serve,
+        model_store,
+        adapters,
+        keys,
+        limits,
+        scrape,
+        ingest,
+        deploy,
+        bench,
+        placement,
+    ):
         group.add_commands(commands)
     return parser
 
