@@ -28,6 +28,7 @@ from serving.protocol.passthrough import (
     ScoreRequest,
     TokenizeRequest,
 )
+from serving.protocol.requests import ChatCompletionRequest
 from serving.settings import ContractConfig
 
 JSON = dict[str, Any]
@@ -63,6 +64,9 @@ def prepare_tokenize(
     engine's ``count``."""
     check_fields(request, config)
     body = request.model_dump(exclude_unset=True)
+    if request.messages is not None:  # held to the chat route's rules on tools and messages
+        asked = {"model": request.model, "messages": body["messages"], "tools": request.tools}
+        tools.check_tools(ChatCompletionRequest.model_validate(asked))
     if counter is None:
         return Prepared(body, None, None)
     if request.prompt is not None:

@@ -18,6 +18,7 @@ from models.engines.fleet import Fleet, Replica
 from models.store import ModelStore
 from models.tokenizer import TokenCounter
 from models.types import ReplicaKey, VersionKey
+from serving.core import tools as tool_rules
 from serving.http.app import create_app
 from serving.protocol.passthrough import MAX_DOCUMENTS, MAX_TEXT_CHARS
 from serving.settings import CacheConfig, KeysConfig, Settings
@@ -268,6 +269,10 @@ def test_pins_by_name_and_by_header(client: TestClient, embed: PassEngine) -> No
          "chat_template"),
         ("/tokenize", {"model": "smollm2", "messages": MESSAGES, "add_generation_prompt": True,
                        "continue_final_message": True}, None),
+        ("/tokenize", {"model": "smollm2", "messages": MESSAGES,
+                       "tools": [{"type": "function", "function": "x"}]}, "tools[0].function"),
+        ("/tokenize", {"model": "smollm2", "messages": [{"role": "tool", "content": "1"}]},
+         "messages[0].tool_call_id"),
         ("/detokenize", {"model": "smollm2", "tokens": [-1]}, "tokens[0]"),
         ("/detokenize", {"model": "smollm2", "tokens": [2**40]}, "tokens[0]"),
         ("/detokenize", {"model": "smollm2"}, "tokens"),
@@ -338,6 +343,35 @@ def test_a_rerank_reserves_its_counted_tokens(
         response = client.post("/v1/rerank", json=RERANK, headers=bearer(secret))
     assert response.status_code == 200
     assert response.headers["x-ratelimit-remaining-tokens"] == str(1000 - 26)
+
+
+def smollm2_counter() -> TokenCounter:
+    directory = ModelStore(StoreConfig().root).resolve("smollm2-135m-instruct")
+    return TokenCounter.from_dir(directory, ["--max-model-len", "2048"])
+
+
+def test_a_tokenize_reserves_what_the_chat_route_counts(
+    chat: PassEngine, embed: PassEngine, tmp_path: Path
+) -> None:
+    keys = KeysConfig(enabled=True, file=tmp_path / "keys.json", admin_key=SecretStr(ADMIN))
+    counter = smollm2_counter()
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    expected = counter.count_chat(MESSAGES, tool_rules.rendered([tool]))  # as chat counts
+    with app_for(chat, embed, keys=keys, counters={counter_key(): counter}) as client:
+        hold_limit_window(client.app)
+        secret = new_key(client, tpm=1000)
+        body = {"model": "smollm2", "messages": MESSAGES, "tools": [tool]}
+        response = client.post("/tokenize", json=body, headers=bearer(secret))
+        assert response.status_code == 200, response.text
+        assert response.headers["x-ratelimit-remaining-tokens"] == str(1000 - expected)
+        after = client.post("/tokenize", json=TOKENIZE, headers=bearer(secret))
+    assert after.headers["x-ratelimit-remaining-tokens"] == str(
+        1000 - 3 - counter.count_texts(["Hello world"])[0]
+    )  # the first charged the engine's count (3), the second reserves its prompt's
+
+
+def counter_key() -> VersionKey:
+    return VersionKey("smollm2", "135m-instruct")
 
 
 def test_never_cached(chat: PassEngine, embed: PassEngine) -> None:
