@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from models.config import StoreConfig
 from models.store import ModelStore
-from models.tokenizer import TokenCounter, context_length
+from models.tokenizer import PREFIX_CHARS_PER_TOKEN, TokenCounter, context_length
 from serving.core.contract import prepare_chat, prepare_completion, prepare_embeddings
 from serving.errors import ContextLengthExceeded, InvalidRequest
 from serving.limits.plan import reservation_size
@@ -184,10 +184,38 @@ def test_every_prompt_of_a_list_is_reserved(chat_counter: TokenCounter) -> None:
     assert uncounted.max_tokens == 100 * 100
 
 
-def test_prompts_too_long_to_fit_are_refused_before_counting(chat_counter: TokenCounter) -> None:
+class RecordedTokenizer:
+    """The counter's real tokenizer, and the length of every text any of its encode
+    methods (encode, encode_batch, encode_batch_fast) was given."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.texts: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.tokenizer, name)
+        if not name.startswith("encode"):
+            return method
+
+        def encode(texts: str | list[str], *args: Any, **options: Any) -> Any:
+            self.texts += [len(texts)] if isinstance(texts, str) else [len(t) for t in texts]
+            return method(texts, *args, **options)
+
+        return encode
+
+
+@pytest.fixture
+def tokenized(chat_counter: TokenCounter, monkeypatch: pytest.MonkeyPatch) -> RecordedTokenizer:
+    recorded = RecordedTokenizer(chat_counter.tokenizer)
+    monkeypatch.setattr(chat_counter, "tokenizer", recorded)
+    return recorded
+
+
+def test_prompts_too_long_to_fit_are_refused_before_counting(
+    chat_counter: TokenCounter, tokenized: RecordedTokenizer
+) -> None:
     assert chat_counter.max_chars is not None
     huge = "word " * 800_000
-    started = time.perf_counter()
     with pytest.raises(ContextLengthExceeded, match="characters"):
         prepare_completion(
             CompletionRequest(model="smollm2", prompt=["Hi", huge]), chat_counter, ContractConfig()
@@ -196,20 +224,29 @@ def test_prompts_too_long_to_fit_are_refused_before_counting(chat_counter: Token
         prepare_chat(
             chat(messages=[{"role": "user", "content": huge}]), chat_counter, ContractConfig()
         )
-    assert time.perf_counter() - started < 0.4  # counting them took about 6 s
+    assert tokenized.texts == []  # refused by length: the tokenizer never ran
+    fits = CompletionRequest(model="smollm2", prompt="Hi")
+    prepare_completion(fits, chat_counter, ContractConfig())
+    assert tokenized.texts == [2]  # (what is recorded: a prompt that fits is counted)
 
 
-def test_long_wordpiece_inputs_are_counted_by_prefix(embed_counter: TokenCounter) -> None:
+def test_long_wordpiece_inputs_are_counted_by_prefix(
+    embed_counter: TokenCounter, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert embed_counter.max_chars is None
     assert embed_counter.prefix_counts
-    started = time.perf_counter()
+    tokenized = RecordedTokenizer(embed_counter.tokenizer)
+    monkeypatch.setattr(embed_counter, "tokenizer", tokenized)
     with pytest.raises(ContextLengthExceeded, match="input 0"):
         prepare_embeddings(
             EmbeddingRequest(model="minilm", input="word " * 800_000),
             embed_counter,
             ContractConfig(),
         )
-    assert time.perf_counter() - started < 0.2
+    # only the first prefix was tokenized (it already has more tokens than the context),
+    # never the 4,000,000 characters
+    [prefix] = tokenized.texts
+    assert prefix <= embed_counter.context * PREFIX_CHARS_PER_TOKEN
     fits = "word " * 250  # 2 + 250 tokens: exact; past the context, at least a prefix's
     short, long = embed_counter.count_texts([fits, fits * 3])
     assert short == 252
