@@ -10,8 +10,9 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from models.engines.h1 import fixed_headers
 from models.errors import ConfigError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -60,6 +61,9 @@ class EngineConfig(_Strict):
 class VersionConfig(_Strict):
     """One version of a model: its weights (or a remote engine) and how to run it."""
 
+    # a config error never echoes the input: it may hold header secrets or a URL password
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
     version: str
     weights: str | None = None  # a store entry name or a local directory
     url: str | None = None  # a remote engine we do not start, e.g. http://vllm:8000
@@ -80,6 +84,10 @@ class VersionConfig(_Strict):
     # empty: the planner picks free ones (models/engines/placement)
     gpus: list[Annotated[int, Field(ge=0)]] = []
     standby: bool = False  # configured but not started: `weir deploy` starts it
+    # sent with every request to this version's engines (inference and health), e.g.
+    # { Authorization = "Bearer ..." } for vLLM's --api-key or an ingress; never logged or
+    # shown. A URL's user:password@ is sent as Basic auth instead (not both).
+    headers: dict[str, SecretStr] = {}
     # Tool calling (chat): "auto" derives vLLM's tool-call parser from the chat template;
     # "off" refuses requests with tools; else a parser name (--tool-call-parser).
     tool_parser: str = Field("auto", pattern=r"^[a-z0-9_]+$")
@@ -123,7 +131,17 @@ class VersionConfig(_Strict):
             host, _, port = self.dns.rpartition(":")
             if not host or not port.isdigit():
                 raise ValueError(f"version '{self.version}': dns must be host:port, not {self.dns}")
+        for url in self.urls or [self.url or "http://engine"]:
+            try:
+                fixed_headers(url, self.plain_headers)
+            except ValueError as exc:
+                raise ValueError(f"version '{self.version}': {exc}") from None
         return self
+
+    @property
+    def plain_headers(self) -> dict[str, str]:
+        """``headers`` with their values revealed, for the engine client only."""
+        return {name: value.get_secret_value() for name, value in self.headers.items()}
 
     @property
     def remote(self) -> list[str]:
@@ -171,6 +189,8 @@ class RoutingConfig(_Strict):
 
 class ModelConfig(_Strict):
     """A public model name, its versions and the version its alias points at."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     name: str
     task: Literal["chat", "embed"]

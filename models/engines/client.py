@@ -1,28 +1,37 @@
 """The engine seam: the one adapter that speaks HTTP to a vLLM OpenAI server.
 
-``Engine`` is the interface the gateway uses; ``HttpEngine`` implements it: requests go
-over its own keep-alive pool (``models.engines.h1``, the lean client for the hot path), health
-checks over the shared ``aiohttp`` session. Test fakes implement the same Protocol.
+``Engine`` is the interface the gateway uses; ``HttpEngine`` implements it: requests and
+health checks go over its own keep-alive pool (``models.engines.h1``, the lean client for
+the hot path), with the version's fixed headers on each. Test fakes implement the same
+Protocol.
 Every client or asyncio exception is translated here into ``models.errors`` (chained
 with ``from``).
 The engine's JSON is passed on as parsed dicts; streams yield the raw payload of each
-SSE ``data:`` event, so the gateway adds no re-framing work to each chunk.
+SSE event (``models.engines.sse``), so the gateway adds no re-framing work to each chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import aiohttp
 import orjson
 from opentelemetry import trace
 from opentelemetry.propagate import inject
 
-from models.engines.h1 import ConnectFailed, Response, Upstream, UpstreamError, UpstreamTimeout
+from models.engines.h1 import (
+    KEEPALIVE_S,
+    ConnectFailed,
+    Response,
+    Upstream,
+    UpstreamError,
+    UpstreamTimeout,
+    without_userinfo,
+)
+from models.engines.sse import EventTooLarge, SseParser
 from models.errors import (
     EngineError,
     EngineFailed,
@@ -44,7 +53,7 @@ def json_bytes(obj: Any) -> bytes:
 
 
 def json_dumps(obj: Any) -> str:
-    """``json_bytes`` as text (aiohttp's session serializer)."""
+    """``json_bytes`` as text (the app's aiohttp session serializer)."""
     return json_bytes(obj).decode()
 
 
@@ -74,26 +83,34 @@ class EngineTimeouts:
     idle_s: float = 120.0  # longest wait for the first byte or the next chunk
     total_s: float = 600.0  # whole non-streaming request
     health_s: float = 2.0
+    keepalive_s: float = KEEPALIVE_S  # an idle pooled connection older than this is closed
 
 
 class HttpEngine:
-    """A vLLM OpenAI server at ``base_url``."""
+    """A vLLM OpenAI server at ``base_url``; ``headers`` go with every request to it.
+
+    A ``user:password@`` in ``base_url`` becomes Basic auth; ``base_url`` as kept (shown on
+    ``/weir/engines``, in logs) is without it, and ``headers`` are never shown.
+    ``ValueError`` for a URL or headers ``h1.fixed_headers`` refuses."""
 
     def __init__(
         self,
         name: str,
         base_url: str,
-        session: aiohttp.ClientSession,
         timeouts: EngineTimeouts,
         *,
+        headers: Mapping[str, str] = {},
         max_connections: int = 1000,
     ) -> None:
         self.name = name
-        self.base_url = base_url.rstrip("/")
-        self._session = session
+        self.base_url = without_userinfo(base_url.rstrip("/"))
         self._timeouts = timeouts
         self._upstream = Upstream(
-            self.base_url, connect_timeout_s=timeouts.connect_s, limit=max_connections
+            base_url.rstrip("/"),
+            connect_timeout_s=timeouts.connect_s,
+            keepalive_s=timeouts.keepalive_s,
+            headers=headers,
+            limit=max_connections,
         )
 
     def __repr__(self) -> str:
@@ -138,15 +155,19 @@ class HttpEngine:
         return _HttpStream(self, response)
 
     async def health(self) -> bool:
-        timeout = aiohttp.ClientTimeout(total=self._timeouts.health_s)
+        """``GET /health`` answered 200 within ``health_s``, over the same pool."""
         try:
-            async with self._session.get(self.base_url + "/health", timeout=timeout) as response:
-                return response.status == 200
-        except (TimeoutError, aiohttp.ClientError):
+            response = await self._upstream.get("/health", timeout_s=self._timeouts.health_s)
+            try:
+                await response.read()
+            finally:
+                response.release()
+        except UpstreamError:
             return False
+        return response.status == 200
 
     async def aclose(self) -> None:
-        """Close the idle pooled connections; the aiohttp session is its owner's."""
+        """Close the idle pooled connections."""
         self._upstream.close()
 
     def _transport_error(self, exc: BaseException) -> EngineError:
@@ -204,20 +225,19 @@ class _HttpStream:
         return self._events()
 
     async def _events(self) -> AsyncIterator[bytes]:
-        buffer = b""
+        parser = SseParser()
         try:
             async for piece in self._response.iter_chunks():
-                buffer += piece
-                while True:
-                    end = buffer.find(b"\n\n")
-                    if end < 0:
-                        break
-                    event, buffer = buffer[:end], buffer[end + 2 :]
-                    for line in event.split(b"\n"):
-                        if line.startswith(b"data:"):
-                            yield line[5:].strip()
+                for payload in parser.feed(piece):
+                    yield payload
+            for payload in parser.end():
+                yield payload
         except UpstreamError as exc:
             raise self._engine._transport_error(exc) from exc
+        except EventTooLarge as exc:
+            raise EngineFailed(
+                f"engine {self._engine.name}: {exc}", engine=self._engine.name
+            ) from exc
 
     async def aclose(self) -> None:
         # Read to its end, the connection goes back to the pool; else it is closed, which

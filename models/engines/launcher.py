@@ -13,8 +13,6 @@ import socket
 from collections.abc import Sequence
 from pathlib import Path
 
-import aiohttp
-
 from models import tool_calling
 from models.adapters import engine_args as lora
 from models.config import EngineConfig, ModelConfig, StoreConfig, VersionConfig
@@ -125,7 +123,6 @@ class ReplicaFactory:
     """Makes the replicas of one version: at start, and when a deploy starts a version."""
 
     engines: EngineConfig
-    session: aiohttp.ClientSession
     timeouts: EngineTimeouts
     machine: Host | None = None  # the host's devices as described; None: read on first use
     server: str = vllm_engine.SERVER_MODULE  # the module run with python -m, vLLM's server
@@ -138,7 +135,8 @@ class ReplicaFactory:
         self, model: ModelConfig, version: VersionConfig, key: ReplicaKey, url: str
     ) -> Replica:
         """A replica of a remote engine at ``url`` (configured, or found in DNS)."""
-        engine = HttpEngine(str(key), url, self.session, model_timeouts(model, self.timeouts))
+        timeouts = model_timeouts(model, self.timeouts)
+        engine = HttpEngine(str(key), url, timeouts, headers=version.plain_headers)
         return Replica(key, engine, version.served_name or model.name)
 
     def __call__(
@@ -192,7 +190,8 @@ class ReplicaFactory:
                 grace_s=engines.stop_grace_s,
                 backoff=backoff,
             )
-            engine = HttpEngine(str(key), f"http://127.0.0.1:{port}", self.session, timeouts)
+            url = f"http://127.0.0.1:{port}"
+            engine = HttpEngine(str(key), url, timeouts, headers=version.plain_headers)
             replicas.append(Replica(key, engine, served_name, process, placement=placement))
         return replicas
 

@@ -167,6 +167,7 @@ def create_app(
         idle_s=gateway.engine_idle_timeout_s,
         total_s=gateway.engine_total_timeout_s,
         health_s=settings.engines.health_timeout_s,
+        keepalive_s=gateway.engine_keepalive_s,
     )
 
     def resolved_weights() -> dict[VersionKey, Path]:
@@ -179,17 +180,17 @@ def create_app(
     def replica_maker(session: aiohttp.ClientSession) -> ReplicaMaker:
         if replicas_factory is not None:
             return replicas_factory(session)
-        return ReplicaFactory(settings.engines, session, timeouts)
+        return ReplicaFactory(settings.engines, timeouts)
 
     def make_discovery(fleet: Fleet, session: aiohttp.ClientSession) -> DnsDiscovery:
         if discovery_factory is not None:
             return discovery_factory(fleet, session)
-        return DnsDiscovery(fleet, ReplicaFactory(settings.engines, session, timeouts).remote)
+        return DnsDiscovery(fleet, ReplicaFactory(settings.engines, timeouts).remote)
 
     def make_fleet(session: aiohttp.ClientSession, found: dict[VersionKey, Path]) -> Fleet:
         if fleet_factory is not None:
             return fleet_factory(session)
-        factory = ReplicaFactory(settings.engines, session, timeouts)
+        factory = ReplicaFactory(settings.engines, timeouts)
         return build_fleet(settings.models, found, factory)
 
     api = FastAPI(

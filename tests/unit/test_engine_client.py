@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, Awaitable, Callable
 
-import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -49,11 +48,11 @@ async def serve(handler: Handler) -> AsyncGenerator[str, None]:
 
 
 async def engine_for(
-    handler: Handler, session: aiohttp.ClientSession, idle_s: float = 5.0
+    handler: Handler, idle_s: float = 5.0
 ) -> tuple[AsyncGenerator[str, None], HttpEngine]:
     gen = serve(handler)
     url = await gen.__anext__()
-    return gen, HttpEngine("test", url, session, EngineTimeouts(idle_s=idle_s, total_s=5.0))
+    return gen, HttpEngine("test", url, EngineTimeouts(idle_s=idle_s, total_s=5.0))
 
 
 VLLM_ERROR = orjson.dumps(
@@ -92,22 +91,20 @@ def status(code: int, body: bytes) -> Handler:
 async def test_answers_map_to_errors(
     handler: Handler, error: type[Exception], param: str | None
 ) -> None:
-    async with aiohttp.ClientSession() as session:
-        gen, engine = await engine_for(handler, session)
-        try:
-            with pytest.raises(error) as caught:
-                await engine.complete("/v1/chat/completions", {"model": "m"})
-            assert getattr(caught.value, "param", None) == param
-        finally:
-            await gen.aclose()
+    gen, engine = await engine_for(handler)
+    try:
+        with pytest.raises(error) as caught:
+            await engine.complete("/v1/chat/completions", {"model": "m"})
+        assert getattr(caught.value, "param", None) == param
+    finally:
+        await gen.aclose()
 
 
 async def test_connection_refused_is_unavailable() -> None:
-    async with aiohttp.ClientSession() as session:
-        engine = HttpEngine("gone", f"http://127.0.0.1:{free_port()}", session, EngineTimeouts())
-        with pytest.raises(EngineUnavailable):
-            await engine.complete("/v1/chat/completions", {})
-        assert await engine.health() is False
+    engine = HttpEngine("gone", f"http://127.0.0.1:{free_port()}", EngineTimeouts())
+    with pytest.raises(EngineUnavailable):
+        await engine.complete("/v1/chat/completions", {})
+    assert await engine.health() is False
 
 
 async def test_hang_before_answer_is_a_timeout() -> None:
@@ -115,23 +112,21 @@ async def test_hang_before_answer_is_a_timeout() -> None:
         await asyncio.sleep(1.5)
         return web.Response()
 
-    async with aiohttp.ClientSession() as session:
-        gen, engine = await engine_for(slow, session, idle_s=0.3)
-        try:
-            with pytest.raises(EngineTimeout):
-                await engine.complete("/v1/chat/completions", {})
-        finally:
-            await gen.aclose()
+    gen, engine = await engine_for(slow, idle_s=0.3)
+    try:
+        with pytest.raises(EngineTimeout):
+            await engine.complete("/v1/chat/completions", {})
+    finally:
+        await gen.aclose()
 
 
 async def stream_events(handler: Handler, idle_s: float = 5.0) -> list[bytes]:
-    async with aiohttp.ClientSession() as session:
-        gen, engine = await engine_for(handler, session, idle_s=idle_s)
-        try:
-            stream = await engine.open_stream("/v1/chat/completions", {"stream": True})
-            return [e async for e in relay(stream, lambda c: c, "rid")]
-        finally:
-            await gen.aclose()
+    gen, engine = await engine_for(handler, idle_s=idle_s)
+    try:
+        stream = await engine.open_stream("/v1/chat/completions", {"stream": True})
+        return [e async for e in relay(stream, lambda c: c, "rid")]
+    finally:
+        await gen.aclose()
 
 
 async def test_stream_that_goes_quiet_ends_with_a_timeout_event() -> None:
@@ -166,13 +161,12 @@ async def test_stream_cut_mid_way_ends_with_an_error_event() -> None:
 
 
 async def test_stream_refused_before_the_first_byte_raises() -> None:
-    async with aiohttp.ClientSession() as session:
-        gen, engine = await engine_for(status(503, b"{}"), session)
-        try:
-            with pytest.raises(EngineOverloaded):
-                await engine.open_stream("/v1/chat/completions", {})
-        finally:
-            await gen.aclose()
+    gen, engine = await engine_for(status(503, b"{}"))
+    try:
+        with pytest.raises(EngineOverloaded):
+            await engine.open_stream("/v1/chat/completions", {})
+    finally:
+        await gen.aclose()
 
 
 async def test_events_split_across_reads_are_reassembled() -> None:

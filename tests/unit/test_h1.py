@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from models.engines.h1 import ConnectFailed, ConnectionBroken, Upstream, UpstreamTimeout
+from models.engines.h1 import (
+    ConnectFailed,
+    ConnectionBroken,
+    Upstream,
+    UpstreamTimeout,
+    fixed_headers,
+)
 from models.engines.launcher import free_port
+from tests.keepalive_server import OK, late_closer
 
 pytestmark = pytest.mark.anyio
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-OK = b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{"ok":true}'
 
 
 class Server:
@@ -174,7 +181,7 @@ async def test_idle_timeout_total_deadline_and_a_cut_body() -> None:
         with pytest.raises(ConnectionBroken):
             await response.read()
         response.release()
-        assert upstream.idle == []  # nothing half-read goes back to the pool
+        assert not upstream.idle  # nothing half-read goes back to the pool
         assert upstream.slots._value == 1000
 
 
@@ -217,7 +224,7 @@ async def test_cancelled_request_closes_its_connection_and_frees_its_slot() -> N
             await task
         await asyncio.wait_for(eof.wait(), 2)  # the server saw the connection closed
         assert upstream.slots._value == 1
-        assert upstream.idle == []
+        assert not upstream.idle
 
 
 async def test_a_large_body_is_read_with_back_pressure() -> None:
@@ -260,3 +267,120 @@ async def test_the_connection_limit_queues_requests() -> None:
         assert answers == [b'{"ok":true}'] * 10
         assert server.connections <= 2
         upstream.close()
+
+
+async def ask(upstream: Upstream) -> bytes:
+    response = await upstream.post("/", b"{}", idle_s=2)
+    try:
+        return await response.read()
+    finally:
+        response.release()
+
+
+async def test_a_connection_idle_past_keepalive_is_never_reused() -> None:
+    """The server drops a request on a connection idle > 0.5 s; ours expire after 0.2 s,
+    so after 0.6 s idle the request goes out on a new connection and nothing is dropped."""
+    async for server, url in late_closer(close_after_s=0.5):
+        upstream = Upstream(url, connect_timeout_s=1, keepalive_s=0.2)
+        assert await ask(upstream) == b'{"ok":true}'
+        await asyncio.sleep(0.6)  # idle time is what is tested: longer than both limits
+        assert await ask(upstream) == b'{"ok":true}'
+        assert (server.connections, server.dropped) == (2, 0)
+        upstream.close()
+
+
+async def test_an_idle_connection_is_closed_when_its_keepalive_ends() -> None:
+    async for server, url in late_closer(close_after_s=60):
+        upstream = Upstream(url, connect_timeout_s=1, keepalive_s=0.2)
+        assert await ask(upstream) == b'{"ok":true}'
+        assert len(upstream.idle) == 1
+        await asyncio.wait_for(server.eof.wait(), 5)  # we closed it, no request coming
+        assert server.eofs == 1
+        assert not upstream.idle
+        assert await ask(upstream) == b'{"ok":true}'
+        assert server.connections == 2
+        upstream.close()
+
+
+async def test_a_reused_connection_closed_under_the_request_is_retried_once() -> None:
+    """Keep-alive longer than the server's: the reused connection is dropped before any
+    byte of the answer; the request goes out once more on a new connection."""
+    async for server, url in late_closer(close_after_s=0.2):
+        upstream = Upstream(url, connect_timeout_s=1, keepalive_s=30)
+        assert await ask(upstream) == b'{"ok":true}'
+        await asyncio.sleep(0.4)  # idle past the server's limit, not ours
+        assert await ask(upstream) == b'{"ok":true}'
+        assert (server.connections, server.dropped) == (2, 1)
+        assert upstream.slots._value == 1000
+        upstream.close()
+
+
+async def test_a_new_connection_closed_before_the_answer_is_not_retried() -> None:
+    def script(server: Server) -> Script:
+        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)  # and close without a byte
+
+        return run
+
+    async for server, url in started(script):
+        upstream = Upstream(url, connect_timeout_s=1)
+        with pytest.raises(ConnectionBroken):
+            await upstream.post("/", b"{}", idle_s=1)
+        assert server.connections == 1
+        assert upstream.slots._value == 1000
+
+
+async def test_a_reused_connection_cut_after_bytes_of_the_answer_is_not_retried() -> None:
+    def script(server: Server) -> Script:
+        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            writer.write(OK)
+            await server.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\ncont")  # part of a head, then gone
+            await writer.drain()
+
+        return run
+
+    async for server, url in started(script):
+        upstream = Upstream(url, connect_timeout_s=1)
+        assert await ask(upstream) == b'{"ok":true}'
+        with pytest.raises(ConnectionBroken):
+            await upstream.post("/", b"{}", idle_s=1)
+        assert server.connections == 1
+
+
+async def test_fixed_headers_go_on_every_request_and_host_never_has_userinfo() -> None:
+    async for server, url in started(keep_alive):
+        port = url.rsplit(":", 1)[1]
+        with_user = f"http://al%40ice:p%3Ass@127.0.0.1:{port}/base"
+        upstream = Upstream(with_user, connect_timeout_s=1, headers={"X-Tenant": "t1"})
+        await ask(upstream)
+        health = await upstream.get("/health", timeout_s=1)
+        assert (health.status, await health.read()) == (200, b'{"ok":true}')
+        health.release()
+        assert server.connections == 1  # the health check used the same pool
+        basic = "Basic " + base64.b64encode(b"al@ice:p:ss").decode()
+        for request in server.requests:
+            head = request.split(b"\r\n\r\n")[0].decode().split("\r\n")
+            fields = [tuple(line.split(": ", 1)) for line in head[1:]]
+            assert ("host", f"127.0.0.1:{port}") in fields
+            assert ("authorization", basic) in fields
+            assert ("X-Tenant", "t1") in fields
+            assert "al%40ice" not in "\n".join(head)
+        assert server.requests[1].startswith(b"GET /base/health HTTP/1.1\r\n")
+        upstream.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "headers", "refusal"),
+    [
+        ("http://u:p@h:1", {"Authorization": "Bearer x"}, "give one"),
+        ("http://h:1", {"Host": "evil"}, "set by the gateway"),
+        ("http://h:1", {"content-length": "1"}, "set by the gateway"),
+        ("http://h:1", {"X-A": "v\r\nX-Injected: 1"}, "line breaks"),
+        ("http://h:1", {"Bad Name": "v"}, "not a valid HTTP field name"),
+    ],
+)
+def test_fixed_headers_that_are_refused(url: str, headers: dict[str, str], refusal: str) -> None:
+    with pytest.raises(ValueError, match=refusal):
+        fixed_headers(url, headers)

@@ -152,7 +152,7 @@ def test_traces_continue_the_callers_and_reach_the_engine(tmp_path: Path) -> Non
 
     def fleet(session: Any) -> Fleet:
         timeouts = EngineTimeouts(connect_s=2, idle_s=5, total_s=10, health_s=2)
-        engine = HttpEngine("e", f"http://127.0.0.1:{port}", session, timeouts)
+        engine = HttpEngine("e", f"http://127.0.0.1:{port}", timeouts)
         return Fleet(
             [Replica(ReplicaKey("smollm2", "135m-instruct", 0), engine, "smollm2")],
             health_interval_s=0.05,

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import aiohttp
 import psutil
 import pytest
 
@@ -71,7 +70,7 @@ async def wait_restarted(process: EngineProcess, times: int) -> None:
     assert process.restarts == times
 
 
-def make_fleet(tmp_path: Path, session: aiohttp.ClientSession) -> tuple[Fleet, EngineProcess]:
+def make_fleet(tmp_path: Path) -> tuple[Fleet, EngineProcess]:
     port = free_port()
     process = EngineProcess(
         "fake@v1#0",
@@ -81,7 +80,7 @@ def make_fleet(tmp_path: Path, session: aiohttp.ClientSession) -> tuple[Fleet, E
         grace_s=2.0,
         backoff=ExponentialBackoff(base=0.1, cap=0.5),
     )
-    engine = HttpEngine("fake", f"http://127.0.0.1:{port}", session, EngineTimeouts(health_s=0.5))
+    engine = HttpEngine("fake", f"http://127.0.0.1:{port}", EngineTimeouts(health_s=0.5))
     replica = Replica(ReplicaKey("fake", "v1", 0), engine, "fake", process)
     return Fleet([replica], health_interval_s=0.1), process
 
@@ -89,14 +88,13 @@ def make_fleet(tmp_path: Path, session: aiohttp.ClientSession) -> tuple[Fleet, E
 @asynccontextmanager
 async def running_fleet(tmp_path: Path) -> AsyncIterator[tuple[Fleet, EngineProcess]]:
     """A one-replica fleet of the fake engine, healthy on entry, stopped on exit."""
-    async with aiohttp.ClientSession() as session:
-        fleet, process = make_fleet(tmp_path, session)
-        await fleet.start()
-        try:
-            await wait_healthy(fleet)
-            yield fleet, process
-        finally:
-            await fleet.stop()
+    fleet, process = make_fleet(tmp_path)
+    await fleet.start()
+    try:
+        await wait_healthy(fleet)
+        yield fleet, process
+    finally:
+        await fleet.stop()
 
 
 async def test_killed_engine_comes_back_and_stop_leaves_nothing(tmp_path: Path) -> None:
