@@ -20,12 +20,12 @@ METRICS = (("ttft_ms", "TTFT"), ("inter_token_ms", "inter-token"), ("e2e_ms", "e
 
 
 def table_for(results: dict[str, Any]) -> Table:
-    table = Table(title="per variant (ms)")
-    for column in ("variant", "req/s", "out tok/s", "goodput req/s", "errors"):
+    table = Table(title="per variant")
+    for column in ("variant", "req/s", "out tok/s", "goodput req/s", "errors (%)"):
         table.add_column(column, justify="right")
     for _, name in METRICS:
-        table.add_column(f"{name} p50", justify="right")
-        table.add_column(f"{name} p99", justify="right")
+        table.add_column(f"{name} p50 (ms)", justify="right")
+        table.add_column(f"{name} p99 (ms)", justify="right")
     for label, v in sorted(results["variants"].items()):
         row = [label, f"{v['request_throughput_rps']:.2f}", f"{v['output_tokens_per_s']:.1f}"]
         row += [f"{v['goodput_rps']:.2f}", f"{v['error_rate']:.1%}"]
@@ -49,11 +49,22 @@ def _verdict(a: dict[str, Any], b: dict[str, Any], q: int) -> str:
     return "within noise"
 
 
+class NothingInCommon(ValueError):
+    """Two runs with no variant in common: there is nothing to compare."""
+
+
 def compare(a: dict[str, Any], b: dict[str, Any]) -> Table:
+    common = set(a["variants"]) & set(b["variants"])
+    if not common:
+        raise NothingInCommon(
+            f"no variant in common: A has {', '.join(sorted(a['variants'])) or 'none'}, "
+            f"B has {', '.join(sorted(b['variants'])) or 'none'} (run both with the same "
+            "--versions or --label)"
+        )
     table = Table(title="B against A")
     for column in ("variant", "metric", "A", "B", "change", "verdict"):
         table.add_column(column, justify="right")
-    for label in sorted(set(a["variants"]) & set(b["variants"])):
+    for label in sorted(common):
         va, vb = a["variants"][label], b["variants"][label]
         for key in ("request_throughput_rps", "output_tokens_per_s", "goodput_rps"):
             change = (vb[key] - va[key]) / va[key] if va[key] else 0.0
@@ -78,9 +89,11 @@ def main() -> None:
     parser.add_argument("a", type=Path)
     parser.add_argument("b", type=Path)
     args = parser.parse_args()
-    Console(width=max(120, Console().width)).print(
-        compare(json.loads(args.a.read_text()), json.loads(args.b.read_text()))
-    )
+    try:
+        table = compare(json.loads(args.a.read_text()), json.loads(args.b.read_text()))
+    except NothingInCommon as exc:
+        raise SystemExit(f"weir bench compare: {exc}") from None
+    Console(width=max(120, Console().width)).print(table)
 
 
 if __name__ == "__main__":

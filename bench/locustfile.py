@@ -7,7 +7,14 @@ nanoseconds; Locust rounds its own) to ``--weir-samples`` as JSON lines.
 
 Variants: ``--weir-versions v1,v2`` pins each request to a version (``model@v1``);
 ``--weir-compare-host URL`` adds a ``direct`` variant sent to another base URL (an
-engine), so gateway and engine are measured in the same run, interleaved.
+engine, or any OpenAI-compatible server), so gateway and engine are measured in the same
+run, interleaved. Any OpenAI-compatible URL can be the host itself: ``--weir-label``
+names it, ``--weir-api-key`` (or ``WEIR_BENCH_API_KEY``) authenticates, and
+``--weir-openai-strict`` leaves out vLLM's ``ignore_eos`` for servers that refuse
+unknown fields.
+
+Distributed: under Locust's ``--master``/``--worker``, workers ship their raw samples to
+the master (``bench.distributed``); ``--weir-run-time`` ends such a run.
 
     locust -f bench/locustfile.py --headless -u 8 -r 8 -t 60s --host http://127.0.0.1:8000 \\
         StreamingChatUser --weir-samples samples.jsonl
@@ -23,18 +30,28 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import gevent
 import requests
 from gevent.lock import BoundedSemaphore
+from gevent.pool import Group
 from locust import HttpUser, LoadTestShape, User, between, constant, events, task
 from locust.env import Environment
+from locust.runners import MasterRunner, WorkerRunner
 
-from bench import payloads, shapes
+from bench import distributed, payloads, shapes
 from bench.sse import SSETimer, StreamTiming
 
 TIMEOUT_S = 600
+
+
+class Sink(Protocol):
+    """Where samples go: ``Samples`` (a file), or on a worker, the master."""
+
+    def write(self, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -42,6 +59,11 @@ class Variant:
     label: str
     base_url: str
     model: str
+    api_key: str = ""
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
 
 class Samples:
@@ -66,30 +88,48 @@ class Samples:
 class Suite:
     """What the command line configured, built once at init and shared by every user."""
 
-    def __init__(self, environment: Environment) -> None:
+    def __init__(self, environment: Environment, sink: Sink | None = None) -> None:
         options = environment.parsed_options
         host = (environment.host or "http://127.0.0.1:8000").rstrip("/")
         model = options.weir_model if options else "smollm2"
+        key = (options.weir_api_key if options else "") or os.environ.get("WEIR_BENCH_API_KEY", "")
         versions = [v for v in (options.weir_versions if options else "").split(",") if v]
-        self.variants = [Variant(v, host, f"{model}@{v}") for v in versions] or [
-            Variant("gateway", host, model)
+        label = (options.weir_label if options else "") or "gateway"
+        self.variants = [Variant(v, host, f"{model}@{v}", key) for v in versions] or [
+            Variant(label, host, model, key)
         ]
         if options and options.weir_compare_host:
             compare_model = options.weir_compare_model or model
+            compare_key = options.weir_compare_api_key or os.environ.get(
+                "WEIR_BENCH_COMPARE_API_KEY", ""
+            )
             self.variants.append(
-                Variant("direct", options.weir_compare_host.rstrip("/"), compare_model)
+                Variant(
+                    options.weir_compare_label or "direct",
+                    options.weir_compare_host.rstrip("/"),
+                    compare_model,
+                    compare_key,
+                )
             )
         self.embed_model = options.weir_embed_model if options else "minilm"
+        self.strict = bool(options and options.weir_openai_strict)
         self.turns = itertools.cycle(self.variants)
         seed = options.weir_seed if options else 1
         self.payloads = payloads.make(options.weir_mix if options else "fixed", seed)
-        self.samples = Samples(options.weir_samples if options else None)
+        self.samples: Sink = sink or Samples(options.weir_samples if options else None)
         self.rate = options.weir_rate if options else 1.0
+        self.arrival_users = max(1, options.weir_arrival_users if options else 1)
         self._lock = threading.Lock()
 
     def next(self) -> tuple[Variant, payloads.Payload]:
         with self._lock:
             return next(self.turns), next(self.payloads)
+
+    def chat_body(self, payload: payloads.Payload, model: str, stream: bool) -> dict[str, Any]:
+        body = payload.chat_body(model, stream=stream)
+        if self.strict:
+            body.pop("ignore_eos", None)
+        return body
 
 
 SUITE: dict[str, Suite] = {}
@@ -109,11 +149,48 @@ def _options(parser: Any) -> None:
     group.add_argument("--weir-seed", type=int, default=1)
     group.add_argument("--weir-samples", default="", help="raw samples (JSON lines) go here")
     group.add_argument("--weir-rate", type=float, default=2.0, help="ArrivalUser: requests/s")
+    group.add_argument(
+        "--weir-arrival-users", type=int, default=1, help="ArrivalUsers in the run, all workers"
+    )
+    group.add_argument("--weir-label", default="", help="the host's variant name (gateway)")
+    group.add_argument("--weir-compare-label", default="direct")
+    group.add_argument("--weir-api-key", default="", help="Bearer key for the host")
+    group.add_argument("--weir-compare-api-key", default="", help="Bearer key, compare host")
+    group.add_argument(
+        "--weir-openai-strict", action="store_true", help="send no vLLM extension fields"
+    )
+    group.add_argument(
+        "--weir-run-time", type=float, default=0.0, help="master: seconds, then the handshake"
+    )
 
 
 @events.init.add_listener
 def _init(environment: Environment, **_: Any) -> None:
-    SUITE["suite"] = Suite(environment)
+    suite = SUITE["suite"] = Suite(environment)
+    runner, options = environment.runner, environment.parsed_options
+    if isinstance(runner, WorkerRunner):
+        suite.samples.close()
+        suite.samples = distributed.WorkerOutbox(environment, runner)
+    elif isinstance(runner, MasterRunner):
+        suite.samples.close()
+        inbox = distributed.MasterInbox(
+            environment, runner, options.weir_samples if options else ""
+        )
+        suite.samples = inbox
+        if options and options.weir_run_time > 0:
+            distributed.schedule_finish(environment, inbox, options.weir_run_time)
+    if environment.web_ui is not None:
+        from bench import web_tab
+
+        web_tab.install(environment)
+
+
+@events.test_start.add_listener
+def _start(environment: Environment, **_: Any) -> None:
+    """A worker learns the run's options (host, model, versions...) from the master's
+    spawn message, after init: its suite is rebuilt from them, keeping its outbox."""
+    if isinstance(environment.runner, WorkerRunner) and "suite" in SUITE:
+        SUITE["suite"] = Suite(environment, sink=SUITE["suite"].samples)
 
 
 @events.quitting.add_listener
@@ -135,17 +212,25 @@ def fire(
     )
 
 
-def stream_chat(environment: Environment, session: requests.Session) -> None:
+def stream_chat(
+    environment: Environment,
+    session: requests.Session,
+    turn: tuple[Variant, payloads.Payload] | None = None,
+) -> None:
     suite = SUITE["suite"]
-    variant, payload = suite.next()
-    body = payload.chat_body(variant.model, stream=True)
+    variant, payload = turn or suite.next()
+    body = suite.chat_body(payload, variant.model, stream=True)
     wall = time.time_ns()
     timer = SSETimer()
     status = 0
     error: str | None = None
     try:
         with session.post(
-            f"{variant.base_url}/v1/chat/completions", json=body, stream=True, timeout=TIMEOUT_S
+            f"{variant.base_url}/v1/chat/completions",
+            json=body,
+            headers=variant.headers,
+            stream=True,
+            timeout=TIMEOUT_S,
         ) as response:
             status = response.status_code
             if status != 200:
@@ -228,21 +313,24 @@ def plain_request(environment: Environment, session: requests.Session, kind: str
             "model": variant.model,
             "prompt": payload.prompt_text,
             "max_tokens": payload.max_tokens,
-            "ignore_eos": True,
         }
+        if not suite.strict:
+            body["ignore_eos"] = True
         path = "/v1/completions"
     elif kind == "rag":
         path = "/v1/chat/completions"
-        body = payload.chat_body(variant.model, stream=False)
+        body = suite.chat_body(payload, variant.model, stream=False)
         body["weir"] = {"retrieval": {"collection": RAG_COLLECTION, "top_k": 4}}
     else:
-        path, body = "/v1/chat/completions", payload.chat_body(variant.model, stream=False)
+        path, body = "/v1/chat/completions", suite.chat_body(payload, variant.model, False)
     wall = time.time_ns()
     started = time.perf_counter_ns()
     status, error = 0, None
     usage: dict[str, Any] = {}
     try:
-        response = session.post(f"{variant.base_url}{path}", json=body, timeout=TIMEOUT_S)
+        response = session.post(
+            f"{variant.base_url}{path}", json=body, headers=variant.headers, timeout=TIMEOUT_S
+        )
         status = response.status_code
         if status == 200:
             usage = response.json().get("usage") or {}
@@ -338,7 +426,9 @@ class EmbeddingUser(_Base):
 
 class ArrivalUser(User):
     """Open loop: streaming requests start on a Poisson schedule at ``--weir-rate`` per
-    second (split over the users), whatever the responses do, so queueing shows."""
+    second (split over ``--weir-arrival-users``, on every worker), whatever the responses
+    do, so queueing shows. A request still in flight when the run's stop timeout ends is
+    recorded as ``cut_at_stop``, so it counts against the SLO rather than vanishing."""
 
     wait_time = constant(0)
     in_flight_cap = 2000
@@ -348,24 +438,40 @@ class ArrivalUser(User):
         adapter = requests.adapters.HTTPAdapter(pool_maxsize=self.in_flight_cap)
         self.session.mount("http://", adapter)
         self.slots = BoundedSemaphore(self.in_flight_cap)
+        self.in_flight = Group()
+
+    def on_stop(self) -> None:
+        self.in_flight.join(timeout=self.environment.stop_timeout or None)
+        self.in_flight.kill(block=True, timeout=5)
 
     @task
     def arrive(self) -> None:
-        rate = SUITE["suite"].rate / max(
-            1, self.environment.runner.user_count if self.environment.runner else 1
-        )
-        gevent.sleep(random.expovariate(rate))
+        suite = SUITE["suite"]
+        gevent.sleep(random.expovariate(suite.rate / suite.arrival_users))
         if not self.slots.acquire(blocking=False):
             fire(self.environment, "SSE", "arrival dropped (in-flight cap)", 0.0, 0, "dropped")
             return
+        turn = suite.next()
+        wall, started = time.time_ns(), time.perf_counter_ns()
 
         def one() -> None:
             try:
-                stream_chat(self.environment, self.session)
+                stream_chat(self.environment, self.session, turn)
+            except gevent.GreenletExit:
+                fire(self.environment, "SSE", f"chat-stream [{turn[0].label}]", 0, 0, "cut")
+                suite.samples.write(
+                    {
+                        "kind": "chat-stream", "variant": turn[0].label, "start_wall_ns": wall,
+                        "status": 0, "error": "cut_at_stop", "ttft_ns": None, "gaps_ns": [],
+                        "e2e_ns": time.perf_counter_ns() - started,
+                        "prompt_tokens": None, "completion_tokens": None,
+                    }
+                )  # fmt: skip
+                raise
             finally:
                 self.slots.release()
 
-        gevent.spawn(one)
+        self.in_flight.spawn(one)
 
 
 def _staged_shape() -> Iterator[type[LoadTestShape]]:

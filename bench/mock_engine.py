@@ -11,7 +11,11 @@ at 200 ms a chunk.
 Black-box: imports nothing of Weir's.
 
     python -m bench.mock_engine --port 9100 [--chunks 16] [--interval-ms 10] [--delay-ms 0]
-        [--capacity 0]
+        [--capacity 0] [--stream-capacity 0] [--reuse-port]
+
+``--stream-capacity N`` lets N streams run at once and queues the rest before their first
+chunk (an engine's batch), so TTFT grows with load and an SLO sweep has a knee to find.
+``--reuse-port`` lets several mock processes share one port (a load box's worth of mock).
 """
 
 from __future__ import annotations
@@ -68,10 +72,15 @@ def mock_vector(text: str, dim: int = 384) -> list[float]:
 
 
 def make_app(
-    chunks: int, interval_s: float, delay_s: float = 0.0, capacity: int = 0
+    chunks: int,
+    interval_s: float,
+    delay_s: float = 0.0,
+    capacity: int = 0,
+    stream_capacity: int = 0,
 ) -> web.Application:
     # an engine's batch: at most ``capacity`` answers in the works, the rest wait their turn
     slots = asyncio.Semaphore(capacity) if capacity > 0 else None
+    stream_slots = asyncio.Semaphore(stream_capacity) if stream_capacity > 0 else None
 
     async def health(_: web.Request) -> web.Response:
         return web.Response(status=200)
@@ -99,6 +108,12 @@ def make_app(
             max_tokens = body.get("max_tokens")
             used = max_tokens if isinstance(max_tokens, int) else 8
             return web.json_response(completion(model, 10, used))
+        if stream_slots is not None:
+            async with stream_slots:
+                return await stream(request, model, marker)
+        return await stream(request, model, marker)
+
+    async def stream(request: web.Request, model: str, marker: str) -> web.StreamResponse:
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await response.prepare(request)
         base = {
@@ -185,11 +200,20 @@ def main() -> None:
     parser.add_argument(
         "--capacity", type=int, default=0, help="answers at a time (0: unbounded), like a batch"
     )
+    parser.add_argument("--stream-capacity", type=int, default=0, help="streams at a time")
+    parser.add_argument("--reuse-port", action="store_true", help="share the port with others")
     args = parser.parse_args()
     web.run_app(
-        make_app(args.chunks, args.interval_ms / 1000, args.delay_ms / 1000, args.capacity),
+        make_app(
+            args.chunks,
+            args.interval_ms / 1000,
+            args.delay_ms / 1000,
+            args.capacity,
+            args.stream_capacity,
+        ),
         host="127.0.0.1",
         port=args.port,
+        reuse_port=args.reuse_port or None,
         print=None,
         access_log=None,
         shutdown_timeout=1.0,  # [hang] handlers would hold a graceful stop for a minute

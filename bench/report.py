@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import base64
+import csv
 import io
 import json
 import statistics
 from collections import Counter
 from dataclasses import dataclass
+from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,12 @@ class SLO:
     ttft_ms: float = 1000.0  # streaming: first token within this
     itl_ms: float = 200.0  # streaming: mean inter-token gap within this
     e2e_ms: float = 10000.0  # non-streaming: whole answer within this
+
+    def describe(self) -> str:
+        return (
+            f"streams: TTFT \u2264 {self.ttft_ms:g} ms and mean inter-token gap \u2264 "
+            f"{self.itl_ms:g} ms; other requests: end to end \u2264 {self.e2e_ms:g} ms"
+        )
 
     def met(self, sample: dict[str, Any]) -> bool:
         if sample.get("error") or sample.get("status") != 200:
@@ -105,6 +113,37 @@ def _png(figure: Any) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def bucket_width(window_s: float) -> float:
+    """Time-series buckets: about 30 points over the run, at least 1 s, whole seconds."""
+    return float(max(1, round(window_s / 30)))
+
+
+def rate_series(
+    ends_s: list[float], window_s: float, bucket_s: float
+) -> tuple[list[float], list[float]]:
+    """Completions per second in buckets of ``bucket_s`` over ``[0, window_s]``, each
+    divided by its own width: the last bucket is the run's remainder, not a full bucket
+    (a partial last bucket divided by the full width makes throughput seem to collapse at
+    the end of every run). A remainder under half a bucket joins the bucket before it.
+    Returns (bucket midpoints, rates)."""
+    edges = [0.0]
+    while edges[-1] + bucket_s < window_s:
+        edges.append(edges[-1] + bucket_s)
+    if len(edges) > 1 and window_s - edges[-1] < bucket_s / 2:
+        edges.pop()
+    edges.append(max(window_s, edges[-1] + 1e-9))
+    counts, _ = np.histogram(np.asarray(ends_s, dtype=float), bins=np.asarray(edges))
+    widths = np.diff(edges)
+    mids = [float(a + w / 2) for a, w in zip(edges, widths, strict=False)]
+    return mids, [float(c / w) for c, w in zip(counts, widths, strict=True)]
+
+
+def _zero_based(axis: Any) -> None:
+    """Latency and throughput axes start at 0: an axis starting near the data turns a few
+    percent into a cliff."""
+    axis.set_ylim(bottom=0)
+
+
 def plots(samples: list[dict[str, Any]], results: dict[str, Any]) -> list[tuple[str, str]]:
     import matplotlib
 
@@ -131,8 +170,12 @@ def plots(samples: list[dict[str, Any]], results: dict[str, Any]) -> list[tuple[
                 axis.plot(ordered, np.linspace(0, 1, len(ordered)), label=label)
         axis.set_title(f"{title}: CDF")
         axis.set_xlabel("ms")
+        axis.set_ylabel("fraction of requests")
+        axis.set_xlim(left=0)
+        axis.set_ylim(0, 1.02)
         axis.grid(alpha=0.3)
-        axis.legend()
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend()
     out.append(("Latency distributions (CDF), per variant", _png(figure)))
     plt.close(figure)
 
@@ -151,26 +194,33 @@ def plots(samples: list[dict[str, Any]], results: dict[str, Any]) -> list[tuple[
             np.arange(len(PERCENTILES)) + width * (len(labels) - 1) / 2,
             [f"p{q}" for q in PERCENTILES],
         )
-        axis.set_title(f"{title} percentiles (ms)")
+        axis.set_title(f"{title} percentiles")
+        axis.set_ylabel("ms")
+        _zero_based(axis)
         axis.legend()
     out.append(("Percentiles side by side", _png(figure)))
     plt.close(figure)
 
     figure, axes = plt.subplots(1, 2, figsize=(15, 4))
     start = min(s["start_wall_ns"] for s in samples)
+    window_s = float(results["window_s"])
+    bucket = bucket_width(window_s)
     for label in labels:
         mine = sorted(groups[label], key=lambda s: s["start_wall_ns"])
-        seconds = np.array([(s["start_wall_ns"] + s["e2e_ns"] - start) / 1e9 for s in mine])
-        if len(seconds) == 0:
+        ends = [(s["start_wall_ns"] + s["e2e_ns"] - start) / 1e9 for s in mine]
+        if not ends:
             continue
-        buckets = np.arange(0, seconds.max() + 5, 5)
-        counts, _ = np.histogram(seconds, bins=buckets)
-        axes[0].plot(buckets[:-1], counts / 5, label=label)
-        axes[1].plot(seconds, [s["e2e_ns"] / 1e6 for s in mine], ".", markersize=3, label=label)
-    axes[0].set_title("completed requests per second (5 s buckets)")
-    axes[1].set_title("end-to-end latency over time (ms)")
+        mids, rates = rate_series(ends, window_s, bucket)
+        axes[0].plot(mids, rates, marker=".", label=label)
+        axes[1].plot(ends, [s["e2e_ns"] / 1e6 for s in mine], ".", markersize=3, label=label)
+    axes[0].set_title(f"completed requests per second ({bucket:g} s buckets)")
+    axes[0].set_ylabel("requests/s")
+    axes[1].set_title("end-to-end latency over time")
+    axes[1].set_ylabel("ms")
     for axis in axes:
-        axis.set_xlabel("seconds into the run")
+        axis.set_xlabel("seconds into the run (at completion)")
+        axis.set_xlim(0, window_s)
+        _zero_based(axis)
         axis.grid(alpha=0.3)
         axis.legend()
     out.append(("Throughput and latency over time", _png(figure)))
@@ -178,40 +228,156 @@ def plots(samples: list[dict[str, Any]], results: dict[str, Any]) -> list[tuple[
     return out
 
 
+STYLE = (
+    "body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse;"
+    "margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+    "th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}"
+    "img{max-width:100%}dl{display:grid;grid-template-columns:max-content auto;gap:2px 1em}"
+    "dt{font-weight:bold}dd{margin:0}code{font-size:90%}"
+)
+
+
+def _cell(value: Any) -> str:
+    return f"<td>{escape(str(value))}</td>"
+
+
+def _table(head: list[str], rows: list[list[Any]], table_id: str = "") -> str:
+    header = "".join(f"<th>{escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in rows)
+    ident = f" id='{table_id}'" if table_id else ""
+    return f"<table{ident}><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _ci(stats: dict[str, Any], q: int) -> str:
+    value, band = stats.get(f"p{q}"), stats.get(f"p{q}_ci")
+    if value is None:
+        return "n/a"
+    return f"{value:.1f} [{band[0]:.1f}, {band[1]:.1f}]" if band else f"{value:.1f}"
+
+
+def page(title: str, body: str) -> str:
+    return (
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{escape(title)}</title><style>{STYLE}</style></head>"
+        f"<body><h1>{escape(title)}</h1>{body}</body></html>"
+    )
+
+
+def figures(images: list[tuple[str, str]]) -> str:
+    return "".join(
+        f"<figure><h2>{escape(caption)}</h2>"
+        f"<img class='plot' alt='{escape(caption)}' src='data:image/png;base64,{data}'></figure>"
+        for caption, data in images
+    )
+
+
 def html(results: dict[str, Any], images: list[tuple[str, str]], title: str) -> str:
+    context = results.get("context") or {}
+    about = [
+        ("host", context.get("host") or "n/a"),
+        ("compare host", context.get("compare_host") or "none"),
+        ("versions", ", ".join(context.get("versions") or []) or "not pinned"),
+        ("load processes", context.get("load_processes", 1)),
+        ("window", f"{results['window_s']:.1f} s (first request sent to last one ended)"),
+        ("SLO", SLO(**results["slo"]).describe()),
+        ("command", context.get("command") or "n/a"),
+    ]
+    about_html = "<dl>" + "".join(
+        f"<dt>{escape(k)}</dt><dd><code>{escape(str(v))}</code></dd>" for k, v in about
+    ) + "</dl>"  # fmt: skip
+    head = [
+        "variant", "requests", "errors (%)", "throughput (req/s)", "output (tok/s)",
+        "goodput (req/s)", "TTFT p50 (ms)", "TTFT p99 (ms)", "ITL p50 (ms)", "ITL p99 (ms)",
+        "E2E p50 (ms)", "E2E p99 (ms)",
+    ]  # fmt: skip
     rows = []
+    intervals = []
     for label, v in sorted(results["variants"].items()):
-        cells = [
+        row: list[Any] = [
             label, v["requests"], f"{v['error_rate']:.2%}", f"{v['request_throughput_rps']:.2f}",
             f"{v['output_tokens_per_s']:.1f}", f"{v['goodput_rps']:.2f}",
         ]  # fmt: skip
         for metric in ("ttft_ms", "inter_token_ms", "e2e_ms"):
-            cells += [f"{v[metric].get(f'p{q}', float('nan')):.1f}" for q in (50, 99)]
-        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    head = ["variant", "requests", "errors", "req/s", "out tok/s", "goodput req/s"]
-    head += [f"{m} p{q}" for m in ("TTFT", "ITL", "e2e") for q in (50, 99)]
-    figures = "".join(
-        f"<h2>{caption}</h2><img src='data:image/png;base64,{data}'>" for caption, data in images
+            row += [f"{v[metric].get(f'p{q}', float('nan')):.1f}" for q in (50, 99)]
+        rows.append(row)
+        metrics = ("ttft_ms", "inter_token_ms", "e2e_ms")
+        intervals.append([label] + [_ci(v[m], q) for m in metrics for q in (50, 99)])
+    ci_head = ["variant"] + [
+        f"{name} p{q} (ms) [95% CI]" for name in ("TTFT", "ITL", "E2E") for q in (50, 99)
+    ]
+    errors = [
+        [label, error, count]
+        for label, v in sorted(results["variants"].items())
+        for error, count in sorted(v["errors"].items())
+    ]
+    counting = results.get("counting") or {}
+    count_note = (
+        f"<p id='counting'>Requests counted here: {counting.get('samples', 'n/a')}, one per "
+        f"request that ended (answered, failed or cut at the stop), from the raw samples. "
+        f"{escape(counting.get('locust_note', ''))}</p>"
     )
-    style = (
-        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}"
+    workers = context.get("workers") or {}
+    worker_rows = [
+        [name, w.get("samples"), w.get("clock_offset_ns"), "yes" if w.get("final_batch") else "NO"]
+        for name, w in sorted(workers.items())
+    ]
+    body = (
+        f"{about_html}"
+        f"<h2>Per variant</h2>{_table(head, rows, 'variants')}{count_note}"
+        f"<h2>Confidence intervals (bootstrap, 95%)</h2>{_table(ci_head, intervals, 'intervals')}"
+        f"{figures(images)}"
+        f"<h2>Errors</h2>"
+        + (_table(["variant", "error", "count"], errors, "errors") if errors else "<p>none</p>")
+        + (
+            "<h2>Load workers</h2>"
+            + _table(["worker", "samples", "clock offset (ns)", "final batch"], worker_rows)
+            if worker_rows
+            else ""
+        )
     )
-    errors = json.dumps({k: v["errors"] for k, v in results["variants"].items()}, indent=2)
-    header = "".join(f"<th>{h}</th>" for h in head)
-    return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
-        f"<style>{style}</style></head><body><h1>{title}</h1>"
-        f"<p>window {results['window_s']:.1f} s; SLO {results['slo']}</p>"
-        f"<table><tr>{header}</tr>{''.join(rows)}</table>{figures}"
-        f"<h2>Errors</h2><pre>{errors}</pre></body></html>"
-    )
+    return page(title, body)
 
 
-def build(samples_path: Path, out: Path, slo: SLO, title: str = "Weir benchmark") -> dict[str, Any]:
+def locust_count(out: Path) -> int | None:
+    """Requests in Locust's own ``locust_stats.csv`` (request rows, not TTFT/ITL)."""
+    path = out / "locust_stats.csv"
+    if not path.exists():
+        return None
+    with path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    return sum(
+        int(r["Request Count"])
+        for r in rows
+        if r.get("Type") not in ("TTFT", "ITL", "") and r.get("Name") != "Aggregated"
+        and not str(r.get("Name", "")).startswith("arrival dropped")
+    )  # fmt: skip
+
+
+LOCUST_NOTE = (
+    "Locust's CSV counts {locust}. The count above is the right one: Locust rewrites its CSV "
+    "once a second and does not write it again after the run's stop, so requests that end "
+    "in the last second or while the stop timeout lets in-flight requests finish are missing "
+    "from it (and in a distributed run, whatever the workers had not yet reported)."
+)
+
+
+def build(
+    samples_path: Path,
+    out: Path,
+    slo: SLO,
+    title: str = "Weir benchmark",
+    context: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     samples = load(samples_path)
     results = summarise(samples, slo)
     out.mkdir(parents=True, exist_ok=True)
+    results["context"] = context or {}
+    results["counting"] = {"samples": len(samples)}
+    counted = locust_count(out)
+    if counted is not None:
+        results["counting"]["locust_csv"] = counted
+        if counted != len(samples):
+            results["counting"]["locust_note"] = LOCUST_NOTE.format(locust=counted)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "report.html").write_text(html(results, plots(samples, results), title))
     return results
