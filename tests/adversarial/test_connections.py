@@ -205,7 +205,10 @@ def test_one_address_holds_a_bounded_number_of_connections(port: int) -> None:
     cap = int(LIMITS["max_connections_per_client"])
     held = [connect(port) for _ in range(cap)]
     try:
-        time.sleep(0.1)  # accepted on the server's side before the next one
+        deadline = time.monotonic() + 10  # polled: the server has accepted and counted them
+        while GuardedHttpTools.open_by_client["127.0.0.1"] < cap:
+            assert time.monotonic() < deadline, GuardedHttpTools.open_by_client
+            time.sleep(0.01)
         with connect(port) as extra:
             status, headers, body = read_response(extra)
             assert status == 429

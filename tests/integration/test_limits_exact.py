@@ -261,11 +261,19 @@ def test_no_reservation_leaks_after_faults(rig: Rig) -> None:
     assert ("plain", 502) in kinds  # engine failure
     assert ("plain", 504) in kinds  # engine timeout
     assert ("left", None) in kinds
-    time.sleep(1.0)  # settlement is in the background, after the answer
-    view = httpx.get(
-        f"{rig.closed}/weir/admin/limits", headers={"authorization": f"Bearer {ADMIN}"}
-    ).json()
-    assert view["outstanding"] == {"reservations": 0, "tokens": 0}
+
+    def outstanding() -> Any:
+        view = httpx.get(
+            f"{rig.closed}/weir/admin/limits", headers={"authorization": f"Bearer {ADMIN}"}
+        ).json()
+        return view["outstanding"]
+
+    # settlement is in the background, after the answer (polled: a leaked reservation
+    # stays for its 900 s lease, far past this deadline)
+    deadline = time.monotonic() + 10
+    while outstanding() != {"reservations": 0, "tokens": 0} and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert outstanding() == {"reservations": 0, "tokens": 0}
     used = sum(
         o["usage"]["total_tokens"] for o in outcomes if o.get("status") == 200 and o.get("usage")
     )

@@ -134,7 +134,11 @@ async def test_a_client_that_leaves_cancels_the_engine_call_and_frees_its_place(
     pending = asyncio.ensure_future(
         gateway.proxy.handle(CHAT, ChatCompletionRequest(**HI), call(disconnected=disconnected))
     )
-    await asyncio.sleep(0.05)
+    for _ in range(1000):  # polled: the call has reached the engine (it hangs there)
+        if engine.calls:
+            break
+        await asyncio.sleep(0.01)
+    assert len(engine.calls) == 1
     left.set()
     with pytest.raises(ClientClosed):
         await pending
