@@ -37,6 +37,7 @@ MAX_COMPOSED = 4  # code points one composed character can stand for (canonical 
 SPLITTING_PRE_TOKENIZERS = frozenset({"BertPreTokenizer", "Whitespace", "WhitespaceSplit"})
 PER_CHAR_NORMALIZERS = frozenset({"BertNormalizer", "Lowercase", "StripAccents", "NFD", "NFKD"})
 PREFIX_CHARS_PER_TOKEN = 8  # first prefix tried: context * this many characters
+COUNT_BATCH = 32  # texts tokenized at once: a 2048-prompt list never holds every encoding
 
 
 def _raise(message: str) -> None:
@@ -214,7 +215,11 @@ class TokenCounter:
         window = self.context * PREFIX_CHARS_PER_TOKEN
         if self.prefix_counts and any(len(t) > window for t in texts):
             return [self._count_long(t) if len(t) > window else self._count(t) for t in texts]
-        return [len(e) for e in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
+        counts: list[int] = []
+        for start in range(0, len(texts), COUNT_BATCH):  # bounded memory, whatever the list
+            batch = texts[start : start + COUNT_BATCH]
+            counts += [len(e) for e in self.tokenizer.encode_batch_fast(batch)]
+        return counts
 
     def _count_long(self, text: str) -> int:
         """Prefixes cut at a space, doubling, until one has more tokens than the context
@@ -230,7 +235,7 @@ class TokenCounter:
         return self._count(text)
 
     def _count(self, text: str) -> int:
-        return len(self.tokenizer.encode_batch([text], add_special_tokens=True)[0])
+        return len(self.tokenizer.encode_batch_fast([text])[0])
 
 
 def _tojson(

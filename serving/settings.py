@@ -39,6 +39,8 @@ class GatewayConfig(BaseModel):
     header_timeout_s: float = Field(10.0, gt=0)
     body_timeout_s: float = Field(30.0, gt=0)
     max_connections_per_client: int = Field(1024, ge=0)
+    # free heap pages are handed back to the system this often (serving.memory)
+    memory_trim_interval_s: float = Field(10.0, gt=0)
     engine_connect_timeout_s: float = Field(5.0, gt=0)
     engine_idle_timeout_s: float = Field(120.0, gt=0)  # any read: headers, the next chunk
     engine_ttft_timeout_s: float = Field(120.0, gt=0)  # a stream's first chunk

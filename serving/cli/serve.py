@@ -9,6 +9,7 @@ from typing import Any
 
 from models.engines.launcher import check_weights
 from models.errors import StoreError
+from serving import memory
 from serving.cli.config import load
 from serving.http import connection_guard
 from serving.http.connection_guard import GuardedHttpTools
@@ -75,6 +76,7 @@ def serve(args: argparse.Namespace) -> int:
 
     app = create_app(settings, weights=weights, on_ready=banner)
     connection_guard.configure(gateway)
+    memory.start_trimmer(gateway.memory_trim_interval_s)
     config = uvicorn.Config(
         app,
         host=gateway.host,
@@ -151,6 +153,7 @@ def app_from_environment() -> Any:
     config = os.environ.get(CONFIG_ENV)
     settings = load_settings(Path(config) if config else None)
     connection_guard.configure(settings.gateway)
+    memory.start_trimmer(settings.gateway.memory_trim_interval_s)
     configure(os.environ.get("WEIR_LOG_LEVEL", "INFO"), settings.observability.log_format)
     return create_app(settings)
 
