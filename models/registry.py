@@ -1,7 +1,10 @@
 """The registry: public names, aliases and pinned versions, resolved to a served version.
 
 ``smollm2`` is an alias for the model's current version (or its split);
-``smollm2@135m-instruct`` pins a version. A version is *running* when its engines are
+``smollm2@135m-instruct`` pins a version. A LoRA adapter served on a version is
+``smollm2:pirate`` (on the alias's version, or the running one that serves it) or pinned,
+``smollm2@135m-instruct:pirate``; which adapters a version serves is set at runtime
+(``serve_adapter``) by ``serving.adapters``. A version is *running* when its engines are
 up; a pin to a stopped one is refused. Deploys change a model's configuration and its
 running versions at runtime with ``update``. The registry knows names only: which
 replicas serve a version is the fleet's.
@@ -14,7 +17,7 @@ from collections.abc import Iterable
 
 from models.config import ModelConfig
 from models.errors import ConfigError, ModelNotFound, VersionNotRunning
-from models.types import ServedVersion
+from models.types import ADAPTER, ServedVersion, VersionKey
 
 PIN = "@"
 
@@ -25,6 +28,27 @@ def split_name(name: str) -> tuple[str, str]:
     return base, pinned
 
 
+def parse_name(name: str) -> tuple[str, str, str]:
+    """``MODEL[:ADAPTER][@VERSION[:ADAPTER]]`` to ``(model, version, adapter)``, each
+    ``""`` when not given; ``ModelNotFound`` for an adapter named twice."""
+    base, pinned = split_name(name)
+    model, _, adapter = base.partition(ADAPTER)
+    version, _, pinned_adapter = pinned.partition(ADAPTER)
+    if adapter and pinned_adapter:
+        raise ModelNotFound(name)
+    return model, version, adapter or pinned_adapter
+
+
+def public_name(name: str) -> str:
+    """What a key's model list and the model budgets name: ``smollm2`` for ``smollm2`` and
+    ``smollm2@v1``; ``smollm2:pirate`` for the adapter, pinned or not."""
+    try:
+        model, _, adapter = parse_name(name)
+    except ModelNotFound:
+        return name
+    return f"{model}{ADAPTER}{adapter}" if adapter else model
+
+
 class Registry:
     def __init__(self, models: Iterable[ModelConfig]) -> None:
         self._models: dict[str, ModelConfig] = {}
@@ -33,6 +57,7 @@ class Registry:
                 raise ConfigError(f"model '{model.name}' is configured twice")
             self._models[model.name] = model
         self._running = {m.name: set(m.running()) for m in self._models.values()}
+        self._adapters: dict[VersionKey, set[str]] = {}  # base version -> adapters it serves
         self._wrr: dict[str, dict[str, float]] = {}
         self._fallbacks = {
             m.name: [self._fallback(m, f) for f in m.fallbacks] for m in self._models.values()
@@ -89,16 +114,39 @@ class Registry:
         always lands on the same version for the same split; without it, smooth weighted
         round robin gives each version exactly its share over any run of requests.
         """
-        base, pinned = split_name(name)
+        base, pinned, adapter = parse_name(name)
         model = self._models.get(base)
         if model is None:
             raise ModelNotFound(name)
         version = pinned or self._pick(model, sticky)
+        if adapter and not pinned and adapter not in self._served(base, version):
+            serving = [v for v in self.running(base) if adapter in self._served(base, v)]
+            version = serving[0] if serving else version
         if version not in self._running[base]:
             if all(v.version != version for v in model.versions):
                 raise ModelNotFound(name)
             raise VersionNotRunning(name, self.running(base))
-        return ServedVersion(model=model.name, version=version, task=model.task)
+        if not adapter:
+            return ServedVersion(model=model.name, version=version, task=model.task)
+        if adapter not in self._served(base, version):
+            raise ModelNotFound(name)
+        qualified = f"{version}{ADAPTER}{adapter}"
+        return ServedVersion(model=model.name, version=qualified, task=model.task, adapter=adapter)
+
+    def _served(self, model: str, version: str) -> set[str]:
+        return self._adapters.get(VersionKey(model, version), set())
+
+    def serve_adapter(self, base: VersionKey, adapter: str) -> None:
+        """Requests for ``MODEL:ADAPTER`` may now resolve to ``base`` (its engines hold it)."""
+        self._adapters.setdefault(base, set()).add(adapter)
+
+    def drop_adapter(self, base: VersionKey, adapter: str) -> None:
+        """New requests for the adapter on ``base`` are refused (404) from now on."""
+        self._adapters.get(base, set()).discard(adapter)
+
+    def adapters(self) -> dict[VersionKey, list[str]]:
+        """Each base version's served adapters, sorted (``/v1/models`` lists them)."""
+        return {key: sorted(names) for key, names in self._adapters.items() if names}
 
     def _pick(self, model: ModelConfig, sticky: str | None) -> str:
         shares = model.shares()

@@ -136,7 +136,7 @@ class Fleet:
         return [r.placement for r in self.replicas if r.placement is not None]
 
     def replicas_of(self, version: ServedVersion) -> list[Replica]:
-        return self._by_version.get(version.key, [])
+        return self._by_version.get(version.engine, [])  # an adapter runs on its base
 
     def readiness(self) -> dict[str, bool]:
         """Per served version (``model@version``): does it have a healthy replica?"""

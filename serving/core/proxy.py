@@ -22,7 +22,7 @@ from opentelemetry.trace import Tracer
 
 from models.engines.fleet import Fleet
 from models.errors import EngineFailed
-from models.registry import Registry, split_name
+from models.registry import Registry, parse_name, public_name
 from models.tokenizer import TokenCounter
 from models.types import ServedVersion, Task, VersionKey
 from serving import streaming
@@ -196,7 +196,7 @@ class Proxy:
         if call.pin and "@" not in request.model:
             request.model = f"{request.model}@{call.pin}"  # a pinned version, by header
         requested = request.model
-        if not call.caller.allows(split_name(requested)[0]):
+        if not call.caller.allows(public_name(requested)):  # an adapter is its own name
             # said before the registry is asked: no hint whether the model exists
             raise PermissionDenied("This API key may not use the requested model.", param="model")
         served = self.registry.resolve(requested, sticky=self._sticky(request, call))
@@ -214,7 +214,7 @@ class Proxy:
         if spec is not None:
             request, rag = await self._augment(route, request, call, spec)
         prepared = await contract.prepare_async(
-            route.prepare, request, self.counters.get(served.key), self.config
+            route.prepare, request, self.counters.get(served.engine), self.config
         )
         lease.obs.asked(prepared.body)
         with span(self.tracer, "weir.limits"):
@@ -285,8 +285,9 @@ class Proxy:
         if self.limiter is None:
             return UNLIMITED_TICKET
         tokens = reservation_size(prepared.prompt_tokens, prepared.max_tokens, n)
-        checks = plan(call.caller.key, served.model, tokens, self.model_tpm.get(served.model))
-        return await self.limiter.admit(served.model, checks)
+        name = served.public  # an adapter has its own model budget
+        checks = plan(call.caller.key, name, tokens, self.model_tpm.get(name))
+        return await self.limiter.admit(name, checks)
 
     async def _augment(
         self, route: Route, request: ModelRequest, call: Call, spec: Any
@@ -307,7 +308,7 @@ class Proxy:
 
     def _sticky(self, request: ModelRequest, call: Call) -> str | None:
         """What keeps a caller on one version of a split, if the model asks for it."""
-        model = self.registry.model(split_name(request.model)[0])
+        model = self.registry.model(parse_name(request.model)[0])
         if model is None or model.sticky == "none":
             return None
         if model.sticky == "key":
@@ -329,8 +330,8 @@ class Proxy:
     ) -> tuple[ServedVersion, contract.Prepared, bool]:
         """``served``, or the first of its fallbacks that can take the request when it can't
         (and that the caller's key may use: a fallback answers as that model)."""
-        if self.dispatcher.available(served):
-            return served, prepared, False
+        if self.dispatcher.available(served) or served.adapter is not None:
+            return served, prepared, False  # an adapter's answer has no stand-in
         for fallback in self.registry.fallbacks(served.model):
             if fallback.task != served.task or not self.dispatcher.available(fallback):
                 continue

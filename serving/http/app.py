@@ -32,6 +32,7 @@ from starlette.responses import Response
 from starlette.routing import Mount, Router
 from starlette.types import Receive, Scope, Send
 
+from models.adapters.store import AdapterStore
 from models.engines.client import EngineTimeouts, json_dumps
 from models.engines.discovery import DnsDiscovery
 from models.engines.fleet import Fleet
@@ -41,6 +42,7 @@ from models.registry import Registry
 from models.tokenizer import TokenCounter
 from models.types import VersionKey
 from retrieval.errors import RetrievalError
+from serving.adapters.setup import ControlFactory, make_adapters
 from serving.cache.service import Cache
 from serving.cache.store import CacheStore, MemoryCacheStore, RedisCacheStore
 from serving.core.proxy import Proxy
@@ -52,6 +54,7 @@ from serving.http import model_routes, responses_routes
 from serving.http.front import Front, Keys, request_id_of
 from serving.http.rendering import as_ours, error_response
 from serving.http.routes import (
+    adapters,
     admin,
     admin_limits,
     catalog,
@@ -124,6 +127,7 @@ def create_app(
     tracer_provider: TracerProvider | None = None,
     replicas_factory: ReplicasFactory | None = None,
     discovery_factory: DiscoveryFactory | None = None,
+    adapter_control: ControlFactory | None = None,
 ) -> Gateway:
     """The gateway. Tests pass ``fleet_factory`` (fake engines), ``replicas_factory`` (what
     a deploy starts) and ``counters``; the CLI passes the ``weights`` it already checked.
@@ -226,6 +230,13 @@ def create_app(
             cache=cache, cache_embeddings=settings.cache.embeddings,
         )  # fmt: skip
         proxy: Proxy = api.state.proxy
+        lora = make_adapters(
+            settings.models, AdapterStore(settings.store.root), registry, fleet, session,
+            proxy.tracker, metrics.registry if metrics else None, adapter_control,
+        )  # fmt: skip
+        if lora is not None:
+            await asyncio.to_thread(lora.check)  # configured adapters are in the store
+            dispatcher.adapters = api.state.adapters = lora
         discovery = make_discovery(fleet, session)
         for model in settings.models:
             for version in model.versions:
@@ -255,6 +266,8 @@ def create_app(
         announcer: asyncio.Task[None] | None = None
         try:
             await fleet.start()
+            if lora is not None:
+                await lora.start()  # fills each LoRA engine with its adapters once healthy
             await discovery.refresh_all()
             discovery.start()
             announcer = asyncio.create_task(_announce(fleet, gateway.ready_timeout_s, on_ready))
@@ -269,6 +282,8 @@ def create_app(
             if getattr(api.state, "deployer", None) is not None:
                 await api.state.deployer.aclose()
             await discovery.stop()
+            if lora is not None:
+                await lora.stop()
             log.info("stopping engines")
             await fleet.stop()
             await session.close()
@@ -296,6 +311,7 @@ def create_app(
     api.include_router(admin.router)
     api.include_router(admin_limits.router)
     api.include_router(deploy.router)
+    api.include_router(adapters.router)
     api.include_router(metrics_route.router)
     api.include_router(collections.router)
     api.openapi = _openapi(api)  # type: ignore[method-assign]

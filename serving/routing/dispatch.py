@@ -18,7 +18,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from opentelemetry.trace import SpanKind, Tracer
 
@@ -45,6 +45,16 @@ __all__ = ["Attempt", "Deadlines", "Dispatcher", "PrimedStream", "is_fault"]
 JSON = dict[str, Any]
 T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[None]]
+
+
+class AdapterHolder(Protocol):
+    """Which replicas hold which LoRA adapters (``serving.adapters``)."""
+
+    def holds(self, replica: Replica, adapter: str) -> bool: ...
+
+    async def ensure(self, replica: Replica, adapter: str) -> None:
+        """Load ``adapter`` on ``replica`` unless it holds it; ``AdapterLoadFailed``."""
+        ...
 
 
 def is_fault(exc: BaseException | None) -> bool:
@@ -130,6 +140,7 @@ class Dispatcher:
         self.clock = clock
         self.defaults = defaults
         self.models: dict[str, ServedModel] = {}
+        self.adapters: AdapterHolder | None = None  # set when a version serves adapters
         self._loads: weakref.WeakKeyDictionary[Replica, ReplicaLoad] = weakref.WeakKeyDictionary()
         for model in models:
             self.configure(model)
@@ -176,7 +187,7 @@ class Dispatcher:
     def available(self, served: ServedVersion) -> bool:
         """Could ``served`` take a request now: a place in its bulkhead and a live replica?"""
         own = self.models.get(served.model)
-        bulkhead = None if own is None else own.bulkheads.get(served.key)
+        bulkhead = None if own is None else own.bulkheads.get(served.engine)
         if bulkhead is not None and bulkhead.full():
             return False
         return any(
@@ -185,13 +196,14 @@ class Dispatcher:
         )
 
     async def admit(self, served: ServedVersion) -> Slot:
-        return await self.models[served.model].bulkheads[served.key].acquire()
+        return await self.models[served.model].bulkheads[served.engine].acquire()
 
     async def complete(
         self, served: ServedVersion, path: str, body: JSON, affinity: str | None
     ) -> tuple[JSON, Replica]:
         async def call(replica: Replica) -> JSON:
-            return await replica.engine.complete(path, body | {"model": replica.served_name})
+            name = served.adapter or replica.served_name
+            return await replica.engine.complete(path, body | {"model": name})
 
         answer, attempt = await self._with_retries(served, affinity, call)
         attempt.end(None)
@@ -209,7 +221,7 @@ class Dispatcher:
             try:
                 async with asyncio.timeout(limits.ttft_s):
                     stream = await replica.engine.open_stream(
-                        path, body | {"model": replica.served_name}
+                        path, body | {"model": served.adapter or replica.served_name}
                     )
                     rest = aiter(stream)
                     first = await anext(rest)
@@ -246,6 +258,14 @@ class Dispatcher:
         failures = 0
         while True:
             attempt = Attempt(*self._choose(model, served, affinity, tried))
+            if served.adapter is not None and self.adapters is not None:
+                try:  # a replica that cannot load it is passed over, its breaker untouched
+                    await self.adapters.ensure(attempt.replica, served.adapter)
+                except EngineUnavailable:
+                    tried.add(attempt.replica)
+                    if tried >= set(self.fleet.replicas_of(served)):
+                        raise
+                    continue
             attempt.load.outstanding += 1
             attempt.load.requests += 1
             try:
@@ -277,6 +297,9 @@ class Dispatcher:
         replicas = self.fleet.replicas_of(served)
         pool = [(r, self.load_of(r)) for r in replicas]
         candidates = eligible(pool)
+        if served.adapter is not None and self.adapters is not None:
+            adapter, holder = served.adapter, self.adapters  # prefer replicas that hold it
+            candidates = [c for c in candidates if holder.holds(c[0], adapter)] or candidates
         fresh = [c for c in candidates if c[0] not in tried]
         while fresh or candidates:
             chosen = model.router.choose(fresh or candidates, affinity)

@@ -11,7 +11,8 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
 from models.errors import ModelNotFound
-from models.registry import Registry, split_name
+from models.registry import Registry, parse_name, public_name, split_name
+from models.types import VersionKey
 from serving.core.call import Caller
 from serving.http.deps import RegistryDep
 from serving.http.front import caller_of
@@ -31,6 +32,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "weir"
     weir: AliasTraffic | None = None  # on an alias only; pinned cards leave it out
+    parent: str | None = None  # a LoRA adapter's base version (as vLLM's cards say)
 
 
 class ModelList(BaseModel):
@@ -43,7 +45,9 @@ async def list_models(request: Request, registry: RegistryDep) -> ModelList:
     created: int = request.app.state.started
     caller = caller_of(request.scope)
     cards: list[ModelCard] = []
+    adapters = registry.adapters()
     for model in registry.models:
+        cards += _adapter_cards(model.name, registry, adapters, caller, created)
         if not caller.allows(model.name):
             continue
         split = AliasTraffic(split=model.shares(), current=model.current)
@@ -54,8 +58,33 @@ async def list_models(request: Request, registry: RegistryDep) -> ModelList:
     return ModelList(data=cards)  # weir is left out of pinned cards (exclude_none below)
 
 
+def _adapter_cards(
+    model: str,
+    registry: Registry,
+    adapters: dict[VersionKey, list[str]],
+    caller: Caller,
+    created: int,
+) -> list[ModelCard]:
+    """``MODEL:ADAPTER`` and its pins ``MODEL@VERSION:ADAPTER``, each with its base."""
+    cards: list[ModelCard] = []
+    for version in registry.running(model):
+        for adapter in adapters.get(VersionKey(model, version), []):
+            if not caller.allows(f"{model}:{adapter}"):
+                continue
+            parent = f"{model}@{version}"
+            if all(c.id != f"{model}:{adapter}" for c in cards):
+                cards.append(ModelCard(id=f"{model}:{adapter}", created=created, parent=parent))
+            cards.append(ModelCard(id=f"{parent}:{adapter}", created=created, parent=parent))
+    return cards
+
+
 def card(registry: Registry, caller: Caller, name: str, created: int) -> ModelCard:
     """The card ``/v1/models`` lists under ``name``; ``ModelNotFound`` when it lists none."""
+    if parse_name(name)[2]:  # an adapter: listed while a running version serves it
+        if not caller.allows(public_name(name)):
+            raise ModelNotFound(name)
+        served = registry.resolve(name)
+        return ModelCard(id=name, created=created, parent=str(served.engine))
     base, version = split_name(name)
     model = registry.model(base)
     if model is None or not caller.allows(base):
