@@ -37,6 +37,21 @@ EMBEDDINGS_PATH = "/v1/embeddings"
 
 
 @dataclass(frozen=True)
+class VectorLookup:
+    """An embedding request's inputs, their cache keys and the vectors found (None: a
+    miss), looked up once, before admission: only the misses' tokens are reserved."""
+
+    version: ServedVersion
+    inputs: list[Any]
+    keys: list[str]
+    vectors: list[Any]
+
+    @property
+    def missing(self) -> list[int]:
+        return [i for i, v in enumerate(self.vectors) if v is None]
+
+
+@dataclass(frozen=True)
 class CachePlan:
     mode: Mode
     key: str  # empty when the mode is bypass, and for embeddings (keyed per input)
@@ -108,20 +123,9 @@ class CachedCalls:
         entry["system_fingerprint"] = cleaning.fingerprint(served)
         return entry
 
-    async def embeddings(
-        self,
-        target: ServedVersion,
-        body: JSON,
-        affinity: str | None,
-        disconnected: Disconnected,
-        prepared: contract.Prepared,
-        headers: dict[str, str],
-        *,
-        scope: str,
-    ) -> tuple[JSON, int]:
-        """Embeddings with cached vectors reused: one lookup, only the misses to the engine.
-        ``scope`` is whose vectors these are (the caller's cache scope). Returns the answer
-        and the tokens to charge (the misses' only)."""
+    async def lookup_vectors(self, target: ServedVersion, body: JSON, scope: str) -> VectorLookup:
+        """The cached vectors of an embedding request's inputs for ``target``; ``scope`` is
+        whose vectors these are (the caller's cache scope)."""
         raw = body["input"]
         single = isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int))
         inputs: list[Any] = [raw] if single else list(raw)
@@ -132,7 +136,27 @@ class CachedCalls:
         with span(self.tracer, "weir.cache") as current:
             vectors = await self.cache.lookup_vectors(keys)
             current.set_attribute("weir.cache.hits", sum(v is not None for v in vectors))
-        missing = [i for i, v in enumerate(vectors) if v is None]
+        return VectorLookup(target, inputs, keys, vectors)
+
+    async def embeddings(
+        self,
+        target: ServedVersion,
+        body: JSON,
+        affinity: str | None,
+        disconnected: Disconnected,
+        prepared: contract.Prepared,
+        headers: dict[str, str],
+        *,
+        scope: str,
+        found: VectorLookup | None = None,
+    ) -> tuple[JSON, int]:
+        """Embeddings with cached vectors reused: one lookup (``found``, when it was made
+        for ``target`` before admission), only the misses to the engine. Returns the answer
+        and the tokens to charge (the misses' only)."""
+        if found is None or found.version != target:
+            found = await self.lookup_vectors(target, body, scope)
+        inputs, keys, vectors = found.inputs, found.keys, list(found.vectors)
+        missing = found.missing
         engine_tokens = 0
         model = body.get("model")
         if missing:

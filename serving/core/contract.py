@@ -69,6 +69,7 @@ class Prepared:
     # max_tokens times the number of prompts (a completions list answers each prompt). The
     # limiter reserves prompt_tokens + max_tokens * n.
     max_tokens: int | None
+    counts: tuple[int, ...] = ()  # embeddings: each input's tokens (a cache hit's are not due)
 
 
 def check_fields(request: ModelRequest, config: ContractConfig) -> None:
@@ -256,7 +257,7 @@ def prepare_embeddings(
             f" has {longest} tokens.",
             param="input",
         )
-    return Prepared(body, sum(counts), None)
+    return Prepared(body, sum(counts), None, tuple(counts))
 
 
 def prompt_chars(request: ModelRequest) -> int:

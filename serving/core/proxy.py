@@ -37,7 +37,7 @@ from serving.core.answer import (
     StreamAnswer,
     total_tokens,
 )
-from serving.core.cached_calls import CachedCalls, CachePlan
+from serving.core.cached_calls import CachedCalls, CachePlan, VectorLookup
 from serving.core.call import Call, never
 from serving.core.disconnect import run_or_cancel
 from serving.core.lease import CLIENT_LEFT, Lease
@@ -217,8 +217,10 @@ class Proxy:
             route.prepare, request, self.counters.get(served.engine), self.config
         )
         lease.obs.asked(prepared.body)
+        found = await self._cached_vectors(route, call, served, prepared)
         with span(self.tracer, "weir.limits"):
-            lease.ticket = await self._admit(call, served, prepared, getattr(request, "n", 1) or 1)
+            n = getattr(request, "n", 1) or 1
+            lease.ticket = await self._admit(call, served, prepared, n, found)
         plan = (
             self.cached.plan(route.path, route is EMBEDDINGS, call, served, prepared)
             if self.cached and route.cached
@@ -247,7 +249,7 @@ class Proxy:
             headers[RETRIEVAL_HEADER] = rag["status"]
             if rag["status"] != "ok":
                 store_key = None  # an answer without its context is not that request's
-        job = Job(route, requested, target, prepared, call, lease, headers, store_key)
+        job = Job(route, requested, target, prepared, call, lease, headers, store_key, found)
         if request.stream:
             return await self._stream(job)
         return await self._complete(job, plan, rag)
@@ -279,12 +281,31 @@ class Proxy:
             self.metrics.queue_wait.labels(target.model, target.version).observe(wait)
         return slot
 
+    async def _cached_vectors(
+        self, route: Route, call: Call, served: ServedVersion, prepared: contract.Prepared
+    ) -> VectorLookup | None:
+        """An embedding request's cached vectors, looked up before admission (so that hits,
+        which charge nothing, reserve nothing); None when the cache does not serve it."""
+        if route is not EMBEDDINGS or self.cached is None:
+            return None
+        plan = self.cached.plan(route.path, True, call, served, prepared)
+        if plan is None or plan.mode != "use":
+            return None
+        return await self.cached.lookup_vectors(served, prepared.body, call.caller.cache_scope)
+
     async def _admit(
-        self, call: Call, served: ServedVersion, prepared: contract.Prepared, n: int
+        self,
+        call: Call,
+        served: ServedVersion,
+        prepared: contract.Prepared,
+        n: int,
+        found: VectorLookup | None = None,
     ) -> Ticket | Unlimited:
         if self.limiter is None:
             return UNLIMITED_TICKET
         tokens = reservation_size(prepared.prompt_tokens, prepared.max_tokens, n)
+        if found is not None and prepared.counts and not (self.cache and self.cache.charge_hits):
+            tokens = sum(prepared.counts[i] for i in found.missing)  # hits are not charged
         name = served.public  # an adapter has its own model budget
         checks = plan(call.caller.key, name, tokens, self.model_tpm.get(name))
         return await self.limiter.admit(name, checks)
@@ -410,7 +431,7 @@ class Proxy:
         if job.route is EMBEDDINGS and plan is not None and plan.mode == "use" and self.cached:
             answer, charged = await self.cached.embeddings(
                 target, body, affinity, job.call.disconnected, job.prepared, headers,
-                scope=job.call.caller.cache_scope,
+                scope=job.call.caller.cache_scope, found=job.found,
             )  # fmt: skip
         else:
             answer, _ = await run_or_cancel(
@@ -482,6 +503,7 @@ class Job:
     lease: Lease
     headers: dict[str, str]
     store_key: str | None  # where its answer goes in the response cache, if anywhere
+    found: VectorLookup | None = None  # an embedding request's vectors found in the cache
 
 
 def _has_content(chunk: JSON) -> bool:
