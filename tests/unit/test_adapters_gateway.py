@@ -28,6 +28,7 @@ from serving.http.app import create_app
 from serving.settings import KeysConfig, Settings
 from tests.fakes.engine import FakeEngine
 from tests.unit.test_adapter_store import make_adapter, make_base
+from tests.windows import hold_limit_window
 
 ADMIN = {"authorization": "Bearer admin-secret"}
 JSON = dict[str, Any]
@@ -91,13 +92,13 @@ class Stack:
         return self.client.post("/v1/chat/completions", json=body)
 
 
-def settings(tmp_path: Path, max_loras: int = 4, replicas: int = 2) -> Settings:
+def settings(tmp_path: Path, max_loras: int = 4, replicas: int = 2, keys: bool = False) -> Settings:
     version = VersionConfig(version="v1", weights="smollm2-135m-instruct", lora=True,
                             max_loras=max_loras, replicas=replicas)  # fmt: skip
     chat = ModelConfig(name="smollm2", task="chat", current="v1", versions=[version])
     return Settings(
         models=[chat],
-        keys=KeysConfig(admin_key="admin-secret"),
+        keys=KeysConfig(admin_key="admin-secret", enabled=keys, file=tmp_path / "keys.json"),
         store={"path": tmp_path / "store"},
     )
 
@@ -115,8 +116,8 @@ def stored(tmp_path: Path, *names: str) -> AdapterStore:
 @pytest.fixture
 def stack(tmp_path: Path) -> Callable[..., contextlib.AbstractContextManager[Stack]]:
     @contextlib.contextmanager
-    def make(max_loras: int = 4, replicas: int = 2) -> Iterator[Stack]:
-        config = settings(tmp_path, max_loras, replicas)
+    def make(max_loras: int = 4, replicas: int = 2, keys: bool = False) -> Iterator[Stack]:
+        config = settings(tmp_path, max_loras, replicas, keys)
         engines: dict[str, LoraEngine] = {}
         fleets: list[Fleet] = []
 
@@ -251,3 +252,72 @@ def test_a_failed_load_is_a_503_with_the_reason_and_the_rest_serve(
         assert s.chat("smollm2:bad").status_code == 404  # never served
         assert s.chat("smollm2:pirate").status_code == 200
         assert s.chat("smollm2").status_code == 200
+
+
+def key(s: Stack, *models: str) -> dict[str, str]:
+    made = s.client.post("/weir/admin/keys", json={"name": "t", "models": list(models)},
+                         headers=ADMIN).json()  # fmt: skip
+    return {"authorization": f"Bearer {made['key']}"}
+
+
+def test_key_permissions_name_the_adapter(
+    tmp_path: Path, stack: Callable[..., contextlib.AbstractContextManager[Stack]]
+) -> None:
+    stored(tmp_path, "pirate")
+    with stack(keys=True) as s:
+        pirate, base = key(s, "smollm2:pirate"), key(s, "smollm2")
+
+        def status(model: str, headers: dict[str, str]) -> int:
+            body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+            return s.client.post("/v1/chat/completions", json=body, headers=headers).status_code
+
+        assert status("smollm2:pirate", pirate) == 200
+        assert status("smollm2@v1:pirate", pirate) == 200
+        assert status("smollm2", pirate) == 403
+        assert status("smollm2", base) == 200
+        assert status("smollm2:pirate", base) == 403
+        assert status("smollm2@v1:pirate", base) == 403  # a pin is no way around it
+        listed = s.client.get("/v1/models", headers=pirate).json()["data"]
+        assert sorted(c["id"] for c in listed) == ["smollm2:pirate", "smollm2@v1:pirate"]
+
+
+def test_an_adapter_has_its_own_model_budget(
+    tmp_path: Path, stack: Callable[..., contextlib.AbstractContextManager[Stack]]
+) -> None:
+    stored(tmp_path, "pirate")
+    with stack(keys=True) as s:
+        hold_limit_window(s.client.app)  # its minute never ends under the test
+        both = key(s)
+        put = s.client.put("/weir/admin/limits/models/smollm2:pirate", json={"tpm": 25},
+                           headers=ADMIN)  # fmt: skip
+        assert put.status_code == 200
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+
+        def status(model: str) -> int:
+            answer = s.client.post("/v1/chat/completions", json={**body, "model": model},
+                                   headers=both)  # fmt: skip
+            return answer.status_code
+
+        assert status("smollm2:pirate") == 200
+        assert status("smollm2@v1:pirate") == 429  # the adapter's 25 tokens are spent
+        assert [status("smollm2") for _ in range(3)] == [200, 200, 200]  # not the base's
+
+
+def test_cache_metrics_and_budgets_are_the_adapters_own(
+    tmp_path: Path, stack: Callable[..., contextlib.AbstractContextManager[Stack]]
+) -> None:
+    stored(tmp_path, "pirate")
+    with stack() as s:
+        same = {"temperature": 0, "max_tokens": 8}
+        assert s.chat("smollm2", **same).headers["x-weir-cache"] == "miss"
+        assert s.chat("smollm2", **same).headers["x-weir-cache"] == "hit"
+        first = s.chat("smollm2:pirate", **same)  # the base's answer never serves it
+        assert first.headers["x-weir-cache"] == "miss"
+        assert first.json()["choices"][0]["message"]["content"].startswith("[pirate] ")
+        again = s.chat("smollm2@v1:pirate", **same)
+        assert again.headers["x-weir-cache"] == "hit"
+        assert again.json()["choices"][0]["message"]["content"].startswith("[pirate] ")
+        metrics = s.client.get("/metrics").text
+        assert 'model="smollm2",model_version="v1:pirate"' in metrics
+        loads = 'weir_adapter_loads_total{adapter="pirate",model="smollm2",model_version="v1"'
+        assert loads + ',result="ok"} 2.0' in metrics  # one load on each replica
