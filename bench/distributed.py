@@ -29,11 +29,13 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gevent
-from locust.env import Environment
-from locust.runners import MasterRunner, WorkerRunner
+
+if TYPE_CHECKING:  # importing Locust monkey-patches the process: the locustfile does that
+    from locust.env import Environment
+    from locust.runners import MasterRunner, WorkerRunner
 
 MSG_SAMPLES = "weir_samples"
 MSG_FINISH = "weir_finish"

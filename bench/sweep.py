@@ -31,6 +31,7 @@ import math
 import shlex
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,7 +145,7 @@ def decisive_rate(points: list[Point], weak: str, chosen_weak: float | None) -> 
 
 
 def verdict(
-    points: list[Point], chosen: dict[str, float | None], target: float, repeats: int
+    points: list[Point], chosen: Mapping[str, float | None], target: float, repeats: int
 ) -> str:
     versions = list(chosen)
     lines = []
@@ -166,7 +167,7 @@ def _pair(
     points: list[Point],
     a: str,
     b: str,
-    chosen: dict[str, float | None],
+    chosen: Mapping[str, float | None],
     target: float,
     repeats: int,
 ) -> str:
