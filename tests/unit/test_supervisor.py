@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 import os
 import signal
 import subprocess
@@ -23,8 +25,10 @@ from models.engines.client import EngineTimeouts, HttpEngine
 from models.engines.fleet import Fleet, Replica
 from models.engines.launcher import free_port
 from models.engines.placement import Placement
-from models.engines.supervisor import EngineProcess
+from models.engines.supervisor import STABLE_AFTER_S, EngineProcess
 from models.types import ReplicaKey
+from tests import ports
+from tests.windows import Clock
 
 pytestmark = pytest.mark.anyio
 FAKE_SERVER = Path(__file__).resolve().parents[1] / "fakes" / "engine_server.py"
@@ -63,11 +67,20 @@ async def wait_healthy(fleet: Fleet, timeout_s: float = 20.0) -> None:
     assert await fleet.wait_ready(timeout_s), fleet.readiness()
 
 
-async def wait_restarted(process: EngineProcess, times: int) -> None:
+async def wait_restarted(process: EngineProcess, times: int, exact: bool = True) -> None:
+    """Until ``process`` was restarted ``times`` times (``exact``: and no more)."""
     deadline = time.monotonic() + 20
     while process.restarts < times and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
-    assert process.restarts == times
+    assert process.restarts == times if exact else process.restarts >= times
+
+
+async def wait_logged(process: EngineProcess, text: str, timeout_s: float = 20.0) -> None:
+    """Until ``text`` is in the process's log (polling another process's output)."""
+    deadline = time.monotonic() + timeout_s
+    while text not in process.log_path.read_text(errors="replace"):
+        assert time.monotonic() < deadline, f"{text!r} never logged"
+        await asyncio.sleep(0.02)
 
 
 def make_fleet(tmp_path: Path) -> tuple[Fleet, EngineProcess]:
@@ -85,11 +98,33 @@ def make_fleet(tmp_path: Path) -> tuple[Fleet, EngineProcess]:
     return Fleet([replica], health_interval_s=0.1), process
 
 
+async def started_on_its_port(fleet: Fleet, process: EngineProcess) -> bool:
+    """Start ``fleet``: True once its engine listens on its port; False (and stopped) when
+    the engine said the port was taken, so that healthy can only mean our engine."""
+    port = int(process.command[process.command.index("--port") + 1])
+    await fleet.start()
+    deadline = time.monotonic() + 20
+    while not ports.listens(process.pid or 0, port):
+        if ports.bind_failed(process.log_path.read_text(errors="replace")):
+            await fleet.stop()
+            return False
+        if time.monotonic() > deadline:
+            await fleet.stop()
+            raise AssertionError(f"the fake engine never listened on {port}")
+        await asyncio.sleep(0.05)
+    return True
+
+
 @asynccontextmanager
 async def running_fleet(tmp_path: Path) -> AsyncIterator[tuple[Fleet, EngineProcess]]:
-    """A one-replica fleet of the fake engine, healthy on entry, stopped on exit."""
-    fleet, process = make_fleet(tmp_path)
-    await fleet.start()
+    """A one-replica fleet of the fake engine, healthy on entry, stopped on exit; made
+    again on a new port when another process took its port first (``tests.ports``)."""
+    for attempt in range(ports.ATTEMPTS):
+        fleet, process = make_fleet(tmp_path / f"try-{attempt}")
+        if await started_on_its_port(fleet, process):
+            break
+    else:
+        raise RuntimeError(f"the fake engine found no free port in {ports.ATTEMPTS} tries")
     try:
         await wait_healthy(fleet)
         yield fleet, process
@@ -130,10 +165,13 @@ async def test_engine_is_reaped_when_its_guard_is_killed(tmp_path: Path) -> None
         await wait_healthy(fleet)  # and the restarted engine could bind the same port
 
 
-async def test_stop_escalates_to_sigkill(tmp_path: Path) -> None:
+async def test_stop_escalates_to_sigkill(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The guard sends SIGKILL after its grace period; the supervisor's own fallback (it
+    kills the guard when the guard does not stop within grace + 5 s) is not needed."""
     stubborn = tmp_path / "stubborn.py"
     stubborn.write_text(
-        "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(3600)\n"
+        "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "print('ignoring SIGTERM', flush=True)\ntime.sleep(3600)\n"
     )
     process = EngineProcess(
         "stubborn",
@@ -144,34 +182,105 @@ async def test_stop_escalates_to_sigkill(tmp_path: Path) -> None:
         backoff=ExponentialBackoff(),
     )
     await process.start()
-    await asyncio.sleep(0.5)
+    await wait_logged(process, "ignoring SIGTERM")
     pids = group_pids(process.pid or 0)
-    started = time.monotonic()
-    await process.stop()
-    assert time.monotonic() - started < 5
+    assert len(pids) == 2  # the guard and the stubborn engine
+    with caplog.at_level(logging.ERROR, logger="weir.supervisor"):
+        await process.stop()
+    assert "did not stop" not in caplog.text  # the guard escalated by itself
     assert await await_gone(pids, 2.0) == []
     assert "stopping engine" in (tmp_path / "stubborn.log").read_text()
 
 
+class RecordedBackoff:
+    """The real back-off, and for each delay asked for (just after an exit): the failure
+    count, the delay, when it was asked, and when the run that just exited had started."""
+
+    def __init__(self, backoff: ExponentialBackoff) -> None:
+        self.backoff = backoff
+        self.process: EngineProcess | None = None
+        self.asked: list[tuple[int, float, float, float]] = []
+
+    def compute(self, failures: int) -> float:
+        delay = self.backoff.compute(failures)
+        assert self.process is not None
+        self.asked.append((failures, delay, time.monotonic(), self.process.started_at))
+        return delay
+
+
 async def test_crash_loop_backs_off(tmp_path: Path) -> None:
+    """Each quick exit counts one more failure, and the next start waits the back-off
+    of that count: from an exit to the next start is at least the delay asked for (a
+    slow host only makes it longer; nothing here depends on host speed)."""
+    backoff = RecordedBackoff(ExponentialBackoff(base=0.05, cap=0.2))
     process = EngineProcess(
         "crashy",
         [sys.executable, "-c", "raise SystemExit(3)"],
         env=None,
         log_path=tmp_path / "crashy.log",
         grace_s=0.5,
-        backoff=ExponentialBackoff(base=0.05, cap=0.2),
+        backoff=backoff,
     )
+    backoff.process = process
     await process.start()
-    await asyncio.sleep(1.5)
-    await process.stop()
-    assert 2 <= process.restarts <= 12
+    try:
+        await wait_restarted(process, 5, exact=False)
+    finally:
+        await process.stop()
+    failures = [n for n, _, _, _ in backoff.asked]
+    assert failures == list(range(1, len(failures) + 1))  # never reset: none lived 60 s
+    assert [d for _, d, _, _ in backoff.asked[:5]] == [0.05, 0.1, 0.2, 0.2, 0.2]
+    for (_, delay, exited, _), (_, _, _, started) in itertools.pairwise(backoff.asked):
+        assert started - exited >= delay  # started again only once the delay had passed
+    assert process.restarts in (len(failures), len(failures) - 1)  # the last may be waiting
     assert "engine exited with 3" in (tmp_path / "crashy.log").read_text()
+
+
+async def test_a_process_that_lived_long_starts_its_failures_again(tmp_path: Path) -> None:
+    """A process that ran STABLE_AFTER_S (60 s, on a clock the test holds) before it
+    exited counts as a first failure again: the short back-off, not the capped one."""
+    clock = Clock()
+    hold = tmp_path / "hold"
+    backoff = RecordedBackoff(ExponentialBackoff(base=0.05, cap=0.2))
+    script = (
+        "import os, sys, time\n"
+        f"if os.path.exists({str(hold)!r}):\n"
+        "    print('holding', flush=True)\n"
+        f"    while os.path.exists({str(hold)!r}): time.sleep(0.02)\n"
+        "sys.exit(3)\n"
+    )
+    process = EngineProcess(
+        "steady",
+        [sys.executable, "-c", script],
+        env=None,
+        log_path=tmp_path / "steady.log",
+        grace_s=0.5,
+        backoff=backoff,
+        clock=clock,
+    )
+    backoff.process = process
+    await process.start()
+    try:
+        await wait_restarted(process, 3, exact=False)  # failures 1, 2, 3: a crash loop
+        hold.touch()  # from the next start on, the process runs until hold is removed
+        await wait_logged(process, "holding")
+        crashes = len(backoff.asked)
+        clock.now += STABLE_AFTER_S  # it has run a minute
+        hold.unlink()
+        deadline = time.monotonic() + 20
+        while len(backoff.asked) < crashes + 2:
+            assert time.monotonic() < deadline, backoff.asked
+            await asyncio.sleep(0.02)
+    finally:
+        await process.stop()
+    failures = [n for n, _, _, _ in backoff.asked]
+    assert failures[:crashes] == list(range(1, crashes + 1))
+    assert failures[crashes : crashes + 2] == [1, 2]  # counted afresh after the long run
 
 
 def test_engines_die_with_a_killed_gateway(tmp_path: Path) -> None:
     """SIGKILL the process that owns the engines: the guard still stops them."""
-    port = free_port()
+    port = 0  # its engine needs no known port (0: the kernel picks one, nothing to race)
     script = textwrap.dedent(
         f"""
         import asyncio, sys
