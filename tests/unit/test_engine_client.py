@@ -15,7 +15,6 @@ import pytest
 from aiohttp import web
 
 from models.engines.client import EngineTimeouts, HttpEngine
-from models.engines.launcher import free_port
 from models.errors import (
     EngineFailed,
     EngineOverloaded,
@@ -24,6 +23,7 @@ from models.errors import (
     EngineUnavailable,
 )
 from serving.streaming import relay
+from tests.redis_server import dead_port
 
 pytestmark = pytest.mark.anyio
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -39,8 +39,8 @@ async def serve(handler: Handler) -> AsyncGenerator[str, None]:
     app.router.add_route("*", "/{tail:.*}", handler)
     runner = web.AppRunner(app)
     await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()  # port 0: its own, no race for one
+    port = runner.addresses[0][1]
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -101,10 +101,11 @@ async def test_answers_map_to_errors(
 
 
 async def test_connection_refused_is_unavailable() -> None:
-    engine = HttpEngine("gone", f"http://127.0.0.1:{free_port()}", EngineTimeouts())
-    with pytest.raises(EngineUnavailable):
-        await engine.complete("/v1/chat/completions", {})
-    assert await engine.health() is False
+    with dead_port() as port:  # nothing listens there, nor can while the block runs
+        engine = HttpEngine("gone", f"http://127.0.0.1:{port}", EngineTimeouts())
+        with pytest.raises(EngineUnavailable):
+            await engine.complete("/v1/chat/completions", {})
+        assert await engine.health() is False
 
 
 async def test_hang_before_answer_is_a_timeout() -> None:
