@@ -4,6 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.postgres_server import PostgresServer
 from tests.redis_server import RedisServer
 
 
@@ -20,3 +21,16 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real PostgreSQL for the whole session (tests.postgres_server): its URL,
+    postgresql://weir@127.0.0.1:PORT/weir. Tests share the database: use tables or
+    schemas of your own."""
+    server = PostgresServer(tmp_path_factory.mktemp("postgres"))
+    try:
+        yield server.url
+    finally:
+        server.stop()
+        server.remove()
