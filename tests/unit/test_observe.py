@@ -26,7 +26,6 @@ from serving.http.app import create_app
 from serving.observe import metrics as ours
 from serving.settings import KeysConfig, Settings
 from tests.fakes.engine import FakeEngine
-from tests.redis_server import free_port
 from tests.windows import hold_limit_window
 
 CHAT: dict[str, Any] = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}
@@ -135,14 +134,14 @@ def test_traces_continue_the_callers_and_reach_the_engine(tmp_path: Path) -> Non
     async def health(_: web.Request) -> web.Response:
         return web.Response()
 
-    port = free_port()
     loop = asyncio.new_event_loop()  # the engine runs in its own thread and loop
     server = web.Application()
     server.router.add_post("/v1/chat/completions", chat)
     server.router.add_get("/health", health)
     runner = web.AppRunner(server)
     loop.run_until_complete(runner.setup())
-    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())  # its own port
+    port = runner.addresses[0][1]
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
 

@@ -24,7 +24,7 @@ from serving.http.app import create_app
 from serving.settings import GatewayConfig, ResponsesConfig, Settings
 from tests.fakes.engine import FakeEngine
 from tests.openai_spec import validate, validate_response_event
-from tests.redis_server import free_port
+from tests.redis_server import dead_port
 
 JSON = dict[str, Any]
 KEYS = ["sk-alice", "sk-bob"]
@@ -482,20 +482,21 @@ def test_two_gateways_sharing_redis_continue_each_others_responses(
 
 
 def test_store_down_is_a_503_or_a_failed_stream(tmp_path: Path) -> None:
-    down = f"redis://127.0.0.1:{free_port()}/0"
-    with make_client(ToolEngine(), tmp_path, redis_url=down, timeout_s=0.2) as client:
-        for answer in (
-            create(client, input="Hi"),
-            create(client, input="Hi", previous_response_id="resp_1"),
-            client.get("/v1/responses/resp_1", headers=ALICE),
-        ):
-            assert answer.status_code == 503
-            validate("ErrorResponse", answer.json())
-            assert answer.json()["error"]["code"] == "responses_unavailable"
-        events = stream(client, input="Hi")
-        assert [e["type"] for e in events[-2:]] == ["error", "response.failed"]
-        assert events[-2]["code"] == "responses_unavailable"
-        assert create(client, input="Hi", store=False).status_code == 200  # needs no store
+    with dead_port() as port:  # nothing listens there, nor can while the test runs
+        down = f"redis://127.0.0.1:{port}/0"
+        with make_client(ToolEngine(), tmp_path, redis_url=down, timeout_s=0.2) as client:
+            for answer in (
+                create(client, input="Hi"),
+                create(client, input="Hi", previous_response_id="resp_1"),
+                client.get("/v1/responses/resp_1", headers=ALICE),
+            ):
+                assert answer.status_code == 503
+                validate("ErrorResponse", answer.json())
+                assert answer.json()["error"]["code"] == "responses_unavailable"
+            events = stream(client, input="Hi")
+            assert [e["type"] for e in events[-2:]] == ["error", "response.failed"]
+            assert events[-2]["code"] == "responses_unavailable"
+            assert create(client, input="Hi", store=False).status_code == 200  # needs no store
 
 
 def test_version_pin_and_cache_control_headers_apply(client: TestClient) -> None:

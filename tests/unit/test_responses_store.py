@@ -20,7 +20,7 @@ from serving.responses.store import (
     SqliteResponseStore,
     make_response_store,
 )
-from tests.redis_server import free_port
+from tests.redis_server import dead_port
 
 pytestmark = pytest.mark.anyio
 
@@ -126,20 +126,21 @@ async def test_redis_keeps_a_record_ttl_s(redis_url: str) -> None:
 
 
 async def test_an_unreachable_store_is_a_503(tmp_path: Path) -> None:
-    down = RedisResponseStore(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.2)
-    blocked = tmp_path / "file"
-    blocked.write_text("")
-    unwritable = SqliteResponseStore(blocked / "r.sqlite3")  # its directory is a file
-    for store in (down, unwritable):
-        try:
-            with pytest.raises(ResponsesUnavailable) as caught:
-                await store.get("t", "resp_1")
-            status, body, headers = render(caught.value, "req-1")
-            assert status == 503
-            assert body["error"]["code"] == "responses_unavailable"
-            assert int(headers["retry-after"]) > 0
-        finally:
-            await store.aclose()
+    with dead_port() as port:  # nothing listens there, nor can while the test runs
+        down = RedisResponseStore(f"redis://127.0.0.1:{port}/0", timeout_s=0.2)
+        blocked = tmp_path / "file"
+        blocked.write_text("")
+        unwritable = SqliteResponseStore(blocked / "r.sqlite3")  # its directory is a file
+        for store in (down, unwritable):
+            try:
+                with pytest.raises(ResponsesUnavailable) as caught:
+                    await store.get("t", "resp_1")
+                status, body, headers = render(caught.value, "req-1")
+                assert status == 503
+                assert body["error"]["code"] == "responses_unavailable"
+                assert int(headers["retry-after"]) > 0
+            finally:
+                await store.aclose()
 
 
 def test_made_from_settings(tmp_path: Path, redis_url: str) -> None:
