@@ -103,6 +103,11 @@ class VersionConfig(_Strict):
     lora: bool = False
     max_loras: int = Field(4, ge=1, le=256)  # adapters an engine holds; LRU unloaded beyond
     max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = 16
+    # A version served by another model's engines: base = "MODEL@VERSION" (a LoRA version)
+    # with adapter = a stored adapter of it (none: the base model itself). Its model is an
+    # alias (e.g. support-bot) whose versions deploy, canary and roll back as any other.
+    base: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+@[A-Za-z0-9._-]+$")
+    adapter: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9._-]{0,47}$")
 
     @property
     def lora_enabled(self) -> bool:
@@ -122,11 +127,14 @@ class VersionConfig(_Strict):
             self.url is not None,
             bool(self.urls),
             self.dns is not None,
+            self.base is not None,
         ]
         if sum(given) != 1:
             raise ValueError(
-                f"version '{self.version}': give exactly one of weights, url, urls or dns"
+                f"version '{self.version}': give exactly one of weights, url, urls, dns or base"
             )
+        if self.adapter is not None and self.base is None:
+            raise ValueError(f"version '{self.version}': adapter needs base = \"MODEL@VERSION\"")
         if self.dns is not None:
             host, _, port = self.dns.rpartition(":")
             if not host or not port.isdigit():
@@ -153,7 +161,7 @@ class VersionConfig(_Strict):
     @property
     def replica_count(self) -> int:
         """Replicas made at start (DNS-discovered ones come and go at runtime)."""
-        if self.dns is not None:
+        if self.dns is not None or self.base is not None:
             return 0
         return len(self.urls) if self.urls else self.replicas
 

@@ -58,6 +58,9 @@ class Registry:
             self._models[model.name] = model
         self._running = {m.name: set(m.running()) for m in self._models.values()}
         self._adapters: dict[VersionKey, set[str]] = {}  # base version -> adapters it serves
+        self._via: dict[VersionKey, tuple[VersionKey, str | None]] = {}  # alias -> base, adapter
+        for model in self._models.values():
+            self._route_via(model)
         self._wrr: dict[str, dict[str, float]] = {}
         self._fallbacks = {
             m.name: [self._fallback(m, f) for f in m.fallbacks] for m in self._models.values()
@@ -102,6 +105,17 @@ class Registry:
         self._models[model.name] = model
         self._running[model.name] = set(running)
         self._wrr.pop(model.name, None)
+        self._route_via(model)
+
+    def _route_via(self, model: ModelConfig) -> None:
+        """Where each of the model's versions with a ``base`` runs, and as which adapter."""
+        for version in model.versions:
+            if version.base is not None:
+                base, pinned = split_name(version.base)
+                self._via[VersionKey(model.name, version.version)] = (
+                    VersionKey(base, pinned),
+                    version.adapter,
+                )
 
     @property
     def models(self) -> list[ModelConfig]:
@@ -127,6 +141,10 @@ class Registry:
                 raise ModelNotFound(name)
             raise VersionNotRunning(name, self.running(base))
         if not adapter:
+            via = self._via.get(VersionKey(base, version))
+            if via is not None:  # an alias's version: an adapter (or the model) on its base
+                return ServedVersion(model=model.name, version=version, task=model.task,
+                                     adapter=via[1], base=via[0])  # fmt: skip
             return ServedVersion(model=model.name, version=version, task=model.task)
         if adapter not in self._served(base, version):
             raise ModelNotFound(name)

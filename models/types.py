@@ -31,24 +31,30 @@ class ServedVersion:
     A LoRA adapter is served as a version of its base model: ``smollm2:pirate`` resolves
     to version ``135m-instruct:pirate`` (its own name in headers, metrics and the cache
     key), running on the base version's engines (``engine``) under the adapter's name.
+    A model whose versions are adapters (``support-bot@v2``: ``base`` and ``adapter`` in
+    its configuration) runs on its ``base`` the same way, with a version's rollouts.
     """
 
     model: str  # public name, e.g. "smollm2"
     version: str  # e.g. "135m-instruct"; an adapter's: "135m-instruct:pirate"
     task: Task
     adapter: str | None = None  # the adapter's name (what the engine serves it as)
+    base: VersionKey | None = None  # an alias's version on an adapter (or a base): its base
     key: VersionKey = field(init=False, compare=False, repr=False)  # made once
     engine: VersionKey = field(init=False, compare=False, repr=False)  # whose replicas serve it
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", VersionKey(self.model, self.version))
-        base = self.version.partition(ADAPTER)[0] if self.adapter else self.version
-        object.__setattr__(self, "engine", VersionKey(self.model, base))
+        own = self.version.partition(ADAPTER)[0] if self.adapter else self.version
+        object.__setattr__(self, "engine", self.base or VersionKey(self.model, own))
 
     @property
     def public(self) -> str:
-        """The name keys, limits and budgets know it by: ``smollm2`` or ``smollm2:pirate``."""
-        return f"{self.model}{ADAPTER}{self.adapter}" if self.adapter else self.model
+        """The name keys, limits and budgets know it by: ``smollm2``, ``smollm2:pirate``, or
+        an alias's own name (``support-bot``)."""
+        if self.adapter and self.base is None:
+            return f"{self.model}{ADAPTER}{self.adapter}"
+        return self.model
 
 
 @dataclass(frozen=True)

@@ -73,8 +73,8 @@ def load_counters(
         running = model.running()
         for version in model.versions:
             key = VersionKey(model.name, version.version)
-            if version.version not in running:
-                continue
+            if version.version not in running or version.base is not None:
+                continue  # a version on another's engines counts with its base's counter
             counter = version_counter(key, version, weights.get(key), store, model.task)
             if counter is not None:
                 counters[key] = counter
@@ -244,7 +244,7 @@ def build_fleet(
         (model, version)
         for model in models
         for version in model.versions
-        if version.version in model.running()
+        if version.version in model.running() and version.base is None  # base: none its own
     ]
     local = [(m, v) for m, v in running if not v.remote and v.dns is None]
     host = factory.devices if local else None

@@ -102,7 +102,13 @@ class AdapterService:
         if found is not None:
             return found
         adapters = {a.name: a for a in self.store.of_base(*base)}
-        for name in version.adapters:
+        on_base = [  # the adapters of running alias versions on this base (others: on deploy)
+            v.adapter
+            for m in self.registry.models
+            for v in m.versions
+            if v.base == str(base) and v.adapter is not None and v.version in m.running()
+        ]
+        for name in [*version.adapters, *on_base]:
             adapter = self.store.get(name)
             if (adapter.base_model, adapter.base_version) != tuple(base):
                 raise StoreError(
@@ -263,6 +269,16 @@ class AdapterService:
         self.registry.serve_adapter(base, name)
         log.info("adapter %s serves as %s%s%s", name, base.model, ADAPTER, name)
         return self.view(name, base, errors)
+
+    async def attach(self, base: VersionKey, name: str) -> dict[str, Any]:
+        """``add``, for an alias's version that names ``name`` on ``base`` (a deploy)."""
+        stored = await asyncio.to_thread(self.store.get, name)
+        if (stored.base_model, stored.base_version) != tuple(base):
+            raise DeployRefused(
+                f"adapter '{name}' was checked against {stored.base_model}@"
+                f"{stored.base_version}, not {base}"
+            )
+        return await self.add(name)
 
     async def remove(self, name: str) -> dict[str, Any]:
         """No new requests for it; those running finish (``drain_timeout_s``); unloaded."""

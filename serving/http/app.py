@@ -247,6 +247,7 @@ def create_app(
             settings.store, settings.deploy, settings.engines.start_timeout_s, state,
             discovery=discovery,
         )  # fmt: skip
+        api.state.deployer.adapters = lora  # deploys of versions that are adapters
         if settings.retrieval.enabled:
             embed_model = settings.retrieval.embedding_model
 

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from models.config import ModelConfig, StoreConfig, VersionConfig
 from models.engines.discovery import DnsDiscovery
@@ -35,12 +35,12 @@ from models.engines.fleet import Fleet, Replica
 from models.engines.launcher import ReplicaFactory, version_counter
 from models.engines.placement import Placement, PlacementRefused
 from models.engines.placement.types import describe
-from models.errors import EngineError, StoreError
-from models.registry import Registry
+from models.errors import EngineError, StoreError, WeirModelError
+from models.registry import Registry, split_name
 from models.store import ModelStore, loadable_problems
 from models.tokenizer import TokenCounter
 from models.types import VersionKey
-from serving.errors import DeployInProgress, DeployRefused, RouteNotFound
+from serving.errors import DeployInProgress, DeployRefused, GatewayError, RouteNotFound
 from serving.rollout import gate
 from serving.rollout.state import RolloutState
 from serving.rollout.tracker import VersionTracker
@@ -50,6 +50,12 @@ from serving.settings import DeployConfig
 log = logging.getLogger("weir.rollout")
 ReplicaMaker = Callable[..., list[Replica]]  # (model, version, weights[, placements])
 WARM_CHAT = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
+
+
+class AdapterAttacher(Protocol):
+    """Loads a stored adapter into every engine of its base (``serving.adapters``)."""
+
+    async def attach(self, base: VersionKey, name: str) -> dict[str, Any]: ...
 
 
 class DeployFailed(Exception):
@@ -136,6 +142,7 @@ class Deployer:
         discovery: DnsDiscovery | None = None,
     ) -> None:
         self.discovery = discovery
+        self.adapters: AdapterAttacher | None = None  # set when a version has LoRA on
         self.registry = registry
         self.fleet = fleet
         self.dispatcher = dispatcher
@@ -467,6 +474,9 @@ class Deployer:
         key = VersionKey(model.name, version.version)
         if version.version in self.registry.running(model.name):
             return 0
+        if version.base is not None:
+            await self._attach(operation, model, version)
+            return 0
         try:
             counter = await asyncio.to_thread(self.load_counter, key, version, weights)
             self.dispatcher.configure(model)
@@ -511,6 +521,25 @@ class Deployer:
         if counter is not None:
             self.counters[key] = counter
         return len(replicas)
+
+    async def _attach(self, operation: Operation, _: ModelConfig, version: VersionConfig) -> None:
+        """A version on another's engines: its adapter loaded into every one of them."""
+        if version.base is None:
+            return
+        model_name, base_version = split_name(version.base)
+        if base_version not in self.registry.running(model_name):
+            raise DeployFailed(f"its base {version.base} is not running")
+        if version.adapter is None:
+            operation.step("on_base", base=version.base)
+            return
+        if self.adapters is None:
+            raise DeployFailed(f"{version.base} does not have LoRA on (lora = true)")
+        try:
+            view = await self.adapters.attach(VersionKey(model_name, base_version), version.adapter)
+        except (GatewayError, WeirModelError) as exc:
+            raise DeployFailed(f"adapter {version.adapter}: {exc}") from None
+        held = [r["replica"] for r in view["replicas"] if r["holds"]]
+        operation.step("loaded", adapter=version.adapter, base=version.base, replicas=held)
 
     async def _warm(self, model: ModelConfig, replicas: list[Replica]) -> str | None:
         path = "/v1/embeddings" if model.task == "embed" else "/v1/chat/completions"

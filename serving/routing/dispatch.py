@@ -186,7 +186,7 @@ class Dispatcher:
 
     def available(self, served: ServedVersion) -> bool:
         """Could ``served`` take a request now: a place in its bulkhead and a live replica?"""
-        own = self.models.get(served.model)
+        own = self.models.get(served.engine.model)  # an alias's adapter: its base's bulkhead
         bulkhead = None if own is None else own.bulkheads.get(served.engine)
         if bulkhead is not None and bulkhead.full():
             return False
@@ -196,7 +196,7 @@ class Dispatcher:
         )
 
     async def admit(self, served: ServedVersion) -> Slot:
-        return await self.models[served.model].bulkheads[served.engine].acquire()
+        return await self.models[served.engine.model].bulkheads[served.engine].acquire()
 
     async def complete(
         self, served: ServedVersion, path: str, body: JSON, affinity: str | None

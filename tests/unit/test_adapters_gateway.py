@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -321,3 +322,71 @@ def test_cache_metrics_and_budgets_are_the_adapters_own(
         assert 'model="smollm2",model_version="v1:pirate"' in metrics
         loads = 'weir_adapter_loads_total{adapter="pirate",model="smollm2",model_version="v1"'
         assert loads + ',result="ok"} 2.0' in metrics  # one load on each replica
+
+
+def test_canary_between_two_adapters_then_rollback(tmp_path: Path) -> None:
+    """``support-bot``: a model whose versions are adapters on smollm2@v1, rolled out with
+    the rollout verbs: a 25% canary gives the new adapter exactly a quarter, a rollback
+    takes it back, and the base model serves all along."""
+    store = stored(tmp_path, "pirate")
+    config = settings(tmp_path, replicas=1)
+    bot = ModelConfig(name="support-bot", task="chat", current="v1", versions=[
+        VersionConfig(version="v1", base="smollm2@v1", adapter="pirate"),
+        VersionConfig(version="v2", base="smollm2@v1", adapter="robot", standby=True),
+    ])  # fmt: skip
+    config = config.model_copy(update={"models": [*config.models, bot]})
+    engine = LoraEngine(name="smollm2@v1#0")
+
+    def fleet(_: object) -> Fleet:
+        return Fleet([Replica(ReplicaKey("smollm2", "v1", 0), engine, "smollm2")])
+
+    control = FakeControl({"smollm2@v1#0": engine})
+    app = create_app(config, fleet_factory=fleet, counters={},
+                     adapter_control=lambda _: control)  # fmt: skip
+    with TestClient(app) as client:
+
+        def served(n: int) -> Counter[tuple[str, str]]:
+            body = {"model": "support-bot", "messages": [{"role": "user", "content": "hi"}]}
+            answers = [client.post("/v1/chat/completions", json=body) for _ in range(n)]
+            return Counter(
+                (a.headers["x-weir-model-version"], a.json()["choices"][0]["message"]["content"])
+                for a in answers
+            )
+
+        assert engine.held == {"pirate"}  # the running version's adapter, loaded at start
+        assert served(4) == {("v1", "[pirate] Hello there!"): 4}
+        robot = make_adapter(tmp_path, "robot")
+        store.add("robot", robot, Base("smollm2", "v1", tmp_path / "base", 16))  # stored only
+        deploy = client.post("/weir/admin/models/support-bot/deploy",
+                             json={"version": "v2", "canary": 25}, headers=ADMIN)  # fmt: skip
+        assert deploy.status_code == 202, deploy.text
+        status = wait_phase(client)
+        assert status["split"] == {"v1": 0.75, "v2": 0.25}
+        steps = [s["phase"] for s in status["operation"]["steps"]]
+        assert steps == ["loaded", "canary"]  # no engine started
+        assert engine.held == {"pirate", "robot"}
+        assert served(40) == {("v1", "[pirate] Hello there!"): 30,
+                              ("v2", "[robot] Hello there!"): 10}  # fmt: skip
+        pinned = client.post("/v1/chat/completions", json={
+            "model": "support-bot@v2", "messages": [{"role": "user", "content": "x"}]})  # fmt: skip
+        assert pinned.headers["x-weir-model-version"] == "v2"
+        back = client.post("/weir/admin/models/support-bot/rollback", headers=ADMIN)
+        assert back.status_code == 202
+        assert wait_phase(client)["operation"]["phase"] == "rolled_back"
+        assert served(8) == {("v1", "[pirate] Hello there!"): 8}
+        base = client.post("/v1/chat/completions", json={
+            "model": "smollm2", "messages": [{"role": "user", "content": "x"}]})  # fmt: skip
+        assert base.json()["choices"][0]["message"]["content"] == "Hello there!"
+
+
+def wait_phase(client: TestClient, timeout_s: float = 10.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status: dict[str, Any] = client.get(
+            "/weir/admin/models/support-bot/deployment", headers=ADMIN
+        ).json()
+        operation = status["operation"]
+        if operation and operation["phase"] in ("canary", "rolled_back", "failed", "done"):
+            return status
+        time.sleep(0.02)
+    raise AssertionError("the rollout did not end")
