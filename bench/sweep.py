@@ -172,6 +172,8 @@ def _pair(
     repeats: int,
 ) -> str:
     ca, cb = chosen[a] or 0.0, chosen[b] or 0.0
+    if chosen[a] is None and chosen[b] is None:
+        return f"{a} and {b}: neither held the SLO at any rate tried (try lower --rates)"
     if ca == cb:
         return f"{a} and {b}: the same highest rate ({ca:g}/s) at this rate resolution"
     strong, weak = (a, b) if ca > cb else (b, a)

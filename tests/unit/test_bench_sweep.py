@@ -84,3 +84,8 @@ def test_overlapping_attainment_at_the_decisive_rate_is_within_noise() -> None:
 def test_equal_rates_say_so() -> None:
     points = [point(v, 1, 99) for v in ("a", "b")]
     assert "the same highest rate (1/s)" in verdict(points, {"a": 1.0, "b": 1.0}, 0.9, 1)
+
+
+def test_neither_holding_any_rate_says_so() -> None:
+    points = [point(v, 1, 3) for v in ("a", "b")]
+    assert "neither held the SLO" in verdict(points, {"a": None, "b": None}, 0.9, 1)
