@@ -15,8 +15,8 @@ from models.engines.h1 import (
     UpstreamTimeout,
     fixed_headers,
 )
-from models.engines.launcher import free_port
 from tests.keepalive_server import OK, late_closer
+from tests.redis_server import dead_port
 
 pytestmark = pytest.mark.anyio
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -51,8 +51,8 @@ class Server:
 async def started(script_for: Callable[[Server], Script]) -> AsyncIterator[tuple[Server, str]]:
     server = Server(lambda r, w: asyncio.sleep(0))
     server.script = script_for(server)
-    port = free_port()
-    listener = await asyncio.start_server(server.handle, "127.0.0.1", port)
+    listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)  # its own port
+    port = listener.sockets[0].getsockname()[1]
     try:
         yield server, f"http://127.0.0.1:{port}"
     finally:
@@ -142,10 +142,11 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced() -> None:
 
 
 async def test_refused_connection_is_connect_failed() -> None:
-    upstream = Upstream(f"http://127.0.0.1:{free_port()}", connect_timeout_s=1)
-    for _ in range(3):
-        with pytest.raises(ConnectFailed):
-            await upstream.post("/", b"{}", idle_s=1)
+    with dead_port() as port:  # nothing listens there, nor can while the block runs
+        upstream = Upstream(f"http://127.0.0.1:{port}", connect_timeout_s=1)
+        for _ in range(3):
+            with pytest.raises(ConnectFailed):
+                await upstream.post("/", b"{}", idle_s=1)
     with pytest.raises(ValueError, match="not an http"):
         Upstream("unix:///tmp/x", connect_timeout_s=1)
     assert upstream.slots._value == 1000  # no slot leaked by the failures
