@@ -8,7 +8,9 @@ The tree::
     ├── CollectionNotFound      no such collection for this tenant (another tenant's is
     │                           not found either)
     ├── CollectionExists        a collection by that name exists already
-    └── DocumentNotFound        no document by that id in the collection
+    ├── DocumentNotFound        no document by that id in the collection
+    ├── StoreUnavailable        the docstore's database cannot be reached right now
+    └── ShardUnavailable        no index worker answered for a shard of the collection
 
 ``retrieval`` imports nothing of ``serving``; ``serving.errors`` maps these to HTTP in its
 one table. Errors of the embedding function handed in (the gateway's model errors) pass
@@ -35,4 +37,12 @@ class CollectionExists(RetrievalError):
 
 
 class DocumentNotFound(RetrievalError):
+    pass
+
+
+class StoreUnavailable(RetrievalError):
+    pass
+
+
+class ShardUnavailable(RetrievalError):
     pass

@@ -67,7 +67,10 @@ class Retrieval:
         params: IndexParams | None = None,
         consistency: Consistency = "strong",
         snapshot_every: int = 1000,
+        database: str | None = None,
     ) -> None:
+        """``database``: a ``postgresql://`` URL shared with other processes; None keeps
+        the docstore in SQLite under ``root``."""
         self.root = root
         self.embed = embed
         self.split = split
@@ -75,7 +78,7 @@ class Retrieval:
         self.params = params or IndexParams()
         self.consistency = consistency
         self.snapshot_every = snapshot_every
-        self.docstore = DocStore(root / "docstore.sqlite3")
+        self.docstore = DocStore(database or root / "docstore.sqlite3")
         self._indexes: dict[tuple[str, str], VectorIndex] = {}
         self._since_snapshot: dict[tuple[str, str], int] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}

@@ -51,6 +51,8 @@ from retrieval.errors import (
     DocumentNotFound,
     InvalidName,
     RetrievalError,
+    ShardUnavailable,
+    StoreUnavailable,
 )
 
 
@@ -203,6 +205,8 @@ ERROR_TABLE: dict[type[BaseException], ErrorSpec] = {
     DeployInProgress: ErrorSpec(409, "invalid_request_error", "deploy_in_progress"),
     RetrievalError: ErrorSpec(502, "server_error", "retrieval_error"),
     RetrievalUnavailable: ErrorSpec(503, "server_error", "retrieval_unavailable", retry_after_s=1),
+    StoreUnavailable: ErrorSpec(503, "server_error", "retrieval_unavailable", retry_after_s=1),
+    ShardUnavailable: ErrorSpec(503, "server_error", "retrieval_unavailable", retry_after_s=1),
     ResponseNotFound: ErrorSpec(404, "invalid_request_error", "response_not_found"),
     ResponsesUnavailable: ErrorSpec(503, "server_error", "responses_unavailable", retry_after_s=1),
 }

@@ -150,6 +150,9 @@ class RetrievalConfig(BaseModel):
 
     enabled: bool = True
     path: Path = Path("~/.local/share/weir/retrieval")  # opened on first use
+    # The docstore in PostgreSQL (postgresql://...), shared by every gateway and index
+    # worker; unset: SQLite under ``path`` (one process). Index snapshots stay under path.
+    database_url: SecretStr | None = None
     embedding_model: str = "minilm"
     chunk_tokens: int = Field(256, ge=16)
     chunk_overlap: int = Field(32, ge=0)

@@ -1,7 +1,8 @@
 """Ingests and deletes documents, printing what each acknowledged call made durable.
 
 Run by the crash test, which kills it with SIGKILL at random moments:
-``python -m tests.retrieval_crash_worker DIR START COUNT``
+``python -m tests.retrieval_crash_worker DIR START COUNT [DATABASE_URL]`` (no URL: the
+docstore in SQLite under DIR)
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from retrieval.service import Document, Retrieval
 from tests.fakes.embedder import DIM, embed, split
 
 
-async def main(root: Path, start: int, count: int) -> None:
-    service = Retrieval(root, embed, split, DIM, params=IndexParams("flat"), snapshot_every=7)
+async def main(root: Path, start: int, count: int, database: str | None) -> None:
+    service = Retrieval(
+        root, embed, split, DIM, params=IndexParams("flat"), snapshot_every=7, database=database
+    )
     service.open()
     if not service.docstore.collections("t"):
         await service.create_collection("t", "docs")
@@ -33,4 +36,5 @@ async def main(root: Path, start: int, count: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))
+    url = sys.argv[4] if len(sys.argv) > 4 else None
+    asyncio.run(main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), url))

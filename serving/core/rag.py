@@ -31,7 +31,7 @@ from typing import Any
 from models.errors import EngineError, ModelNotFound
 from models.tokenizer import TokenCounter
 from retrieval import chunking
-from retrieval.errors import CollectionNotFound
+from retrieval.errors import CollectionNotFound, StoreUnavailable
 from retrieval.index import IndexParams
 from retrieval.service import Hit, Retrieval
 from serving.core.call import Caller
@@ -58,9 +58,9 @@ TOKEN_KINDS: frozenset[Kind] = frozenset({"tokens", "model_tokens"})  # each emb
 _working_for: ContextVar[Caller | None] = ContextVar("weir_retrieval_caller", default=None)
 # What makes retrieval fail for a while without anything being wrong with the request or
 # the gateway: the time limit, the embedding engine (busy, down, refusing the text), its
-# model not served right now, the docstore's database. Anything else (a corrupt index,
-# a bug) is not hidden as "degraded": it propagates.
-DEGRADES = (TimeoutError, EngineError, ModelNotFound, sqlite3.Error)
+# model not served right now, the docstore's database (SQLite or PostgreSQL). Anything
+# else (a corrupt index, a bug) is not hidden as "degraded": it propagates.
+DEGRADES = (TimeoutError, EngineError, ModelNotFound, sqlite3.Error, StoreUnavailable)
 
 
 class RetrievalGate:
@@ -99,11 +99,15 @@ class RetrievalGate:
                 made = Retrieval(
                     self.config.path.expanduser(), self._embed, self._split,
                     params=IndexParams(self.config.index), consistency=self.config.consistency,
-                    snapshot_every=self.config.snapshot_every,
+                    snapshot_every=self.config.snapshot_every, database=self._database_url(),
                 )  # fmt: skip
                 await asyncio.to_thread(made.open)
                 self._service = made
             return self._service
+
+    def _database_url(self) -> str | None:
+        url = self.config.database_url
+        return None if url is None else url.get_secret_value()
 
     async def aclose(self) -> None:
         if self._service is not None:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from retrieval.errors import CollectionNotFound
 from retrieval.index import IndexParams, Kind, VectorIndex
 from retrieval.service import Document, Retrieval
 from tests.fakes.embedder import DIM, embed, split, vector
+from tests.retrieval_db import fresh_database
 
 
 def clustered(n: int, dim: int, seed: int) -> np.ndarray:
@@ -67,9 +69,19 @@ def test_removal_and_snapshots(tmp_path: Path) -> None:
     assert VectorIndex.load(tmp_path / "flat", IndexParams("hnsw")) is None  # config changed
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """The docstore's database: SQLite under the test's directory, or PostgreSQL."""
+    if request.param == "sqlite":
+        yield None
+        return
+    with fresh_database(request.getfixturevalue("postgres_url")) as url:
+        yield url
+
+
 @pytest.mark.anyio
-async def test_documents_search_update_delete(tmp_path: Path) -> None:
-    service = Retrieval(tmp_path, embed, split, DIM)
+async def test_documents_search_update_delete(tmp_path: Path, database: str | None) -> None:
+    service = Retrieval(tmp_path, embed, split, DIM, database=database)
     service.open()
     await service.create_collection("t1", "docs")
     first = await service.upsert("t1", "docs", [
@@ -93,8 +105,8 @@ async def test_documents_search_update_delete(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_tenants_never_see_each_other(tmp_path: Path) -> None:
-    service = Retrieval(tmp_path, embed, split, DIM)
+async def test_tenants_never_see_each_other(tmp_path: Path, database: str | None) -> None:
+    service = Retrieval(tmp_path, embed, split, DIM, database=database)
     service.open()
     for tenant in ("a", "b"):
         await service.create_collection(tenant, "shared-name")
@@ -149,7 +161,9 @@ def read_acks(output: str) -> tuple[set[str], set[str], set[str]]:
     return acked, deleted, unsure
 
 
-def test_every_acknowledged_write_survives_sigkill(tmp_path: Path) -> None:
+def crash_and_check(tmp_path: Path, database: str | None) -> None:
+    """Ingest in a worker killed with SIGKILL at random moments, twelve times; then every
+    acknowledged write is found and no acknowledged delete comes back."""
     rng = random.Random(5)
     acked: set[str] = set()
     deleted: set[str] = set()
@@ -157,10 +171,11 @@ def test_every_acknowledged_write_survives_sigkill(tmp_path: Path) -> None:
     start = 0
     kills = 0
     env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
+    extra = [database] if database else []
     for _ in range(12):
         worker = subprocess.Popen(
             [sys.executable, "-m", "tests.retrieval_crash_worker", str(tmp_path), str(start),
-             "100000"],
+             "100000", *extra],
             stdout=subprocess.PIPE, text=True, env=env,
         )  # fmt: skip
         time.sleep(rng.uniform(0.8, 2.0))  # interpreter start, then ingest under way
@@ -175,7 +190,7 @@ def test_every_acknowledged_write_survives_sigkill(tmp_path: Path) -> None:
     assert kills >= 10
 
     async def check() -> tuple[list[str], list[str]]:
-        service = Retrieval(tmp_path, embed, split, DIM, snapshot_every=7)
+        service = Retrieval(tmp_path, embed, split, DIM, snapshot_every=7, database=database)
         service.open()
         index = service._index("t", "docs")
         missing, resurrected = [], []
@@ -198,6 +213,17 @@ def test_every_acknowledged_write_survives_sigkill(tmp_path: Path) -> None:
     assert len(acked) > 100
     assert missing == []
     assert resurrected == []
+
+
+def test_every_acknowledged_write_survives_sigkill(tmp_path: Path) -> None:
+    crash_and_check(tmp_path, None)
+
+
+def test_every_acknowledged_write_survives_sigkill_with_postgresql(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    with fresh_database(postgres_url) as database:
+        crash_and_check(tmp_path, database)
 
 
 def test_chunks_follow_tokens_with_overlap() -> None:
