@@ -193,6 +193,16 @@ class RoutingConfig(_Strict):
     retry_budget_floor: int = Field(10, ge=0)  # retries always allowed per window
     backoff_base_s: float = Field(0.02, ge=0)  # full jitter: uniform(0, base * 2**(n-1))
     backoff_cap_s: float = Field(1.0, ge=0)
+    # fair queueing (serving/routing/bulkhead.py): tenants (a key, or a key's team) share
+    # the version's slots by weight, interactive before batch; false: one FCFS line
+    fair_queueing: bool = True
+    max_tenant_queue: int = Field(0, ge=0)  # one tenant's waiting requests; 0: max_queue
+    fair_window_s: float = Field(5.0, gt=0)  # a tenant's demand is remembered this long
+    # the in-flight limit follows the engine's measured time to first token, between
+    # min_in_flight and max_in_flight (the engine's own line is FCFS: keep it short)
+    adaptive_in_flight: bool = False
+    min_in_flight: int = Field(1, ge=1)
+    ttft_tolerance: float = Field(1.5, gt=1)  # TTFT past this times the recent best: too many
 
 
 class ModelConfig(_Strict):

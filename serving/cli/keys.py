@@ -29,6 +29,9 @@ def keys(args: argparse.Namespace) -> int:
                 max_concurrency=args.max_concurrency,
                 cache=not args.no_cache,
                 cache_namespace=args.cache_namespace,
+                tenant=args.tenant,
+                weight=args.weight,
+                priority=args.priority,
             )
             secret, record = await create_key(store, spec)
             print(f"created key {record.id} ({record.name}); its secret, shown only now:")
@@ -72,6 +75,12 @@ def add_commands(commands: Any) -> None:
     create.add_argument(
         "--cache-namespace", default=None, help="keys with the same namespace share cached answers"
     )
+    create.add_argument("--tenant", default=None, help="fair-queue tenant (team) it shares")
+    create.add_argument("--weight", type=float, default=1.0, help="its fair share's weight")
+    create.add_argument(
+        "--priority", choices=("interactive", "batch"), default="interactive",
+        help="batch: its requests take only the room interactive traffic leaves",
+    )  # fmt: skip
     key_commands.add_parser("list", help="keys and their limits, never secrets")
     revoke = key_commands.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("key_id")

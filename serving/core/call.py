@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from serving.keys.records import KeyRecord
+from serving.routing.bulkhead import Priority, Share
 
 Disconnected = Callable[[], Awaitable[None]]  # resolves when the client has gone away
 
@@ -49,6 +50,18 @@ class Caller:
     def allows(self, model: str) -> bool:
         return self.key is None or self.key.allows(model)
 
+    def share(self, asked: Priority | None = None) -> Share:
+        """Its place in fair queueing: its tenant (the key's team, else the key), weight
+        and label, at the lower of its key's priority and the one ``asked``."""
+        key = self.key
+        priority: Priority = "batch" if "batch" in (asked, key and key.priority) else "interactive"
+        if key is None:
+            label = "static" if self.static_key else "anonymous"
+            return Share(self.tenant, 1.0, priority, label)
+        if key.tenant:
+            return Share(f"team:{key.tenant}", key.weight, priority, key.tenant)
+        return Share(self.tenant, key.weight, priority, key.name)
+
 
 ANONYMOUS = Caller()
 
@@ -60,3 +73,4 @@ class Call:
     disconnected: Disconnected
     pin: str | None = None  # serve this version of the model (``x-weir-model-version``)
     cache_control: str | None = None  # ``x-weir-cache``: bypass, refresh or nothing
+    priority: Priority | None = None  # batch: the Batch API's requests (lowers, never raises)

@@ -41,6 +41,7 @@ from serving.core.cached_calls import CachedCalls, CachePlan, VectorLookup
 from serving.core.call import Call, never
 from serving.core.disconnect import run_or_cancel
 from serving.core.lease import CLIENT_LEFT, Lease
+from serving.core.priority import ENGINE_PRIORITY, share_of
 from serving.core.rag import RetrievalGate
 from serving.errors import (
     GatewayError,
@@ -58,7 +59,7 @@ from serving.observe.record import Observation
 from serving.observe.tracing import recording, span
 from serving.protocol.requests import ModelRequest
 from serving.rollout.tracker import VersionTracker
-from serving.routing.bulkhead import Slot
+from serving.routing.bulkhead import Share, Slot
 from serving.routing.dispatch import Dispatcher
 from serving.settings import ContractConfig
 
@@ -231,7 +232,10 @@ class Proxy:
             if entry is not None:
                 return self._replay(request, served, prepared, entry, lease)
         target, prepared, fell_back = await self._target(route, request, call, served, prepared)
-        lease.slot = await self._queue(target)
+        share = share_of(request.model_extra, call)
+        if self.dispatcher.schedules_by_priority(target):
+            prepared.body["priority"] = ENGINE_PRIORITY[share.priority]
+        lease.slot = await self._queue(target, share)
         headers = {VERSION_HEADER: target.version, **lease.ticket.headers}
         if fell_back:
             headers[FALLBACK_HEADER] = str(target.key)
@@ -273,12 +277,15 @@ class Proxy:
         wants_usage = bool(getattr(options, "include_usage", False)) and isinstance(usage, dict)
         return StreamAnswer(streaming.replayed(replay(entry, wants_usage)), headers | SSE_HEADERS)
 
-    async def _queue(self, target: ServedVersion) -> Slot:
+    async def _queue(self, target: ServedVersion, share: Share) -> Slot:
         queued = time.perf_counter()
-        slot = await self.dispatcher.admit(target)
+        slot = await self.dispatcher.admit(target, share)
         if self.metrics is not None:
             wait = time.perf_counter() - queued
             self.metrics.queue_wait.labels(target.model, target.version).observe(wait)
+            self.metrics.child(
+                self.metrics.tenant_wait, target.model, target.version, share.priority, share.label
+            ).observe(wait)
         return slot
 
     async def _cached_vectors(

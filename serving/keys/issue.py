@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.keys.records import KeyRecord, hash_secret, new_secret
@@ -21,6 +23,9 @@ class KeyCreate(BaseModel):
     max_concurrency: int | None = Field(None, ge=1)
     cache: bool = True
     cache_namespace: str | None = Field(None, min_length=1, max_length=64)
+    tenant: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,64}$")  # fair-queue tenant
+    weight: float = Field(1.0, gt=0, le=1000)  # its share against other tenants'
+    priority: Literal["interactive", "batch"] = "interactive"
 
 
 async def create_key(store: KeyStore, spec: KeyCreate) -> tuple[str, KeyRecord]:

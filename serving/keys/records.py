@@ -7,7 +7,7 @@ import hmac
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 PREFIX = "sk-weir-"
 ID_LENGTH = 12
@@ -36,6 +36,12 @@ class KeyRecord:
     max_concurrency: int | None = None
     cache: bool = True  # may this key's requests use the response cache
     cache_namespace: str | None = None  # keys sharing a namespace share cached answers
+    # fair queueing (serving/routing/bulkhead.py): keys with the same tenant share one
+    # share of a version's slots (none: the key is its own tenant), weighted; a batch key's
+    # requests wait for the room interactive traffic leaves
+    tenant: str | None = None
+    weight: float = 1.0
+    priority: Literal["interactive", "batch"] = "interactive"
     created: float = field(default_factory=time.time)
     revoked: bool = False
 

@@ -65,6 +65,10 @@ class Metrics:
     healthy: Gauge
     cache: Counter
     retrieval: Counter
+    tenant_wait: Histogram
+    queue_depth: Gauge
+    batch_requests: Counter
+    batches: Gauge
     _children: dict[tuple[int, tuple[str, ...]], Any] = field(default_factory=dict)
 
     def child(self, metric: Any, *labels: str) -> Any:
@@ -149,6 +153,24 @@ class Metrics:
             retrieval=Counter(
                 "weir_retrieval_requests", "RAG retrievals by result (ok|degraded|refused)",
                 ["result"], registry=reg,
+            ),
+            tenant_wait=Histogram(
+                "weir_tenant_queue_wait_seconds",
+                "Time waiting for a bulkhead slot, by priority and tenant (a key's team or name)",
+                [*VERSION, "priority", "tenant"], buckets=GATEWAY_BUCKETS, registry=reg,
+            ),
+            queue_depth=Gauge(
+                "weir_tenant_queue_depth", "Requests waiting for a slot, by priority and tenant",
+                [*VERSION, "priority", "tenant"], registry=reg, multiprocess_mode="livesum",
+            ),
+            batch_requests=Counter(
+                "weir_batch_requests",
+                "Batch API requests run, by result (completed|failed|expired|cancelled)",
+                ["result"], registry=reg,
+            ),
+            batches=Gauge(
+                "weir_batches_running", "Batches this gateway is running now", [],
+                registry=reg, multiprocess_mode="livesum",
             ),
         )  # fmt: skip
 

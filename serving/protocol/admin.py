@@ -27,6 +27,9 @@ class KeyView(BaseModel):
     max_concurrency: int | None
     cache: bool = Field(description="may its requests use the response cache")
     cache_namespace: str | None = Field(description="keys sharing one share cached answers")
+    tenant: str | None = Field(None, description="fair-queue tenant; null: the key itself")
+    weight: float = Field(1.0, description="its tenant's weight in fair queueing")
+    priority: Literal["interactive", "batch"] = "interactive"
     created: float = Field(description="unix time")
     revoked: bool
 

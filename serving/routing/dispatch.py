@@ -14,6 +14,7 @@ against a replica.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -35,7 +36,7 @@ from models.errors import (
 from models.types import ServedVersion, VersionKey
 from serving.observe.tracing import recording, span
 from serving.routing.breaker import CircuitBreaker
-from serving.routing.bulkhead import Bulkhead, Slot
+from serving.routing.bulkhead import ANYONE, Bulkhead, Share, Slot
 from serving.routing.load import ReplicaLoad
 from serving.routing.router import Candidate, eligible
 from serving.routing.served import Deadlines, ServedModel
@@ -45,6 +46,7 @@ __all__ = ["Attempt", "Deadlines", "Dispatcher", "PrimedStream", "is_fault"]
 JSON = dict[str, Any]
 T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[None]]
+QueueWatcher = Callable[[VersionKey, str, str, int], None]  # version, priority, tenant, queued
 
 
 class AdapterHolder(Protocol):
@@ -142,6 +144,7 @@ class Dispatcher:
         self.models: dict[str, ServedModel] = {}
         self.adapters: AdapterHolder | None = None  # set when a version serves adapters
         self._loads: weakref.WeakKeyDictionary[Replica, ReplicaLoad] = weakref.WeakKeyDictionary()
+        self._queue_watcher: QueueWatcher | None = None
         for model in models:
             self.configure(model)
         self.adopt(fleet.replicas)
@@ -153,6 +156,20 @@ class Dispatcher:
             self.models[model.name] = ServedModel.of(model, self.defaults, self.clock)
         else:
             served.add_versions(model)
+        self._watch_queues()
+
+    def observe_queues(self, observer: QueueWatcher) -> None:
+        """Tell ``observer`` each version's line per (priority, tenant) as it changes."""
+        self._queue_watcher = observer
+        self._watch_queues()
+
+    def _watch_queues(self) -> None:
+        watcher = self._queue_watcher
+        if watcher is None:
+            return
+        for key, bulkhead in self.bulkheads().items():
+            if bulkhead.observer is None:
+                bulkhead.observer = functools.partial(watcher, key)
 
     def adopt(self, replicas: list[Replica]) -> None:
         """Routing state for replicas joining, with their model's breaker settings."""
@@ -195,8 +212,13 @@ class Dispatcher:
             for r in self.fleet.replicas_of(served)
         )
 
-    async def admit(self, served: ServedVersion) -> Slot:
-        return await self.models[served.engine.model].bulkheads[served.engine].acquire()
+    async def admit(self, served: ServedVersion, share: Share = ANYONE) -> Slot:
+        return await self.models[served.engine.model].bulkheads[served.engine].acquire(share)
+
+    def schedules_by_priority(self, served: ServedVersion) -> bool:
+        """Do ``served``'s engines run vLLM's priority scheduling (``priority`` in bodies)?"""
+        own = self.models.get(served.engine.model)
+        return own is not None and served.engine in own.priority_scheduled
 
     async def complete(
         self, served: ServedVersion, path: str, body: JSON, affinity: str | None
@@ -214,9 +236,12 @@ class Dispatcher:
     ) -> tuple[PrimedStream, Attempt]:
         """A stream whose first chunk is in hand; the caller ends the ``Attempt``."""
         limits = self.models[served.model].deadlines
+        own = self.models.get(served.engine.model)
+        bulkhead = None if own is None else own.bulkheads.get(served.engine)
 
         async def call(replica: Replica) -> PrimedStream:
-            deadline = time.monotonic() + limits.total_s
+            started = time.monotonic()
+            deadline = started + limits.total_s
             stream: EngineStream | None = None
             try:
                 async with asyncio.timeout(limits.ttft_s):
@@ -225,6 +250,8 @@ class Dispatcher:
                     )
                     rest = aiter(stream)
                     first = await anext(rest)
+                if bulkhead is not None:  # the engine's time to first chunk: its queue
+                    bulkhead.sample(time.monotonic() - started)
             except TimeoutError:
                 failure: EngineError = EngineTimeout(
                     f"engine {replica.key} sent no first token within {limits.ttft_s:g}s",

@@ -7,6 +7,7 @@ The settings of a model already served stay as they were first configured.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,6 +36,8 @@ class ServedModel:
     router: LeastOutstanding
     clock: Callable[[], float] = field(repr=False)
     bulkheads: dict[VersionKey, Bulkhead] = field(default_factory=dict)
+    # versions whose engines run vLLM's --scheduling-policy priority
+    priority_scheduled: set[VersionKey] = field(default_factory=set)
 
     @classmethod
     def of(cls, model: ModelConfig, defaults: Deadlines, clock: Callable[[], float]) -> ServedModel:
@@ -66,8 +69,14 @@ class ServedModel:
             key = VersionKey(model.name, version.version)
             if key not in self.bulkheads:
                 self.bulkheads[key] = Bulkhead(
-                    str(key), routing.max_in_flight, routing.max_queue, routing.queue_timeout_s
-                )
+                    str(key), routing.max_in_flight, routing.max_queue, routing.queue_timeout_s,
+                    fair=routing.fair_queueing, max_tenant_queue=routing.max_tenant_queue,
+                    window_s=routing.fair_window_s, adaptive=routing.adaptive_in_flight,
+                    min_in_flight=routing.min_in_flight, tolerance=routing.ttft_tolerance,
+                    clock=self.clock,
+                )  # fmt: skip
+            if _priority_scheduled(version.engine_args):
+                self.priority_scheduled.add(key)
 
     def fit(self, breaker: CircuitBreaker) -> CircuitBreaker:
         """Give ``breaker`` this model's settings and clock."""
@@ -80,3 +89,9 @@ class ServedModel:
     def affinity_chars(self) -> int | None:
         """How many prompt characters steer requests to one replica (None: off)."""
         return self.routing.affinity_prefix_chars if self.routing.prefix_affinity else None
+
+
+def _priority_scheduled(args: list[str]) -> bool:
+    """Do these engine arguments turn on vLLM's priority scheduling?"""
+    joined = " ".join(args).replace("=", " ").split()
+    return ("--scheduling-policy", "priority") in itertools.pairwise(joined)
