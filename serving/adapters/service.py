@@ -285,6 +285,18 @@ class AdapterService:
         base = next((b for b, names in self.wanted.items() if name in names), None)
         if base is None:
             raise AdapterNotInStore(name, str(self.store.root))
+        users = [
+            f"{m.name}@{v.version}"
+            for m in self.registry.models
+            for v in m.versions
+            if v.adapter == name
+            and v.base == str(base)
+            and v.version in self.registry.running(m.name)
+        ]
+        if users:
+            raise DeployRefused(
+                f"adapter '{name}' serves {', '.join(users)}: deploy another version first"
+            )
         self.registry.drop_adapter(base, name)
         key = VersionKey(base.model, f"{base.version}{ADAPTER}{name}")
         if self.tracker is not None and not await self.tracker.drained(key, self.drain_timeout_s):

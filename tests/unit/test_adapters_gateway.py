@@ -370,6 +370,9 @@ def test_canary_between_two_adapters_then_rollback(tmp_path: Path) -> None:
         pinned = client.post("/v1/chat/completions", json={
             "model": "support-bot@v2", "messages": [{"role": "user", "content": "x"}]})  # fmt: skip
         assert pinned.headers["x-weir-model-version"] == "v2"
+        busy = client.delete("/weir/admin/adapters/robot", headers=ADMIN)
+        assert busy.status_code == 422  # support-bot@v2 serves it
+        assert "support-bot@v2" in busy.json()["error"]["message"]
         back = client.post("/weir/admin/models/support-bot/rollback", headers=ADMIN)
         assert back.status_code == 202
         assert wait_phase(client)["operation"]["phase"] == "rolled_back"
