@@ -2,7 +2,7 @@
 
     weir bench sweep --versions v1,v2 --slo-ttft-ms 500 --slo-itl-ms 100 \\
         [--rates 1,2,4,8 | --auto [--start-rate 1 --max-rate 64 --refine 2]] \\
-        [--duration 30 --repeats 2 --attainment 0.9] [--processes N] --host URL
+        [--duration 30 --repeats 2 --attainment 0.9 --warmup 20] [--processes N] --host URL
 
 Each point is an open-loop run (``bench.run``'s ``open-loop`` scenario: Poisson arrivals,
 whatever the responses do) pinned to one version. A point *holds* the SLO when at least
@@ -263,6 +263,13 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=2, help="runs per rate and version")
     parser.add_argument("--processes", type=int, default=None, help="load processes per point")
     parser.add_argument(
+        "--warmup",
+        type=float,
+        default=0.0,
+        help="seconds of load per version at the lowest rate before the sweep, not counted "
+        "(a fresh engine's first requests are slow)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path("bench-results") / f"sweep-{time.strftime('%H%M%S')}"
     )
     return parser
@@ -324,6 +331,14 @@ def sweep(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                     f"  ITL p99 {ms(point.itl_ms, 'p99'):>7} ms"
                 )
 
+        if args.warmup > 0:
+            first = min(given) if given else args.start_rate
+            for version in versions:
+                name = version or args.label or "gateway"
+                progress.update(task, description=f"{name}: warm-up, {args.warmup:g} s")
+                warm = point_args(args, version, first, out / "warmup" / name)
+                warm.duration = args.warmup
+                run.execute(warm, console, quiet=True)
         while True:
             order = versions if step % 2 == 0 else versions[::-1]
             todo = [(v, searches[v].next_rate()) for v in order]
@@ -360,6 +375,7 @@ def sweep(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         "command": shlex.join(["weir", "bench", "sweep", *sys.argv[1:]]),
         "duration_s": args.duration,
         "repeats": args.repeats,
+        "warmup_s": args.warmup,
         "chosen": chosen,
         "verdict": verdict(points, chosen, args.attainment, args.repeats),
         "points": [asdict(p) | {"attainment": p.attainment} for p in points],
