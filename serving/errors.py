@@ -20,6 +20,9 @@ The gateway's own tree::
     ├── DeployInProgress    409  another rollout of the same model is running
     ├── ResponseNotFound    404  no stored response with that id for this key
     ├── ResponsesUnavailable 503 the response store cannot be reached
+    ├── FileNotFound        404  no file with that id for this key (Batch API)
+    ├── BatchNotFound       404  no batch with that id for this key
+    ├── BatchesUnavailable  503  the batch store cannot be read or written
     └── ClientClosed        499  the client went away (logged only; nobody reads the answer)
 
 ``models.errors`` brings the model and engine errors, ``retrieval.errors`` the
@@ -161,6 +164,18 @@ class ResponsesUnavailable(GatewayError):
     """The response store cannot be reached."""
 
 
+class FileNotFound(GatewayError):
+    """No file with that id for this key (the Batch API's files)."""
+
+
+class BatchNotFound(GatewayError):
+    """No batch with that id for this key."""
+
+
+class BatchesUnavailable(GatewayError):
+    """The batch store cannot be read or written."""
+
+
 @dataclass(frozen=True)
 class ErrorSpec:
     status: int
@@ -209,6 +224,9 @@ ERROR_TABLE: dict[type[BaseException], ErrorSpec] = {
     ShardUnavailable: ErrorSpec(503, "server_error", "retrieval_unavailable", retry_after_s=1),
     ResponseNotFound: ErrorSpec(404, "invalid_request_error", "response_not_found"),
     ResponsesUnavailable: ErrorSpec(503, "server_error", "responses_unavailable", retry_after_s=1),
+    FileNotFound: ErrorSpec(404, "invalid_request_error", "file_not_found"),
+    BatchNotFound: ErrorSpec(404, "invalid_request_error", "batch_not_found"),
+    BatchesUnavailable: ErrorSpec(503, "server_error", "batches_unavailable", retry_after_s=1),
 }
 INTERNAL = ErrorSpec(500, "server_error", "internal_error")
 

@@ -143,6 +143,22 @@ class ResponsesConfig(BaseModel):
         return self.redis_url or keys.redis_url
 
 
+class BatchesConfig(BaseModel):
+    """The OpenAI Batch API (``/v1/files``, ``/v1/batches``): files and batch state in one
+    SQLite file; a batch's requests run through the gateway at batch priority."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    sqlite_path: Path = Path("~/.cache/weir/batches.sqlite3")  # one host's gateways share it
+    max_file_bytes: int = Field(50 * 2**20, ge=1024)  # an uploaded file (its own body limit)
+    max_requests: int = Field(50_000, ge=1)  # lines of one batch's input file
+    concurrency: int = Field(64, ge=1)  # batch requests one gateway has in the works at once
+    lease_s: float = Field(10.0, gt=0)  # a running batch is another gateway's after this
+    poll_s: float = Field(1.0, gt=0)  # how often a gateway looks for batches to run
+    retry_max_s: float = Field(30.0, gt=0)  # back-off cap for a request refused 429/503
+
+
 class RetrievalConfig(BaseModel):
     """Collections, search and RAG. The docstore and indexes live under ``path``."""
 
@@ -218,6 +234,7 @@ class Settings(BaseSettings):
     cache: CacheConfig = CacheConfig()
     retrieval: RetrievalConfig = RetrievalConfig()
     responses: ResponsesConfig = ResponsesConfig()
+    batches: BatchesConfig = BatchesConfig()
     deploy: DeployConfig = DeployConfig()
     store: StoreConfig = StoreConfig()
     engines: EngineConfig = EngineConfig()

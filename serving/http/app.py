@@ -43,6 +43,7 @@ from models.tokenizer import TokenCounter
 from models.types import VersionKey
 from retrieval.errors import RetrievalError
 from serving.adapters.setup import ControlFactory, make_adapters
+from serving.batches.service import make_batches
 from serving.cache.service import Cache
 from serving.cache.store import CacheStore, MemoryCacheStore, RedisCacheStore
 from serving.core.proxy import Proxy
@@ -50,6 +51,7 @@ from serving.core.rag import RetrievalGate
 from serving.errors import (
     GatewayError,
 )
+from serving.batches.runner import KeyLookup
 from serving.http import model_routes, responses_routes
 from serving.http.front import Front, Keys, request_id_of
 from serving.http.rendering import as_ours, error_response
@@ -57,6 +59,7 @@ from serving.http.routes import (
     adapters,
     admin,
     admin_limits,
+    batches as batch_routes,
     catalog,
     collections,
     deploy,
@@ -66,6 +69,7 @@ from serving.http.routes import (
 )
 from serving.http.validation import invalid_request_from
 from serving.keys.cache import CachedKeyStore
+from serving.keys.records import KeyRecord
 from serving.keys.store import KeyStore, make_key_store
 from serving.limits.limiter import Limiter
 from serving.limits.redis_store import make_limit_store
@@ -230,6 +234,12 @@ def create_app(
             cache=cache, cache_embeddings=settings.cache.embeddings,
         )  # fmt: skip
         proxy: Proxy = api.state.proxy
+        if metrics is not None:  # each version's line per priority and tenant
+            dispatcher.observe_queues(
+                lambda key, priority, tenant, n: metrics.child(
+                    metrics.queue_depth, key.model, key.version, priority, tenant
+                ).set(n)
+            )
         lora = make_adapters(
             settings.models, AdapterStore(settings.store.root), registry, fleet, session,
             proxy.tracker, metrics.registry if metrics else None, adapter_control,
@@ -272,6 +282,8 @@ def create_app(
             await discovery.refresh_all()
             discovery.start()
             announcer = asyncio.create_task(_announce(fleet, gateway.ready_timeout_s, on_ready))
+            if batches is not None:
+                batches.start()  # resumes batches left running (a restart, a crash)
             # What start-up made lives as long as the process: out of the collector's way,
             # so a full collection walks what requests allocate, not every module's objects.
             gc.collect()
@@ -280,6 +292,8 @@ def create_app(
         finally:
             if announcer is not None:
                 announcer.cancel()
+            if batches is not None:
+                await batches.aclose()  # its requests in flight run again after a restart
             if getattr(api.state, "deployer", None) is not None:
                 await api.state.deployer.aclose()
             await discovery.stop()
@@ -315,6 +329,7 @@ def create_app(
     api.include_router(adapters.router)
     api.include_router(metrics_route.router)
     api.include_router(collections.router)
+    api.include_router(batch_routes.router)
     api.openapi = _openapi(api)  # type: ignore[method-assign]
 
     def refused(path: str, error: BaseException) -> None:
@@ -324,6 +339,11 @@ def create_app(
     edge = model_routes.Edge(gateway.client_send_timeout_s, refused)
     responses = make_responses(settings, lambda: api.state.proxy)
     api.state.responses = responses
+    batches = make_batches(
+        settings.batches, lambda: api.state.proxy, metrics,
+        _key_lookup(key_store) if keys.enabled else None,
+    )  # fmt: skip
+    api.state.batches = batches
     responded = responses_routes.routes(lambda: api.state.responses, edge) if responses else []
     router = Router(
         routes=[
@@ -341,9 +361,20 @@ def create_app(
     )
     front = Front(
         router, keys=keys_gate, max_body_bytes=gateway.max_body_bytes, tracer=tracer,
-        refused=refused,
+        refused=refused, body_limits={batch_routes.FILES: settings.batches.max_file_bytes + 2**16},
     )  # fmt: skip
     return Gateway(front, router, api)
+
+
+def _key_lookup(store: KeyStore | None) -> KeyLookup | None:
+    """A key's record now, by its hash (a batch resumed after a restart is its key's)."""
+    if store is None:
+        return None
+
+    async def lookup(digest: str) -> KeyRecord | None:
+        return next((r for r in await store.list() if r.hash == digest), None)
+
+    return lookup
 
 
 def _openapi(api: FastAPI) -> Callable[[], dict[str, Any]]:

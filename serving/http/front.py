@@ -15,7 +15,7 @@ import hmac
 import logging
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -142,10 +142,12 @@ class Front:
         max_body_bytes: int,
         tracer: Tracer | None = None,
         refused: Callable[[str, BaseException], None] | None = None,
+        body_limits: Mapping[str, int] | None = None,
     ) -> None:
         self.app = app
         self.keys = keys
         self.max_bytes = max_body_bytes
+        self.body_limits = dict(body_limits or {})  # paths with their own (file uploads)
         self.tracer = recording(tracer)
         self.refused = refused  # counts what is refused here (size, key) in the metrics
 
@@ -216,13 +218,14 @@ class Front:
     async def _serve(
         self, scope: Scope, receive: Receive, send: Send, authorization: bytes, length: bytes
     ) -> None:
+        limit = self.body_limits.get(scope["path"], self.max_bytes)
         try:
             if length.isdigit():
-                if int(length) > self.max_bytes:
-                    raise self._too_large()
+                if int(length) > limit:
+                    raise self._too_large(limit)
                 # the server reads no more than Content-Length: the body is within the limit
             else:
-                receive, send = self._counted(scope, receive, send)
+                receive, send = self._counted(scope, receive, send, limit)
             scope["state"]["caller"] = await self.keys.check(scope, authorization)
         except GatewayError as exc:
             if self.refused is not None:
@@ -230,10 +233,12 @@ class Front:
             raise
         await self.app(scope, receive, send)
 
-    def _too_large(self) -> PayloadTooLarge:
-        return PayloadTooLarge(f"Request body is larger than {self.max_bytes} bytes.")
+    def _too_large(self, limit: int) -> PayloadTooLarge:
+        return PayloadTooLarge(f"Request body is larger than {limit} bytes.")
 
-    def _counted(self, scope: Scope, receive: Receive, send: Send) -> tuple[Receive, Send]:
+    def _counted(
+        self, scope: Scope, receive: Receive, send: Send, limit: int
+    ) -> tuple[Receive, Send]:
         """A body of unknown length, counted as it is read: 413 the moment it passes the
         limit; the route then sees a disconnect and whatever it sends is dropped."""
         seen = 0
@@ -244,9 +249,9 @@ class Front:
             message = await receive()
             if message["type"] == "http.request" and not answered:
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     answered = True
-                    refusal = self._too_large()
+                    refusal = self._too_large(limit)
                     if self.refused is not None:
                         self.refused(scope["path"], refusal)
                     await send_error(send, refusal, request_id_of(scope))

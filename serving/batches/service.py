@@ -1,0 +1,207 @@
+"""The Batch API's use cases: files (``/v1/files``) and batches (``/v1/batches``).
+
+Files and batches belong to the caller's tenant (another key's id is a 404). A file for
+``purpose=batch`` is JSONL, at most ``batches.max_file_bytes`` and ``max_requests`` lines;
+a batch reads its input file when it is created: a file with bad lines makes a ``failed``
+batch with OpenAI's ``errors`` list (line numbers), a good one is stored line by line and
+handed to the ``Runner``. A batch's GET shows its progress (``request_counts``) live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.batches import lines
+from serving.batches.runner import KeyLookup, Runner, caller_record
+from serving.batches.store import RUNNING, BatchStore
+from serving.core.call import Caller
+from serving.core.proxy import Proxy
+from serving.errors import BatchNotFound, FileNotFound, InvalidRequest, PayloadTooLarge
+from serving.observe.metrics import Metrics
+from serving.settings import BatchesConfig
+
+JSON = dict[str, Any]
+WINDOW_S = 24 * 3600
+MAX_FILENAME = 256
+
+
+class BatchCreate(BaseModel):
+    """``POST /v1/batches``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_file_id: str = Field(min_length=1, max_length=128)
+    endpoint: Literal["/v1/chat/completions", "/v1/embeddings", "/v1/completions"]
+    completion_window: Literal["24h"]
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    output_expires_after: dict[str, Any] | None = None  # accepted; output files are kept
+
+
+class Batches:
+    def __init__(
+        self,
+        proxy: Callable[[], Proxy],
+        store: BatchStore,
+        config: BatchesConfig,
+        metrics: Metrics | None = None,
+        keys: KeyLookup | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.clock = clock
+        self.runner = Runner(proxy, store, config, metrics, keys, clock)
+
+    def __repr__(self) -> str:
+        return f"Batches(store={self.store!r})"
+
+    def start(self) -> None:
+        self.runner.start()
+
+    async def aclose(self) -> None:
+        await self.runner.aclose()
+        await self.store.aclose()
+
+    # -- files ----------------------------------------------------------------------
+
+    async def upload(self, caller: Caller, filename: str, purpose: str, content: bytes) -> JSON:
+        if purpose != "batch":
+            raise InvalidRequest(
+                "Only files for the Batch API can be uploaded (purpose 'batch').", param="purpose"
+            )
+        if len(content) > self.config.max_file_bytes:
+            raise PayloadTooLarge(
+                f"The file is {len(content)} bytes; at most {self.config.max_file_bytes} "
+                "(batches.max_file_bytes)."
+            )
+        problem = await asyncio.to_thread(lines.check_jsonl, content, self.config.max_requests)
+        if problem is not None:
+            raise InvalidRequest(problem, param="file")
+        record = {
+            "id": lines.new_id("file-"), "object": "file", "bytes": len(content),
+            "created_at": int(self.clock()), "filename": filename[:MAX_FILENAME] or "batch.jsonl",
+            "purpose": "batch", "status": "processed",
+        }  # fmt: skip
+        await self.store.put_file(caller.tenant, record, content)
+        return record
+
+    async def file(self, caller: Caller, file_id: str) -> JSON:
+        found = await self.store.file(caller.tenant, file_id)
+        if found is None:
+            raise _no_file(file_id)
+        return found
+
+    async def content(self, caller: Caller, file_id: str) -> bytes:
+        found = await self.store.content(caller.tenant, file_id)
+        if found is None:
+            raise _no_file(file_id)
+        return found
+
+    async def files(self, caller: Caller, purpose: str | None, limit: int, order: str) -> JSON:
+        found = await self.store.files(caller.tenant, purpose, limit, order == "desc")
+        return _page(found, has_more=False)
+
+    async def delete_file(self, caller: Caller, file_id: str) -> JSON:
+        if not await self.store.delete_file(caller.tenant, file_id):
+            raise _no_file(file_id)
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    # -- batches --------------------------------------------------------------------
+
+    async def create(self, caller: Caller, spec: BatchCreate) -> JSON:
+        tenant = caller.tenant
+        source = await self.store.file(tenant, spec.input_file_id)
+        if source is None:
+            raise _no_file(spec.input_file_id, "input_file_id")
+        if source.get("purpose") != "batch":
+            raise InvalidRequest(
+                "The input file must be uploaded with purpose 'batch'.", param="input_file_id"
+            )
+        content = await self.store.content(tenant, spec.input_file_id) or b""
+        found, errors = await asyncio.to_thread(
+            lines.parse, content, spec.endpoint, self.config.max_requests
+        )
+        now = int(self.clock())
+        batch: JSON = {
+            "id": lines.new_id("batch_"), "object": "batch", "endpoint": spec.endpoint,
+            "input_file_id": spec.input_file_id, "completion_window": spec.completion_window,
+            "status": "in_progress", "created_at": now, "in_progress_at": now,
+            "expires_at": now + WINDOW_S,
+            "request_counts": {"total": len(found), "completed": 0, "failed": 0},
+        }  # fmt: skip
+        if spec.metadata is not None:
+            batch["metadata"] = spec.metadata
+        if errors:
+            batch |= {"status": "failed", "failed_at": now,
+                      "errors": {"object": "list", "data": errors}}  # fmt: skip
+            batch.pop("in_progress_at")
+            batch["request_counts"]["total"] = 0
+            found = []
+        await self.store.create_batch(tenant, batch, caller_record(caller), found)
+        if found:
+            self.runner.wake()
+        return batch
+
+    async def get(self, caller: Caller, batch_id: str) -> JSON:
+        batch = await self.store.batch(caller.tenant, batch_id)
+        if batch is None:
+            raise _no_batch(batch_id)
+        if batch["status"] in RUNNING:  # progress, as of now
+            total, completed, failed = await self.store.counts(batch_id)
+            batch["request_counts"] = {"total": total, "completed": completed, "failed": failed}
+        return batch
+
+    async def list(self, caller: Caller, limit: int, after: str | None) -> JSON:
+        found = await self.store.batches(caller.tenant, limit + 1, after)
+        return _page(found[:limit], has_more=len(found) > limit)
+
+    async def cancel(self, caller: Caller, batch_id: str) -> JSON:
+        batch = await self.get(caller, batch_id)
+        if batch["status"] in ("cancelling", "cancelled"):
+            return batch
+        if batch["status"] not in ("validating", "in_progress"):
+            raise InvalidRequest(
+                f"The batch is {batch['status']}; only a running batch can be cancelled.",
+                param="batch_id",
+            )
+        batch |= {"status": "cancelling", "cancelling_at": int(self.clock())}
+        ended = ("finalizing", "completed", "failed", "expired", "cancelled")
+        if not await self.store.save(batch, unless=ended):
+            return await self.get(caller, batch_id)  # it ended meanwhile: as it is
+        self.runner.cancel(batch_id)
+        return batch
+
+
+def _page(data: list[JSON], *, has_more: bool) -> JSON:
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": has_more,
+    }
+
+
+def _no_file(file_id: str, param: str | None = None) -> FileNotFound:
+    return FileNotFound(f"No file with id '{file_id[:128]}'.", param=param)
+
+
+def _no_batch(batch_id: str) -> BatchNotFound:
+    return BatchNotFound(f"No batch with id '{batch_id[:128]}'.")
+
+
+def make_batches(
+    config: BatchesConfig,
+    proxy: Callable[[], Proxy],
+    metrics: Metrics | None = None,
+    keys: KeyLookup | None = None,
+) -> Batches | None:
+    """The Batch API with its SQLite store (nothing opened yet); None when it is off."""
+    if not config.enabled:
+        return None
+    return Batches(proxy, BatchStore(config.sqlite_path), config, metrics, keys)
