@@ -10,8 +10,8 @@ On a host with CUDA and faiss-gpu, searches run on a GPU copy of the index (refr
 after writes); the CPU index is always the one saved. The same code runs everywhere:
 ``gpu_mirror`` is the identity without a GPU.
 
-Snapshots are FAISS's own binary format plus a JSON sidecar (never a pickle), written to
-temporary files and renamed into place, so a crash leaves the old snapshot or the new.
+Snapshots are FAISS's own binary format with a JSON trailer (never a pickle), written to a
+temporary file and renamed into place, so a crash leaves the old snapshot or the new.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 Kind = Literal["flat", "ivf", "hnsw"]
+SNAPSHOT = "index.snapshot"
 
 
 class _LazyFaiss:
@@ -78,6 +79,7 @@ class VectorIndex:
     _index: Any = None
     _trained: bool = False
     _search_copy: Any = None
+    created: float = 0.0  # the collection's incarnation (its creation time in the docstore)
     _lock: threading.RLock = field(default_factory=threading.RLock)
 
     def __post_init__(self) -> None:
@@ -149,32 +151,41 @@ class VectorIndex:
         self._index, self._trained = ivf, True
 
     def save(self, directory: Path) -> None:
-        """An atomic snapshot: the index file, then its sidecar naming the op it reached."""
+        """An atomic snapshot in one file: FAISS's index, then a JSON trailer naming the op
+        it reached (and its length, in the last 8 bytes), renamed into place. Processes
+        sharing ``directory`` may each save: a reader sees one whole snapshot or another."""
         directory.mkdir(parents=True, exist_ok=True)
         with self._lock:
-            tmp = directory / f".index-{os.getpid()}.tmp"
+            tmp = directory / f".snapshot-{os.getpid()}-{threading.get_ident()}.tmp"
             faiss.write_index(self._index, str(tmp))
+            meta = json.dumps({"seq": self.seq, "dim": self.dim, "kind": self.params.kind,
+                               "trained": self._trained, "created": self.created,
+                               "tombstones": sorted(self.tombstones)}).encode()  # fmt: skip
+            with tmp.open("ab") as out:
+                out.write(meta)
+                out.write(len(meta).to_bytes(8, "little"))
             _fsync(tmp)
-            meta = {"seq": self.seq, "dim": self.dim, "kind": self.params.kind,
-                    "trained": self._trained, "tombstones": sorted(self.tombstones)}  # fmt: skip
-            side = directory / f".meta-{os.getpid()}.tmp"
-            side.write_text(json.dumps(meta))
-            _fsync(side)
-            os.replace(tmp, directory / "index.faiss")
-            os.replace(side, directory / "index.json")
+            os.replace(tmp, directory / SNAPSHOT)
             _fsync_dir(directory)
 
     @classmethod
-    def load(cls, directory: Path, params: IndexParams) -> VectorIndex | None:
-        """The saved snapshot, or None if there is none (or it does not match)."""
-        meta_path, index_path = directory / "index.json", directory / "index.faiss"
-        if not meta_path.is_file() or not index_path.is_file():
-            return None
-        meta = json.loads(meta_path.read_text())
-        if meta.get("kind") != params.kind:
-            return None  # configuration changed: rebuild from the docstore
-        index = faiss.read_index(str(index_path))
+    def load(cls, directory: Path, params: IndexParams, created: float = 0.0) -> VectorIndex | None:
+        """The saved snapshot, or None if there is none, or it does not match (another
+        index kind, or another incarnation of a collection by that name)."""
+        path = directory / SNAPSHOT
+        try:
+            with path.open("rb") as file:
+                file.seek(-8, os.SEEK_END)
+                length = int.from_bytes(file.read(8), "little")
+                file.seek(-8 - length, os.SEEK_END)
+                meta = json.loads(file.read(length))
+        except (OSError, ValueError):
+            return None  # none, or torn: rebuild from the docstore
+        if meta.get("kind") != params.kind or meta.get("created") != created:
+            return None  # configuration changed, or the collection was made anew
+        index = faiss.read_index(str(path))
         made = cls(int(meta["dim"]), params, int(meta["seq"]), set(meta["tombstones"]), index)
+        made.created = created
         made._trained = bool(meta["trained"])
         if params.kind == "ivf" and made._trained:
             faiss.extract_index_ivf(index).nprobe = params.ivf_nprobe

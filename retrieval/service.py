@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import re
 import shutil
 import threading
@@ -24,7 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from retrieval.docstore import Change, DocStore
+from retrieval.docstore import Change, CollectionInfo, DocStore
 from retrieval.errors import (
     CollectionExists,
     CollectionNotFound,
@@ -33,6 +34,9 @@ from retrieval.errors import (
     RetrievalError,
 )
 from retrieval.index import IndexParams, VectorIndex
+from retrieval.sql import Database
+
+log = logging.getLogger("weir.retrieval")
 
 Embed = Callable[[list[str]], Awaitable[list[list[float]]]]
 Split = Callable[[str], list[str]]
@@ -68,9 +72,12 @@ class Retrieval:
         consistency: Consistency = "strong",
         snapshot_every: int = 1000,
         database: str | None = None,
+        follow_interval_s: float = 0.25,
     ) -> None:
         """``database``: a ``postgresql://`` URL shared with other processes; None keeps
-        the docstore in SQLite under ``root``."""
+        the docstore in SQLite under ``root``. ``follow_interval_s``: how often the
+        replicas look for other processes' writes (PostgreSQL's NOTIFY wakes them at
+        once; the interval bounds the lag when a notification is lost)."""
         self.root = root
         self.embed = embed
         self.split = split
@@ -79,6 +86,7 @@ class Retrieval:
         self.consistency = consistency
         self.snapshot_every = snapshot_every
         self.docstore = DocStore(database or root / "docstore.sqlite3")
+        self.follower = Follower(self.sync, self.docstore.db, follow_interval_s)
         self._indexes: dict[tuple[str, str], VectorIndex] = {}
         self._since_snapshot: dict[tuple[str, str], int] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
@@ -89,21 +97,18 @@ class Retrieval:
         return f"Retrieval(root={str(self.root)!r}, kind={self.params.kind!r})"
 
     # lifecycle
-    def open(self) -> None:
-        """Load every index: snapshot plus the docstore's ops after it (or a full rebuild)."""
-        for tenant, name, dim in self.docstore.collections():
-            self._indexes[(tenant, name)] = self._recover(tenant, name, dim)
-
-    def _recover(self, tenant: str, name: str, dim: int) -> VectorIndex:
-        index = VectorIndex.load(self._dir(tenant, name), self.params) or VectorIndex(
-            dim, self.params
-        )
-        _apply(index, self.docstore.changes_since(tenant, name, index.seq))
-        return index
+    def open(self, *, follow: bool = True) -> None:
+        """Load every index (snapshot plus the docstore's ops after it, or a full rebuild),
+        then follow the log in a thread: what another process writes reaches this one's
+        indexes within ``follow_interval_s`` (at once with NOTIFY)."""
+        self.sync()
+        if follow:
+            self.follower.start()
 
     async def close(self) -> None:
+        await asyncio.to_thread(self.follower.stop)
         await self.drain()
-        for (tenant, name), index in self._indexes.items():
+        for (tenant, name), index in list(self._indexes.items()):
             await asyncio.to_thread(index.save, self._dir(tenant, name))
         self.docstore.close()
 
@@ -111,33 +116,50 @@ class Retrieval:
         while self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
 
+    def sync(self) -> None:
+        """Every collection's index brought up to the docstore's head: new collections
+        loaded, dropped ones forgotten, the rest caught up (the follower's round)."""
+        infos = {(i.tenant, i.name): i for i in self.docstore.infos()}
+        for info in infos.values():
+            self._sync_one(info)
+        for key in list(self._indexes):
+            if key not in infos:
+                self._forget(key)
+
     # collections
-    async def create_collection(self, tenant: str, name: str) -> None:
+    async def create_collection(self, tenant: str, name: str, shards: int = 1) -> None:
         if not NAME.match(name):
             raise InvalidName(f"collection name must match {NAME.pattern}")
         if self.dim is None:  # ask the embedding model once
             self.dim = len((await self.embed(["dimension probe"]))[0])
-        if not self.docstore.create_collection(tenant, name, self.dim):
+        made = await asyncio.to_thread(
+            self.docstore.create_collection, tenant, name, self.dim, shards
+        )
+        if not made:
             raise CollectionExists(f"collection {name} exists")
-        self._indexes[(tenant, name)] = VectorIndex(self.dim, self.params)
+        info = await asyncio.to_thread(self.docstore.info, tenant, name)
+        if info is not None:
+            await asyncio.to_thread(self._sync_one, info)
 
     def list_collections(self, tenant: str) -> list[dict[str, Any]]:
-        return [
-            {"name": name, "documents": self.docstore.document_count(tenant, name),
-             "chunks": self._index(tenant, name).size}
-            for _, name, _ in self.docstore.collections(tenant)
-        ]  # fmt: skip
+        listed = []
+        for info in self.docstore.infos(tenant):
+            index = self._indexes.get((tenant, info.name))
+            listed.append({"name": info.name,
+                           "documents": self.docstore.document_count(tenant, info.name),
+                           "chunks": 0 if index is None else index.size})  # fmt: skip
+        return listed
 
     def delete_collection(self, tenant: str, name: str) -> None:
-        self._index(tenant, name)
-        self.docstore.drop_collection(tenant, name)
-        self._indexes.pop((tenant, name), None)
-        shutil.rmtree(self._dir(tenant, name), ignore_errors=True)
+        if not self.docstore.drop_collection(tenant, name):
+            self._forget((tenant, name))
+            raise CollectionNotFound(f"no collection {name}")
+        self._forget((tenant, name))
 
     # documents
     async def upsert(self, tenant: str, name: str, documents: Sequence[Document]) -> list[str]:
         """Chunk, embed and store each document; its id is returned once it is durable."""
-        self._index(tenant, name)
+        await self.ready(tenant, name)
         pieces = [self.split(d.text) or [d.text] for d in documents]
         flat = [p for chunks in pieces for p in chunks]
         vectors = await self.embed(flat) if flat else []
@@ -162,7 +184,7 @@ class Retrieval:
         return ids
 
     async def delete_document(self, tenant: str, name: str, doc_id: str) -> None:
-        self._index(tenant, name)
+        await self.ready(tenant, name)
         async with self._lock(tenant, name):
             change = await asyncio.to_thread(self.docstore.delete_document, tenant, name, doc_id)
             if change is None:
@@ -178,9 +200,25 @@ class Retrieval:
         min_score: float | None = None,
         where: dict[str, Any] | None = None,
     ) -> list[Hit]:
-        index = self._index(tenant, name)
+        index = await self.ready(tenant, name)
         vector = (await self.embed([query]))[0]
         return await asyncio.to_thread(self._search, index, vector, top_k, min_score, where)
+
+    async def ready(self, tenant: str, name: str) -> VectorIndex:
+        """The collection's local index, fit to answer. ``strong``: caught up to the
+        docstore's head as of now (every write acknowledged anywhere before this call is
+        in it); ``eventual``: as the follower left it (loaded first if it never was)."""
+        key = (tenant, name)
+        index = self._indexes.get(key)
+        if self.consistency == "eventual" and index is not None:
+            return index
+        info = await asyncio.to_thread(self.docstore.info, tenant, name)
+        if info is None:
+            self._forget(key)
+            raise CollectionNotFound(f"no collection {name}")
+        if index is None or index.created != info.created or index.seq < info.head:
+            await asyncio.to_thread(self._sync_one, info)
+        return self._index(tenant, name)
 
     def _search(
         self,
@@ -220,6 +258,11 @@ class Retrieval:
         digest = hashlib.sha256(tenant.encode()).hexdigest()[:16]
         return self.root / "indexes" / digest / name
 
+    def _forget(self, key: tuple[str, str]) -> None:
+        with self._catching_up.setdefault(key, threading.Lock()):
+            if self._indexes.pop(key, None) is not None:
+                shutil.rmtree(self._dir(*key), ignore_errors=True)
+
     async def _follow(self, tenant: str, name: str, change: Change) -> None:
         if self.consistency == "strong":
             await asyncio.to_thread(self._catch_up, tenant, name)
@@ -230,6 +273,21 @@ class Retrieval:
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
 
+    def _sync_one(self, info: CollectionInfo) -> None:
+        """The collection's index as of the docstore: loaded (snapshot + the ops after it)
+        when this process has none or has one of an earlier incarnation, else caught up."""
+        key = (info.tenant, info.name)
+        with self._catching_up.setdefault(key, threading.Lock()):
+            index = self._indexes.get(key)
+            if index is None or index.created != info.created:
+                directory = self._dir(info.tenant, info.name)
+                index = VectorIndex.load(directory, self.params, info.created)
+                if index is None:
+                    index = VectorIndex(info.dim, self.params, created=info.created)
+                self._indexes[key] = index
+        if index.seq < info.head:
+            self._catch_up(info.tenant, info.name)
+
     def _catch_up(self, tenant: str, name: str) -> None:
         """Apply the docstore's new ops to the collection's index; one at a time, so an op
         is never applied twice and a rebuild never races an update."""
@@ -238,21 +296,63 @@ class Retrieval:
             index = self._indexes.get(key)
             if index is None:
                 return  # the collection was deleted meanwhile
+            before = index.seq
             _apply(index, self.docstore.changes_since(tenant, name, index.seq))
+            if index.seq == before:
+                return
             if len(index.tombstones) > max(64, index.size // 4):
-                index = self._rebuild(tenant, name, index.dim)  # HNSW: drop the tombstones
+                index = self._rebuild(tenant, name, index)  # HNSW: drop the tombstones
             self._since_snapshot[key] = self._since_snapshot.get(key, 0) + 1
             if self._since_snapshot[key] >= self.snapshot_every:
                 index.save(self._dir(tenant, name))
                 self._since_snapshot[key] = 0
 
-    def _rebuild(self, tenant: str, name: str, dim: int) -> VectorIndex:
+    def _rebuild(self, tenant: str, name: str, old: VectorIndex) -> VectorIndex:
         """A new index from the docstore alone (removed chunks simply are not there)."""
-        fresh = VectorIndex(dim, self.params)
+        fresh = VectorIndex(old.dim, self.params, created=old.created)
         _apply(fresh, self.docstore.changes_since(tenant, name, 0))
         self._indexes[(tenant, name)] = fresh
         fresh.save(self._dir(tenant, name))
         return fresh
+
+
+class Follower:
+    """A thread that runs ``sync`` whenever the docstore says the log moved on (NOTIFY on
+    PostgreSQL) and every ``interval_s`` in any case; a failed round is logged and the
+    next one tries again."""
+
+    def __init__(self, sync: Callable[[], None], db: Database, interval_s: float) -> None:
+        self.sync = sync
+        self.db = db
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"Follower(interval_s={self.interval_s})"
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="retrieval-follower",
+                                            daemon=True)  # fmt: skip
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.db.wait_change(self._stop, self.interval_s)
+            if self._stop.is_set():
+                return
+            try:
+                self.sync()
+            except Exception as exc:  # the database went away, for instance
+                log.warning("retrieval follower: %s: %s", type(exc).__name__, exc)
+        self.db.wait_change(self._stop, 0)  # lets the database close its listener
 
 
 def _apply(index: VectorIndex, change: Change) -> None:

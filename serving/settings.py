@@ -169,11 +169,17 @@ class RetrievalConfig(BaseModel):
     # The docstore in PostgreSQL (postgresql://...), shared by every gateway and index
     # worker; unset: SQLite under ``path`` (one process). Index snapshots stay under path.
     database_url: SecretStr | None = None
+    # Each gateway's indexes follow the docstore's log: woken by PostgreSQL's NOTIFY, and
+    # every this many seconds in any case (SQLite shared by --workers: polling only).
+    follow_interval_s: float = Field(0.25, gt=0, le=60)
     embedding_model: str = "minilm"
     chunk_tokens: int = Field(256, ge=16)
     chunk_overlap: int = Field(32, ge=0)
     index: Literal["flat", "ivf", "hnsw"] = "flat"  # ivf/hnsw for large collections
-    consistency: Literal["strong", "eventual"] = "strong"  # ack after the index, or before
+    # strong: a write is acknowledged after this gateway's index has it, and a search
+    # first catches up to the docstore's head (what any gateway acknowledged is found);
+    # eventual: searches see other gateways' writes within the follower's lag
+    consistency: Literal["strong", "eventual"] = "strong"
     snapshot_every: int = Field(1000, ge=1)  # index snapshot every N writes (and on stop)
     timeout_s: float = Field(2.0, gt=0)  # RAG: longer than this and the answer is degraded
     max_top_k: int = Field(50, ge=1)

@@ -100,6 +100,7 @@ class RetrievalGate:
                     self.config.path.expanduser(), self._embed, self._split,
                     params=IndexParams(self.config.index), consistency=self.config.consistency,
                     snapshot_every=self.config.snapshot_every, database=self._database_url(),
+                    follow_interval_s=self.config.follow_interval_s,
                 )  # fmt: skip
                 await asyncio.to_thread(made.open)
                 self._service = made
