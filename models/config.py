@@ -74,6 +74,10 @@ class VersionConfig(_Strict):
     dns_refresh_s: float = Field(10.0, gt=0)
     served_name: str | None = None  # the engine's model name (default: the public name)
     tokenizer: str | None = None  # for a remote engine: a store entry or directory to count with
+    # a remote engine's KV event sockets (kv_aware routing): its URL's host at these ports
+    # (vLLM's --kv-events-config endpoint tcp://*:PORT, replay_endpoint tcp://*:PORT)
+    kv_events_port: int | None = Field(None, ge=1, le=65535)
+    kv_replay_port: int | None = Field(None, ge=1, le=65535)
     replicas: int = Field(1, ge=1, le=64)
     engine_args: list[str] = []
     env: dict[str, str] = {}
@@ -184,6 +188,13 @@ class RoutingConfig(_Strict):
     prefix_affinity: bool = False  # same long prompt prefix -> same replica (prefix cache)
     affinity_prefix_chars: int = Field(512, ge=16)  # how much of the prompt is the prefix
     affinity_slack: int = Field(4, ge=0)  # leave the affine replica when this much busier
+    # Which replica gets a request (serving/routing/router.py): "least_outstanding" (no
+    # shared prompts), "prefix_hash" (the first affinity_prefix_chars pick a replica, as
+    # prefix_affinity = true did), "kv_aware" (the replica holding the longest prefix of
+    # the prompt's KV blocks, from the engines' KV events, against its load)
+    strategy: Literal["least_outstanding", "prefix_hash", "kv_aware"] = "least_outstanding"
+    kv_tokens_per_request: int = Field(256, ge=0)  # cached tokens worth one more in flight
+    kv_max_blocks: int = Field(131072, ge=1)  # blocks remembered per replica (oldest go)
     breaker_failures: int = Field(5, ge=1)  # consecutive engine faults that open a breaker
     breaker_open_s: float = Field(10.0, gt=0)  # open this long, then half-open
     breaker_probes: int = Field(1, ge=1)  # requests let through while half-open

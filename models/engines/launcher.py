@@ -16,7 +16,7 @@ from pathlib import Path
 from models import tool_calling
 from models.adapters import engine_args as lora
 from models.config import EngineConfig, ModelConfig, StoreConfig, VersionConfig
-from models.engines import vllm_engine
+from models.engines import kv_events, vllm_engine
 from models.engines.backoff import ExponentialBackoff
 from models.engines.client import EngineTimeouts, HttpEngine
 from models.engines.fleet import Fleet, Replica
@@ -173,6 +173,7 @@ class ReplicaFactory:
                 config=engines,
                 extra_args=tool_calling.for_version(model.task, version, weights).engine_args()
                 + lora.engine_args(version)
+                + kv_events.engine_args(model, key)
                 + version.engine_args,
                 host=self.host,
                 placement=placement,

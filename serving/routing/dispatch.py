@@ -37,6 +37,7 @@ from models.types import ServedVersion, VersionKey
 from serving.observe.tracing import recording, span
 from serving.routing.breaker import CircuitBreaker
 from serving.routing.bulkhead import ANYONE, Bulkhead, Share, Slot
+from serving.routing.kv_routing import KvRouting, PromptKey
 from serving.routing.load import ReplicaLoad
 from serving.routing.router import Candidate, eligible
 from serving.routing.served import Deadlines, ServedModel
@@ -134,6 +135,7 @@ class Dispatcher:
         sleep: Sleep = asyncio.sleep,
         tracer: Tracer | None = None,
         on_retry: Callable[[str], None] | None = None,
+        kv: KvRouting | None = None,
     ) -> None:
         self.fleet = fleet
         self.sleep = sleep
@@ -141,6 +143,7 @@ class Dispatcher:
         self.on_retry = on_retry
         self.clock = clock
         self.defaults = defaults
+        self.kv = kv  # the engines' KV events, for models routed kv_aware
         self.models: dict[str, ServedModel] = {}
         self.adapters: AdapterHolder | None = None  # set when a version serves adapters
         self._loads: weakref.WeakKeyDictionary[Replica, ReplicaLoad] = weakref.WeakKeyDictionary()
@@ -153,7 +156,7 @@ class Dispatcher:
         """Routing state for a model and a bulkhead per version (new versions on deploy)."""
         served = self.models.get(model.name)
         if served is None:
-            self.models[model.name] = ServedModel.of(model, self.defaults, self.clock)
+            self.models[model.name] = ServedModel.of(model, self.defaults, self.clock, self.kv)
         else:
             served.add_versions(model)
         self._watch_queues()
@@ -227,7 +230,8 @@ class Dispatcher:
             name = served.adapter or replica.served_name
             return await replica.engine.complete(path, body | {"model": name})
 
-        answer, attempt = await self._with_retries(served, affinity, call)
+        key = await self._route_key(served, body, affinity)
+        answer, attempt = await self._with_retries(served, key, call)
         attempt.end(None)
         return answer, attempt.replica
 
@@ -270,12 +274,22 @@ class Dispatcher:
             await _close(stream)
             raise failure from None
 
-        return await self._with_retries(served, affinity, call)
+        return await self._with_retries(served, await self._route_key(served, body, affinity), call)
+
+    async def _route_key(
+        self, served: ServedVersion, body: JSON, affinity: str | None
+    ) -> str | PromptKey | None:
+        """What the router goes by: the prompt's blocks for a ``kv_aware`` model whose
+        replicas' events are followed, else the prompt prefix (``prefix_hash``) or nothing."""
+        kv = self.kv
+        if kv is None or served.model not in kv.models:
+            return affinity
+        return await kv.prompt_key(served, body)
 
     async def _with_retries(
         self,
         served: ServedVersion,
-        affinity: str | None,
+        affinity: str | PromptKey | None,
         call: Callable[[Replica], Awaitable[T]],
     ) -> tuple[T, Attempt]:
         model = self.models[served.model]
@@ -319,7 +333,11 @@ class Dispatcher:
             return result, attempt
 
     def _choose(
-        self, model: ServedModel, served: ServedVersion, affinity: str | None, tried: set[Replica]
+        self,
+        model: ServedModel,
+        served: ServedVersion,
+        affinity: str | PromptKey | None,
+        tried: set[Replica],
     ) -> Candidate:
         replicas = self.fleet.replicas_of(served)
         pool = [(r, self.load_of(r)) for r in replicas]

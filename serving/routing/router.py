@@ -1,9 +1,20 @@
-"""Which replica gets a request: least outstanding, with optional prefix affinity.
+"""Which replica gets a request, by the model's ``routing.strategy``.
 
 Only replicas that are healthy and whose breaker lets requests through are candidates.
-Ties go round robin. With affinity, requests whose prompts share a prefix go to the
-same replica (rendezvous hashing, stable as replicas come and go) so vLLM's prefix
-cache hits, unless that replica is ``slack`` requests busier than the least busy.
+
+- ``least_outstanding``: the replica with the fewest requests in flight; ties go round
+  robin. For prompts that share nothing.
+- ``prefix_hash`` (also ``prefix_affinity = true``): requests whose prompts share their
+  first characters go to the same replica (rendezvous hashing, stable as replicas come and
+  go) so vLLM's prefix cache hits, unless that replica is ``slack`` requests busier than
+  the least busy. Cheap, needs no engine support, but blind: prompts that share a system
+  prompt and differ early split, and it cannot see evictions.
+- ``kv_aware``: the replica whose engine holds the longest prefix of the prompt's KV
+  blocks (from its KV events, ``kv_index``), against its load: a replica scores the tokens
+  it holds minus ``kv_tokens_per_request`` for each request it has in flight beyond the
+  least busy, and is never chosen when ``slack`` busier. For multi-turn chat, agents, RAG:
+  long shared prefixes. Falls back to least outstanding when no candidate's events can be
+  read (``no_events``) or the prompt has no full block (``no_prefix``).
 
 A candidate is a replica with its routing state (``ReplicaLoad``), as the dispatcher
 pairs them.
@@ -14,11 +25,24 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from models.engines.fleet import Replica
 from serving.routing.load import ReplicaLoad
 
+if TYPE_CHECKING:
+    from models.config import RoutingConfig
+    from serving.routing.kv_routing import KvRouting, PromptKey
+
 Candidate = tuple[Replica, ReplicaLoad]
+
+
+class Router(Protocol):
+    def choose(
+        self, candidates: Sequence[Candidate], key: str | PromptKey | None = None
+    ) -> Candidate:
+        """One of ``candidates`` (not empty)."""
+        ...
 
 
 def eligible(candidates: Iterable[Candidate]) -> list[Candidate]:
@@ -30,16 +54,92 @@ class LeastOutstanding:
         self.slack = slack
         self._turn = itertools.count()
 
-    def choose(self, candidates: Sequence[Candidate], affinity: str | None = None) -> Candidate:
-        """One of ``candidates`` (not empty)."""
+    def choose(
+        self, candidates: Sequence[Candidate], key: str | PromptKey | None = None
+    ) -> Candidate:
+        """One of ``candidates`` (not empty); a ``str`` key is a prompt prefix to keep on
+        one replica (``prefix_hash``)."""
         least = min(load.outstanding for _, load in candidates)
-        if affinity is not None:
-            digest = hashlib.blake2b(affinity.encode(), digest_size=16).digest()
+        if isinstance(key, str):
+            digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
             preferred = max(candidates, key=lambda c: _score(digest, c[0]))
             if preferred[1].outstanding <= least + self.slack:
                 return preferred
+        return self.least(candidates, least)
+
+    def least(self, candidates: Sequence[Candidate], least: int) -> Candidate:
         idle = [c for c in candidates if c[1].outstanding == least]
         return idle[next(self._turn) % len(idle)]
+
+
+class KvAware:
+    """Longest cached prefix against load (see the module's docstring)."""
+
+    def __init__(self, model: str, kv: KvRouting, slack: int, tokens_per_request: int) -> None:
+        self.model = model
+        self.kv = kv
+        self.slack = slack
+        self.tokens_per_request = tokens_per_request
+        self.fallback = LeastOutstanding(slack)
+        metrics = kv.metrics
+        self._decided = {r: metrics.decisions.labels(model, r) for r in _REASONS}
+        self._predicted = metrics.predicted.labels(model)
+        self._prompt = metrics.prompt.labels(model)
+
+    def __repr__(self) -> str:
+        return f"KvAware({self.model}, per_request={self.tokens_per_request})"
+
+    def choose(
+        self, candidates: Sequence[Candidate], key: str | PromptKey | None = None
+    ) -> Candidate:
+        least = min(load.outstanding for _, load in candidates)
+        if key is None or isinstance(key, str):
+            return self._fallback(candidates, least, "no_prefix")
+        index = self.kv.index
+        held: list[tuple[Candidate, int]] = []
+        any_ready = False
+        for candidate in candidates:
+            blocks = index.blocks(candidate[0])
+            if blocks is None or not blocks.ready:
+                held.append((candidate, 0))
+                continue
+            any_ready = True
+            size = blocks.block_size or self.kv.default_block_size(candidate[0].key.version_key)
+            hashes = key.hashes(size)
+            held.append((candidate, blocks.matched(hashes) * size if hashes else 0))
+        self._prompt.inc(len(key.tokens))
+        if not any_ready:
+            return self._fallback(candidates, least, "no_events")
+        best_hit = max(hit for _, hit in held)
+        if best_hit == 0:
+            return self._fallback(candidates, least, "no_hit")
+        usable = [(c, hit) for c, hit in held if c[1].outstanding <= least + self.slack]
+        per = self.tokens_per_request
+
+        def score(entry: tuple[Candidate, int]) -> tuple[int, int]:
+            (_, load), hit = entry
+            return hit - per * (load.outstanding - least), -load.outstanding
+
+        chosen, hit = max(usable, key=score)
+        if hit == 0:
+            return self._fallback(candidates, least, "busy")
+        self._decided["cache_hit"].inc()
+        self._predicted.inc(hit)
+        return chosen
+
+    def _fallback(self, candidates: Sequence[Candidate], least: int, reason: str) -> Candidate:
+        self._decided[reason].inc()
+        return self.fallback.least(candidates, least)
+
+
+_REASONS = ("cache_hit", "no_hit", "busy", "no_prefix", "no_events")
+
+
+def make_router(model: str, routing: RoutingConfig, kv: KvRouting | None) -> Router:
+    """The router of ``routing.strategy`` (``kv_aware`` without an index: least outstanding)."""
+    if routing.strategy == "kv_aware" and kv is not None:
+        return KvAware(model, kv, routing.affinity_slack, routing.kv_tokens_per_request)
+    return LeastOutstanding(routing.affinity_slack)
 
 
 def _score(digest: bytes, replica: Replica) -> bytes:

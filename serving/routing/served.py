@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from models.config import ModelConfig, RoutingConfig
 from models.engines.backoff import ExponentialBackoff
@@ -17,7 +18,10 @@ from models.types import VersionKey
 from serving.routing.breaker import CircuitBreaker
 from serving.routing.bulkhead import Bulkhead
 from serving.routing.retry_budget import RetryBudget
-from serving.routing.router import LeastOutstanding
+from serving.routing.router import Router, make_router
+
+if TYPE_CHECKING:
+    from serving.routing.kv_routing import KvRouting
 
 
 @dataclass(frozen=True)
@@ -33,14 +37,20 @@ class ServedModel:
     deadlines: Deadlines
     budget: RetryBudget
     backoff: ExponentialBackoff
-    router: LeastOutstanding
+    router: Router
     clock: Callable[[], float] = field(repr=False)
     bulkheads: dict[VersionKey, Bulkhead] = field(default_factory=dict)
     # versions whose engines run vLLM's --scheduling-policy priority
     priority_scheduled: set[VersionKey] = field(default_factory=set)
 
     @classmethod
-    def of(cls, model: ModelConfig, defaults: Deadlines, clock: Callable[[], float]) -> ServedModel:
+    def of(
+        cls,
+        model: ModelConfig,
+        defaults: Deadlines,
+        clock: Callable[[], float],
+        kv: KvRouting | None = None,
+    ) -> ServedModel:
         routing = model.routing
         timeouts = model.timeouts
         served = cls(
@@ -56,7 +66,7 @@ class ServedModel:
                 clock,
             ),
             backoff=ExponentialBackoff(routing.backoff_base_s, routing.backoff_cap_s, jitter=True),
-            router=LeastOutstanding(routing.affinity_slack),
+            router=make_router(model.name, routing, kv),
             clock=clock,
         )
         served.add_versions(model)
@@ -88,7 +98,9 @@ class ServedModel:
 
     def affinity_chars(self) -> int | None:
         """How many prompt characters steer requests to one replica (None: off)."""
-        return self.routing.affinity_prefix_chars if self.routing.prefix_affinity else None
+        routing = self.routing
+        on = routing.prefix_affinity or routing.strategy == "prefix_hash"
+        return routing.affinity_prefix_chars if on else None
 
 
 def _priority_scheduled(args: list[str]) -> bool:
