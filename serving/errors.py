@@ -12,6 +12,7 @@ The gateway's own tree::
     ├── PayloadTooLarge     413
     ├── ContextLengthExceeded 400  prompt + max_tokens over the model's context (both numbers said)
     ├── RateLimited         429  a limit said no; ``Retry-After`` and ``x-ratelimit-*`` headers
+    ├── BudgetExceeded      429  a money budget said no: which, what is left, what was needed
     ├── InvalidModelOutput  502  the answer broke the requested JSON schema
     ├── AuthUnavailable     503  the key store cannot be reached
     ├── LimitsUnavailable   503  the rate-limit store cannot be reached (policy: fail closed)
@@ -138,6 +139,27 @@ class RateLimited(GatewayError):
         self.limit = limit  # which one said no: rpm, tpm, tokens_per_day, ...
 
 
+class BudgetExceeded(GatewayError):
+    """A money budget (the key's or its team's) cannot hold this request's worst-case cost;
+    amounts in nano-dollars, ``budget`` is ``key:day``, ``team:month``, ``key:total``..."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        budget: str,
+        limit: int,
+        remaining: int,
+        needed: int,
+        retry_after_s: int | None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.budget, self.limit, self.remaining, self.needed = budget, limit, remaining, needed
+        self.retry_after_s = retry_after_s  # None: a total budget never resets
+        self.headers = headers or {}
+
+
 class RetrievalUnavailable(GatewayError):
     """Retrieval was required for this request and could not be done."""
 
@@ -199,6 +221,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorSpec] = {
     RequestTimeout: ErrorSpec(408, "invalid_request_error", "request_timeout"),
     TooManyConnections: ErrorSpec(429, "rate_limit_error", "too_many_connections", retry_after_s=1),
     RateLimited: ErrorSpec(429, "rate_limit_error", "rate_limit_exceeded", retry_after_s=1),
+    BudgetExceeded: ErrorSpec(429, "insufficient_quota", "budget_exceeded"),
     ClientClosed: ErrorSpec(499, "invalid_request_error", "client_closed_request"),
     InvalidModelOutput: ErrorSpec(502, "server_error", "invalid_model_output"),
     EngineFailed: ErrorSpec(502, "server_error", "engine_error"),

@@ -20,6 +20,8 @@ from pydantic_settings import (
 )
 
 from models.config import EngineConfig, ModelConfig, StoreConfig, default_models
+from serving.billing.config import BillingConfig
+from serving.ledger.config import LedgerConfig
 
 
 class GatewayConfig(BaseModel):
@@ -236,6 +238,8 @@ class Settings(BaseSettings):
     contract: ContractConfig = ContractConfig()
     keys: KeysConfig = KeysConfig()
     limits: LimitsConfig = LimitsConfig()
+    billing: BillingConfig = BillingConfig()  # prices and team budgets
+    ledger: LedgerConfig = LedgerConfig()  # one usage row per request, in SQL
     observability: ObservabilityConfig = ObservabilityConfig()
     cache: CacheConfig = CacheConfig()
     retrieval: RetrievalConfig = RetrievalConfig()

@@ -29,6 +29,9 @@ def keys(args: argparse.Namespace) -> int:
                 max_concurrency=args.max_concurrency,
                 cache=not args.no_cache,
                 cache_namespace=args.cache_namespace,
+                budget_day=args.budget_day,
+                budget_month=args.budget_month,
+                budget_total=args.budget_total,
                 tenant=args.tenant,
                 weight=args.weight,
                 priority=args.priority,
@@ -71,6 +74,8 @@ def add_commands(commands: Any) -> None:
     create.add_argument("--models", default="", help="comma-separated; default: every model")
     for flag in ("--rpm", "--tpm", "--tokens-per-day", "--max-concurrency"):
         create.add_argument(flag, type=int, default=None)
+    for flag in ("--budget-day", "--budget-month", "--budget-total"):
+        create.add_argument(flag, type=float, default=None, help="dollars (UTC day, month, all)")
     create.add_argument("--no-cache", action="store_true", help="never use the response cache")
     create.add_argument(
         "--cache-namespace", default=None, help="keys with the same namespace share cached answers"

@@ -17,6 +17,7 @@ from serving.cli import (
     placement,
     scrape,
     serve,
+    usage,
 )
 
 
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         adapters,
         keys,
         limits,
+        usage,
         scrape,
         ingest,
         deploy,

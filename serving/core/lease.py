@@ -6,18 +6,24 @@ them, its limit ticket (tokens reserved), its bulkhead slot, its attempt on a re
 the version tracker that drains and canary gates read). ``end`` releases all of it exactly
 once, whichever way the request ended: answered, refused, failed mid-stream, or left by
 its client; later calls do nothing. The ticket settles to the tokens ``used`` recorded,
-or is released when nothing was recorded (a failure before an answer) or the client left.
+or is released when nothing was recorded (a failure before an answer) or the client left;
+its budgets settle to what the request cost (``serving.billing.meter``), and its ledger row
+is taken here, the one place every request ends.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from serving.billing.prices import Price
 from serving.errors import spec_for
 from serving.limits.limiter import UNLIMITED_TICKET, Ticket, Unlimited
 from serving.observe.record import Observation
 from serving.routing.bulkhead import Slot
 from serving.routing.dispatch import Attempt
+
+if TYPE_CHECKING:
+    from serving.billing.meter import Meter
 
 CLIENT_LEFT = 499
 
@@ -28,10 +34,18 @@ def error_code(error: BaseException) -> str:
 
 
 class Lease:
-    __slots__ = ("_ended", "attempt", "obs", "slot", "ticket", "tokens", "usage")
+    __slots__ = (
+        "_ended", "attempt", "meter", "obs", "price", "prompt_tokens", "slot", "team",
+        "ticket", "tokens", "usage", "worst_cost",
+    )  # fmt: skip
 
-    def __init__(self, obs: Observation) -> None:
+    def __init__(self, obs: Observation, meter: Meter | None = None) -> None:
         self.obs = obs
+        self.meter = meter  # prices, budgets and the ledger row (serving.billing)
+        self.price: Price | None = None  # in effect when the request was admitted
+        self.team: str | None = None
+        self.prompt_tokens = 0  # as counted at admission
+        self.worst_cost = 0  # nano-dollars reserved against its budgets
         self.ticket: Ticket | Unlimited = UNLIMITED_TICKET
         self.slot: Slot | None = None
         self.attempt: Attempt | None = None
@@ -55,7 +69,9 @@ class Lease:
             return
         self._ended = True
         left = status == CLIENT_LEFT
-        self.ticket.finish(None if left else self.tokens)
+        meter = self.meter
+        cost, basis = meter.cost(self, left) if meter is not None else (0, "none")
+        self.ticket.finish(None if left else self.tokens, cost)
         if self.attempt is not None:
             self.attempt.end(error, left=left)
         if self.slot is not None:
@@ -65,3 +81,5 @@ class Lease:
         else:
             code = error_code(error) if error is not None else None
         self.obs.finish(status, error_type=code, usage=None if left else self.usage)
+        if meter is not None:
+            meter.record(self, status, code, cost, basis)

@@ -26,6 +26,7 @@ from models.registry import Registry, parse_name, public_name
 from models.tokenizer import TokenCounter
 from models.types import ServedVersion, Task, VersionKey
 from serving import streaming
+from serving.billing.meter import Meter
 from serving.cache.entries import RESULT_HEADER, Assembler, extension, replay
 from serving.cache.service import Cache
 from serving.core import cleaning, contract, output_check, tools
@@ -149,8 +150,10 @@ class Proxy:
         cache: Cache | None = None,
         cache_embeddings: bool = True,
         rag: RetrievalGate | None = None,
+        meter: Meter | None = None,
     ) -> None:
         self.rag = rag
+        self.meter = meter  # prices, budgets, the usage ledger
         self.tracker = VersionTracker()
         self.cache = cache
         self.cache_embeddings = cache_embeddings
@@ -178,7 +181,7 @@ class Proxy:
             self.metrics, route.path, bool(request.stream), call.request_id,
             call.caller.key_id, self.log_requests, self.tracker,
         )  # fmt: skip
-        lease = Lease(obs)
+        lease = Lease(obs, self.meter)
         try:
             answer = await self._handle(route, request, call, lease)
         except BaseException as exc:
@@ -221,7 +224,7 @@ class Proxy:
         found = await self._cached_vectors(route, call, served, prepared)
         with span(self.tracer, "weir.limits"):
             n = getattr(request, "n", 1) or 1
-            lease.ticket = await self._admit(call, served, prepared, n, found)
+            lease.ticket = await self._admit(call, served, prepared, n, found, lease)
         plan = (
             self.cached.plan(route.path, route is EMBEDDINGS, call, served, prepared)
             if self.cached and route.cached
@@ -307,14 +310,20 @@ class Proxy:
         prepared: contract.Prepared,
         n: int,
         found: VectorLookup | None = None,
+        lease: Lease | None = None,
     ) -> Ticket | Unlimited:
-        if self.limiter is None:
-            return UNLIMITED_TICKET
         tokens = reservation_size(prepared.prompt_tokens, prepared.max_tokens, n)
         if found is not None and prepared.counts and not (self.cache and self.cache.charge_hits):
             tokens = sum(prepared.counts[i] for i in found.missing)  # hits are not charged
+        budgets = []
+        if self.meter is not None and lease is not None:  # money: priced, budgets checked
+            completion = (prepared.max_tokens or 0) * n
+            key = call.caller.key
+            budgets = self.meter.admit(lease, key, served, tokens - completion, completion)
+        if self.limiter is None:
+            return UNLIMITED_TICKET
         name = served.public  # an adapter has its own model budget
-        checks = plan(call.caller.key, name, tokens, self.model_tpm.get(name))
+        checks = plan(call.caller.key, name, tokens, self.model_tpm.get(name)) + budgets
         return await self.limiter.admit(name, checks)
 
     async def _augment(

@@ -44,6 +44,7 @@ from models.types import VersionKey
 from retrieval.errors import RetrievalError
 from serving.adapters.setup import ControlFactory, make_adapters
 from serving.batches.service import make_batches
+from serving.billing.setup import make_meter
 from serving.cache.service import Cache
 from serving.cache.store import CacheStore, MemoryCacheStore, RedisCacheStore
 from serving.core.proxy import Proxy
@@ -59,6 +60,7 @@ from serving.http.routes import (
     adapters,
     admin,
     admin_limits,
+    admin_usage,
     batches as batch_routes,
     catalog,
     collections,
@@ -79,7 +81,6 @@ from serving.responses.service import make_responses
 from serving.rollout.deployer import Deployer, ReplicaMaker
 from serving.rollout.state import RolloutState
 from serving.routing.dispatch import Deadlines, Dispatcher
-from serving.routing.kv_routing import KvRouting
 from serving.settings import Settings
 
 log = logging.getLogger("weir.gateway")
@@ -156,6 +157,7 @@ def create_app(
     tracer = tracer_from(provider)
     metrics = Metrics.create() if observe.metrics else None
     cache = _make_cache(settings, metrics)
+    meter = make_meter(settings.billing, settings.ledger, metrics.registry if metrics else None)
 
     def count_retry(model: str) -> None:
         if metrics is not None:
@@ -226,15 +228,13 @@ def create_app(
             loaded = counters
         fleet = make_fleet(session, found)
         deadlines = Deadlines(gateway.engine_ttft_timeout_s, gateway.engine_total_timeout_s)
-        kv = KvRouting(settings.models, loaded, host=settings.engines.host,
-                       registry=metrics.registry if metrics else None)  # fmt: skip
         dispatcher = Dispatcher(
-            fleet, settings.models, deadlines, tracer=tracer, on_retry=count_retry, kv=kv
+            fleet, settings.models, deadlines, tracer=tracer, on_retry=count_retry
         )
         api.state.proxy = Proxy(
             registry, dispatcher, loaded, settings.contract, limiter, limits.model_tpm,
             metrics=metrics, tracer=tracer, log_requests=observe.access_log,
-            cache=cache, cache_embeddings=settings.cache.embeddings,
+            cache=cache, cache_embeddings=settings.cache.embeddings, meter=meter,
         )  # fmt: skip
         proxy: Proxy = api.state.proxy
         if metrics is not None:  # each version's line per priority and tenant
@@ -280,7 +280,6 @@ def create_app(
         announcer: asyncio.Task[None] | None = None
         try:
             await fleet.start()
-            kv.start(fleet)  # follows the KV events of kv_aware models' engines
             if lora is not None:
                 await lora.start()  # fills each LoRA engine with its adapters once healthy
             await discovery.refresh_all()
@@ -288,6 +287,8 @@ def create_app(
             announcer = asyncio.create_task(_announce(fleet, gateway.ready_timeout_s, on_ready))
             if batches is not None:
                 batches.start()  # resumes batches left running (a restart, a crash)
+            if meter is not None and meter.ledger is not None:
+                meter.ledger.start()  # its writer thread
             # What start-up made lives as long as the process: out of the collector's way,
             # so a full collection walks what requests allocate, not every module's objects.
             gc.collect()
@@ -303,7 +304,6 @@ def create_app(
             await discovery.stop()
             if lora is not None:
                 await lora.stop()
-            await kv.stop()
             log.info("stopping engines")
             await fleet.stop()
             await session.close()
@@ -311,6 +311,8 @@ def create_app(
                 await key_store.aclose()
             if limiter is not None:
                 await limiter.aclose()
+            if meter is not None and meter.ledger is not None:
+                await asyncio.to_thread(meter.ledger.close)  # written, or spilled to disk
             if cache is not None:
                 await cache.aclose()
             if getattr(api.state, "retrieval", None) is not None:
@@ -324,12 +326,14 @@ def create_app(
     api.state.registry = registry
     api.state.key_store = key_store
     api.state.limiter = limiter
+    api.state.meter = meter
     api.state.started = int(time.time())
     api.include_router(catalog.router)
     api.include_router(health.router)
     api.include_router(engines.router)
     api.include_router(admin.router)
     api.include_router(admin_limits.router)
+    api.include_router(admin_usage.router)
     api.include_router(deploy.router)
     api.include_router(adapters.router)
     api.include_router(metrics_route.router)

@@ -23,6 +23,9 @@ class KeyCreate(BaseModel):
     max_concurrency: int | None = Field(None, ge=1)
     cache: bool = True
     cache_namespace: str | None = Field(None, min_length=1, max_length=64)
+    budget_day: float | None = Field(None, gt=0)  # dollars per UTC day
+    budget_month: float | None = Field(None, gt=0)  # dollars per UTC calendar month
+    budget_total: float | None = Field(None, gt=0)  # dollars in all
     tenant: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,64}$")  # fair-queue tenant
     weight: float = Field(1.0, gt=0, le=1000)  # its share against other tenants'
     priority: Literal["interactive", "batch"] = "interactive"

@@ -36,6 +36,10 @@ class KeyRecord:
     max_concurrency: int | None = None
     cache: bool = True  # may this key's requests use the response cache
     cache_namespace: str | None = None  # keys sharing a namespace share cached answers
+    # money budgets in dollars (serving/billing): per UTC day, per UTC month, in all
+    budget_day: float | None = None
+    budget_month: float | None = None
+    budget_total: float | None = None
     # fair queueing (serving/routing/bulkhead.py): keys with the same tenant share one
     # share of a version's slots (none: the key is its own tenant), weighted; a batch key's
     # requests wait for the room interactive traffic leaves

@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from serving.errors import LimitsUnavailable, RateLimited
+from serving.billing.budgets import budget_refusal
+from serving.errors import BudgetExceeded, LimitsUnavailable, RateLimited
 from serving.limits.headers import ratelimit_headers
 from serving.limits.plan import Check
 from serving.limits.store import (
@@ -53,12 +54,13 @@ class Ticket:
     headers: dict[str, str]
     _done: bool = field(default=False, init=False)
 
-    def finish(self, used_tokens: int | None) -> None:
-        """Settle to ``used_tokens``; ``None`` releases the reservation (failure, cancel)."""
+    def finish(self, used_tokens: int | None, cost: int | None = None) -> None:
+        """Settle to ``used_tokens`` and ``cost`` (nano-dollars, for budgets); ``None``
+        releases the reservation (failure, cancel)."""
         if self._done:
             return
         self._done = True
-        self.limiter.settle_soon(self, used_tokens or 0)
+        self.limiter.settle_soon(self, used_tokens or 0, cost or 0)
 
 
 class Unlimited:
@@ -67,7 +69,7 @@ class Unlimited:
     reserved = 0
     headers: dict[str, str] = {}
 
-    def finish(self, used_tokens: int | None) -> None:
+    def finish(self, used_tokens: int | None, cost: int | None = None) -> None:
         return None
 
 
@@ -121,17 +123,18 @@ class Limiter:
         reserved = max((c.amount for c in checks if c.counts_tokens), default=0)
         return Ticket(self, store, rid, reserved, headers)
 
-    def settle_soon(self, ticket: Ticket, used_tokens: int) -> None:
+    def settle_soon(self, ticket: Ticket, used_tokens: int, cost: int = 0) -> None:
         if isinstance(ticket.store, MemoryLimitStore):
-            ticket.store.settle_now(ticket.rid, used_tokens)  # in-process: nothing to wait for
+            # in-process: nothing to wait for
+            ticket.store.settle_now(ticket.rid, used_tokens, cost)
             return
-        task = asyncio.get_running_loop().create_task(self._settle(ticket, used_tokens))
+        task = asyncio.get_running_loop().create_task(self._settle(ticket, used_tokens, cost))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def _settle(self, ticket: Ticket, used_tokens: int) -> None:
+    async def _settle(self, ticket: Ticket, used_tokens: int, cost: int) -> None:
         try:
-            await ticket.store.settle(ticket.rid, used_tokens)
+            await ticket.store.settle(ticket.rid, used_tokens, cost)
         except LimitStoreUnavailable as exc:
             # the lease frees the slot; the window keeps the reservation (never undercounts)
             log.warning("could not settle reservation %s: %s", ticket.rid[:8], exc)
@@ -146,8 +149,10 @@ class Limiter:
         await self.store.aclose()
 
 
-def _refusal(denied: Standing, headers: dict[str, str]) -> RateLimited:
+def _refusal(denied: Standing, headers: dict[str, str]) -> RateLimited | BudgetExceeded:
     check = denied.check
+    if check.counts_money:
+        return budget_refusal(denied)
     what = MESSAGES.get(check.name, check.name)
     if check.kind == "concurrency":
         message = f"Rate limit reached: at most {denied.limit} {what} for this key."

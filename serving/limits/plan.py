@@ -11,6 +11,9 @@ Kinds:
   for the model (``weir limits set``), falling back to the configured one; counted even
   when unlimited so that a limit set mid-window starts from the truth.
 - ``concurrency``: requests in flight, each holding a slot until settled or its lease ends.
+- ``budget``: nano-dollars per UTC day (``window_s`` = ``DAY``), per UTC calendar month
+  (``MONTH``) or in all (``TOTAL``, never resets); reserved at admission as the request's
+  worst-case cost and settled to its real cost (``serving.billing``).
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from typing import Literal
 
 from serving.keys.records import KeyRecord
 
-Kind = Literal["requests", "tokens", "model_tokens", "concurrency"]
+Kind = Literal["requests", "tokens", "model_tokens", "concurrency", "budget"]
 UNLIMITED = -1
 MINUTE = 60
 DAY = 86_400
+MONTH = -1  # a budget's window: the UTC calendar month
+TOTAL = 0  # a budget's window: none (a fixed total)
 PREFIX = "weir:{rl}:"  # one hash tag: every limit key in one Redis Cluster slot
 
 
@@ -39,6 +44,10 @@ class Check:
     @property
     def counts_tokens(self) -> bool:
         return self.kind in ("tokens", "model_tokens")
+
+    @property
+    def counts_money(self) -> bool:
+        return self.kind == "budget"
 
 
 def reservation_size(prompt_tokens: int | None, max_tokens: int | None, n: int) -> int:

@@ -37,7 +37,25 @@ RESERVATION = PREFIX + "res:"
 # KEYS[1] reservation hash, KEYS[2] model-tpm hash, KEYS[3..] one scope per check.
 # ARGV: rid, lease_s, model, then per check: kind, limit, window_s, amount.
 # Returns {denied index (0: admitted), then per check: limit, remaining, reset in ms}.
-ADMIT = """
+# The UTC calendar month's first second, for a time (days-from-civil: Redis has no dates);
+# ``serving.limits.store.month_start`` is the same arithmetic.
+MONTH_START = """
+local function month_start(now)
+  local days = math.floor(now / 86400)
+  local z = days + 719468
+  local doe = z - math.floor(z / 146097) * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local dom = doy - math.floor((153 * mp + 2) / 5) + 1
+  return (days - dom + 1) * 86400
+end
+"""
+
+ADMIT = (
+    MONTH_START
+    + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local rid, lease, model = ARGV[1], tonumber(ARGV[2]), ARGV[3]
@@ -58,6 +76,15 @@ for i = 1, n do
     used = redis.call('ZCARD', scope)
     reset = 1
     keys[i] = scope
+  elseif window == 0 then
+    keys[i] = scope
+    used = tonumber(redis.call('GET', keys[i]) or '0')
+    reset = 0
+  elseif window < 0 then
+    local start = month_start(now)
+    keys[i] = scope .. ':' .. start
+    used = tonumber(redis.call('GET', keys[i]) or '0')
+    reset = month_start(start + 32 * 86400) - now
   else
     local start = math.floor(now / window) * window
     keys[i] = scope .. ':' .. start
@@ -87,8 +114,12 @@ if denied == 0 then
       redis.call('EXPIRE', keys[i], math.ceil(lease) * 2)
     else
       redis.call('INCRBY', keys[i], amount)
-      redis.call('EXPIRE', keys[i], window * 2)
-      if kind ~= 'requests' and amount > tokens then tokens = amount end
+      if window > 0 then
+        redis.call('EXPIRE', keys[i], window * 2)
+      elseif window < 0 then
+        redis.call('EXPIRE', keys[i], 62 * 86400)
+      end
+      if (kind == 'tokens' or kind == 'model_tokens') and amount > tokens then tokens = amount end
     end
     record[#record + 1] = 'k' .. i
     record[#record + 1] = kind .. '|' .. amount .. '|' .. keys[i]
@@ -101,20 +132,23 @@ end
 table.insert(out, 1, denied)
 return out
 """
+)
 
-# KEYS[1] reservation hash. ARGV: rid, used tokens. Returns 1 if settled now, 0 if it
-# was settled before or its lease ran out.
+# KEYS[1] reservation hash. ARGV: rid, used tokens, cost (nano-dollars, for budgets).
+# Returns 1 if settled now, 0 if it was settled before or its lease ran out.
 SETTLE = """
 local fields = redis.call('HGETALL', KEYS[1])
 if #fields == 0 then return 0 end
-local used = tonumber(ARGV[2])
+local used, cost = tonumber(ARGV[2]), tonumber(ARGV[3] or '0')
 for i = 1, #fields, 2 do
   if string.sub(fields[i], 1, 1) == 'k' then
     local kind, amount, key = string.match(fields[i + 1], '^([^|]+)|([^|]+)|(.+)$')
     if kind == 'concurrency' then
       redis.call('ZREM', key, ARGV[1])
     elseif kind ~= 'requests' and redis.call('EXISTS', key) == 1 then
-      local value = redis.call('INCRBY', key, used - tonumber(amount))
+      local charge = used
+      if kind == 'budget' then charge = cost end
+      local value = redis.call('INCRBY', key, charge - tonumber(amount))
       if value < 0 then redis.call('SET', key, 0, 'KEEPTTL') end
     end
   end
@@ -151,8 +185,10 @@ class RedisLimitStore:
             return Decision(False, standings, standings[denied - 1])
         return Decision(True, standings)
 
-    async def settle(self, rid: str, used_tokens: int) -> bool:
-        done = await self._call(self._settle(keys=[RESERVATION + rid], args=[rid, used_tokens]))
+    async def settle(self, rid: str, used_tokens: int, cost: int = 0) -> bool:
+        done = await self._call(
+            self._settle(keys=[RESERVATION + rid], args=[rid, used_tokens, cost])
+        )
         return bool(done)
 
     async def set_model_tpm(self, model: str, tpm: int | None) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from serving.limits.plan import UNLIMITED, Check
+from serving.limits.plan import DAY, MONTH, TOTAL, UNLIMITED, Check
 
 Clock = Callable[[], float]
 
@@ -50,7 +50,7 @@ class LimitStore(Protocol):
         self, rid: str, model: str, checks: Sequence[Check], lease_s: float
     ) -> Decision: ...
 
-    async def settle(self, rid: str, used_tokens: int) -> bool: ...
+    async def settle(self, rid: str, used_tokens: int, cost: int = 0) -> bool: ...
 
     async def set_model_tpm(self, model: str, tpm: int | None) -> None: ...
 
@@ -61,8 +61,36 @@ class LimitStore(Protocol):
     async def aclose(self) -> None: ...
 
 
+def month_start(now: float) -> int:
+    """The unix time the UTC calendar month of ``now`` began (the days-from-civil arithmetic
+    the Lua script does too: Redis has no date functions)."""
+    days = math.floor(now / DAY)
+    z = days + 719_468
+    doe = z - (z // 146_097) * 146_097
+    yoe = (doe - doe // 1460 + doe // 36_524 - doe // 146_096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    day_of_month = doy - (153 * mp + 2) // 5 + 1
+    return (days - day_of_month + 1) * DAY
+
+
 def window_start(now: float, window_s: int) -> int:
+    if window_s == MONTH:
+        return month_start(now)
     return math.floor(now / window_s) * window_s
+
+
+def window_end(start: int, window_s: int) -> int:
+    if window_s == MONTH:
+        return month_start(start + 32 * DAY)
+    return start + window_s
+
+
+def counter_ttl(window_s: int) -> float | None:
+    """How long a window's counter lives: two windows (a total's: for ever)."""
+    if window_s == TOTAL:
+        return None
+    return 62 * DAY if window_s == MONTH else 2 * window_s
 
 
 @dataclass
@@ -99,12 +127,17 @@ class MemoryLimitStore:
                 for other in [r for r, end in slots.items() if end <= now]:
                     del slots[other]
                 used, reset, key = len(slots), 1.0, check.scope
+            elif check.window_s == TOTAL:
+                key = check.scope
+                value, expiry = self._counters.get(key, (0, math.inf))
+                used = value if expiry > now else 0
+                reset = 0.0
             else:
                 start = window_start(now, check.window_s)
                 key = f"{check.scope}:{start}"
                 value, expiry = self._counters.get(key, (0, 0.0))
                 used = value if expiry > now else 0
-                reset = start + check.window_s - now
+                reset = window_end(start, check.window_s) - now
             keys.append(key)
             remaining = UNLIMITED if limit < 0 else limit - used - check.amount
             standing = Standing(check, limit, max(remaining, 0) if limit >= 0 else UNLIMITED, reset)
@@ -120,16 +153,17 @@ class MemoryLimitStore:
                 continue
             value, expiry = self._counters.get(key, (0, 0.0))
             value = value if expiry > now else 0
-            self._counters[key] = (value + check.amount, now + 2 * check.window_s)
+            ttl = counter_ttl(check.window_s)
+            self._counters[key] = (value + check.amount, math.inf if ttl is None else now + ttl)
             if check.counts_tokens:
                 tokens = max(tokens, check.amount)
         self._held[rid] = _Held(tuple(checks), tuple(keys), tokens, now + lease_s)
         return Decision(True, tuple(standings))
 
-    async def settle(self, rid: str, used_tokens: int) -> bool:
-        return self.settle_now(rid, used_tokens)
+    async def settle(self, rid: str, used_tokens: int, cost: int = 0) -> bool:
+        return self.settle_now(rid, used_tokens, cost)
 
-    def settle_now(self, rid: str, used_tokens: int) -> bool:
+    def settle_now(self, rid: str, used_tokens: int, cost: int = 0) -> bool:
         held = self._held.pop(rid, None)
         if held is None:
             return False
@@ -137,10 +171,11 @@ class MemoryLimitStore:
         for check, key in zip(held.checks, held.keys, strict=True):
             if check.kind == "concurrency":
                 self._slots.get(key, {}).pop(rid, None)
-            elif check.counts_tokens and key in self._counters:
+            elif (check.counts_tokens or check.counts_money) and key in self._counters:
+                used = cost if check.counts_money else used_tokens
                 value, expiry = self._counters[key]
                 if expiry > now:
-                    self._counters[key] = (max(value + used_tokens - check.amount, 0), expiry)
+                    self._counters[key] = (max(value + used - check.amount, 0), expiry)
         return True
 
     async def set_model_tpm(self, model: str, tpm: int | None) -> None:

@@ -57,6 +57,7 @@ class Observation:
     started: float = field(default_factory=time.perf_counter)
     first_at: float | None = None
     last_at: float | None = None
+    chunks: int = 0  # content chunks sent (a stream its client left is charged these)
     _asked: Any = None  # the messages, prompt or input: hashed for the log line only
     cache: str | None = None
     fallback: str | None = None
@@ -101,6 +102,7 @@ class Observation:
 
     def content(self) -> None:
         """A chunk with content went out (streams)."""
+        self.chunks += 1
         now = time.perf_counter()
         labels = self._labels()
         if self.first_at is None:

@@ -27,6 +27,9 @@ class KeyView(BaseModel):
     max_concurrency: int | None
     cache: bool = Field(description="may its requests use the response cache")
     cache_namespace: str | None = Field(description="keys sharing one share cached answers")
+    budget_day: float | None = Field(None, description="dollars per UTC day")
+    budget_month: float | None = Field(None, description="dollars per UTC calendar month")
+    budget_total: float | None = Field(None, description="dollars in all")
     tenant: str | None = Field(None, description="fair-queue tenant; null: the key itself")
     weight: float = Field(1.0, description="its tenant's weight in fair queueing")
     priority: Literal["interactive", "batch"] = "interactive"

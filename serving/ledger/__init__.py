@@ -1,0 +1,1 @@
+"""The usage ledger: one row per finished request, written off the hot path to SQL."""
