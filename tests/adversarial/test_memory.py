@@ -20,7 +20,8 @@ import psutil
 import pytest
 
 from bench.config_builder import model, weir_toml
-from bench.procs import free_port, start, start_gateway, stop_all, wait_for
+from bench.procs import stop_all, wait_for
+from tests import ports
 
 KEY = "sk-memory-tests"
 PARALLEL = 8
@@ -30,22 +31,27 @@ GROWTH_MB = 64  # what the gateway may keep after the burst, over its warm size
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, psutil.Process]]:
     work = tmp_path_factory.mktemp("memory")
-    mock_port, port = free_port(), free_port()
-    mock = start([sys.executable, "-m", "bench.mock_engine", "--port", str(mock_port)],
-                 work / "mock.log")  # fmt: skip
-    config = weir_toml(
-        gateway={"port": port, "api_keys": [KEY], "memory_trim_interval_s": 1},
-        engines={"log_dir": work},
-        models=[model("smollm2", "mock", url=f"http://127.0.0.1:{mock_port}",
-                      engine_args=["--max-model-len", "2048"],
-                      tokenizer="smollm2-135m-instruct")],
-    )  # fmt: skip
-    served = start_gateway(config, work, "gateway", weir=[sys.executable, "-m", "serving.cli"])
+    mock, mock_port = ports.mock_engine(work)
+
+    def config(port: int) -> str:
+        return weir_toml(
+            gateway={"port": port, "api_keys": [KEY], "memory_trim_interval_s": 1},
+            engines={"log_dir": work},
+            models=[model("smollm2", "mock", url=f"http://127.0.0.1:{mock_port}",
+                          engine_args=["--max-model-len", "2048"],
+                          tokenizer="smollm2-135m-instruct")],
+        )  # fmt: skip
+
+    procs = [mock]
     try:
-        wait_for(f"http://127.0.0.1:{port}/readyz", 120)
-        yield port, psutil.Process(served.pid)
+        served, base = ports.gateway(
+            config, work, "gateway", weir=[sys.executable, "-m", "serving.cli"]
+        )
+        procs.append(served)
+        wait_for(f"{base}/readyz", 120)
+        yield int(base.rsplit(":", 1)[1]), psutil.Process(served.pid)
     finally:
-        stop_all([served, mock])
+        stop_all(procs)
 
 
 def post(port: int, path: str, body: bytes) -> int:

@@ -147,11 +147,13 @@ def test_what_is_not_a_schema_is_refused(schema: JSON) -> None:
 def test_a_catastrophic_pattern_answers_in_bounded_time(schema: JSON, content: str) -> None:
     check_request_schema(schema)
     started = time.monotonic()
-    with pytest.raises(InvalidModelOutput):
+    # invalid either way: the budget stopped the backtracking, or (regex optimises some of
+    # these patterns) the match finished and failed
+    with pytest.raises(InvalidModelOutput, match=r"within 0\.25 s|does not match"):
         check_chat_output(answer(content), schema)
-    # a time on purpose (the promise is the 0.25 s regex budget per answer; without it
-    # this backtracking runs for minutes): generous, four times the budget
-    assert time.monotonic() - started < 1.0
+    # this bound is only against a hang (the backtracking runs for hours without the
+    # budget): wide, so that a loaded host does not fail it (was < 1 s, and did)
+    assert time.monotonic() - started < 10.0
 
 
 def test_fanning_references_stop_at_the_budget() -> None:
@@ -162,7 +164,7 @@ def test_fanning_references_stop_at_the_budget() -> None:
     started = time.monotonic()
     with pytest.raises(InvalidModelOutput, match="within"):  # stopped by the budget
         check_chat_output(answer("1"), schema)
-    assert time.monotonic() - started < 1.0  # 2**30 evaluations would take hours
+    assert time.monotonic() - started < 10.0  # only against a hang: 2**30 take hours
 
 
 def test_deep_output_is_invalid_not_a_crash() -> None:
