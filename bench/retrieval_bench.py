@@ -5,7 +5,11 @@
    ``bandwidth / (N x d x 4 bytes)``, and IVF and HNSW at the smallest ``nprobe`` /
    ``efSearch`` that reaches recall@10 >= 0.95 against exact search: build time, index
    size, QPS.
-2. End to end: a mock engine that embeds (``bench.mock_engine``) and ``weir serve`` in
+2. Concurrent searches (``--clients`` 32) on the same flat index: one by one (each
+   search takes the index in turn, as before batching) and batched
+   (``retrieval.batcher.SearchBatcher``, as the service runs them), in one run, next to
+   the single-query bound; every batched answer is checked against its one-by-one twin.
+3. End to end: a mock engine that embeds (``bench.mock_engine``) and ``weir serve`` in
    front of it; ``--docs`` documents ingested through the API; ``POST
    /v1/collections/c/search`` p50/p99 next to a raw ``index.search`` on the same vectors,
    in the same run.
@@ -13,12 +17,14 @@
 It uses Weir's index class for part 1 (what is measured is FAISS through it); part 2 is
 black-box HTTP.
 
-    python -m bench.retrieval_bench [--vectors 200000] [--docs 5000]
+    python -m bench.retrieval_bench [--vectors 200000] [--docs 5000] [--clients 32]
+        [--parts faiss,batched,endpoint]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
 import sys
@@ -37,7 +43,8 @@ from rich.table import Table
 from bench.config_builder import model, weir_toml
 from bench.mock_engine import mock_vector
 from bench.procs import free_port, start, start_gateway, stop_all, wait_for
-from retrieval.index import IndexParams, VectorIndex, normalise
+from retrieval.batcher import SearchBatcher
+from retrieval.index import GPUS, IndexParams, VectorIndex, normalise
 
 DIM = 384
 
@@ -119,6 +126,43 @@ def part_one(n: int) -> dict[str, Any]:
     return results
 
 
+def part_batched(n: int, clients: int, per_client: int) -> dict[str, Any]:
+    """``clients`` concurrent clients, ``per_client`` searches each (top 10), one by one
+    and then batched, on one flat index of ``n`` vectors."""
+    index = VectorIndex(DIM, IndexParams("flat"))
+    index.add(list(range(n)), clustered(n, 1))
+    queries = clustered(clients * per_client, 3)
+    batcher = SearchBatcher(index.search, window_s=0.001, max_batch=64)
+
+    async def one_by_one(row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return await asyncio.to_thread(index.search, row.reshape(1, -1), 10)
+
+    async def run(search: Any) -> tuple[float, list[list[int]]]:
+        found: list[list[int]] = [[] for _ in queries]
+
+        async def client(c: int) -> None:
+            for q in range(c, len(queries), clients):
+                _, ids = await search(queries[q])
+                found[q] = ids[0].tolist()
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client(c) for c in range(clients)))
+        return len(queries) / (time.perf_counter() - started), found
+
+    alone_qps, alone = asyncio.run(run(one_by_one))
+    batched_qps, batched = asyncio.run(run(lambda row: batcher.search(row, 10)))
+    bandwidth = bandwidth_gbs()
+    bound = bandwidth * 1e9 / (n * DIM * 4)
+    return {
+        "vectors": n, "clients": clients, "queries": len(queries),
+        "gpus": GPUS.count(), "bandwidth_gbs": bandwidth, "bound_qps": bound,
+        "one_by_one_qps": alone_qps, "batched_qps": batched_qps,
+        "batches": batcher.batches, "mean_batch": len(queries) / batcher.batches,
+        "batched_over_bound": batched_qps / bound,
+        "identical_ids": sum(a == b for a, b in zip(alone, batched, strict=True)),
+    }  # fmt: skip
+
+
 def part_two(docs: int) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="weir-bench-"))
     mock, port = free_port(), free_port()
@@ -172,33 +216,53 @@ def main() -> None:
     )
     parser.add_argument("--vectors", type=int, default=200_000)
     parser.add_argument("--docs", type=int, default=5000)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--per-client", type=int, default=4)
+    parser.add_argument("--parts", default="faiss,batched,endpoint")
     parser.add_argument("--out", default="bench-results/retrieval.json")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     console = Console()
-    one = part_one(args.vectors)
-    table = Table(title=f"FAISS on {args.vectors:,} x {DIM} vectors, one query at a time")
-    for column in ("index", "setting", "recall@10", "QPS", "build s", "size MB"):
-        table.add_column(column, justify="right")
-    flat = one["flat"]
-    table.add_row("flat", f"bound {flat['bound_qps']:.0f} QPS at {one['bandwidth_gbs']:.1f} GB/s",
-                  "1.000", f"{flat['qps']:.0f}", f"{flat['build_s']:.1f}",
-                  f"{flat['bytes'] / 1e6:.0f}")  # fmt: skip
-    for kind, knob in (("ivf", "nprobe"), ("hnsw", "efSearch")):
-        r = one[kind]
-        table.add_row(kind, f"{knob}={r[knob]}", f"{r['recall']:.3f}", f"{r['qps']:.0f}",
-                      f"{r['build_s']:.1f}", f"{r['bytes'] / 1e6:.0f}")  # fmt: skip
-    console.print(table)
-    two = part_two(args.docs)
-    table = Table(title=f"Search endpoint vs raw index.search, {args.docs:,} documents (ms)")
-    for column in ("path", "p50", "p99"):
-        table.add_column(column, justify="right")
-    for name, key in (("POST /v1/collections/c/search", "endpoint_ms"),
-                      ("index.search (flat)", "raw_search_ms")):  # fmt: skip
-        table.add_row(name, f"{two[key]['p50']:.3f}", f"{two[key]['p99']:.3f}")
-    console.print(table)
+    results: dict[str, Any] = {}
+    if "faiss" in parts:
+        results["faiss"] = one = part_one(args.vectors)
+        table = Table(title=f"FAISS on {args.vectors:,} x {DIM} vectors, one query at a time")
+        for column in ("index", "setting", "recall@10", "QPS", "build s", "size MB"):
+            table.add_column(column, justify="right")
+        flat = one["flat"]
+        bound = f"bound {flat['bound_qps']:.0f} QPS at {one['bandwidth_gbs']:.1f} GB/s"
+        table.add_row("flat", bound, "1.000", f"{flat['qps']:.0f}", f"{flat['build_s']:.1f}",
+                      f"{flat['bytes'] / 1e6:.0f}")  # fmt: skip
+        for kind, knob in (("ivf", "nprobe"), ("hnsw", "efSearch")):
+            r = one[kind]
+            table.add_row(kind, f"{knob}={r[knob]}", f"{r['recall']:.3f}", f"{r['qps']:.0f}",
+                          f"{r['build_s']:.1f}", f"{r['bytes'] / 1e6:.0f}")  # fmt: skip
+        console.print(table)
+    if "batched" in parts:
+        results["batched"] = b = part_batched(args.vectors, args.clients, args.per_client)
+        table = Table(title=f"{b['clients']} concurrent clients, flat, {b['vectors']:,} x {DIM}"
+                            f" ({b['queries']} searches, top 10, {b['gpus']} GPUs)")  # fmt: skip
+        for column in ("searches", "QPS", "x single-query bound"):
+            table.add_column(column, justify="right")
+        table.add_row(f"bound ({b['bandwidth_gbs']:.1f} GB/s)", f"{b['bound_qps']:.1f}", "1.0")
+        table.add_row("one by one", f"{b['one_by_one_qps']:.1f}",
+                      f"{b['one_by_one_qps'] / b['bound_qps']:.2f}")  # fmt: skip
+        table.add_row(f"batched (mean batch {b['mean_batch']:.1f})", f"{b['batched_qps']:.1f}",
+                      f"{b['batched_over_bound']:.2f}")  # fmt: skip
+        console.print(table)
+        console.print(f"identical top-10 ids: {b['identical_ids']} of {b['queries']}")
+    if "endpoint" in parts:
+        results["endpoint"] = two = part_two(args.docs)
+        table = Table(title=f"Search endpoint vs raw index.search, {args.docs:,} documents (ms)")
+        for column in ("path", "p50", "p99"):
+            table.add_column(column, justify="right")
+        for name, key in (("POST /v1/collections/c/search", "endpoint_ms"),
+                          ("index.search (flat)", "raw_search_ms")):  # fmt: skip
+            table.add_row(name, f"{two[key]['p50']:.3f}", f"{two[key]['p99']:.3f}")
+        console.print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"faiss": one, "endpoint": two}, indent=2))
+    out.write_text(json.dumps(results, indent=2))
     print(f"written to {out}")
 
 

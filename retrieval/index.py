@@ -63,11 +63,47 @@ def normalise(vectors: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(matrix / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
+class Gpus:
+    """The host's GPUs as FAISS sees them (``faiss.get_num_gpus()``; none without
+    faiss-gpu), one ``StandardGpuResources`` per device made on first use and kept (they
+    hold the device's scratch memory), and devices handed out in turn, so the indexes
+    (a worker's shards) spread over them."""
+
+    def __init__(self) -> None:
+        self._resources: dict[int, Any] = {}
+        self._turn = 0
+        self._lock = threading.Lock()
+        self.unsupported: set[str] = set()  # index types FAISS would not clone to a GPU
+
+    def count(self) -> int:
+        if not hasattr(faiss, "StandardGpuResources"):
+            return 0  # faiss-cpu
+        return int(faiss.get_num_gpus())
+
+    def mirror(self, index: Any) -> Any:
+        """A GPU copy of ``index`` on a CUDA host with faiss-gpu; the index itself
+        otherwise, and for an index FAISS has no GPU version of (HNSW)."""
+        count = self.count()
+        if count == 0:
+            return index
+        with self._lock:
+            device = self._turn % count
+            self._turn += 1
+            resources = self._resources.get(device)
+            if resources is None:
+                resources = self._resources[device] = faiss.StandardGpuResources()
+        try:
+            return faiss.index_cpu_to_gpu(resources, device, index)
+        except RuntimeError:  # FAISS: "not implemented for this type of index"
+            self.unsupported.add(type(index).__name__)
+            return index
+
+
+GPUS = Gpus()
+
+
 def gpu_mirror(index: Any) -> Any:
-    """A GPU copy of ``index`` on a CUDA host with faiss-gpu; the index itself otherwise."""
-    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-    return index
+    return GPUS.mirror(index)
 
 
 @dataclass

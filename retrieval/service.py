@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from retrieval.batcher import SearchBatcher
 from retrieval.docstore import Change, CollectionInfo, DocStore
 from retrieval.errors import (
     CollectionExists,
@@ -73,11 +74,15 @@ class Retrieval:
         snapshot_every: int = 1000,
         database: str | None = None,
         follow_interval_s: float = 0.25,
+        batch_window_s: float = 0.001,
+        max_batch: int = 64,
     ) -> None:
         """``database``: a ``postgresql://`` URL shared with other processes; None keeps
         the docstore in SQLite under ``root``. ``follow_interval_s``: how often the
         replicas look for other processes' writes (PostgreSQL's NOTIFY wakes them at
-        once; the interval bounds the lag when a notification is lost)."""
+        once; the interval bounds the lag when a notification is lost). Concurrent
+        searches of a collection go to FAISS together: at most ``max_batch`` queries,
+        gathered for at most ``batch_window_s`` (``retrieval.batcher``)."""
         self.root = root
         self.embed = embed
         self.split = split
@@ -92,6 +97,9 @@ class Retrieval:
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._catching_up: dict[tuple[str, str], threading.Lock] = {}
         self._pending: set[asyncio.Task[None]] = set()
+        self.batch_window_s = batch_window_s
+        self.max_batch = max_batch
+        self._batchers: dict[tuple[str, str], SearchBatcher] = {}
 
     def __repr__(self) -> str:
         return f"Retrieval(root={str(self.root)!r}, kind={self.params.kind!r})"
@@ -200,9 +208,11 @@ class Retrieval:
         min_score: float | None = None,
         where: dict[str, Any] | None = None,
     ) -> list[Hit]:
-        index = await self.ready(tenant, name)
-        vector = (await self.embed([query]))[0]
-        return await asyncio.to_thread(self._search, index, vector, top_k, min_score, where)
+        await self.ready(tenant, name)
+        vector = np.asarray((await self.embed([query]))[0], dtype=np.float32)
+        fetch = top_k * 4 if where else top_k
+        scores, ids = await self._batcher(tenant, name).search(vector, fetch)
+        return await asyncio.to_thread(self._hits, scores, ids, top_k, min_score, where)
 
     async def ready(self, tenant: str, name: str) -> VectorIndex:
         """The collection's local index, fit to answer. ``strong``: caught up to the
@@ -220,16 +230,27 @@ class Retrieval:
             await asyncio.to_thread(self._sync_one, info)
         return self._index(tenant, name)
 
-    def _search(
+    def _batcher(self, tenant: str, name: str) -> SearchBatcher:
+        """The collection's batcher: concurrent searches reach FAISS as one batch, on the
+        collection's index as it is when the batch runs."""
+        key = (tenant, name)
+        batcher = self._batchers.get(key)
+        if batcher is None:
+            batcher = SearchBatcher(
+                lambda vectors, k: self._index(tenant, name).search(vectors, k),
+                window_s=self.batch_window_s, max_batch=self.max_batch,
+            )  # fmt: skip
+            self._batchers[key] = batcher
+        return batcher
+
+    def _hits(
         self,
-        index: VectorIndex,
-        vector: Sequence[float],
+        scores: np.ndarray,
+        ids: np.ndarray,
         top_k: int,
         min_score: float | None,
         where: dict[str, Any] | None,
     ) -> list[Hit]:
-        fetch = top_k * 4 if where else top_k
-        scores, ids = index.search(np.asarray([vector], dtype=np.float32), fetch)
         found = [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
         chunks = self.docstore.chunks([i for _, i in found])
         hits = []
@@ -260,6 +281,7 @@ class Retrieval:
 
     def _forget(self, key: tuple[str, str]) -> None:
         with self._catching_up.setdefault(key, threading.Lock()):
+            self._batchers.pop(key, None)
             if self._indexes.pop(key, None) is not None:
                 shutil.rmtree(self._dir(*key), ignore_errors=True)
 

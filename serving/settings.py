@@ -174,6 +174,10 @@ class RetrievalConfig(BaseModel):
     # Each gateway's indexes follow the docstore's log: woken by PostgreSQL's NOTIFY, and
     # every this many seconds in any case (SQLite shared by --workers: polling only).
     follow_interval_s: float = Field(0.25, gt=0, le=60)
+    # concurrent searches of a collection go to FAISS as one batch: at most max_batch
+    # queries, the first waiting at most batch_window_ms for others
+    batch_window_ms: float = Field(1.0, ge=0, le=50)
+    max_batch: int = Field(64, ge=1, le=1024)
     embedding_model: str = "minilm"
     chunk_tokens: int = Field(256, ge=16)
     chunk_overlap: int = Field(32, ge=0)

@@ -101,6 +101,8 @@ class RetrievalGate:
                     params=IndexParams(self.config.index), consistency=self.config.consistency,
                     snapshot_every=self.config.snapshot_every, database=self._database_url(),
                     follow_interval_s=self.config.follow_interval_s,
+                    batch_window_s=self.config.batch_window_ms / 1000,
+                    max_batch=self.config.max_batch,
                 )  # fmt: skip
                 await asyncio.to_thread(made.open)
                 self._service = made
