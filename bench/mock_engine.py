@@ -15,6 +15,8 @@ Black-box: imports nothing of Weir's.
 
 ``--stream-capacity N`` lets N streams run at once and queues the rest before their first
 chunk (an engine's batch), so TTFT grows with load and an SLO sweep has a knee to find.
+``--slots N`` is one batch of N for answers and streams together (a shared engine, its
+queue first come, first served: what fair-queueing benchmarks put behind the gateway).
 ``--reuse-port`` lets several mock processes share one port (a load box's worth of mock).
 """
 
@@ -77,10 +79,13 @@ def make_app(
     delay_s: float = 0.0,
     capacity: int = 0,
     stream_capacity: int = 0,
+    shared: int = 0,
 ) -> web.Application:
     # an engine's batch: at most ``capacity`` answers in the works, the rest wait their turn
     slots = asyncio.Semaphore(capacity) if capacity > 0 else None
     stream_slots = asyncio.Semaphore(stream_capacity) if stream_capacity > 0 else None
+    if shared > 0:  # one batch for answers and streams alike, first come first served
+        slots = stream_slots = asyncio.Semaphore(shared)
 
     async def health(_: web.Request) -> web.Response:
         return web.Response(status=200)
@@ -201,6 +206,9 @@ def main() -> None:
         "--capacity", type=int, default=0, help="answers at a time (0: unbounded), like a batch"
     )
     parser.add_argument("--stream-capacity", type=int, default=0, help="streams at a time")
+    parser.add_argument(
+        "--slots", type=int, default=0, help="answers and streams at a time, one line for both"
+    )
     parser.add_argument("--reuse-port", action="store_true", help="share the port with others")
     args = parser.parse_args()
     web.run_app(
@@ -210,6 +218,7 @@ def main() -> None:
             args.delay_ms / 1000,
             args.capacity,
             args.stream_capacity,
+            args.slots,
         ),
         host="127.0.0.1",
         port=args.port,
