@@ -78,8 +78,6 @@ class VersionConfig(_Strict):
     # (vLLM's --kv-events-config endpoint tcp://*:PORT, replay_endpoint tcp://*:PORT)
     kv_events_port: int | None = Field(None, ge=1, le=65535)
     kv_replay_port: int | None = Field(None, ge=1, le=65535)
-    # or each of urls' engines its own: "tcp://HOST:PORT" or "tcp://HOST:PORT tcp://HOST:REPLAY"
-    kv_events: list[str] = []
     replicas: int = Field(1, ge=1, le=64)
     engine_args: list[str] = []
     env: dict[str, str] = {}

@@ -131,6 +131,8 @@ NEVER_RENDERED = {
     "models.engines.h1.ConnectFailed",
     "models.engines.h1.UpstreamTimeout",
     "models.engines.h1.ConnectionBroken",
+    # the SSE parser's own; models.engines.client turns it into EngineFailed
+    "models.engines.sse.EventTooLarge",
     # output_check's own: a pattern out of time or that does not compile, caught there and
     # reported as InvalidModelOutput (an answer) or InvalidRequest (a schema)
     "serving.core.output_check._OutOfTime",
