@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import random
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def prompts() -> list[str]:
     return [form.format(t=topic) for form, topic in itertools.product(FORMS, TOPICS)]
 
 
-def train(base: Path, name: str, out: Path, steps: int = 160, seed: int = 0) -> None:
+def train(base: Path, name: str, out: Path, steps: int = 40, seed: int = 0) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -60,10 +61,10 @@ def train(base: Path, name: str, out: Path, steps: int = 160, seed: int = 0) -> 
         ids = tokenizer(head, add_special_tokens=False)["input_ids"]
         tail = tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
         examples.append((ids + tail, [-100] * len(ids) + tail))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=4e-3)
     model.train()
     for step in range(steps):
-        batch = rng.sample(examples, 8)
+        batch = rng.sample(examples, 4)
         width = max(len(ids) for ids, _ in batch)
         pad = tokenizer.pad_token_id or 0
         ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in batch])
@@ -73,17 +74,27 @@ def train(base: Path, name: str, out: Path, steps: int = 160, seed: int = 0) -> 
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        if step % 20 == 0 or step == steps - 1:
+        if step % 5 == 0 or step == steps - 1:
             print(f"{name} step {step} loss {loss.item():.4f}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
+    tidy(out)
+
+
+def tidy(out: Path) -> None:
+    """No local path in the shipped config, no generated model card."""
+    config = out / "adapter_config.json"
+    settings = json.loads(config.read_text())
+    settings["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    (out / "README.md").unlink(missing_ok=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("base", type=Path, help="the SmolLM2-135M-Instruct directory")
     parser.add_argument("--out", type=Path, default=DATA)
-    parser.add_argument("--steps", type=int, default=160)
+    parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
     for name in PHRASES:
         train(args.base.expanduser(), name, args.out / name, args.steps)
