@@ -204,7 +204,7 @@ class TokenCounter:
 
     def count_rendered(self, text: str) -> int:
         """A rendered chat prompt (no special tokens added: the template has them)."""
-        return len(self.tokenizer.encode_batch([text], add_special_tokens=False)[0])
+        return len(self.tokenizer.encode_batch_fast([text], add_special_tokens=False)[0])
 
     def count_text(self, text: str) -> int:
         return self.count_texts([text])[0]
