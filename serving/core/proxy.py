@@ -45,6 +45,7 @@ from serving.core.lease import CLIENT_LEFT, Lease
 from serving.core.priority import ENGINE_PRIORITY, share_of
 from serving.core.rag import RetrievalGate
 from serving.errors import (
+    BudgetExceeded,
     GatewayError,
     InvalidModelOutput,
     InvalidRequest,
@@ -188,6 +189,8 @@ class Proxy:
             spec = spec_for(exc)
             if isinstance(exc, RateLimited) and self.metrics is not None:
                 self.metrics.limit_rejections.labels(exc.limit).inc()
+            elif isinstance(exc, BudgetExceeded) and self.metrics is not None:
+                self.metrics.budget_rejections.labels(exc.budget).inc()
             lease.end(spec.status if spec else 500, exc)
             raise
         if isinstance(answer, JsonAnswer):

@@ -59,6 +59,7 @@ class Metrics:
     inflight: Gauge
     queue_wait: Histogram
     limit_rejections: Counter
+    budget_rejections: Counter
     retries: Counter
     fallbacks: Counter
     breaker: Gauge
@@ -128,6 +129,11 @@ class Metrics:
             limit_rejections=Counter(
                 "weir_ratelimit_rejections", "Requests refused by a limit, by kind",
                 ["limit"], registry=reg,
+            ),
+            budget_rejections=Counter(
+                "weir_budget_rejections",
+                "Requests refused by a money budget, by budget (key|team : day|month|total)",
+                ["budget"], registry=reg,
             ),
             retries=Counter(
                 "weir_retries", "Requests sent again after an engine fault", ["model"],

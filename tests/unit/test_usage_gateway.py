@@ -87,6 +87,26 @@ def test_team_budget_refuses_with_429_budget_exceeded_and_the_numbers(client: Te
     assert answer.headers["x-weir-budget-remaining-usd"] == f"0.{left:09d}"
     assert left < 40_000 <= left + 11_000  # refused only when the worst case does not fit
     assert "team's daily budget is $0.000100000" in error["message"]
+    # counted by budget, apart from the rate limits' refusals
+    assert client.post("/v1/chat/completions", json=CHAT, headers=auth).status_code == 429
+    own = new_key(client, budget_total=0.00001)  # $0.00001: less than one worst case
+    mine = client.post(
+        "/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {own}"}
+    )
+    assert mine.status_code == 429
+    assert mine.headers["x-weir-budget"] == "key:total"
+    metrics = client.get("/metrics").text
+    assert _sample(metrics, 'weir_budget_rejections_total{budget="team:day"}') == 2
+    assert _sample(metrics, 'weir_budget_rejections_total{budget="key:total"}') == 1
+    assert "weir_ratelimit_rejections_total{" not in metrics
+    assert (
+        _sample(
+            metrics,
+            'model_errors_total{error_type="budget_exceeded",model="smollm2",'
+            'model_version="135m-instruct"}',
+        )
+        == 3
+    )
 
 
 def test_every_request_has_a_ledger_row_and_usage_matches_the_metrics(
