@@ -21,7 +21,7 @@ from tests.helm import helm_binary
 ROOT = Path(__file__).resolve().parents[2]
 RENDERED = ROOT / "deploy/helm/rendered"
 K8S = "1.30.0"
-CRDS = {"ServiceMonitor", "LeaderWorkerSet"}  # no schemas ship for these: checked by hand
+CRDS = {"ServiceMonitor", "LeaderWorkerSet", "ScaledObject"}  # no schemas ship: checked by hand
 
 
 def docs(name: str) -> list[dict[str, Any]]:
@@ -121,6 +121,30 @@ def test_gpu_values_ask_for_gpus_and_parallelism() -> None:
     assert "--distributed-executor-backend=ray" in leader["args"][0]
     config = by_kind(rendered, "ConfigMap")[0]["data"]["weir.toml"]
     assert "split = { v1 = 90, v2 = 10 }" in config
+
+
+def test_engines_scale_on_their_queue_depth_when_asked() -> None:
+    """Issue 26: KEDA scales each version's engine Deployment on vllm:num_requests_waiting
+    (off by default); the Deployment then leaves ``replicas`` to it; gateways on CPU."""
+    assert not by_kind(docs("default"), "ScaledObject")
+    rendered = docs("gpu")
+    scaled = {d["spec"]["scaleTargetRef"]["name"]: d for d in by_kind(rendered, "ScaledObject")}
+    deployments = {d["metadata"]["name"]: d for d in by_kind(rendered, "Deployment")}
+    services = {d["metadata"]["name"] for d in by_kind(rendered, "Service")}
+    assert set(scaled) == {"weir-smollm2-v1", "weir-smollm2-v2", "weir-llama-70b-v1"}
+    for name, scaler in scaled.items():
+        assert "replicas" not in deployments[name]["spec"]  # KEDA's to set
+        assert name in services
+        (trigger,) = scaler["spec"]["triggers"]
+        assert trigger["type"] == "prometheus"
+        query = trigger["metadata"]["query"]
+        assert query == f'sum(vllm:num_requests_waiting{{namespace="weir",service="{name}"}})'
+        assert float(trigger["metadata"]["threshold"]) == 4
+    assert scaled["weir-smollm2-v2"]["spec"]["maxReplicaCount"] == 2  # the version's own
+    assert scaled["weir-smollm2-v1"]["spec"]["maxReplicaCount"] == 8
+    assert "replicas" not in deployments["weir-gateway"]["spec"]  # the HPA's, on CPU
+    (hpa,) = by_kind(rendered, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
 
 
 def test_the_chart_ships_the_same_dashboard() -> None:
