@@ -127,6 +127,13 @@ class DocStore:
             ).fetchone()
         return int(row[0]) if row else 0
 
+    def chunk_count(self, tenant: str, name: str) -> int:
+        with self.db.read() as cur:
+            row = cur.execute(
+                "SELECT count(*) FROM chunks WHERE tenant=? AND collection=?", (tenant, name)
+            ).fetchone()
+        return int(row[0]) if row else 0
+
     # documents
     def put_document(
         self,

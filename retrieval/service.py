@@ -35,6 +35,7 @@ from retrieval.errors import (
     RetrievalError,
 )
 from retrieval.index import IndexParams, VectorIndex
+from retrieval.scatter import Scatter, ShardRouter
 from retrieval.sql import Database
 
 log = logging.getLogger("weir.retrieval")
@@ -76,13 +77,16 @@ class Retrieval:
         follow_interval_s: float = 0.25,
         batch_window_s: float = 0.001,
         max_batch: int = 64,
+        scatter: Scatter | None = None,
     ) -> None:
         """``database``: a ``postgresql://`` URL shared with other processes; None keeps
         the docstore in SQLite under ``root``. ``follow_interval_s``: how often the
         replicas look for other processes' writes (PostgreSQL's NOTIFY wakes them at
         once; the interval bounds the lag when a notification is lost). Concurrent
         searches of a collection go to FAISS together: at most ``max_batch`` queries,
-        gathered for at most ``batch_window_s`` (``retrieval.batcher``)."""
+        gathered for at most ``batch_window_s`` (``retrieval.batcher``). With
+        ``scatter`` this process holds no index: searches go to the index workers that
+        hold the collections' shards (``retrieval.scatter``)."""
         self.root = root
         self.embed = embed
         self.split = split
@@ -100,6 +104,13 @@ class Retrieval:
         self.batch_window_s = batch_window_s
         self.max_batch = max_batch
         self._batchers: dict[tuple[str, str], SearchBatcher] = {}
+        self.router = (
+            None
+            if scatter is None
+            else ShardRouter(
+                self.docstore, timeout_s=scatter.timeout_s, takeover_s=scatter.takeover_s
+            )
+        )
 
     def __repr__(self) -> str:
         return f"Retrieval(root={str(self.root)!r}, kind={self.params.kind!r})"
@@ -109,12 +120,16 @@ class Retrieval:
         """Load every index (snapshot plus the docstore's ops after it, or a full rebuild),
         then follow the log in a thread: what another process writes reaches this one's
         indexes within ``follow_interval_s`` (at once with NOTIFY)."""
+        if self.router is not None:
+            return  # the index workers hold the indexes
         self.sync()
         if follow:
             self.follower.start()
 
     async def close(self) -> None:
         await asyncio.to_thread(self.follower.stop)
+        if self.router is not None:
+            await self.router.close()
         await self.drain()
         for (tenant, name), index in list(self._indexes.items()):
             await asyncio.to_thread(index.save, self._dir(tenant, name))
@@ -146,16 +161,20 @@ class Retrieval:
         if not made:
             raise CollectionExists(f"collection {name} exists")
         info = await asyncio.to_thread(self.docstore.info, tenant, name)
-        if info is not None:
+        if info is not None and self.router is None:
             await asyncio.to_thread(self._sync_one, info)
 
     def list_collections(self, tenant: str) -> list[dict[str, Any]]:
         listed = []
         for info in self.docstore.infos(tenant):
             index = self._indexes.get((tenant, info.name))
-            listed.append({"name": info.name,
+            if index is not None:
+                chunks = index.size
+            else:
+                chunks = self.docstore.chunk_count(tenant, info.name) if self.router else 0
+            listed.append({"name": info.name, "shards": info.shards,
                            "documents": self.docstore.document_count(tenant, info.name),
-                           "chunks": 0 if index is None else index.size})  # fmt: skip
+                           "chunks": chunks})  # fmt: skip
         return listed
 
     def delete_collection(self, tenant: str, name: str) -> None:
@@ -208,27 +227,34 @@ class Retrieval:
         min_score: float | None = None,
         where: dict[str, Any] | None = None,
     ) -> list[Hit]:
-        await self.ready(tenant, name)
+        info = await self.ready(tenant, name)
         vector = np.asarray((await self.embed([query]))[0], dtype=np.float32)
         fetch = top_k * 4 if where else top_k
-        scores, ids = await self._batcher(tenant, name).search(vector, fetch)
+        if self.router is not None and info is not None:
+            min_seq = info.head if self.consistency == "strong" else 0
+            scores, ids = await self.router.search(info, vector, fetch, min_seq)
+        else:
+            scores, ids = await self._batcher(tenant, name).search(vector, fetch)
         return await asyncio.to_thread(self._hits, scores, ids, top_k, min_score, where)
 
-    async def ready(self, tenant: str, name: str) -> VectorIndex:
-        """The collection's local index, fit to answer. ``strong``: caught up to the
+    async def ready(self, tenant: str, name: str) -> CollectionInfo | None:
+        """Make the collection's local index fit to answer. ``strong``: caught up to the
         docstore's head as of now (every write acknowledged anywhere before this call is
-        in it); ``eventual``: as the follower left it (loaded first if it never was)."""
+        in it); ``eventual``: as the follower left it (loaded first if it never was).
+        The collection as the docstore has it now (None: not looked up, eventual)."""
         key = (tenant, name)
         index = self._indexes.get(key)
         if self.consistency == "eventual" and index is not None:
-            return index
+            return None
         info = await asyncio.to_thread(self.docstore.info, tenant, name)
         if info is None:
             self._forget(key)
             raise CollectionNotFound(f"no collection {name}")
+        if self.router is not None:
+            return info  # the index workers catch up (to min_seq, when strong)
         if index is None or index.created != info.created or index.seq < info.head:
             await asyncio.to_thread(self._sync_one, info)
-        return self._index(tenant, name)
+        return info
 
     def _batcher(self, tenant: str, name: str) -> SearchBatcher:
         """The collection's batcher: concurrent searches reach FAISS as one batch, on the
@@ -286,6 +312,8 @@ class Retrieval:
                 shutil.rmtree(self._dir(*key), ignore_errors=True)
 
     async def _follow(self, tenant: str, name: str, change: Change) -> None:
+        if self.router is not None:
+            return  # the index workers follow the log
         if self.consistency == "strong":
             await asyncio.to_thread(self._catch_up, tenant, name)
         else:

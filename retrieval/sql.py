@@ -44,6 +44,8 @@ CREATE TABLE IF NOT EXISTS ops (
     seq {id}, tenant TEXT NOT NULL, collection TEXT NOT NULL,
     op TEXT NOT NULL, chunk_id {big} NOT NULL);
 CREATE INDEX IF NOT EXISTS ops_by_collection ON ops (tenant, collection, seq);
+CREATE TABLE IF NOT EXISTS index_workers (
+    worker TEXT PRIMARY KEY, url TEXT NOT NULL, lease_until {real} NOT NULL);
 CREATE TABLE IF NOT EXISTS shard_owners (
     tenant TEXT NOT NULL, collection TEXT NOT NULL, shard INTEGER NOT NULL,
     owner TEXT NOT NULL, url TEXT NOT NULL, lease_until {real} NOT NULL,

@@ -178,6 +178,17 @@ class RetrievalConfig(BaseModel):
     # queries, the first waiting at most batch_window_ms for others
     batch_window_ms: float = Field(1.0, ge=0, le=50)
     max_batch: int = Field(64, ge=1, le=1024)
+    # Shards: a new collection is split into this many by document id (POST
+    # /v1/collections may say otherwise). With index_workers (PostgreSQL only) gateways
+    # hold no index: `weir retrieval serve` workers hold the shards (placed by leases of
+    # worker_lease_s in the database) and gateways scatter each search to their owners,
+    # a shard's search given worker_timeout_s, and up to takeover_s for a dead worker's
+    # shards to be taken over before the search fails (503).
+    shards: int = Field(1, ge=1, le=256)
+    index_workers: bool = False
+    worker_lease_s: float = Field(5.0, gt=0, le=300)
+    worker_timeout_s: float = Field(2.0, gt=0)
+    takeover_s: float = Field(15.0, gt=0)
     embedding_model: str = "minilm"
     chunk_tokens: int = Field(256, ge=16)
     chunk_overlap: int = Field(32, ge=0)
@@ -191,6 +202,12 @@ class RetrievalConfig(BaseModel):
     max_top_k: int = Field(50, ge=1)
     max_documents: int = Field(256, ge=1)  # per request
     max_document_bytes: int = Field(1_000_000, ge=1)
+
+    @model_validator(mode="after")
+    def _workers_share_a_database(self) -> RetrievalConfig:
+        if self.index_workers and self.database_url is None:
+            raise ValueError("retrieval.index_workers needs retrieval.database_url (PostgreSQL)")
+        return self
 
 
 class ObservabilityConfig(BaseModel):

@@ -15,6 +15,7 @@ from serving.cli import (
     limits,
     model_store,
     placement,
+    retrieval,
     scrape,
     serve,
     usage,
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         deploy,
         bench,
         placement,
+        retrieval,
     ):
         group.add_commands(commands)
     return parser

@@ -33,6 +33,7 @@ from models.tokenizer import TokenCounter
 from retrieval import chunking
 from retrieval.errors import CollectionNotFound, StoreUnavailable
 from retrieval.index import IndexParams
+from retrieval.scatter import Scatter
 from retrieval.service import Hit, Retrieval
 from serving.core.call import Caller
 from serving.errors import InvalidRequest, PermissionDenied, RetrievalUnavailable
@@ -102,11 +103,16 @@ class RetrievalGate:
                     snapshot_every=self.config.snapshot_every, database=self._database_url(),
                     follow_interval_s=self.config.follow_interval_s,
                     batch_window_s=self.config.batch_window_ms / 1000,
-                    max_batch=self.config.max_batch,
+                    max_batch=self.config.max_batch, scatter=self._scatter(),
                 )  # fmt: skip
                 await asyncio.to_thread(made.open)
                 self._service = made
             return self._service
+
+    def _scatter(self) -> Scatter | None:
+        if not self.config.index_workers:
+            return None
+        return Scatter(self.config.worker_timeout_s, self.config.takeover_s)
 
     def _database_url(self) -> str | None:
         url = self.config.database_url

@@ -94,4 +94,4 @@ def test_two_gateways_one_postgresql(gateways: tuple[str, str]) -> None:
         f" takes {floor[5] * 1000:.0f} ms (p50)"
     )
     listed = httpx.get(f"{a}/v1/collections").json()["data"]
-    assert listed == [{"name": "c", "documents": 20, "chunks": 20}]
+    assert listed == [{"name": "c", "shards": 1, "documents": 20, "chunks": 20}]

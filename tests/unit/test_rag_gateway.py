@@ -88,7 +88,7 @@ def test_collections_documents_and_search(rig: Rig) -> None:
     assert hidden.json()["error"]["code"] == "collection_not_found"
     assert c.get("/v1/collections", headers=b).json()["data"] == []
     listed = c.get("/v1/collections", headers=a).json()["data"]
-    assert listed == [{"name": "notes", "documents": 2, "chunks": 2}]
+    assert listed == [{"name": "notes", "shards": 1, "documents": 2, "chunks": 2}]
     assert c.delete("/v1/collections/notes/documents/door", headers=a).status_code == 200
     assert c.delete("/v1/collections/notes/documents/door", headers=a).status_code == 404
     left = c.post("/v1/collections/notes/search", json={"query": FACT, "top_k": 5}, headers=a)

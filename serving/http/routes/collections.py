@@ -24,6 +24,7 @@ router = APIRouter(prefix="/v1/collections")
 class CollectionCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=64)
+    shards: int | None = Field(None, ge=1, le=256)  # default: retrieval.shards
 
 
 class DocumentIn(BaseModel):
@@ -85,8 +86,9 @@ def _check(gate: RetrievalGate, documents: list[DocumentIn]) -> None:
 @router.post("", status_code=201, summary="Create a collection")
 async def create(spec: CollectionCreate, request: Request) -> dict[str, Any]:
     async with _for(_gate(request), request) as service:
-        await service.create_collection(tenant_of(request), spec.name)
-    return {"name": spec.name, "object": "collection"}
+        shards = spec.shards or _gate(request).config.shards
+        await service.create_collection(tenant_of(request), spec.name, shards)
+    return {"name": spec.name, "object": "collection", "shards": shards}
 
 
 @router.get("", summary="This tenant's collections")
