@@ -69,8 +69,12 @@ def local_endpoints(key: ReplicaKey) -> EventEndpoints:
     return EventEndpoints(f"ipc://{base}.pub", f"ipc://{base}.replay")
 
 
-def remote_endpoints(version: VersionConfig, url: str) -> EventEndpoints | None:
-    """A remote engine's endpoints: its URL's host at the version's ports (None: not set)."""
+def remote_endpoints(version: VersionConfig, url: str, index: int = 0) -> EventEndpoints | None:
+    """A remote engine's endpoints: the version's ``kv_events`` entry for replica ``index``,
+    else its URL's host at the version's ports (None: not set)."""
+    if index < len(version.kv_events):
+        publisher, _, named = version.kv_events[index].strip().partition(" ")
+        return EventEndpoints(publisher, named.strip() or None)
     if version.kv_events_port is None:
         return None
     host = urlsplit(url).hostname or "127.0.0.1"

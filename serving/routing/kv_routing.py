@@ -141,7 +141,7 @@ class KvRouting:
         version = _version(model, replica.key.version)
         if version is None or not isinstance(url, str):
             return None
-        return kv_events.remote_endpoints(version, url)
+        return kv_events.remote_endpoints(version, url, replica.key.index)
 
     def _max_blocks(self, replica: Replica) -> int:
         model = self.models.get(replica.key.model)

@@ -28,7 +28,7 @@ def stack_config(port: int, logs: Path) -> str:
         retrieval={"path": f"{logs}/../retrieval"},
         models=[
             model("smollm2", "135m-instruct", weights="smollm2-135m-instruct", replicas=2,
-                  engine_args=["--max-model-len", "2048"]),
+                  engine_args=["--max-model-len", "2048"], routing={"strategy": "kv_aware"}),
             model("minilm", "l6-v2", task="embed", weights="all-minilm-l6-v2"),
         ],
     )  # fmt: skip
