@@ -10,8 +10,9 @@ COPY serving ./serving
 COPY models ./models
 COPY retrieval ./retrieval
 COPY bench ./bench
-# The base install is the gateway (fastapi, uvicorn, aiohttp, redis, tokenizers, ...).
-RUN pip install . && useradd --system --uid 10001 weir && mkdir -p /etc/weir \
+# The base install is the gateway (fastapi, uvicorn, aiohttp, redis, tokenizers, ...);
+# faiss-cpu for retrieval's indexes (the chart's index workers run this image too).
+RUN pip install . "faiss-cpu>=1.9" && useradd --system --uid 10001 weir && mkdir -p /etc/weir \
     && cp weir.toml /etc/weir/weir.toml
 USER 10001
 EXPOSE 8000
