@@ -106,6 +106,7 @@ class Ledger:
         self._spill: IO[bytes] | None = None
         self._spill_path: Path | None = None
         self._spilled = 0  # rows in spill files not yet written
+        self._writing = 0  # rows taken from memory, not yet committed or spilled
         self._pending_others = True  # other processes' spill files to drain
         self.written = 0
         self._batch = config.batch_rows
@@ -160,7 +161,9 @@ class Ledger:
 
     @property
     def backlog(self) -> int:
-        return len(self._rows) + self._spilled
+        """Rows not yet in the database: in memory, being written, in spill files (counted
+        until committed: ``flush`` must not return while a batch is on its way)."""
+        return len(self._rows) + self._writing + self._spilled
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Until every row taken so far is in the database (reports call it first);
@@ -205,13 +208,7 @@ class Ledger:
             if self._spilled or self._pending_others:
                 self._drain_spills()
             while self._rows:
-                batch = self._take(self._batch)
-                try:
-                    insert_rows(self.engine(), [as_dict(r) for r in batch])
-                except DB_ERRORS:
-                    self._spill_rows(batch)
-                    raise
-                self._wrote(len(batch))
+                self._send(self._take(self._batch))
         except DB_ERRORS as exc:
             self.failures_total.inc()
             self._down_until = time.monotonic() + self.config.retry_s
@@ -229,13 +226,7 @@ class Ledger:
             if self._spilled or self._pending_others:
                 self._drain_spills()
             while self._rows:
-                batch = self._take(self._batch)
-                try:
-                    insert_rows(self.engine(), [as_dict(r) for r in batch])
-                except DB_ERRORS:
-                    self._spill_rows(batch)
-                    raise
-                self._wrote(len(batch))
+                self._send(self._take(self._batch))
         except DB_ERRORS as exc:
             log.warning("ledger database unavailable at shutdown (%s): rows spilled", _why(exc))
             self._spill_rows(self._take(len(self._rows)))
@@ -267,8 +258,25 @@ class Ledger:
         self._ready = True
 
     def _take(self, n: int) -> list[Row]:
+        """Up to ``n`` rows out of memory, counted as being written until ``_send`` or
+        ``_spill_rows`` is done with them."""
         rows = self._rows
-        return [rows.popleft() for _ in range(min(n, len(rows)))]
+        n = min(n, len(rows))
+        self._writing += n  # before they leave the deque: the backlog never dips
+        return [rows.popleft() for _ in range(n)]
+
+    def _send(self, batch: list[Row]) -> None:
+        """Insert rows from ``_take``; when the database fails they go to the spill file."""
+        try:
+            insert_rows(self.engine(), [as_dict(r) for r in batch])
+        except DB_ERRORS:
+            self._spill_rows(batch)
+            raise
+        except BaseException:
+            self._writing -= len(batch)
+            raise
+        self._writing -= len(batch)
+        self._wrote(len(batch))
 
     def _wrote(self, n: int) -> None:
         self.written += n
@@ -295,13 +303,17 @@ class Ledger:
             self._spill_rows(self._take(max(excess, 0) or len(self._rows)))
 
     def _spill_rows(self, rows: Sequence[Row]) -> None:
+        """Rows from ``_take`` to this process's spill file."""
         if not rows:
             return
-        spill = self._spill or self._open_spill()
-        spill.write(b"".join(orjson.dumps(r) + b"\n" for r in rows))
-        spill.flush()
-        os.fsync(spill.fileno())
-        self._spilled += len(rows)
+        try:
+            spill = self._spill or self._open_spill()
+            spill.write(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+            spill.flush()
+            os.fsync(spill.fileno())
+            self._spilled += len(rows)
+        finally:
+            self._writing -= len(rows)
         self.spilled_total.inc(len(rows))
 
     def _drain_spills(self) -> None:

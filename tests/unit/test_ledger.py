@@ -8,15 +8,16 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import SecretStr
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from serving.ledger.config import LedgerConfig
 from serving.ledger.report import usage_report
 from serving.ledger.schema import usage
-from serving.ledger.writer import Ledger, Row
+from serving.ledger.writer import Ledger, Row, make_engine
 from tests.postgres_server import PostgresServer
 
 
@@ -124,3 +125,29 @@ def test_rows_spilled_at_shutdown_are_written_by_the_next_process(tmp_path: Path
         assert not spilled[0].exists()
     finally:
         second.close()
+
+
+def test_flush_returns_only_once_the_batch_on_its_way_is_committed(tmp_path: Path) -> None:
+    # a slow database (each INSERT held 0.3 s): the batch the writer has taken out of
+    # memory still counts until its transaction commits, so a report made after
+    # flush() sees every row taken before it (a batch in flight once went uncounted)
+    settings = config(tmp_path, batch_rows=100, flush_interval_s=0.01)
+    engine = make_engine(settings)
+
+    def slow(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO USAGE"):
+            time.sleep(0.3)
+
+    event.listen(engine, "before_cursor_execute", slow)
+    ledger = Ledger(settings, engine=engine)
+    ledger.start()
+    try:
+        for batch in range(3):
+            for i in range(100):
+                ledger.record(row(batch * 100 + i))
+            assert ledger.backlog > 0
+            assert ledger.flush(30)
+            assert count(ledger) == (batch + 1) * 100
+            assert ledger.backlog == 0
+    finally:
+        ledger.close()
