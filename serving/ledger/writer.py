@@ -115,6 +115,9 @@ class Ledger:
             "Usage rows not yet in the ledger database (memory + spill files)",
             registry=registry,
         )
+        # read when scraped, so a row taken since the writer's last cycle counts at once
+        # (with several worker processes the files hold what each cycle last set)
+        self.backlog_gauge.set_function(lambda: self.backlog)
         self.written_total = Counter(
             "weir_ledger_rows_written", "Usage rows written to the ledger database",
             registry=registry,

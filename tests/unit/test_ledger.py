@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 from sqlalchemy import event, func, select
 
@@ -149,5 +150,20 @@ def test_flush_returns_only_once_the_batch_on_its_way_is_committed(tmp_path: Pat
             assert ledger.flush(30)
             assert count(ledger) == (batch + 1) * 100
             assert ledger.backlog == 0
+    finally:
+        ledger.close()
+
+
+def test_backlog_gauge_counts_a_row_as_soon_as_it_is_taken(tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    ledger = Ledger(config(tmp_path, flush_interval_s=60), registry=registry)
+    for i in range(5):
+        ledger.record(row(i))  # no writer cycle has run since
+    assert registry.get_sample_value("weir_ledger_backlog_rows") == 5
+    ledger.start()
+    try:
+        assert ledger.flush(30)
+        assert registry.get_sample_value("weir_ledger_backlog_rows") == 0
+        assert count(ledger) == 5
     finally:
         ledger.close()
