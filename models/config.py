@@ -56,6 +56,12 @@ class EngineConfig(_Strict):
     # Which engine flags apply: auto = cuda where an NVIDIA device is visible, else cpu.
     # Env: WEIR_ENGINES__HOST=cuda (the CUDA image sets it).
     host: Literal["auto", "cpu", "cuda"] = "auto"
+    # Engines apart from the gateway (`weir engines`, `weir serve --workers N`): the file
+    # where the supervisor publishes the local engines; a gateway given one starts no
+    # engine and follows it (env WEIR_ENGINES__BOARD; `weir serve --workers` sets it).
+    board: Path | None = None
+    retire_after_s: float = Field(30.0, ge=0)  # a version off the board: engines stop then
+    server: str = "vllm.entrypoints.openai.api_server"  # python -m this (tests: a fake)
 
 
 class VersionConfig(_Strict):

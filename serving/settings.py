@@ -244,6 +244,14 @@ class DeployConfig(BaseModel):
     drain_timeout_s: float = Field(300.0, gt=0)  # old version's requests finish, then stop
     min_canary_requests: int = Field(20, ge=1)  # fewer in the window: the gate rolls back
     state_file: Path | None = None  # where rollouts are recorded; a restart resumes them
+    # Fleet-wide rollouts: the state in Redis (serving/rollout/shared.py), followed by every
+    # gateway process and `weir engines`; one deploy per model at a time across them.
+    redis_url: str | None = None  # or keys.redis_url when shared = true; none: per process
+    shared: bool = False
+    follow_interval_s: float = Field(0.1, gt=0, le=1)  # how often each process polls its seq
+    lease_s: float = Field(30.0, gt=0)  # a model's rollout lease (renewed every third)
+    redis_timeout_s: float = Field(2.0, gt=0)
+    switch_timeout_s: float = Field(60.0, gt=0)  # a follower waits this for new replicas
 
 
 class Settings(BaseSettings):

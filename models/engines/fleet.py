@@ -56,6 +56,7 @@ class Fleet:
         self.unhealthy_after = unhealthy_after
         self.clock = clock
         self._by_version: dict[VersionKey, list[Replica]] = {}
+        self.expected: set[VersionKey] = set()  # not ready until replicas join (a board)
         self._index()
         self._monitor: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
@@ -68,6 +69,7 @@ class Fleet:
         for replica in self.replicas:
             by_version.setdefault(replica.key.version_key, []).append(replica)
         self._by_version = by_version
+        self.expected -= set(by_version)  # joined: readiness is theirs now
 
     async def add(self, replicas: list[Replica]) -> None:
         """Start new replicas (a deploy); they take requests once their health check passes."""
@@ -140,7 +142,8 @@ class Fleet:
 
     def readiness(self) -> dict[str, bool]:
         """Per served version (``model@version``): does it have a healthy replica?"""
-        return {str(key): any(r.healthy for r in reps) for key, reps in self._by_version.items()}
+        ready = {str(key): any(r.healthy for r in reps) for key, reps in self._by_version.items()}
+        return {str(key): False for key in self.expected} | ready
 
     def ready(self) -> bool:
         return all(self.readiness().values())

@@ -125,7 +125,7 @@ class ReplicaFactory:
     engines: EngineConfig
     timeouts: EngineTimeouts
     machine: Host | None = None  # the host's devices as described; None: read on first use
-    server: str = vllm_engine.SERVER_MODULE  # the module run with python -m, vLLM's server
+    server: str | None = None  # the module run with python -m; None: engines.server (vLLM's)
     host: vllm_engine.HostKind = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
@@ -177,7 +177,7 @@ class ReplicaFactory:
                 + version.engine_args,
                 host=self.host,
                 placement=placement,
-                server=self.server,
+                server=self.server or engines.server,
             )
             process = EngineProcess(
                 str(key),

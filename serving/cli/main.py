@@ -10,6 +10,7 @@ from serving.cli import (
     adapters,
     bench,
     deploy,
+    engines,
     ingest,
     keys,
     limits,
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for group in (
         serve,
+        engines,
         model_store,
         adapters,
         keys,

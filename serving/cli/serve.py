@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from models.engines.engine_host import is_local
 from models.engines.launcher import check_weights
 from models.errors import StoreError
 from serving import memory
@@ -99,21 +105,15 @@ def serve(args: argparse.Namespace) -> int:
 def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
     """``--workers N``: N gateway processes on one port (uvicorn's workers), sharing
     Redis for keys, limits and the cache, and one metrics directory."""
-    import os
-    import shutil
-    import tempfile
-
     import uvicorn
 
-    local = [f"{m.name}@{v.version}" for m in settings.models for v in m.versions if not v.remote]
-    if local:
-        print(
-            f"weir: --workers needs remote engines (url or urls) for every version; these"
-            f" would be started once per worker: {', '.join(local)}. Run `weir serve` for the"
-            " engines, or vLLM itself, and point the gateways at them.",
-            file=sys.stderr,
-        )
-        return 2
+    local = [f"{m.name}@{v.version}" for m in settings.models for v in m.versions if is_local(v)]
+    supervisor = None
+    if local and settings.engines.board is None:  # the engines in one process of their own
+        board = Path(tempfile.mkdtemp(prefix="weir-fleet-")) / "fleet.json"
+        os.environ["WEIR_ENGINES__BOARD"] = str(board)
+        supervisor = _start_supervisor(args, board)
+        print(f"weir: engines {', '.join(local)} in supervisor pid {supervisor.pid} ({board})")
     metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if metrics_dir:
         shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -128,19 +128,41 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
     host = args.host or gateway.host
     port = args.port if args.port is not None else gateway.port
     print(f"weir: {args.workers} gateway workers on http://{host}:{port} (metrics: {metrics_dir})")
-    uvicorn.run(
-        APP_FACTORY,
-        factory=True,
-        workers=args.workers,
-        host=host,
-        port=port,
-        loop="uvloop",
-        http=GuardedHttpTools,
-        log_level=args.log_level.lower(),
-        access_log=False,
-        timeout_graceful_shutdown=30,
-    )
+    try:
+        uvicorn.run(
+            APP_FACTORY,
+            factory=True,
+            workers=args.workers,
+            host=host,
+            port=port,
+            loop="uvloop",
+            http=GuardedHttpTools,
+            log_level=args.log_level.lower(),
+            access_log=False,
+            timeout_graceful_shutdown=30,
+        )
+    finally:
+        if supervisor is not None:
+            _stop_supervisor(supervisor, settings.engines.stop_grace_s + 10)
     return 0
+
+
+def _start_supervisor(args: argparse.Namespace, board: Path) -> subprocess.Popen[bytes]:
+    """``weir engines`` as our child; it stops its engines when our pipe to it closes."""
+    command = [sys.executable, "-m", "serving.cli"]
+    if args.config is not None:
+        command += ["--config", str(args.config.resolve())]
+    command += ["engines", "--board", str(board), "--log-level", args.log_level, "--watch-stdin"]
+    return subprocess.Popen(command, stdin=subprocess.PIPE)
+
+
+def _stop_supervisor(proc: subprocess.Popen[bytes], grace_s: float) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def app_from_environment() -> Any:
@@ -165,6 +187,9 @@ def add_commands(commands: Any) -> None:
     serve_cmd.add_argument("--allow-unauthenticated", action="store_true")
     serve_cmd.add_argument("--log-level", default="INFO")
     serve_cmd.add_argument(
-        "--workers", type=int, default=1, help="gateway processes (remote engines only)"
+        "--workers",
+        type=int,
+        default=1,
+        help="gateway processes; local engines then run in one supervisor (weir engines)",
     )
     serve_cmd.set_defaults(func=serve)

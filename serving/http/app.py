@@ -42,7 +42,9 @@ from models.registry import Registry
 from models.tokenizer import TokenCounter
 from models.types import VersionKey
 from retrieval.errors import RetrievalError
+from serving import workers
 from serving.adapters.setup import ControlFactory, make_adapters
+from serving.batches.runner import KeyLookup
 from serving.batches.service import make_batches
 from serving.billing.setup import make_meter
 from serving.cache.service import Cache
@@ -52,7 +54,6 @@ from serving.core.rag import RetrievalGate
 from serving.errors import (
     GatewayError,
 )
-from serving.batches.runner import KeyLookup
 from serving.http import model_routes, responses_routes
 from serving.http.front import Front, Keys, request_id_of
 from serving.http.rendering import as_ours, error_response
@@ -61,13 +62,15 @@ from serving.http.routes import (
     admin,
     admin_limits,
     admin_usage,
-    batches as batch_routes,
     catalog,
     collections,
     deploy,
     engines,
     health,
     metrics_route,
+)
+from serving.http.routes import (
+    batches as batch_routes,
 )
 from serving.http.validation import invalid_request_from
 from serving.keys.cache import CachedKeyStore
@@ -78,6 +81,7 @@ from serving.limits.redis_store import make_limit_store
 from serving.observe.metrics import Metrics
 from serving.observe.tracing import make_provider, tracer_from
 from serving.responses.service import make_responses
+from serving.rollout import shared as rollout_shared
 from serving.rollout.deployer import Deployer, ReplicaMaker
 from serving.rollout.state import RolloutState
 from serving.routing.dispatch import Deadlines, Dispatcher
@@ -139,6 +143,7 @@ def create_app(
     a deploy starts) and ``counters``; the CLI passes the ``weights`` it already checked.
     Otherwise all come from ``settings``."""
     gateway = settings.gateway
+    board = settings.engines.board if fleet_factory is None else None  # engines elsewhere
     state = RolloutState(settings.deploy.state_file) if settings.deploy.state_file else None
     if state is not None:
         settings = settings.model_copy(update={"models": state.apply(settings.models)})
@@ -202,7 +207,7 @@ def create_app(
         if fleet_factory is not None:
             return fleet_factory(session)
         factory = ReplicaFactory(settings.engines, timeouts)
-        return build_fleet(settings.models, found, factory)
+        return build_fleet(workers.fleet_models(settings.models, board), found, factory)
 
     api = FastAPI(
         title="Weir gateway",
@@ -219,6 +224,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: object) -> AsyncIterator[None]:
+        nonlocal settings
+        shared, joined = await rollout_shared.join(settings, registry)  # mid-rollout too
+        settings = settings.model_copy(update={"models": joined})
         connector = aiohttp.TCPConnector(limit=gateway.max_connections, limit_per_host=0)
         session = aiohttp.ClientSession(connector=connector, json_serialize=json_dumps)
         found = await asyncio.to_thread(resolved_weights)
@@ -251,6 +259,11 @@ def create_app(
             await asyncio.to_thread(lora.check)  # configured adapters are in the store
             dispatcher.adapters = api.state.adapters = lora
         discovery = make_discovery(fleet, session)
+        follower = (
+            workers.follow_board(board, fleet, registry, dispatcher,
+                                 ReplicaFactory(settings.engines, timeouts))
+            if board is not None else None
+        )  # fmt: skip
         for model in settings.models:
             for version in model.versions:
                 if version.dns is not None and version.version in model.running():
@@ -261,6 +274,8 @@ def create_app(
             discovery=discovery,
         )  # fmt: skip
         api.state.deployer.adapters = lora  # deploys of versions that are adapters
+        api.state.deployer.shared, api.state.deployer.supervised = shared, board is not None
+        following = rollout_shared.start_following(shared, api.state.deployer, settings)
         if settings.retrieval.enabled:
             embed_model = settings.retrieval.embedding_model
 
@@ -284,6 +299,9 @@ def create_app(
                 await lora.start()  # fills each LoRA engine with its adapters once healthy
             await discovery.refresh_all()
             discovery.start()
+            if follower is not None:  # the supervisor's engines, as remote replicas
+                await follower.refresh()
+                follower.start()
             announcer = asyncio.create_task(_announce(fleet, gateway.ready_timeout_s, on_ready))
             if batches is not None:
                 batches.start()  # resumes batches left running (a restart, a crash)
@@ -297,11 +315,14 @@ def create_app(
         finally:
             if announcer is not None:
                 announcer.cancel()
+            await rollout_shared.stop_following(following, shared)
             if batches is not None:
                 await batches.aclose()  # its requests in flight run again after a restart
             if getattr(api.state, "deployer", None) is not None:
                 await api.state.deployer.aclose()
             await discovery.stop()
+            if follower is not None:
+                await follower.stop()
             if lora is not None:
                 await lora.stop()
             log.info("stopping engines")

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 from models.config import ModelConfig, StoreConfig, VersionConfig
 from models.engines.discovery import DnsDiscovery
+from models.engines.engine_host import is_local
 from models.engines.fleet import Fleet, Replica
 from models.engines.launcher import ReplicaFactory, version_counter
 from models.engines.placement import Placement, PlacementRefused
@@ -42,6 +43,7 @@ from models.tokenizer import TokenCounter
 from models.types import VersionKey
 from serving.errors import DeployInProgress, DeployRefused, GatewayError, RouteNotFound
 from serving.rollout import gate
+from serving.rollout.shared import SharedState, overlay
 from serving.rollout.state import RolloutState
 from serving.rollout.tracker import VersionTracker
 from serving.routing.dispatch import Dispatcher
@@ -160,6 +162,12 @@ class Deployer:
         self.operations: dict[str, Operation] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self.shared: SharedState | None = None  # fleet-wide state (serving.rollout.shared)
+        self.supervised = False  # local engines come from `weir engines` (the board)
+        self.shared_ops: dict[str, dict[str, Any]] = {}  # rollouts other gateways run
+        self._outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._publisher: asyncio.Task[None] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         return f"Deployer(models={[m.name for m in self.registry.models]!r})"
@@ -188,13 +196,23 @@ class Deployer:
             "in_flight": {
                 v: self.tracker.inflight[VersionKey(name, v)] for v in self.registry.running(name)
             },
-            "operation": operation.view() if operation else None,
+            "operation": operation.view() if operation else self.shared_ops.get(name),
         }
 
     async def deploy(self, name: str, asked: DeployRequest) -> Operation:
         """Check now (refusals raise ``DeployRefused``), then roll out in the background."""
-        model = self._model(name)
+        self._model(name)
         self._not_busy(name)
+        await self._lease(name)
+        try:
+            return await self._deploy_checked(name, asked)
+        except BaseException:
+            if self.shared is not None:
+                await self.shared.release(name)
+            raise
+
+    async def _deploy_checked(self, name: str, asked: DeployRequest) -> Operation:
+        model = self._model(name)
         gate_spec = self._gate(asked)
         running = self.registry.running(name)
         shares = model.shares()
@@ -228,8 +246,17 @@ class Deployer:
 
     async def rollback(self, name: str) -> Operation:
         """Back to the stable version (a canary) or the previous one (a full deploy)."""
-        model = self._model(name)
         self._not_busy(name)
+        await self._lease(name)
+        try:
+            return await self._rollback_checked(name)
+        except BaseException:
+            if self.shared is not None:
+                await self.shared.release(name)
+            raise
+
+    async def _rollback_checked(self, name: str) -> Operation:
+        model = self._model(name)
         shares = model.shares()
         if len(shares) > 1:
             canary = [v for v in shares if v != model.current]
@@ -417,6 +444,9 @@ class Deployer:
         operation = self.operations[name]
 
         async def run() -> None:
+            holding = (
+                asyncio.create_task(self.shared.hold(name)) if self.shared is not None else None
+            )
             async with lock:
                 try:
                     await work
@@ -424,6 +454,12 @@ class Deployer:
                     log.exception("%s of %s failed", operation.kind, name)
                     operation.error = f"{type(exc).__name__}: {exc}"
                     operation.step("failed", reason=operation.error)
+                finally:
+                    self._save()  # the operation's last phase, fleet-wide
+                    if holding is not None and self.shared is not None:
+                        holding.cancel()
+                        await self._outbox.join()  # written before another may lead
+                        await self.shared.release(name)
 
         self._tasks[name] = asyncio.create_task(run(), name=f"rollout {name}")
 
@@ -445,6 +481,10 @@ class Deployer:
             operation.step("failed", reason=str(exc))
             return
         running = set(self.registry.running(name))
+        if version.version not in running:  # running, no traffic yet: followers get ready
+            self._apply(model.model_copy(update={"current": stable}), running | {version.version})
+            running.add(version.version)
+            await self._settle()
         if asked.canary is not None:
             share = asked.canary
             updated = model.model_copy(
@@ -487,6 +527,8 @@ class Deployer:
                 operation.step("starting", replicas=len(replicas), dns=version.dns)
                 if not replicas:
                     raise DeployFailed(f"{version.dns} resolves to no engines")
+            elif self.supervised and is_local(version):
+                replicas = await self._from_board(operation, model, version)
             else:
                 placements = self._placements(
                     model, version, weights, self._model(key.model).current
@@ -614,6 +656,9 @@ class Deployer:
             operation.step("stopping", version=version)
             if self.discovery is not None:
                 self.discovery.untrack(key)
+            if self.supervised and is_local(self._model(name).version(version)):
+                operation.step("released", version=version)  # `weir engines` stops them
+                continue
             gone = await self.fleet.remove(key)
             operation.step("stopped", version=version, replicas=len(gone))
 
@@ -625,6 +670,153 @@ class Deployer:
     def _save(self) -> None:
         if self.state is not None:
             self.state.save(self.registry, self.previous)
+        if self.shared is not None:
+            self._outbox.put_nowait(self._document())
+            if self._publisher is None:
+                self._publisher = asyncio.create_task(self._publish(), name="rollout publisher")
+
+    def _document(self) -> dict[str, Any]:
+        """Every model's rollout as the shared state holds it (``RolloutState``'s record
+        plus the operation in progress, with its gate decision)."""
+        data: dict[str, Any] = {}
+        for model in self.registry.models:
+            operation = self.operations.get(model.name)
+            data[model.name] = {
+                "current": model.current,
+                "split": model.split,
+                "running": self.registry.running(model.name),
+                "previous": self.previous.get(model.name),
+                "versions": [v.model_dump(mode="json") for v in model.versions],
+                "operation": operation.view() if operation else self.shared_ops.get(model.name),
+            }
+        return data
+
+    async def _publish(self) -> None:
+        """Writes the documents in the order they were made (one writer per process)."""
+        assert self.shared is not None
+        while True:
+            document = await self._outbox.get()
+            try:
+                seq = await self.shared.write(document)
+                log.info("rollout state %d written", seq)
+            except Exception as exc:  # the rollout goes on here; followers catch up later
+                log.error("writing the shared rollout state failed: %s", exc)
+            finally:
+                self._outbox.task_done()
+
+    async def _settle(self) -> None:
+        """Wait until what was saved is written (followers read it from then on)."""
+        if self.shared is not None:
+            await self._outbox.join()
+
+    async def _lease(self, name: str) -> None:
+        """This model's fleet-wide rollout lease, or ``DeployInProgress``."""
+        if self.shared is None:
+            return
+        try:
+            if await self.shared.acquire(name):
+                return
+        except Exception as exc:
+            raise DeployRefused(f"the shared rollout state is unreachable: {exc}") from None
+        raise DeployInProgress(
+            f"A rollout of {name} is in progress through another gateway; wait for it to"
+            " finish (weir deployments) and try again."
+        )
+
+    async def _from_board(
+        self, operation: Operation, model: ModelConfig, version: VersionConfig
+    ) -> list[Replica]:
+        """A local version under `weir engines`: say it runs (no traffic), and wait until
+        the supervisor's engines for it are on the board and in our fleet."""
+        key = VersionKey(model.name, version.version)
+        running = set(self.registry.running(model.name)) | {version.version}
+        stable = self._model(model.name).current
+        self._apply(
+            model.model_copy(update={"current": stable, "split": self._model(model.name).split}),
+            running,
+        )
+        await self._settle()
+        operation.step("starting", replicas=version.replica_count, by="weir engines")
+        deadline = time.monotonic() + self.start_timeout_s
+        while not (replicas := [r for r in self.fleet.replicas if r.key.version_key == key]):
+            if time.monotonic() > deadline:
+                self._apply(self._model(model.name), running - {version.version})
+                raise DeployFailed(f"weir engines did not start {key} in {self.start_timeout_s:g}s")
+            await asyncio.sleep(0.1)
+        return replicas
+
+    # ---- following the rollouts other gateways run (the shared state)
+
+    async def follow(self, seq: int, doc: dict[str, Any], configured: list[ModelConfig]) -> None:
+        """Apply the shared state: each model's new replicas first (healthy, or the
+        switch waits up to ``switch_timeout_s``), then its split, then retire the old."""
+        records = doc.get("models") or {}
+        for model in overlay(configured, doc):
+            name = model.name
+            record = records.get(name) or {}
+            task = self._tasks.get(name)
+            if task is not None and not task.done():
+                continue  # ours: what we wrote
+            if record.get("operation") is not None:
+                self.shared_ops[name] = record["operation"]
+            if record.get("previous"):
+                self.previous[name] = str(record["previous"])
+            now = self._model(name)
+            new = set(model.running())
+            old = set(self.registry.running(name))
+            if new == old and now.current == model.current and now.split == model.split:
+                continue
+            for version in sorted(new - old):
+                await self._join(model, model.version(version))
+            self.registry.update(model, new)
+            self.dispatcher.configure(model)
+            log.info("rollout state %d: %s current %s split %s running %s",
+                     seq, name, model.current, model.shares(), sorted(new))  # fmt: skip
+            for version in sorted(old - new):
+                retire = asyncio.create_task(self._let_go(VersionKey(name, version), now))
+                self._retiring.add(retire)
+                retire.add_done_callback(self._retiring.discard)
+
+    async def _join(self, model: ModelConfig, version: VersionConfig) -> None:
+        """Replicas of a version another gateway started, healthy before any traffic."""
+        key = VersionKey(model.name, version.version)
+        self.dispatcher.configure(model)
+        replicas = [r for r in self.fleet.replicas if r.key.version_key == key]
+        if not replicas and version.base is None and not (self.supervised and is_local(version)):
+            if version.dns is not None and self.discovery is not None:
+                self.discovery.track(model, version)
+                replicas = await self.discovery.refresh(key)
+            else:
+                weights = await asyncio.to_thread(self._check_weights, model.name, version)
+                replicas = self.make_replicas(model, version, weights)
+                await self.fleet.add(replicas)
+            self.dispatcher.adopt(replicas)
+        if key not in self.counters and version.base is None:
+            weights = await asyncio.to_thread(self._check_weights, model.name, version)
+            counter = await asyncio.to_thread(self.load_counter, key, version, weights)
+            if counter is not None:
+                self.counters[key] = counter
+        if version.base is not None:
+            return
+        deadline = time.monotonic() + self.config.switch_timeout_s
+        while time.monotonic() < deadline:
+            replicas = [r for r in self.fleet.replicas if r.key.version_key == key]
+            if replicas and any(r.healthy for r in replicas):
+                return
+            await self.fleet.check_once()
+            if not any(r.healthy for r in replicas):
+                await asyncio.sleep(0.05)
+        log.error("%s: no healthy replica after %gs; following the rollout anyway",
+                  key, self.config.switch_timeout_s)  # fmt: skip
+
+    async def _let_go(self, key: VersionKey, model: ModelConfig) -> None:
+        """A version another gateway retired: our requests on it finish, then it goes."""
+        await self.tracker.drained(key, self.config.drain_timeout_s)
+        if self.discovery is not None:
+            self.discovery.untrack(key)
+        local = is_local(model.version(key.version))
+        if not (self.supervised and local):
+            await self.fleet.remove(key)
 
 
 def _log_tail(replicas: list[Replica], lines: int = 3) -> str:

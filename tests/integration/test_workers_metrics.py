@@ -58,11 +58,3 @@ def test_two_workers_count_every_request_once(tmp_path: Path) -> None:
     for text in scrapes:  # whichever worker answers, it reports both
         assert sample(text, "weir_requests_total", **version, status="200") == REQUESTS
         assert sample(text, "tokens_used_total", **version, type="completion") == 3 * REQUESTS
-
-
-def test_workers_refuse_local_engines(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [weir_command(), "serve", "--workers", "2"], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 2
-    assert "--workers needs remote engines" in done.stderr
