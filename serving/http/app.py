@@ -85,6 +85,7 @@ from serving.rollout import shared as rollout_shared
 from serving.rollout.deployer import Deployer, ReplicaMaker
 from serving.rollout.state import RolloutState
 from serving.routing.dispatch import Deadlines, Dispatcher
+from serving.routing.kv_routing import KvRouting
 from serving.settings import Settings
 
 log = logging.getLogger("weir.gateway")
@@ -236,8 +237,10 @@ def create_app(
             loaded = counters
         fleet = make_fleet(session, found)
         deadlines = Deadlines(gateway.engine_ttft_timeout_s, gateway.engine_total_timeout_s)
+        kv = KvRouting(settings.models, loaded, host=settings.engines.host,
+                       registry=metrics.registry if metrics else None)  # fmt: skip
         dispatcher = Dispatcher(
-            fleet, settings.models, deadlines, tracer=tracer, on_retry=count_retry
+            fleet, settings.models, deadlines, tracer=tracer, on_retry=count_retry, kv=kv
         )
         api.state.proxy = Proxy(
             registry, dispatcher, loaded, settings.contract, limiter, limits.model_tpm,
@@ -295,6 +298,7 @@ def create_app(
         announcer: asyncio.Task[None] | None = None
         try:
             await fleet.start()
+            kv.start(fleet)  # follows the KV events of kv_aware models' engines
             if lora is not None:
                 await lora.start()  # fills each LoRA engine with its adapters once healthy
             await discovery.refresh_all()
@@ -325,6 +329,7 @@ def create_app(
                 await follower.stop()
             if lora is not None:
                 await lora.stop()
+            await kv.stop()
             log.info("stopping engines")
             await fleet.stop()
             await session.close()

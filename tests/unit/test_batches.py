@@ -13,7 +13,7 @@ import io
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import openai
 import orjson
@@ -32,7 +32,7 @@ from tests.openai_spec import validate
 JSON = dict[str, Any]
 ALICE = {"authorization": "Bearer sk-alice"}
 BOB = {"authorization": "Bearer sk-bob"}
-CHAT = "/v1/chat/completions"
+CHAT: Final = "/v1/chat/completions"
 
 
 def models() -> list[ModelConfig]:

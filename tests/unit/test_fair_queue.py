@@ -85,7 +85,8 @@ async def test_a_light_tenant_finds_a_slot_kept_for_it() -> None:
     (await bulkhead.acquire(B)).release()  # b asked lately: its peak + 1 slots are kept
     flood = [await bulkhead.acquire(A) for _ in range(3)]
     waiting = await queued(bulkhead, A)
-    assert bulkhead.in_flight == 3 and bulkhead.queued == 1  # a's fourth waits
+    assert bulkhead.in_flight == 3
+    assert bulkhead.queued == 1  # a's fourth waits
     slot = await asyncio.wait_for(bulkhead.acquire(B), 1)  # b's next one: at once
     assert bulkhead.in_flight == 4
     slot.release()
