@@ -33,7 +33,7 @@ from serving.batches.store import BatchStore, Claimed, Line
 from serving.core.answer import JsonAnswer
 from serving.core.call import Call, Caller, never
 from serving.core.proxy import Proxy
-from serving.errors import render
+from serving.errors import BudgetExceeded, render
 from serving.keys.records import KeyRecord
 from serving.observe.metrics import Metrics
 from serving.settings import BatchesConfig
@@ -228,7 +228,9 @@ class Runner:
                     raise
                 except Exception as exc:
                     status, body, _ = render(exc, request_id)
-                    if status in RETRY:
+                    # a money budget is not a rate: waiting only helps a day or month budget,
+                    # and never a total; the line gets its 429 as its result
+                    if status in RETRY and not isinstance(exc, BudgetExceeded):
                         await asyncio.sleep(delay)
                         delay = min(delay * 2, self.config.retry_max_s)
                         continue
