@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from models.engines.h1 import fixed_headers
 from models.errors import ConfigError
 
+KV_HASH_FLAG = "--prefix-caching-hash-algo"
+KV_HASHES = ("sha256", "sha256_cbor")  # the block hashes a gateway can recompute
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DEFAULT_STORE = Path("~/.cache/weir/models")
 
@@ -245,6 +247,26 @@ class ModelConfig(_Strict):
         if not _NAME.match(value):
             raise ValueError(f"model name '{value}' must match {_NAME.pattern}")
         return value
+
+    @model_validator(mode="after")
+    def _kv_hashes_reproducible(self) -> ModelConfig:
+        """kv_aware routing recomputes the engines' block hashes: xxhash seeds each engine
+        at random, so it is refused when the configuration loads, not on every request."""
+        if self.routing.strategy != "kv_aware":
+            return self
+        for version in self.versions:
+            args = version.engine_args
+            for i, arg in enumerate(args):
+                algo = arg.partition("=")[2] if arg.startswith(KV_HASH_FLAG + "=") else None
+                if arg == KV_HASH_FLAG and i + 1 < len(args):
+                    algo = args[i + 1]
+                if algo is not None and algo not in KV_HASHES:
+                    raise ValueError(
+                        f"model '{self.name}' version '{version.version}': routing.strategy"
+                        f" kv_aware needs {KV_HASH_FLAG} {' or '.join(KV_HASHES)}, not {algo}"
+                        " (xxhash seeds each engine at random)"
+                    )
+        return self
 
     @model_validator(mode="after")
     def _current_exists(self) -> ModelConfig:

@@ -305,3 +305,21 @@ def _model(routing: RoutingConfig) -> ModelConfig:
         name="m", task="chat", current="v",
         versions=[VersionConfig(version="v", weights="w")], routing=routing,
     )  # fmt: skip
+
+
+def test_an_xxhash_engine_under_kv_aware_routing_is_refused_when_the_config_loads() -> None:
+    from pydantic import ValidationError
+
+    from models.config import ModelConfig
+
+    def config(args: list[str]) -> ModelConfig:
+        return ModelConfig.model_validate({
+            "name": "m", "task": "chat", "current": "v1",
+            "routing": {"strategy": "kv_aware"},
+            "versions": [{"version": "v1", "url": "http://e:8000", "engine_args": args}],
+        })  # fmt: skip
+
+    for args in (["--prefix-caching-hash-algo", "xxhash"], ["--prefix-caching-hash-algo=xxhash"]):
+        with pytest.raises(ValidationError, match="kv_aware needs"):
+            config(args)
+    assert config(["--prefix-caching-hash-algo", "sha256_cbor"]).routing.strategy == "kv_aware"
