@@ -133,6 +133,10 @@ NEVER_RENDERED = {
     "models.engines.h1.ConnectionBroken",
     # the SSE parser's own; models.engines.client turns it into EngineFailed
     "models.engines.sse.EventTooLarge",
+    # an index worker's: it answers 409 for a shard it does not hold (worker_http), and the
+    # gateway's scatter takes that (_Refused) as a reason to try the shard's next owner
+    "retrieval.worker.NotHeld",
+    "retrieval.scatter._Refused",
     # output_check's own: a pattern out of time or that does not compile, caught there and
     # reported as InvalidModelOutput (an answer) or InvalidRequest (a schema)
     "serving.core.output_check._OutOfTime",
