@@ -11,9 +11,7 @@ loop; sqlite3's errors become ``BatchesUnavailable`` (503) here.
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Any, TypeVar
 import orjson
 
 from serving.errors import BatchesUnavailable
+from serving.sqlite_file import SqliteFile
 
 T = TypeVar("T")
 JSON = dict[str, Any]
@@ -59,9 +58,13 @@ class Claimed:
 class BatchStore:
     def __init__(self, path: Path, *, timeout_s: float = 5.0) -> None:
         self.path = path.expanduser()
-        self.timeout_s = timeout_s
-        self._db: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
+        self._file = SqliteFile(
+            self.path,
+            timeout_s=timeout_s,
+            # WAL with synchronous=NORMAL: a killed process loses no commit
+            setup=("PRAGMA synchronous=NORMAL", *SCHEMA),
+            unavailable=lambda why: BatchesUnavailable(f"The batch store is unavailable ({why})."),
+        )
 
     def __repr__(self) -> str:
         return f"BatchStore(path={str(self.path)!r})"
@@ -318,38 +321,10 @@ class BatchStore:
         await self._run(write)
 
     async def aclose(self) -> None:
-        def shut() -> None:
-            with self._lock:
-                if self._db is not None:
-                    self._db.close()
-                    self._db = None
-
-        await asyncio.to_thread(shut)
+        await self._file.aclose()
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        def locked() -> T:
-            with self._lock:
-                return work(self._open())
-
-        try:
-            return await asyncio.to_thread(locked)
-        except (sqlite3.Error, OSError) as exc:
-            raise BatchesUnavailable(
-                f"The batch store is unavailable ({type(exc).__name__})."
-            ) from exc
-
-    def _open(self) -> sqlite3.Connection:
-        if self._db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(
-                self.path, timeout=self.timeout_s, check_same_thread=False, isolation_level=None
-            )
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")  # WAL: a killed process loses no commit
-            for statement in SCHEMA:
-                db.execute(statement)
-            self._db = db
-        return self._db
+        return await self._file.run(work)
 
 
 class _transaction:

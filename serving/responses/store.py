@@ -11,9 +11,7 @@ ever keys.
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -23,6 +21,7 @@ from redis.exceptions import RedisError
 
 from serving.errors import ResponsesUnavailable
 from serving.redis_client import bounded_redis, close
+from serving.sqlite_file import SqliteFile
 
 REDIS_PREFIX = "weir:response:"
 PURGE_EVERY_S = 60.0  # SQLite: expired rows are deleted at most this often (on a write)
@@ -85,10 +84,19 @@ class SqliteResponseStore:
         self, path: Path, *, timeout_s: float = 5.0, clock: Callable[[], float] = time.time
     ) -> None:
         self.path = path.expanduser()
-        self.timeout_s = timeout_s
         self.clock = clock
-        self._db: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
+        self._file = SqliteFile(
+            self.path,
+            timeout_s=timeout_s,
+            setup=(
+                "CREATE TABLE IF NOT EXISTS responses (tenant TEXT NOT NULL, id TEXT NOT NULL, "
+                "record BLOB NOT NULL, expires_at REAL NOT NULL, PRIMARY KEY (tenant, id))",
+                "CREATE INDEX IF NOT EXISTS responses_expiry ON responses (expires_at)",
+            ),
+            unavailable=lambda why: ResponsesUnavailable(
+                f"The response store is unavailable ({why})."
+            ),
+        )
         self._purged = float("-inf")
 
     def __repr__(self) -> str:
@@ -129,40 +137,10 @@ class SqliteResponseStore:
         return await self._run(remove)
 
     async def aclose(self) -> None:
-        def shut() -> None:
-            with self._lock:
-                if self._db is not None:
-                    self._db.close()
-                    self._db = None
-
-        await asyncio.to_thread(shut)
+        await self._file.aclose()
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        def locked() -> T:
-            with self._lock:
-                return work(self._open())
-
-        try:
-            return await asyncio.to_thread(locked)
-        except (sqlite3.Error, OSError) as exc:
-            raise ResponsesUnavailable(
-                f"The response store is unavailable ({type(exc).__name__})."
-            ) from exc
-
-    def _open(self) -> sqlite3.Connection:
-        if self._db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(
-                self.path, timeout=self.timeout_s, check_same_thread=False, isolation_level=None
-            )
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS responses (tenant TEXT NOT NULL, id TEXT NOT NULL, "
-                "record BLOB NOT NULL, expires_at REAL NOT NULL, PRIMARY KEY (tenant, id))"
-            )
-            db.execute("CREATE INDEX IF NOT EXISTS responses_expiry ON responses (expires_at)")
-            self._db = db
-        return self._db
+        return await self._file.run(work)
 
 
 def make_response_store(
