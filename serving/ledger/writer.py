@@ -217,11 +217,7 @@ class Ledger:
             self._spill_excess()
             return
         try:
-            self._ensure_ready()
-            if self._spilled or self._pending_others:
-                self._drain_spills()
-            while self._rows:
-                self._send(self._take(self._batch))
+            self._write_all()
         except DB_ERRORS as exc:
             self.failures_total.inc()
             self._down_until = time.monotonic() + self.config.retry_s
@@ -230,16 +226,20 @@ class Ledger:
         finally:
             self._update()
 
+    def _write_all(self) -> None:
+        """Everything waiting into the database: spilled rows first, then memory's."""
+        self._ensure_ready()
+        if self._spilled or self._pending_others:
+            self._drain_spills()
+        while self._rows:
+            self._send(self._take(self._batch))
+
     def _final(self) -> None:
         if not self._rows and not self._spilled:
             self._close_spill()
             return
         try:
-            self._ensure_ready()
-            if self._spilled or self._pending_others:
-                self._drain_spills()
-            while self._rows:
-                self._send(self._take(self._batch))
+            self._write_all()
         except DB_ERRORS as exc:
             log.warning("ledger database unavailable at shutdown (%s): rows spilled", _why(exc))
             self._spill_rows(self._take(len(self._rows)))
