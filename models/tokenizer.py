@@ -14,11 +14,14 @@ event loop. ``max_chars`` bounds a text by its length before any of that work: s
 from __future__ import annotations
 
 import json
+import re
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import tokenizers
+from cachetools import LRUCache
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -38,6 +41,10 @@ SPLITTING_PRE_TOKENIZERS = frozenset({"BertPreTokenizer", "Whitespace", "Whitesp
 PER_CHAR_NORMALIZERS = frozenset({"BertNormalizer", "Lowercase", "StripAccents", "NFD", "NFKD"})
 PREFIX_CHARS_PER_TOKEN = 8  # first prefix tried: context * this many characters
 COUNT_BATCH = 32  # texts tokenized at once: a 2048-prompt list never holds every encoding
+# Pre-tokenizers that work on each piece between added tokens alone, whatever came before
+# (Metaspace is not one: its "first" scheme prepends only to the text's first piece).
+PIECEWISE_PRE_TOKENIZERS = frozenset({"ByteLevel", "Split", "Digits", "Punctuation"})
+PIECE_CACHE_CHARS = 4_000_000  # characters of rendered-prompt pieces whose counts are kept
 
 
 def _raise(message: str) -> None:
@@ -111,6 +118,30 @@ def char_bound(tokenizer: tokenizers.Tokenizer, context: int) -> int | None:
     return context * longest * fold
 
 
+def added_token_splitter(tokenizer: tokenizers.Tokenizer) -> re.Pattern[str] | None:
+    """A pattern matching the tokenizer's added tokens (``<|im_start|>`` and the like) when a
+    text's tokens are exactly the sum of its pieces' between them plus one per added token,
+    or None when that does not hold.
+
+    The tokenizers library cuts a text at its added tokens first (leftmost, longest), then
+    normalizes, pre-tokenizes and encodes each piece apart. That makes counts add up when
+    no normalizer runs (none can merge across a cut), every pre-tokenizer treats a piece the
+    same wherever it sits, and no added token strips the whitespace beside it or matches
+    only whole words.
+    """
+    spec = json.loads(tokenizer.to_str())
+    if spec.get("normalizer") is not None:
+        return None
+    pre = _parts(spec.get("pre_tokenizer"), "pretokenizers")
+    if any(p.get("type") not in PIECEWISE_PRE_TOKENIZERS for p in pre):
+        return None
+    added = list(tokenizer.get_added_tokens_decoder().values())
+    if not added or any(t.lstrip or t.rstrip or t.single_word for t in added):
+        return None
+    contents = sorted({t.content for t in added if t.content}, key=len, reverse=True)
+    return re.compile("(" + "|".join(re.escape(c) for c in contents) + ")")
+
+
 def splits_at_spaces(tokenizer: tokenizers.Tokenizer) -> bool:
     """Whether a text has at least as many tokens as any prefix of it cut at a space
     (BERT's WordPiece: words are tokenized one by one, the normalizer is per character)."""
@@ -142,6 +173,14 @@ class TokenCounter:
         self.context = context
         self.max_chars = char_bound(tokenizer, context)  # None: no bound by length
         self.prefix_counts = self.max_chars is None and splits_at_spaces(tokenizer)
+        # A chat prompt is counted piece by piece between its added tokens, each piece's
+        # count kept (bounded by characters): a system prompt, the template's fixed text
+        # and a conversation's earlier turns are tokenized once, not on every request.
+        self._splitter = added_token_splitter(tokenizer)
+        self._pieces: LRUCache[str, tuple[int, int]] = LRUCache(  # piece: (tokens, chars)
+            PIECE_CACHE_CHARS, getsizeof=lambda entry: max(entry[1], 1)
+        )
+        self._pieces_lock = threading.Lock()  # large prompts are counted in threads
         self.special_tokens = special_tokens or {}
         self.calls_tools = calls_tools  # False: its engine calls no tools (tools refused)
         # as transformers renders chat templates (vLLM uses it): same options and filters
@@ -204,7 +243,25 @@ class TokenCounter:
 
     def count_rendered(self, text: str) -> int:
         """A rendered chat prompt (no special tokens added: the template has them)."""
-        return len(self.tokenizer.encode_batch_fast([text], add_special_tokens=False)[0])
+        if self._splitter is None:
+            return len(self.tokenizer.encode_batch_fast([text], add_special_tokens=False)[0])
+        parts = self._splitter.split(text)  # pieces at even places, added tokens at odd
+        pieces = parts[::2]
+        with self._pieces_lock:
+            known = [self._pieces.get(piece, (None, 0))[0] for piece in pieces]
+        missing = [piece for piece, count in zip(pieces, known, strict=True) if count is None]
+        counted = dict.fromkeys(missing, 0)
+        if missing:
+            encoded = self.tokenizer.encode_batch_fast(list(counted), add_special_tokens=False)
+            counted = {piece: len(e) for piece, e in zip(counted, encoded, strict=True)}
+            with self._pieces_lock:
+                for piece, count in counted.items():
+                    if len(piece) <= PIECE_CACHE_CHARS:
+                        self._pieces[piece] = (count, len(piece))
+        total = len(parts) // 2  # one token per added token
+        for piece, count in zip(pieces, known, strict=True):
+            total += counted[piece] if count is None else count
+        return total
 
     def count_text(self, text: str) -> int:
         return self.count_texts([text])[0]

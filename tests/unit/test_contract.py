@@ -7,10 +7,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from models.config import StoreConfig
 from models.store import ModelStore
-from models.tokenizer import PREFIX_CHARS_PER_TOKEN, TokenCounter, context_length
+from models.tokenizer import (
+    PREFIX_CHARS_PER_TOKEN,
+    TokenCounter,
+    added_token_splitter,
+    context_length,
+)
 from serving.core.contract import prepare_chat, prepare_completion, prepare_embeddings
 from serving.errors import ContextLengthExceeded, InvalidRequest
 from serving.limits.plan import reservation_size
@@ -251,3 +258,38 @@ def test_long_wordpiece_inputs_are_counted_by_prefix(
     short, long = embed_counter.count_texts([fits, fits * 3])
     assert short == 252
     assert embed_counter.context < long <= 752
+
+
+SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<repo_name>", "<|im_start"]
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["system", "user", "assistant"]),
+            st.lists(st.one_of(st.text(max_size=40), st.sampled_from(SPECIALS)), max_size=5),
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_piecewise_counts_equal_whole_text_counts(
+    chat_counter: TokenCounter, conversation: list[tuple[str, list[str]]]
+) -> None:
+    """Counted piece by piece between added tokens, with earlier pieces' counts reused,
+    a prompt has exactly the tokens the tokenizer gives the whole text (vLLM's count)."""
+    messages = [{"role": role, "content": "".join(parts)} for role, parts in conversation]
+    text = chat_counter.render_chat(messages)
+    whole = len(chat_counter.tokenizer.encode(text, add_special_tokens=False).ids)
+    assert chat_counter.count_rendered(text) == whole
+    assert chat_counter.count_rendered(text) == whole  # the second time from kept counts
+
+
+def test_piecewise_counting_is_used_only_where_it_is_exact(
+    chat_counter: TokenCounter, embed_counter: TokenCounter
+) -> None:
+    assert added_token_splitter(chat_counter.tokenizer) is not None  # byte-level BPE
+    assert added_token_splitter(embed_counter.tokenizer) is None  # BERT's normalizer
