@@ -45,6 +45,7 @@ COUNT_BATCH = 32  # texts tokenized at once: a 2048-prompt list never holds ever
 # (Metaspace is not one: its "first" scheme prepends only to the text's first piece).
 PIECEWISE_PRE_TOKENIZERS = frozenset({"ByteLevel", "Split", "Digits", "Punctuation"})
 PIECE_CACHE_CHARS = 4_000_000  # characters of rendered-prompt pieces whose counts are kept
+UNKNOWN = (-1, 0)  # a piece whose count is not kept
 
 
 def _raise(message: str) -> None:
@@ -248,19 +249,19 @@ class TokenCounter:
         parts = self._splitter.split(text)  # pieces at even places, added tokens at odd
         pieces = parts[::2]
         with self._pieces_lock:
-            known = [self._pieces.get(piece, (None, 0))[0] for piece in pieces]
-        missing = [piece for piece, count in zip(pieces, known, strict=True) if count is None]
-        counted = dict.fromkeys(missing, 0)
+            known = [self._pieces.get(piece, UNKNOWN)[0] for piece in pieces]
+        missing = list(dict.fromkeys(p for p, n in zip(pieces, known, strict=True) if n < 0))
+        counted: dict[str, int] = {}
         if missing:
-            encoded = self.tokenizer.encode_batch_fast(list(counted), add_special_tokens=False)
-            counted = {piece: len(e) for piece, e in zip(counted, encoded, strict=True)}
+            encoded = self.tokenizer.encode_batch_fast(missing, add_special_tokens=False)
+            counted = {piece: len(e) for piece, e in zip(missing, encoded, strict=True)}
             with self._pieces_lock:
                 for piece, count in counted.items():
                     if len(piece) <= PIECE_CACHE_CHARS:
                         self._pieces[piece] = (count, len(piece))
         total = len(parts) // 2  # one token per added token
         for piece, count in zip(pieces, known, strict=True):
-            total += counted[piece] if count is None else count
+            total += counted[piece] if count < 0 else count
         return total
 
     def count_text(self, text: str) -> int:
