@@ -159,6 +159,9 @@ class BatchesConfig(BaseModel):
     lease_s: float = Field(10.0, gt=0)  # a running batch is another gateway's after this
     poll_s: float = Field(1.0, gt=0)  # how often a gateway looks for batches to run
     retry_max_s: float = Field(30.0, gt=0)  # back-off cap for a request refused 429/503
+    # an upload without expires_after expires this long after it (OpenAI's 30 days); 0: kept
+    upload_expires_s: int = Field(30 * 86_400, ge=0)
+    sweep_s: float = Field(60.0, gt=0, le=3600)  # expired files' bytes removed this often
 
 
 class RetrievalConfig(BaseModel):

@@ -10,11 +10,14 @@ capacity: batch requests wait for the room interactive traffic leaves) is tried 
 after a back-off; any other answer, good or bad, is the line's result, written once.
 
 A cancel (here or in another process, seen at the next renewal) or the completion window
-running out stops the batch within a renewal: requests in flight are cancelled (their
-engine calls aborted), and the lines without a result get a ``batch_cancelled`` or
-``batch_expired`` error line. Then the output and error files are written with the
-batch's final state in one transaction. A gateway killed mid-batch leaves its lease to
-run out; the next claimant runs only what has no result.
+running out (seen at a renewal, or when the batch is picked up: a batch resumed after its
+window has passed sends nothing) stops the batch within a renewal: requests in flight are
+cancelled (their engine calls aborted), and the lines without a result get a
+``batch_cancelled`` or ``batch_expired`` error line. Then the output and error files are
+written with the batch's final state in one transaction; they expire ``output_expires_s``
+after they are written when the batch was created with ``output_expires_after``. A
+gateway killed mid-batch leaves its lease to run out; the next claimant runs only what
+has no result.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class _Run:
     batch: JSON
     caller: Caller
     tenant: str
+    output_expires_s: int | None = None  # its output files' lifetime (None: kept)
     stop: str | None = None  # "cancelled" or "expired" once it must stop
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -143,7 +147,7 @@ class Runner:
         data = found.caller
         key = KeyRecord.from_dict(data["key"]) if data.get("key") else None
         caller = Caller(key=key, static_key=data.get("static_key"))
-        run = _Run(found.batch, caller, caller.tenant)
+        run = _Run(found.batch, caller, caller.tenant, data.get("output_expires_s"))
         self._runs[run.id] = run
         task = asyncio.create_task(self._run(run), name=f"weir-batch-{run.id}")
         self._tasks.add(task)
@@ -156,6 +160,8 @@ class Runner:
         try:
             if run.batch["status"] == "cancelling":
                 run.halt("cancelled")
+            elif self.clock() >= run.batch["expires_at"]:  # resumed after its window
+                run.halt("expired")
             elif not await self._still_allowed(run):
                 run.halt("failed")
             await self._send_all(run)
@@ -281,6 +287,8 @@ class Runner:
                     "created_at": now, "filename": f"{run.id}_{kind}.jsonl",
                     "purpose": "batch_output", "status": "processed",
                 }  # fmt: skip
+                if run.output_expires_s:  # anchored at the file's creation, as OpenAI's
+                    record["expires_at"] = now + run.output_expires_s
                 batch[f"{kind}_file_id"] = record["id"]
                 files.append((record, content))
         final = {"cancelled": "cancelled", "expired": "expired"}.get(run.stop or "", "completed")

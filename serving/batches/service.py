@@ -5,6 +5,12 @@ Files and batches belong to the caller's tenant (another key's id is a 404). A f
 a batch reads its input file when it is created: a file with bad lines makes a ``failed``
 batch with OpenAI's ``errors`` list (line numbers), a good one is stored line by line and
 handed to the ``Runner``. A batch's GET shows its progress (``request_counts``) live.
+
+Expiry as OpenAI's: an upload's ``expires_after`` (else ``batches.upload_expires_s``) and
+a batch's ``output_expires_after`` (for its output and error files; else they are kept)
+give the File object its ``expires_at``, ``created_at`` plus 1 hour to 30 days. From then
+on the file is not found (404, as a missing one) nor listed; the ``Sweeper`` removes its
+bytes.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from serving.batches import lines
 from serving.batches.runner import KeyLookup, Runner, caller_record
 from serving.batches.store import RUNNING, BatchStore
+from serving.batches.sweeper import Sweeper
 from serving.core.call import Caller
 from serving.core.proxy import Proxy
 from serving.errors import BatchNotFound, FileNotFound, InvalidRequest, PayloadTooLarge
@@ -28,6 +35,17 @@ from serving.settings import BatchesConfig
 JSON = dict[str, Any]
 WINDOW_S = 24 * 3600
 MAX_FILENAME = 256
+MIN_EXPIRY_S = 3600  # OpenAI's bounds on expires_after.seconds: an hour...
+MAX_EXPIRY_S = 30 * 86_400  # ...to 30 days
+
+
+class ExpiresAfter(BaseModel):
+    """A file's expiration policy (``FileExpirationAfter``, ``BatchFileExpirationAfter``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    anchor: Literal["created_at"]
+    seconds: int = Field(ge=MIN_EXPIRY_S, le=MAX_EXPIRY_S)
 
 
 class BatchCreate(BaseModel):
@@ -39,7 +57,7 @@ class BatchCreate(BaseModel):
     endpoint: Literal["/v1/chat/completions", "/v1/embeddings", "/v1/completions"]
     completion_window: Literal["24h"]
     metadata: dict[str, str] | None = Field(None, max_length=16)
-    output_expires_after: dict[str, Any] | None = None  # accepted; output files are kept
+    output_expires_after: ExpiresAfter | None = None  # the output and error files'
 
 
 class Batches:
@@ -56,20 +74,30 @@ class Batches:
         self.config = config
         self.clock = clock
         self.runner = Runner(proxy, store, config, metrics, keys, clock)
+        self.sweeper = Sweeper(store, config.sweep_s, clock)
 
     def __repr__(self) -> str:
         return f"Batches(store={self.store!r})"
 
     def start(self) -> None:
         self.runner.start()
+        self.sweeper.start()
 
     async def aclose(self) -> None:
+        await self.sweeper.aclose()
         await self.runner.aclose()
         await self.store.aclose()
 
     # -- files ----------------------------------------------------------------------
 
-    async def upload(self, caller: Caller, filename: str, purpose: str, content: bytes) -> JSON:
+    async def upload(
+        self,
+        caller: Caller,
+        filename: str,
+        purpose: str,
+        content: bytes,
+        expires_after: ExpiresAfter | None = None,
+    ) -> JSON:
         if purpose != "batch":
             raise InvalidRequest(
                 "Only files for the Batch API can be uploaded (purpose 'batch').", param="purpose"
@@ -82,32 +110,36 @@ class Batches:
         problem = await asyncio.to_thread(lines.check_jsonl, content, self.config.max_requests)
         if problem is not None:
             raise InvalidRequest(problem, param="file")
+        now = int(self.clock())
+        lifetime = expires_after.seconds if expires_after else self.config.upload_expires_s
         record = {
             "id": lines.new_id("file-"), "object": "file", "bytes": len(content),
-            "created_at": int(self.clock()), "filename": filename[:MAX_FILENAME] or "batch.jsonl",
+            "created_at": now, "filename": filename[:MAX_FILENAME] or "batch.jsonl",
             "purpose": "batch", "status": "processed",
         }  # fmt: skip
+        if lifetime:
+            record["expires_at"] = now + lifetime
         await self.store.put_file(caller.tenant, record, content)
         return record
 
     async def file(self, caller: Caller, file_id: str) -> JSON:
-        found = await self.store.file(caller.tenant, file_id)
+        found = await self.store.file(caller.tenant, file_id, self.clock())
         if found is None:
             raise _no_file(file_id)
         return found
 
     async def content(self, caller: Caller, file_id: str) -> bytes:
-        found = await self.store.content(caller.tenant, file_id)
+        found = await self.store.content(caller.tenant, file_id, self.clock())
         if found is None:
             raise _no_file(file_id)
         return found
 
     async def files(self, caller: Caller, purpose: str | None, limit: int, order: str) -> JSON:
-        found = await self.store.files(caller.tenant, purpose, limit, order == "desc")
+        found = await self.store.files(caller.tenant, purpose, limit, order == "desc", self.clock())
         return _page(found, has_more=False)
 
     async def delete_file(self, caller: Caller, file_id: str) -> JSON:
-        if not await self.store.delete_file(caller.tenant, file_id):
+        if not await self.store.delete_file(caller.tenant, file_id, self.clock()):
             raise _no_file(file_id)
         return {"id": file_id, "object": "file", "deleted": True}
 
@@ -115,14 +147,15 @@ class Batches:
 
     async def create(self, caller: Caller, spec: BatchCreate) -> JSON:
         tenant = caller.tenant
-        source = await self.store.file(tenant, spec.input_file_id)
+        read_at = self.clock()
+        source = await self.store.file(tenant, spec.input_file_id, read_at)
         if source is None:
             raise _no_file(spec.input_file_id, "input_file_id")
         if source.get("purpose") != "batch":
             raise InvalidRequest(
                 "The input file must be uploaded with purpose 'batch'.", param="input_file_id"
             )
-        content = await self.store.content(tenant, spec.input_file_id) or b""
+        content = await self.store.content(tenant, spec.input_file_id, read_at) or b""
         found, errors = await asyncio.to_thread(
             lines.parse, content, spec.endpoint, self.config.max_requests
         )
@@ -142,7 +175,10 @@ class Batches:
             batch.pop("in_progress_at")
             batch["request_counts"]["total"] = 0
             found = []
-        await self.store.create_batch(tenant, batch, caller_record(caller), found)
+        private = caller_record(caller)
+        if spec.output_expires_after is not None:
+            private["output_expires_s"] = spec.output_expires_after.seconds
+        await self.store.create_batch(tenant, batch, private, found)
         if found:
             self.runner.wake()
         return batch

@@ -7,6 +7,13 @@ output line). A line's result is written once (``WHERE result IS NULL``) and a r
 batch only takes lines without one, so no request runs again after its result was
 written, whatever crashes. Calls run in a worker thread, one at a time, off the event
 loop; sqlite3's errors become ``BatchesUnavailable`` (503) here.
+
+A file's expiry is its File object's ``expires_at`` (indexed as an expression, so a store
+written before expiry needs no migration): from then on the tenant's reads do not find it
+(every read is given ``now``), and ``sweep`` deletes its row and bytes, except while an
+unfinished batch names it as its input file (then at the first sweep after that batch
+ends). A batch's ``caller`` holds what its runner needs that the Batch object does not
+show: who created it and ``output_expires_s`` (its output files' lifetime).
 """
 
 from __future__ import annotations
@@ -25,11 +32,14 @@ from serving.sqlite_file import SqliteFile
 T = TypeVar("T")
 JSON = dict[str, Any]
 RUNNING = ("validating", "in_progress", "finalizing", "cancelling")
+EXPIRES = "json_extract(record, '$.expires_at')"  # NULL: kept until deleted
+LIVE = f"({EXPIRES} IS NULL OR {EXPIRES} > ?)"  # not expired at ``now``
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS files (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, "
     "record TEXT NOT NULL, content BLOB NOT NULL, created_at INTEGER NOT NULL)",
     "CREATE INDEX IF NOT EXISTS files_tenant ON files (tenant, created_at)",
+    f"CREATE INDEX IF NOT EXISTS files_expiry ON files ({EXPIRES}) WHERE {EXPIRES} IS NOT NULL",
     "CREATE TABLE IF NOT EXISTS batches (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, "
     "record TEXT NOT NULL, caller TEXT NOT NULL, status TEXT NOT NULL, "
     "owner TEXT, lease_until REAL NOT NULL DEFAULT 0, created_at INTEGER NOT NULL)",
@@ -80,31 +90,37 @@ class BatchStore:
 
         await self._run(write)
 
-    async def file(self, tenant: str, file_id: str) -> JSON | None:
+    async def file(self, tenant: str, file_id: str, now: float) -> JSON | None:
+        """The File object, unless it has expired at ``now``."""
+
         def read(db: sqlite3.Connection) -> JSON | None:
             row = db.execute(
-                "SELECT record FROM files WHERE id = ? AND tenant = ?", (file_id, tenant)
+                f"SELECT record FROM files WHERE id = ? AND tenant = ? AND {LIVE}",
+                (file_id, tenant, now),
             ).fetchone()
             return _loads(row[0]) if row else None
 
         return await self._run(read)
 
-    async def content(self, tenant: str, file_id: str) -> bytes | None:
+    async def content(self, tenant: str, file_id: str, now: float) -> bytes | None:
         def read(db: sqlite3.Connection) -> bytes | None:
             row = db.execute(
-                "SELECT content FROM files WHERE id = ? AND tenant = ?", (file_id, tenant)
+                f"SELECT content FROM files WHERE id = ? AND tenant = ? AND {LIVE}",
+                (file_id, tenant, now),
             ).fetchone()
             return bytes(row[0]) if row else None
 
         return await self._run(read)
 
-    async def files(self, tenant: str, purpose: str | None, limit: int, desc: bool) -> list[JSON]:
+    async def files(
+        self, tenant: str, purpose: str | None, limit: int, desc: bool, now: float
+    ) -> list[JSON]:
         def read(db: sqlite3.Connection) -> list[JSON]:
             order = "DESC" if desc else "ASC"
             rows = db.execute(
-                "SELECT record FROM files WHERE tenant = ? "
+                f"SELECT record FROM files WHERE tenant = ? AND {LIVE} "
                 f"ORDER BY created_at {order}, id {order}",
-                (tenant,),
+                (tenant, now),
             )
             found = []
             for (raw,) in rows:
@@ -117,10 +133,29 @@ class BatchStore:
 
         return await self._run(read)
 
-    async def delete_file(self, tenant: str, file_id: str) -> bool:
+    async def delete_file(self, tenant: str, file_id: str, now: float) -> bool:
         def remove(db: sqlite3.Connection) -> bool:
-            cursor = db.execute("DELETE FROM files WHERE id = ? AND tenant = ?", (file_id, tenant))
+            cursor = db.execute(
+                f"DELETE FROM files WHERE id = ? AND tenant = ? AND {LIVE}", (file_id, tenant, now)
+            )
             return cursor.rowcount > 0
+
+        return await self._run(remove)
+
+    async def sweep(self, now: float, limit: int) -> int:
+        """Delete up to ``limit`` files expired at ``now`` (row and bytes), none that an
+        unfinished batch reads; how many were deleted."""
+
+        def remove(db: sqlite3.Connection) -> int:
+            marks = ",".join("?" * len(RUNNING))
+            source = "json_extract(record, '$.input_file_id')"
+            cursor = db.execute(
+                f"DELETE FROM files WHERE id IN (SELECT id FROM files WHERE {EXPIRES} <= ? "
+                f"AND id NOT IN (SELECT {source} FROM batches WHERE status IN ({marks}) "
+                f"AND {source} IS NOT NULL) LIMIT ?)",
+                (now, *RUNNING, limit),
+            )
+            return cursor.rowcount
 
         return await self._run(remove)
 

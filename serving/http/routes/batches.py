@@ -1,9 +1,10 @@
 """The Batch API's routes: ``/v1/files`` (upload, list, get, delete, content) and
 ``/v1/batches`` (create, get, list, cancel), for the caller's tenant.
 
-A file's upload is multipart (``file`` and ``purpose``, as the ``openai`` client sends it);
-its body limit is ``batches.max_file_bytes`` (``Front`` gives this path its own). The
-answers are OpenAI's ``OpenAIFile`` and ``Batch`` objects; errors go through the table.
+A file's upload is multipart (``file``, ``purpose`` and optionally ``expires_after[anchor]``
+and ``expires_after[seconds]``, as the ``openai`` client sends them); its body limit is
+``batches.max_file_bytes`` (``Front`` gives this path its own). The answers are OpenAI's
+``OpenAIFile`` and ``Batch`` objects; errors go through the table.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response
+from pydantic import ValidationError
 
-from serving.batches.service import BatchCreate, Batches
+from serving.batches.service import BatchCreate, Batches, ExpiresAfter
 from serving.http.deps import configured
 from serving.http.front import caller_of
 from serving.http.rendering import JSONBytes
 from serving.http.routes.openapi_errors import errors
+from serving.http.validation import invalid_request_from_errors
 
 router = APIRouter()
 FILES = "/v1/files"
@@ -29,13 +32,31 @@ def _service(request: Request) -> Batches:
     return configured(batches, "The Batch API is off (batches.enabled = false).")
 
 
+def _expires_after(anchor: str | None, seconds: str | None) -> ExpiresAfter | None:
+    """The upload's ``expires_after`` form fields as one policy (a 400 naming the field)."""
+    if anchor is None and seconds is None:
+        return None
+    try:
+        return ExpiresAfter.model_validate({"anchor": anchor, "seconds": seconds})
+    except ValidationError as exc:
+        raise invalid_request_from_errors(
+            [e | {"loc": ("expires_after", *e["loc"])} for e in exc.errors()]
+        ) from None
+
+
 @router.post(FILES, summary="Upload a JSONL file for the Batch API", responses=ERRORS)
 async def upload(
-    request: Request, file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]
+    request: Request,
+    file: Annotated[UploadFile, File()],
+    purpose: Annotated[str, Form()],
+    anchor: Annotated[str | None, Form(alias="expires_after[anchor]")] = None,
+    seconds: Annotated[str | None, Form(alias="expires_after[seconds]")] = None,
 ) -> Any:
     service = _service(request)
+    expires_after = _expires_after(anchor, seconds)
     content = await file.read(service.config.max_file_bytes + 1)
-    record = await service.upload(caller_of(request.scope), file.filename or "", purpose, content)
+    caller = caller_of(request.scope)
+    record = await service.upload(caller, file.filename or "", purpose, content, expires_after)
     return JSONBytes(record)
 
 
