@@ -10,7 +10,9 @@ The tree::
     ├── CollectionExists        a collection by that name exists already
     ├── DocumentNotFound        no document by that id in the collection
     ├── StoreUnavailable        the docstore's database cannot be reached right now
-    └── ShardUnavailable        no index worker answered for a shard of the collection
+    ├── ShardUnavailable        no index worker answered for a shard of the collection
+    └── WorkerUnauthenticated   a call to an index worker without the gateways' shared
+                                token (``retrieval.worker_token``)
 
 ``retrieval`` imports nothing of ``serving``; ``serving.errors`` maps these to HTTP in its
 one table. Errors of the embedding function handed in (the gateway's model errors) pass
@@ -45,4 +47,8 @@ class StoreUnavailable(RetrievalError):
 
 
 class ShardUnavailable(RetrievalError):
+    pass
+
+
+class WorkerUnauthenticated(RetrievalError):
     pass

@@ -6,13 +6,17 @@ looked up again when an owner fails). A shard whose owner cannot answer is retri
 whoever owns it by then, until ``takeover_s`` has passed (a dead worker's lease runs
 out and another loads the shard); then the search fails with ``ShardUnavailable``
 (503): never an answer that silently leaves a shard out.
+
+Each search carries the fleet's ``retrieval.worker_token`` as a bearer token; a worker
+that refuses it (401) fails the search at once (503, saying so): a token that differs
+is a configuration to fix, not a worker to wait for.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -31,6 +35,7 @@ class Scatter:
 
     timeout_s: float = 2.0  # one shard's search
     takeover_s: float = 15.0  # how long a shard may have no owner that answers
+    token: str | None = field(default=None, repr=False)  # retrieval.worker_token
 
 
 class ShardRouter:
@@ -41,8 +46,10 @@ class ShardRouter:
         timeout_s: float = 2.0,
         takeover_s: float = 15.0,
         placement_ttl_s: float = 1.0,
+        token: str | None = None,
     ) -> None:
         self.docstore = docstore
+        self._headers = {} if token is None else {"authorization": f"Bearer {token}"}
         self.timeout_s = timeout_s
         self.takeover_s = takeover_s
         self.placement_ttl_s = placement_ttl_s
@@ -120,8 +127,14 @@ class ShardRouter:
             )
         body = {"tenant": info.tenant, "collection": info.name, "shard": shard,
                 "vector": encode(vector), "k": k, "min_seq": min_seq}  # fmt: skip
-        async with self._session.post(f"{url}/search", json=body) as answer:
+        async with self._session.post(f"{url}/search", json=body, headers=self._headers) as answer:
             data: dict[str, Any] = await answer.json(content_type=None)
+            if answer.status == 401:
+                raise ShardUnavailable(
+                    f"shard {shard} of {info.name}: the index worker at {url} refused this"
+                    " gateway's retrieval.worker_token (401); gateways and index workers"
+                    " must share one token"
+                )
             if answer.status != 200:
                 raise _Refused(f"{answer.status} {data.get('error', '')}")
         return (np.asarray([data["scores"]], dtype=np.float32),

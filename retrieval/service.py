@@ -108,7 +108,10 @@ class Retrieval:
             None
             if scatter is None
             else ShardRouter(
-                self.docstore, timeout_s=scatter.timeout_s, takeover_s=scatter.takeover_s
+                self.docstore,
+                timeout_s=scatter.timeout_s,
+                takeover_s=scatter.takeover_s,
+                token=scatter.token,
             )
         )
 

@@ -6,19 +6,30 @@ the collection's head for strong consistency); the answer is the shard's top ``k
 and scores. A shard this worker does not hold is a 409 (the gateway looks up the owner
 again). Concurrent searches of a shard are batched (``retrieval.batcher``), from every
 gateway together.
+
+Only the gateways may ask: with ``retrieval.worker_token`` set, ``POST /search`` needs it
+as a bearer token (compared in constant time) and answers 401 without it, an OpenAI
+error rendered by the ``render`` handed in (the gateway's one error table); ``GET
+/health`` answers anyone (Kubernetes' probes carry no secret) but names the held shards,
+tenants' collections, only to a caller with the token. No token: a worker answers
+whoever reaches its port, and warns at start.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import signal
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
 from retrieval.batcher import SearchBatcher
+from retrieval.errors import WorkerUnauthenticated
 from retrieval.service import Follower
 from retrieval.wire import decode
 from retrieval.worker import IndexWorker, NotHeld, ShardKey
@@ -26,11 +37,23 @@ from retrieval.worker import IndexWorker, NotHeld, ShardKey
 log = logging.getLogger("weir.retrieval.worker")
 MAX_K = 2048  # FAISS's largest k on a GPU
 MAX_BODY = 1 << 20
+# an error as HTTP: status, OpenAI error body, headers (serving.errors.render)
+Render = Callable[[BaseException, str], tuple[int, dict[str, Any], dict[str, str]]]
 
 
 class WorkerApp:
-    def __init__(self, worker: IndexWorker, *, window_s: float = 0.001, max_batch: int = 64):
+    def __init__(
+        self,
+        worker: IndexWorker,
+        *,
+        render: Render,
+        token: str | None = None,
+        window_s: float = 0.001,
+        max_batch: int = 64,
+    ) -> None:
         self.worker = worker
+        self.render = render
+        self._token = None if token is None else token.encode()
         self.window_s = window_s
         self.max_batch = max_batch
         self._batchers: dict[ShardKey, SearchBatcher] = {}
@@ -39,16 +62,47 @@ class WorkerApp:
         return f"WorkerApp({self.worker!r})"
 
     def app(self) -> web.Application:
+        if self._token is None:
+            log.warning(
+                "index worker %s: no retrieval.worker_token, so it answers searches from"
+                " anyone who reaches its port; set the same token on gateways and workers",
+                self.worker.worker_id,
+            )
         made = web.Application(client_max_size=MAX_BODY)
         made.router.add_post("/search", self.search)
         made.router.add_get("/health", self.health)
         return made
 
+    def _caller_problem(self, request: web.Request) -> str | None:
+        """Why the caller may not search (None: it may): no token, or not ours."""
+        if self._token is None:
+            return None
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            return "no bearer token"
+        if not hmac.compare_digest(given.strip().encode("utf-8", "replace"), self._token):
+            return "a bearer token that is not retrieval.worker_token"
+        return None
+
+    def _refused(self, request: web.Request, problem: str) -> web.Response:
+        exc = WorkerUnauthenticated(
+            f"This index worker answers the gateways only; the request carried {problem}"
+            " (gateways and index workers must share retrieval.worker_token)."
+        )
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        status, body, headers = self.render(exc, request_id)
+        return web.json_response(body, status=status, headers=headers)
+
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"worker": self.worker.worker_id,
-                                  "shards": sorted(str(k) for k in self.worker.held)})  # fmt: skip
+        answer: dict[str, Any] = {"worker": self.worker.worker_id}
+        if self._caller_problem(request) is None:  # shard names are tenants' collections
+            answer["shards"] = sorted(str(k) for k in self.worker.held)
+        return web.json_response(answer)
 
     async def search(self, request: web.Request) -> web.Response:
+        problem = self._caller_problem(request)
+        if problem is not None:
+            return self._refused(request, problem)
         try:
             body: dict[str, Any] = await request.json()
             key = ShardKey(str(body["tenant"]), str(body["collection"]), int(body["shard"]))
@@ -87,13 +141,16 @@ async def serve(
     host: str,
     port: int,
     *,
+    render: Render,
+    token: str | None = None,
     follow_interval_s: float = 0.25,
     window_s: float = 0.001,
     max_batch: int = 64,
 ) -> None:
     """Run ``worker`` until SIGTERM or SIGINT: the HTTP server, its placement rounds
     every ``lease_s / 3`` and the log follower; on the way out it gives its shards up."""
-    runner = web.AppRunner(WorkerApp(worker, window_s=window_s, max_batch=max_batch).app())
+    made = WorkerApp(worker, render=render, token=token, window_s=window_s, max_batch=max_batch)
+    runner = web.AppRunner(made.app())
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     follower = Follower(worker.sync, worker.docstore.db, follow_interval_s)

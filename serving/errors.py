@@ -57,6 +57,7 @@ from retrieval.errors import (
     RetrievalError,
     ShardUnavailable,
     StoreUnavailable,
+    WorkerUnauthenticated,
 )
 
 
@@ -245,6 +246,8 @@ ERROR_TABLE: dict[type[BaseException], ErrorSpec] = {
     RetrievalUnavailable: ErrorSpec(503, "server_error", "retrieval_unavailable", retry_after_s=1),
     StoreUnavailable: ErrorSpec(503, "server_error", "retrieval_unavailable", retry_after_s=1),
     ShardUnavailable: ErrorSpec(503, "server_error", "retrieval_unavailable", retry_after_s=1),
+    # an index worker's answer to a call without the gateways' token (retrieval.worker_http)
+    WorkerUnauthenticated: ErrorSpec(401, "authentication_error", "invalid_worker_token"),
     ResponseNotFound: ErrorSpec(404, "invalid_request_error", "response_not_found"),
     ResponsesUnavailable: ErrorSpec(503, "server_error", "responses_unavailable", retry_after_s=1),
     FileNotFound: ErrorSpec(404, "invalid_request_error", "file_not_found"),

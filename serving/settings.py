@@ -164,6 +164,9 @@ class BatchesConfig(BaseModel):
     sweep_s: float = Field(60.0, gt=0, le=3600)  # expired files' bytes removed this often
 
 
+MIN_WORKER_TOKEN = 16  # characters of retrieval.worker_token
+
+
 class RetrievalConfig(BaseModel):
     """Collections, search and RAG. The docstore and indexes live under ``path``."""
 
@@ -192,6 +195,11 @@ class RetrievalConfig(BaseModel):
     worker_lease_s: float = Field(5.0, gt=0, le=300)
     worker_timeout_s: float = Field(2.0, gt=0)
     takeover_s: float = Field(15.0, gt=0)
+    # The shared secret between gateways and index workers: gateways send it as a bearer
+    # token with each scattered search, workers compare it in constant time and answer
+    # anything without it 401. The same value on both (WEIR_RETRIEVAL__WORKER_TOKEN);
+    # unset: a worker answers whoever reaches its port, and says so in a warning at start.
+    worker_token: SecretStr | None = Field(None, min_length=MIN_WORKER_TOKEN)
     embedding_model: str = "minilm"
     chunk_tokens: int = Field(256, ge=16)
     chunk_overlap: int = Field(32, ge=0)

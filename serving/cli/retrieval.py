@@ -18,6 +18,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from retrieval.index import IndexParams
     from retrieval.worker import IndexWorker
     from retrieval.worker_http import serve
+    from serving.errors import render
     from serving.log_config import configure
 
     settings = load(args)
@@ -32,8 +33,11 @@ def serve_command(args: argparse.Namespace) -> int:
         url, params=IndexParams(config.index), lease_s=config.worker_lease_s,
         snapshot_every=config.snapshot_every,
     )  # fmt: skip
+    token = config.worker_token
     running = serve(
-        worker, args.host, args.port, follow_interval_s=config.follow_interval_s,
+        worker, args.host, args.port, render=render,
+        token=None if token is None else token.get_secret_value(),
+        follow_interval_s=config.follow_interval_s,
         window_s=config.batch_window_ms / 1000, max_batch=config.max_batch,
     )  # fmt: skip
     asyncio.run(running)

@@ -112,7 +112,11 @@ class RetrievalGate:
     def _scatter(self) -> Scatter | None:
         if not self.config.index_workers:
             return None
-        return Scatter(self.config.worker_timeout_s, self.config.takeover_s)
+        token = self.config.worker_token
+        return Scatter(
+            self.config.worker_timeout_s, self.config.takeover_s,
+            None if token is None else token.get_secret_value(),
+        )  # fmt: skip
 
     def _database_url(self) -> str | None:
         url = self.config.database_url

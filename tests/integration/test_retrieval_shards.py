@@ -5,6 +5,8 @@ with ``retrieval.index_workers = true``); the truth is a service holding the who
 collection as one index, on the same docstore. The top 10 of every query are the same
 (recall 1.0: the indexes are flat); after one worker is killed with SIGKILL, its shard
 is taken over by the other and searches go on answering, with the same results.
+The workers and the gateway share ``retrieval.worker_token``: a search without it is
+refused (401).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from tests.fakes.embedder import DIM, embed, split
 from tests.retrieval_db import fresh_database
 
 LEASE_S = 1.0
+TOKEN = "shards-test-worker-token-0123456789"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
 # the database's URL, and each worker's process and base URL by name
 Workers = tuple[str, dict[str, tuple[subprocess.Popen[bytes], str]]]
 
@@ -53,6 +57,7 @@ def workers(tmp_path: Path, postgres_url: str) -> Iterator[Workers]:
                 config = tmp_path / f"{name}.toml"
                 config.write_text(weir_toml(retrieval={
                     "path": tmp_path / name, "database_url": url, "worker_lease_s": LEASE_S,
+                    "worker_token": TOKEN,
                 }))  # fmt: skip
 
                 def spawn(
@@ -76,7 +81,7 @@ def workers(tmp_path: Path, postgres_url: str) -> Iterator[Workers]:
 
 
 def held(base: str) -> list[str]:
-    return list(httpx.get(f"{base}/health").json()["shards"])
+    return list(httpx.get(f"{base}/health", headers=AUTH).json()["shards"])
 
 
 @pytest.mark.anyio
@@ -85,7 +90,7 @@ async def test_two_shards_on_two_workers_answer_as_one_index_and_survive_a_kill(
 ) -> None:
     url, procs = workers
     gateway = Retrieval(tmp_path / "gateway", embed, split, DIM, database=url,
-                        scatter=Scatter(timeout_s=2.0, takeover_s=30.0))  # fmt: skip
+                        scatter=Scatter(timeout_s=2.0, takeover_s=30.0, token=TOKEN))  # fmt: skip
     whole = Retrieval(tmp_path / "whole", embed, split, DIM, database=url)
     gateway.open()
     whole.open(follow=False)
@@ -109,6 +114,12 @@ async def test_two_shards_on_two_workers_answer_as_one_index_and_survive_a_kill(
         recall = await compare()  # the first search waits until both shards are claimed
         shards = {name: held(base) for name, (_, base) in procs.items()}
         assert sorted(len(s) for s in shards.values()) == [1, 1], shards
+        async with httpx.AsyncClient() as client:  # `weir retrieval serve` took the token
+            for _, base in procs.values():
+                body = {"tenant": "t", "collection": "c", "shard": 0, "k": 1, "vector": ""}
+                refused = await client.post(f"{base}/search", json=body)
+                assert refused.status_code == 401, refused.text
+                assert refused.json()["error"]["code"] == "invalid_worker_token"
         victim = next(name for name, s in shards.items() if s == ["t/c/0"])
         survivor = next(name for name in procs if name != victim)
         procs[victim][0].send_signal(signal.SIGKILL)

@@ -3,13 +3,17 @@ StatefulSet of index workers that the gateways scatter searches to."""
 
 from __future__ import annotations
 
+import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from serving.settings import load_settings
-from tests.unit.test_helm_chart import by_kind, docs
+from tests.helm import helm_binary
+from tests.unit.test_helm_chart import ROOT, by_kind, docs
 
 
 def named(rendered: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -48,3 +52,44 @@ def test_retrieval_runs_on_index_workers_and_postgresql(name: str, tmp_path: Pat
     assert variables["PGPASSWORD"] == password
     gateway = named(rendered, "Deployment", "weir-gateway")
     assert env(gateway["spec"]["template"]["spec"]["containers"][0])["PGPASSWORD"] == password
+
+
+@pytest.mark.parametrize("name", ["default", "gpu"])
+def test_gateways_and_index_workers_share_one_token_from_the_secret(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rendered = docs(name)
+    token = {"secretKeyRef": {"name": "weir-keys", "key": "retrieval-worker-token"}}
+    workers = named(rendered, "StatefulSet", "weir-index")["spec"]["template"]["spec"]
+    gateway = named(rendered, "Deployment", "weir-gateway")["spec"]["template"]["spec"]
+    assert env(workers["containers"][0])["WEIR_RETRIEVAL__WORKER_TOKEN"] == token
+    assert env(gateway["containers"][0])["WEIR_RETRIEVAL__WORKER_TOKEN"] == token
+    value = named(rendered, "Secret", "weir-keys")["stringData"]["retrieval-worker-token"]
+    config = tmp_path / "weir.toml"
+    config.write_text(named(rendered, "ConfigMap", "weir-config")["data"]["weir.toml"])
+    monkeypatch.setenv("WEIR_RETRIEVAL__WORKER_TOKEN", value)  # as the pods get it
+    worker_token = load_settings(config).retrieval.worker_token
+    assert worker_token is not None
+    assert worker_token.get_secret_value() == value
+
+
+def secret(*values: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(helm_binary()), "template", "weir", "deploy/helm/weir", "-n", "weir",
+         "-s", "templates/secret.yaml", *values],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_the_worker_token_is_made_at_install_unless_given() -> None:
+    made = [yaml.safe_load(secret().stdout)["stringData"]["retrieval-worker-token"]
+            for _ in range(2)]  # fmt: skip
+    assert all(re.fullmatch(r"[A-Za-z0-9]{48}", t) for t in made), made
+    assert made[0] != made[1]  # random, not a default every install shares
+    given = secret("--set", "retrieval.workerToken=a-token-of-our-own-choosing")
+    assert yaml.safe_load(given.stdout)["stringData"]["retrieval-worker-token"] == (
+        "a-token-of-our-own-choosing"
+    )
+    short = secret("--set", "retrieval.workerToken=too-short")
+    assert short.returncode != 0
+    assert "retrieval.workerToken needs at least 16 characters" in short.stderr
