@@ -16,6 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from serving.rollout.shared import rollout_url
 from serving.settings import load_settings
 from tests.helm import helm_binary
 
@@ -153,6 +154,26 @@ def test_engines_scale_on_their_queue_depth_when_asked() -> None:
     assert "replicas" not in deployments["weir-gateway"]["spec"]  # the HPA's, on CPU
     (hpa,) = by_kind(rendered, "HorizontalPodAutoscaler")
     assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+
+
+@pytest.mark.parametrize("name", ["default", "gpu"])
+def test_gateways_share_rollouts_through_their_redis(name: str, tmp_path: Path) -> None:
+    """Issue 26: a deploy, rollback or split through one gateway pod reaches every pod,
+    and one rollout per model runs at a time across them (``deploy.shared``: the
+    rollout state and its lease in ``keys.redis_url``)."""
+    config = tmp_path / "weir.toml"
+    config.write_text(by_kind(docs(name), "ConfigMap")[0]["data"]["weir.toml"])
+    settings = load_settings(config)
+    assert settings.deploy.shared
+    assert rollout_url(settings) == settings.keys.redis_url == "redis://weir-redis:6379/0"
+    own = subprocess.run(
+        [str(helm_binary()), "template", "weir", "deploy/helm/weir", "-n", "weir",
+         "-s", "templates/gateway-configmap.yaml", "--set", "redis.enabled=false",
+         "--set", "redis.url=redis://redis.example:6379/2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    config.write_text(yaml.safe_load(own.stdout)["data"]["weir.toml"])
+    assert rollout_url(load_settings(config)) == "redis://redis.example:6379/2"
 
 
 def test_the_chart_ships_the_same_dashboard() -> None:
