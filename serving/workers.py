@@ -4,6 +4,8 @@ When ``engines.board`` is set the gateway starts no engine. Its fleet is built f
 remote versions only (URLs, DNS); the local ones are whatever ``weir engines`` publishes
 on the board, joined as remote replicas (``models.engines.board.BoardFollower``). Until
 they appear, the versions the configuration runs count as not ready (``/readyz`` 503).
+The engines' KV event endpoints come from the board as well: the worker's KV index
+subscribes to them as to those of engines it starts itself.
 """
 
 from __future__ import annotations
@@ -47,4 +49,7 @@ def follow_board(
         for v in m.versions
         if is_local(v) and v.version in m.running()
     }
-    return BoardFollower(fleet, board, lookup, factory.remote, on_added=dispatcher.adopt)
+    follower = BoardFollower(fleet, board, lookup, factory.remote, on_added=dispatcher.adopt)
+    if dispatcher.kv is not None:
+        dispatcher.kv.sources.append(follower.events_of)
+    return follower

@@ -9,6 +9,11 @@ engine (the same path as configured URLs and DNS-discovered engines: the worker 
 its health itself and never starts or stops it), one that disappears leaves it
 (requests already on it finish). A missing or unreadable board changes nothing: a
 supervisor restarting must not empty the workers' fleets.
+
+An engine that publishes KV cache events (``kv_aware`` routing) has its event endpoints
+on the board too (``kv_events``, ``kv_replay``: the supervisor's private ipc sockets, to
+which any number of workers of the same user subscribe); the follower keeps them per
+replica (``events_of``) for the worker's KV index (``serving.routing.kv_routing``).
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ from typing import Any
 
 from models.config import ModelConfig, VersionConfig
 from models.engines.fleet import Fleet, Replica
+from models.engines.kv_events import EventEndpoints
 from models.types import ReplicaKey, VersionKey
 
 log = logging.getLogger("weir.board")
 MakeReplica = Callable[[ModelConfig, VersionConfig, ReplicaKey, str], Replica]
 Lookup = Callable[[VersionKey], tuple[ModelConfig, VersionConfig] | None]
+EventsOf = Callable[[Replica], EventEndpoints | None]
 POLL_S = 0.1  # how often a follower looks at the board's file (a stat: microseconds)
 
 
@@ -43,23 +50,35 @@ class Entry:
     url: str
     served_name: str
     healthy: bool
+    kv_events: str | None = None  # its KV event PUB socket (boards before it: absent)
+    kv_replay: str | None = None  # and replay ROUTER socket
 
     @property
     def version_key(self) -> VersionKey:
         return VersionKey(self.model, self.version)
 
+    @property
+    def events(self) -> EventEndpoints | None:
+        return None if self.kv_events is None else EventEndpoints(self.kv_events, self.kv_replay)
 
-def entries(replicas: Iterable[Replica]) -> list[Entry]:
-    """What the supervisor publishes of its replicas (each engine's own base URL)."""
+
+def entries(replicas: Iterable[Replica], events_of: EventsOf | None = None) -> list[Entry]:
+    """What the supervisor publishes of its replicas (each engine's own base URL, and
+    where it publishes KV events, by ``events_of``)."""
     out = []
     for replica in replicas:
         url = getattr(replica.engine, "base_url", None)
         if url is None:
             continue
         key = replica.key
+        events = None if events_of is None else events_of(replica)
         out.append(
-            Entry(key.model, key.version, key.index, url, replica.served_name, replica.healthy)
-        )
+            Entry(
+                key.model, key.version, key.index, url, replica.served_name, replica.healthy,
+                kv_events=None if events is None else events.publisher,
+                kv_replay=None if events is None else events.replay,
+            )
+        )  # fmt: skip
     return out
 
 
@@ -131,6 +150,7 @@ class BoardFollower:
         self.seq = -1
         self._stamp: tuple[int, int] | None = None
         self._known: dict[tuple[VersionKey, str], Replica] = {}
+        self._events: dict[Replica, EventEndpoints] = {}
         self._task: asyncio.Task[None] | None = None
         self.changed = asyncio.Event()
 
@@ -139,6 +159,10 @@ class BoardFollower:
 
     def replicas_of(self, key: VersionKey) -> list[Replica]:
         return [r for (version, _), r in self._known.items() if version == key]
+
+    def events_of(self, replica: Replica) -> EventEndpoints | None:
+        """Where a replica from the board publishes its KV events (None: it does not)."""
+        return self._events.get(replica)
 
     async def refresh(self) -> bool:
         """Read the board if its file changed and reconcile; whether the fleet changed."""
@@ -158,7 +182,14 @@ class BoardFollower:
         wanted: dict[tuple[VersionKey, str], Entry] = {}
         for entry in published:
             wanted[(entry.version_key, entry.url)] = entry
-        gone = [self._known.pop(k) for k in list(self._known) if k not in wanted]
+        left = [  # an engine that publishes its events elsewhere now: another replica
+            k
+            for k, replica in self._known.items()
+            if k not in wanted or wanted[k].events != self._events.get(replica)
+        ]
+        gone = [self._known.pop(k) for k in left]
+        for replica in gone:
+            self._events.pop(replica, None)
         added: list[Replica] = []
         for k, entry in wanted.items():
             if k in self._known:
@@ -171,6 +202,8 @@ class BoardFollower:
             replica = self.make_replica(model, version, key, entry.url)
             replica.healthy = entry.healthy  # the supervisor checked it; ours follow
             self._known[k] = replica
+            if entry.events is not None:
+                self._events[replica] = entry.events
             added.append(replica)
         if gone:
             await self.fleet.discard(gone)

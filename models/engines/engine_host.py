@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from models.config import ModelConfig, StoreConfig, VersionConfig
+from models.engines import kv_events
 from models.engines.board import BoardWriter, entries
 from models.engines.fleet import Fleet, Replica
 from models.engines.launcher import ReplicaFactory, build_fleet, version_weights
@@ -90,7 +91,16 @@ class EngineHost:
         return [r for r in self.fleet.replicas if r.key.version_key not in self._retiring]
 
     def publish(self) -> bool:
-        return self.board.publish(entries(self.published()), running=self.running())
+        published = entries(self.published(), self.events_of)
+        return self.board.publish(published, running=self.running())
+
+    def events_of(self, replica: Replica) -> kv_events.EventEndpoints | None:
+        """Where ``replica``'s engine publishes KV events: started with them when its model
+        routes ``kv_aware`` (the launcher's ``kv_events.engine_args``)."""
+        model = self.models.get(replica.key.model)
+        if model is None or not kv_events.wanted(model) or replica.process is None:
+            return None
+        return kv_events.local_endpoints(replica.key)
 
     async def want(self, model: ModelConfig, running: list[str]) -> None:
         """Make ``model``'s local versions that run equal ``running`` (a rollout moved)."""

@@ -18,6 +18,13 @@ chained from ``NONE_HASH = H(seed)`` over full blocks only, where ``H`` is the e
 canonical CBOR) and the seed its ``PYTHONHASHSEED``, else ``"vllm-none-hash"``. Events
 carry the hash as its low 64 bits (``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``, on by
 default) or as the digest; both are kept here as the low 64 bits (``external``).
+
+``extra`` is None for a plain text prompt, else the tuple vLLM 0.32's
+``generate_block_hash_extra_keys`` makes (in its order: LoRA, multimodal, salt, prompt
+embeddings): a LoRA request's ``("lora", name, path)`` on every block (the name and path
+the adapter was loaded with), a request's ``cache_salt`` as ``("cache_salt", salt)`` on
+the first block only. Multimodal inputs and prompt embeddings are not hashed here (such
+prompts are not tokenized for routing at all).
 """
 
 from __future__ import annotations
@@ -139,16 +146,29 @@ class BlockHasher:
     def __repr__(self) -> str:
         return f"BlockHasher({self.algo})"
 
-    def hashes(self, tokens: Sequence[int], block_size: int, limit: int | None = None) -> list[int]:
-        """The external hash of each full block of ``tokens`` (at most ``limit`` blocks)."""
+    def hashes(
+        self,
+        tokens: Sequence[int],
+        block_size: int,
+        limit: int | None = None,
+        *,
+        lora: tuple[str, str] | None = None,
+        salt: str | None = None,
+    ) -> list[int]:
+        """The external hash of each full block of ``tokens`` (at most ``limit`` blocks),
+        for a request on LoRA adapter ``lora`` (its name and path) and with ``cache_salt``
+        ``salt``, if given."""
         count = len(tokens) // block_size
         if limit is not None:
             count = min(count, limit)
+        every: tuple[Any, ...] = () if lora is None else (("lora", *lora),)
+        first = every + ((("cache_salt", salt),) if salt else ())
         parent = self.none_hash
         out: list[int] = []
         for n in range(count):
             block = tuple(tokens[n * block_size : (n + 1) * block_size])
-            parent = self._hash((parent, block, None))
+            extra = (first if n == 0 else every) or None
+            parent = self._hash((parent, block, extra))
             out.append(external(parent))
         return out
 

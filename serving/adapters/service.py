@@ -139,6 +139,12 @@ class AdapterService:
         held = self._held.get(replica)
         return held is not None and held.generation == replica.since and adapter in held.names
 
+    def path_of(self, base: VersionKey, adapter: str) -> str | None:
+        """The path ``base``'s engines load ``adapter`` from (vLLM hashes its KV blocks
+        with it); None when ``base`` does not serve it."""
+        stored = self.wanted.get(base, {}).get(adapter)
+        return None if stored is None else str(stored.path)
+
     def held(self, replica: Replica) -> list[str]:
         held = self._held.get(replica)
         if held is None or held.generation != replica.since:

@@ -248,6 +248,7 @@ def create_app(
             cache=cache, cache_embeddings=settings.cache.embeddings, meter=meter,
         )  # fmt: skip
         proxy: Proxy = api.state.proxy
+        kv.counters = proxy.counters  # one map: a deployed version's counter serves routing too
         if metrics is not None:  # each version's line per priority and tenant
             dispatcher.observe_queues(
                 lambda key, priority, tenant, n: metrics.child(

@@ -378,6 +378,10 @@ class Deployer:
                 ),
                 env=dict(template.env),
                 tokenizer=template.tokenizer if asked.urls else None,
+                # remote engines publish KV events where the stable version's do (each
+                # at its own URL's host); local ones are started with them (kv_aware)
+                kv_events_port=template.kv_events_port if asked.urls else None,
+                kv_replay_port=template.kv_replay_port if asked.urls else None,
             )
         except ValueError as exc:
             raise DeployRefused(f"invalid version: {exc}") from None

@@ -37,9 +37,9 @@ from models.types import ServedVersion, VersionKey
 from serving.observe.tracing import recording, span
 from serving.routing.breaker import CircuitBreaker
 from serving.routing.bulkhead import ANYONE, Bulkhead, Share, Slot
-from serving.routing.kv_routing import KvRouting, PromptKey
+from serving.routing.kv_routing import KvRouting
 from serving.routing.load import ReplicaLoad
-from serving.routing.router import Candidate, eligible
+from serving.routing.router import Candidate, RouteKey, eligible
 from serving.routing.served import Deadlines, ServedModel
 
 __all__ = ["Attempt", "Deadlines", "Dispatcher", "PrimedStream", "is_fault"]
@@ -54,6 +54,10 @@ class AdapterHolder(Protocol):
     """Which replicas hold which LoRA adapters (``serving.adapters``)."""
 
     def holds(self, replica: Replica, adapter: str) -> bool: ...
+
+    def path_of(self, base: VersionKey, adapter: str) -> str | None:
+        """Where ``base``'s engines load ``adapter`` from (None: it does not serve it)."""
+        ...
 
     async def ensure(self, replica: Replica, adapter: str) -> None:
         """Load ``adapter`` on ``replica`` unless it holds it; ``AdapterLoadFailed``."""
@@ -154,6 +158,8 @@ class Dispatcher:
 
     def configure(self, model: ModelConfig) -> None:
         """Routing state for a model and a bulkhead per version (new versions on deploy)."""
+        if self.kv is not None:  # a deployed version: its engine flags for block hashing
+            self.kv.configure(model)
         served = self.models.get(model.name)
         if served is None:
             self.models[model.name] = ServedModel.of(model, self.defaults, self.clock, self.kv)
@@ -276,20 +282,21 @@ class Dispatcher:
 
         return await self._with_retries(served, await self._route_key(served, body, affinity), call)
 
-    async def _route_key(
-        self, served: ServedVersion, body: JSON, affinity: str | None
-    ) -> str | PromptKey | None:
+    async def _route_key(self, served: ServedVersion, body: JSON, affinity: str | None) -> RouteKey:
         """What the router goes by: the prompt's blocks for a ``kv_aware`` model whose
         replicas' events are followed, else the prompt prefix (``prefix_hash``) or nothing."""
         kv = self.kv
         if kv is None or served.model not in kv.models:
             return affinity
-        return await kv.prompt_key(served, body)
+        lora_path = None
+        if served.adapter is not None and self.adapters is not None:
+            lora_path = self.adapters.path_of(served.engine, served.adapter)
+        return await kv.prompt_key(served, body, lora_path)
 
     async def _with_retries(
         self,
         served: ServedVersion,
-        affinity: str | PromptKey | None,
+        affinity: RouteKey,
         call: Callable[[Replica], Awaitable[T]],
     ) -> tuple[T, Attempt]:
         model = self.models[served.model]
@@ -336,7 +343,7 @@ class Dispatcher:
         self,
         model: ServedModel,
         served: ServedVersion,
-        affinity: str | PromptKey | None,
+        affinity: RouteKey,
         tried: set[Replica],
     ) -> Candidate:
         replicas = self.fleet.replicas_of(served)

@@ -4,7 +4,16 @@
 ``kv_aware``: it follows those models' replicas' KV events (``KvIndex``) and turns a
 request body into a ``PromptKey``, the prompt's token ids as the engine will see them
 (the served version's tokenizer and chat template, ``models.tokenizer``) whose block
-hashes (``models.engines.kv_events.BlockHasher``) are computed per block size on demand.
+hashes (``models.engines.kv_events.BlockHasher``) are computed per block size on demand,
+with the extra keys vLLM hashes a LoRA adapter's and a ``cache_salt``'s blocks with. An
+adapter whose path the gateway does not know (it did not load it) cannot be hashed as
+the engine does: its requests are ``Unmatched`` and routed by load (``adapter_unknown``).
+
+Versions deployed after start are added by the dispatcher (``configure``); their token
+counters by the deployer, in the map shared with the proxy (``counters``). A replica's
+event endpoints come from ``sources`` first (the fleet board's, for engines a
+``weir engines`` supervisor started), then its own process (engines this gateway
+started), then its version's configuration (remote engines).
 
 Metrics (bounded labels: model names from config, reasons below, replica keys):
 ``weir_kv_route_decisions_total{model,reason}``, ``weir_kv_predicted_hit_tokens_total``
@@ -17,7 +26,7 @@ The engines' own ``vllm:prefix_cache_hits`` / ``vllm:prefix_cache_queries`` are 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +39,7 @@ from models.engines.kv_events import BlockHasher, EventEndpoints, HashSettings
 from models.tokenizer import TokenCounter
 from models.types import ServedVersion, VersionKey
 from serving.routing.kv_index import KvIndex
+from serving.routing.router import Unmatched
 
 JSON = dict[str, Any]
 
@@ -40,13 +50,20 @@ class PromptKey:
 
     tokens: list[int]
     hasher: BlockHasher
+    lora: tuple[str, str] | None = None  # the adapter's name and path, as the engine loaded it
+    salt: str | None = None  # the request's cache_salt
     _hashes: dict[int, list[int]] = field(default_factory=dict)
 
     def hashes(self, block_size: int) -> list[int]:
         found = self._hashes.get(block_size)
         if found is None:
-            found = self._hashes[block_size] = self.hasher.hashes(self.tokens, block_size)
+            found = self._hashes[block_size] = self.hasher.hashes(
+                self.tokens, block_size, lora=self.lora, salt=self.salt
+            )
         return found
+
+
+EndpointSource = Callable[[Replica], EventEndpoints | None]
 
 
 def prompt_tokens(counter: TokenCounter, body: JSON) -> list[int] | None:
@@ -86,7 +103,8 @@ class KvMetrics:
         return cls(
             decisions=Counter(
                 "weir_kv_route_decisions",
-                "KV-aware routing decisions by reason (cache_hit|no_hit|busy|no_prefix|no_events)",
+                "KV-aware routing decisions by reason"
+                " (cache_hit|no_hit|busy|no_prefix|no_events|adapter_unknown)",
                 ["model", "reason"], registry=reg,
             ),
             predicted=Counter(
@@ -115,13 +133,17 @@ class KvRouting:
     def __init__(
         self,
         models: list[ModelConfig],
-        counters: Mapping[VersionKey, TokenCounter],
+        counters: Mapping[VersionKey, TokenCounter],  # the proxy's: deploys add to it
         *,
         host: str = "cpu",  # engines.host: auto, cpu or cuda
         registry: CollectorRegistry | None = None,
     ) -> None:
-        self.models = {m.name: m for m in models if kv_events.wanted(m)}
+        self.models: dict[str, ModelConfig] = {}
+        self.versions: dict[VersionKey, VersionConfig] = {}
+        for model in models:
+            self.configure(model)
         self.counters = counters
+        self.sources: list[EndpointSource] = []  # asked first (the fleet board)
         self.host = vllm_engine.host_kind(host)
         self.metrics = KvMetrics.create(registry)
         self.index = KvIndex(
@@ -131,14 +153,26 @@ class KvRouting:
     def __repr__(self) -> str:
         return f"KvRouting(models={list(self.models)!r})"
 
+    def configure(self, model: ModelConfig) -> None:
+        """Follow ``model`` if it routes ``kv_aware``, with every version it has had (a
+        deployed version's engine flags give its block size and hash)."""
+        if not kv_events.wanted(model):
+            return
+        self.models[model.name] = model
+        for version in model.versions:
+            self.versions[VersionKey(model.name, version.version)] = version
+
     def _endpoints(self, replica: Replica) -> EventEndpoints | None:
-        model = self.models.get(replica.key.model)
-        if model is None:
+        if replica.key.model not in self.models:
             return None
+        for source in self.sources:
+            found = source(replica)
+            if found is not None:
+                return found
         if replica.process is not None:
             return kv_events.local_endpoints(replica.key)
         url = getattr(replica.engine, "base_url", None)
-        version = _version(model, replica.key.version)
+        version = self.versions.get(replica.key.version_key)
         if version is None or not isinstance(url, str):
             return None
         return kv_events.remote_endpoints(version, url, replica.key.index)
@@ -151,14 +185,24 @@ class KvRouting:
         self.metrics.rebuilds.labels(str(replica.key), why).inc()
 
     def settings(self, key: VersionKey) -> HashSettings | None:
-        model = self.models.get(key.model)
-        version = None if model is None else _version(model, key.version)
+        if key.model not in self.models:
+            return None
+        version = self.versions.get(key)
         return None if version is None else HashSettings.of(version, self.host)
 
-    async def prompt_key(self, served: ServedVersion, body: JSON) -> PromptKey | None:
-        """``body``'s prompt key (tokenized off the event loop), or None."""
+    async def prompt_key(
+        self, served: ServedVersion, body: JSON, lora_path: str | None = None
+    ) -> PromptKey | Unmatched | None:
+        """``body``'s prompt key (tokenized off the event loop), or None; ``lora_path``:
+        where the engines loaded ``served``'s adapter from (None: not known)."""
+        lora = None
         if served.adapter is not None:
-            return None  # an adapter's blocks hash with its name: not matched here
+            if lora_path is None:
+                return Unmatched("adapter_unknown")  # its blocks hash with the path
+            lora = (served.adapter, lora_path)
+        salt = body.get("cache_salt")
+        if salt is not None and not (isinstance(salt, str) and salt):
+            return None  # the engine refuses it
         counter = self.counters.get(served.engine)
         settings = self.settings(served.engine)
         if counter is None or settings is None:
@@ -166,7 +210,7 @@ class KvRouting:
         tokens = await asyncio.to_thread(prompt_tokens, counter, body)
         if not tokens:
             return None
-        return PromptKey(tokens, settings.hasher())
+        return PromptKey(tokens, settings.hasher(), lora, salt)
 
     def default_block_size(self, key: VersionKey) -> int:
         settings = self.settings(key)
@@ -183,10 +227,3 @@ class KvRouting:
 
     async def stop(self) -> None:
         await self.index.stop()
-
-
-def _version(model: ModelConfig, name: str) -> VersionConfig | None:
-    for version in model.versions:
-        if version.version == name:
-            return version
-    return None

@@ -14,7 +14,9 @@ Only replicas that are healthy and whose breaker lets requests through are candi
   it holds minus ``kv_tokens_per_request`` for each request it has in flight beyond the
   least busy, and is never chosen when ``slack`` busier. For multi-turn chat, agents, RAG:
   long shared prefixes. Falls back to least outstanding when no candidate's events can be
-  read (``no_events``) or the prompt has no full block (``no_prefix``).
+  read (``no_events``), the prompt has no full block (``no_prefix``), or its blocks
+  cannot be hashed as the engine hashes them (``Unmatched``: ``adapter_unknown``, a LoRA
+  adapter the gateway did not load).
 
 A candidate is a replica with its routing state (``ReplicaLoad``), as the dispatcher
 pairs them.
@@ -25,7 +27,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 from models.engines.fleet import Replica
 from serving.routing.load import ReplicaLoad
@@ -37,10 +40,19 @@ if TYPE_CHECKING:
 Candidate = tuple[Replica, ReplicaLoad]
 
 
+@dataclass(frozen=True)
+class Unmatched:
+    """A prompt whose KV blocks cannot be hashed as its engine hashes them: routed by
+    load, counted under ``reason``."""
+
+    reason: str
+
+
+RouteKey: TypeAlias = "str | PromptKey | Unmatched | None"
+
+
 class Router(Protocol):
-    def choose(
-        self, candidates: Sequence[Candidate], key: str | PromptKey | None = None
-    ) -> Candidate:
+    def choose(self, candidates: Sequence[Candidate], key: RouteKey = None) -> Candidate:
         """One of ``candidates`` (not empty)."""
         ...
 
@@ -54,9 +66,7 @@ class LeastOutstanding:
         self.slack = slack
         self._turn = itertools.count()
 
-    def choose(
-        self, candidates: Sequence[Candidate], key: str | PromptKey | None = None
-    ) -> Candidate:
+    def choose(self, candidates: Sequence[Candidate], key: RouteKey = None) -> Candidate:
         """One of ``candidates`` (not empty); a ``str`` key is a prompt prefix to keep on
         one replica (``prefix_hash``)."""
         least = min(load.outstanding for _, load in candidates)
@@ -89,10 +99,10 @@ class KvAware:
     def __repr__(self) -> str:
         return f"KvAware({self.model}, per_request={self.tokens_per_request})"
 
-    def choose(
-        self, candidates: Sequence[Candidate], key: str | PromptKey | None = None
-    ) -> Candidate:
+    def choose(self, candidates: Sequence[Candidate], key: RouteKey = None) -> Candidate:
         least = min(load.outstanding for _, load in candidates)
+        if isinstance(key, Unmatched):
+            return self._fallback(candidates, least, key.reason)
         if key is None or isinstance(key, str):
             return self._fallback(candidates, least, "no_prefix")
         index = self.kv.index
@@ -132,7 +142,7 @@ class KvAware:
         return self.fallback.least(candidates, least)
 
 
-_REASONS = ("cache_hit", "no_hit", "busy", "no_prefix", "no_events")
+_REASONS = ("cache_hit", "no_hit", "busy", "no_prefix", "no_events", "adapter_unknown")
 
 
 def make_router(model: str, routing: RoutingConfig, kv: KvRouting | None) -> Router:

@@ -17,14 +17,16 @@ from models.config import ModelConfig, RoutingConfig, VersionConfig
 from models.engines import kv_events
 from models.engines.fleet import Replica
 from models.engines.kv_events import BlockHasher, EventEndpoints, HashSettings
-from models.types import ReplicaKey
+from models.tokenizer import TokenCounter
+from models.types import ReplicaKey, ServedVersion, VersionKey
 from serving.routing.breaker import CircuitBreaker
 from serving.routing.kv_index import KvIndex, ReplicaBlocks
 from serving.routing.kv_routing import KvRouting, PromptKey
 from serving.routing.load import ReplicaLoad
-from serving.routing.router import Candidate, KvAware, LeastOutstanding, make_router
+from serving.routing.router import Candidate, KvAware, LeastOutstanding, Unmatched, make_router
 from tests.fakes.engine import FakeEngine
 from tests.fakes.kv_publisher import KvPublisher, removed, stored
+from tests.unit.test_contract import store_dir
 
 pytestmark = pytest.mark.anyio
 
@@ -47,6 +49,41 @@ def test_block_hashes_equal_a_real_engine_event() -> None:
     # another seed (PYTHONHASHSEED) or algorithm gives other hashes
     assert BlockHasher(seed="7").hashes(REAL_TOKENS, BLOCK) != REAL_HASHES
     assert BlockHasher("sha256_cbor").hashes(REAL_TOKENS, BLOCK) != REAL_HASHES
+
+
+# The same prompt as vLLM 0.32 hashes it for a LoRA request (LoRARequest("pirate", 1,
+# ADAPTER_PATH)), with cache_salt SALT, and both: its own request block hasher
+# (vllm.v1.core.kv_cache_utils.get_request_block_hasher, generate_block_hash_extra_keys)
+# run on REAL_TOKENS, without PYTHONHASHSEED, block size 128.
+ADAPTER_PATH = "/store/adapters/pirate"
+SALT = "tenant-a"
+VLLM_HASHES = {
+    "sha256": {
+        "lora": [4843806398430104695, 11406038794895587627],
+        "salt": [7471759601933361218, 1488021409113741123],
+        "both": [1691476298727086970, 17107219642510679678],
+    },
+    "sha256_cbor": {
+        "plain": [1415402113577701857, 3968741357444297243],
+        "lora": [10558155654692230830, 9495127543300650519],
+        "salt": [14485128039222009966, 11639897981494309397],
+        "both": [4661839967510164124, 11533615215139057145],
+    },
+}
+
+
+@pytest.mark.parametrize("algo", ["sha256", "sha256_cbor"])
+def test_adapter_and_salted_block_hashes_equal_vllms(algo: str) -> None:
+    hasher, want = BlockHasher(algo), VLLM_HASHES[algo]
+    lora = ("pirate", ADAPTER_PATH)
+    assert hasher.hashes(REAL_TOKENS, BLOCK, lora=lora) == want["lora"]
+    assert hasher.hashes(REAL_TOKENS, BLOCK, salt=SALT) == want["salt"]
+    assert hasher.hashes(REAL_TOKENS, BLOCK, lora=lora, salt=SALT) == want["both"]
+    plain = hasher.hashes(REAL_TOKENS, BLOCK)
+    assert plain == want.get("plain", REAL_HASHES)
+    # the salt is on the first block only, but the chain carries it to every block
+    assert not set(plain) & set(want["salt"])
+    assert hasher.hashes(REAL_TOKENS, BLOCK, lora=("pirate", "/elsewhere")) != want["lora"]
 
 
 def test_hash_settings_follow_the_engines_flags_and_environment() -> None:
@@ -202,6 +239,60 @@ async def test_routes_to_the_replica_holding_the_prefix_and_an_eviction_moves_it
         rig.loads[0].outstanding = 1
         assert router.choose(rig.candidates(), key)[0] is rig.replicas[1]
         assert decisions.labels("m", "no_hit")._value.get() == 1
+
+
+async def test_adapter_and_salted_prompts_go_where_their_own_blocks_are(base: Path) -> None:
+    async with started(base) as rig:
+        router = kv_router(rig)
+        tokens, plain = prompt(2)
+        lora = ("pirate", ADAPTER_PATH)
+        hasher = BlockHasher()
+        adapter = PromptKey(tokens, hasher, lora=lora)
+        salted = PromptKey(tokens, hasher, salt=SALT)
+        # replica 0 holds the base model's blocks of the prompt, replica 1 the adapter's
+        await published(rig, 0, stored(plain, tokens[: 2 * BLOCK], BLOCK))
+        await published(rig, 1, stored(adapter.hashes(BLOCK), tokens[: 2 * BLOCK], BLOCK))
+        assert router.choose(rig.candidates(), PromptKey(tokens, hasher))[0] is rig.replicas[0]
+        assert router.choose(rig.candidates(), adapter)[0] is rig.replicas[1]
+        # a salted prompt reuses neither (the engine would not): load decides
+        rig.loads[0].outstanding = 1
+        assert router.choose(rig.candidates(), salted)[0] is rig.replicas[1]
+        decisions = router.kv.metrics.decisions
+        assert decisions.labels("m", "no_hit")._value.get() == 1
+        await published(rig, 0, stored(salted.hashes(BLOCK), tokens[: 2 * BLOCK], BLOCK))
+        rig.loads[0].outstanding = 0
+        assert router.choose(rig.candidates(), salted)[0] is rig.replicas[0]
+        assert decisions.labels("m", "cache_hit")._value.get() == 3
+        # an adapter whose path is unknown: load decides, counted apart
+        rig.loads[0].outstanding = 0
+        rig.loads[1].outstanding = 1
+        unknown = Unmatched("adapter_unknown")
+        assert router.choose(rig.candidates(), unknown)[0] is rig.replicas[0]
+        assert decisions.labels("m", "adapter_unknown")._value.get() == 1
+
+
+@pytest.fixture(scope="module")
+def counter() -> TokenCounter:
+    return TokenCounter.from_dir(store_dir("smollm2-135m-instruct"))
+
+
+async def test_prompt_keys_of_adapters_and_salts(counter: TokenCounter) -> None:
+    model = _model(RoutingConfig(strategy="kv_aware"))
+    routing = KvRouting([model], {VersionKey("m", "v"): counter})
+    body = {"prompt": REAL_TOKENS}
+    plain = await routing.prompt_key(ServedVersion("m", "v", "chat"), body)
+    assert isinstance(plain, PromptKey)
+    assert plain.hashes(BLOCK) == REAL_HASHES
+    on_adapter = ServedVersion("m", "v:pirate", "chat", adapter="pirate")
+    assert await routing.prompt_key(on_adapter, body) == Unmatched("adapter_unknown")
+    key = await routing.prompt_key(on_adapter, body | {"cache_salt": SALT}, ADAPTER_PATH)
+    assert isinstance(key, PromptKey)
+    assert key.hashes(BLOCK) == BlockHasher().hashes(
+        REAL_TOKENS, BLOCK, lora=("pirate", ADAPTER_PATH), salt=SALT
+    )
+    assert (
+        await routing.prompt_key(ServedVersion("m", "v", "chat"), body | {"cache_salt": ""}) is None
+    )
 
 
 async def test_load_outweighs_a_short_cached_prefix(base: Path) -> None:
