@@ -23,8 +23,9 @@ default) or as the digest; both are kept here as the low 64 bits (``external``).
 ``generate_block_hash_extra_keys`` makes (in its order: LoRA, multimodal, salt, prompt
 embeddings): a LoRA request's ``("lora", name, path)`` on every block (the name and path
 the adapter was loaded with), a request's ``cache_salt`` as ``("cache_salt", salt)`` on
-the first block only. Multimodal inputs and prompt embeddings are not hashed here (such
-prompts are not tokenized for routing at all).
+the first block only. Multimodal inputs and prompt embeddings are not hashed here: from
+the first block that holds one on, the chain differs from the engine's and matches
+nothing (a missed hit, never a false one).
 """
 
 from __future__ import annotations
