@@ -74,3 +74,4 @@ class Call:
     pin: str | None = None  # serve this version of the model (``x-weir-model-version``)
     cache_control: str | None = None  # ``x-weir-cache``: bypass, refresh or nothing
     priority: Priority | None = None  # batch: the Batch API's requests (lowers, never raises)
+    body_bytes: int | None = None  # the request body's size: its prompt has no more characters

@@ -315,11 +315,15 @@ async def prepare_async(
     request: R,
     counter: TokenCounter | None,
     config: ContractConfig,
+    body_bytes: int | None = None,
 ) -> Prepared:
     """``prepare(request, counter, config)``, in the counting pool when the prompt is large
     enough that tokenizing it would hold up the event loop (the tokenizer releases the GIL
-    while it works); inline otherwise."""
-    if counter is None or prompt_chars(request) <= OFF_LOOP_CHARS:
+    while it works); inline otherwise. ``body_bytes``: the size of the JSON the request
+    came as, when it is still that request (its prompt has at most that many characters:
+    no walk over its messages is needed to know a small request is small)."""
+    small = body_bytes is not None and body_bytes <= OFF_LOOP_CHARS
+    if counter is None or small or prompt_chars(request) <= OFF_LOOP_CHARS:
         return prepare(request, counter, config)
     call = functools.partial(prepare, request, counter, config)
     context = contextvars.copy_context()

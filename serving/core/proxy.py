@@ -220,8 +220,9 @@ class Proxy:
         spec = extension(request.model_extra or {}).get("retrieval")
         if spec is not None:
             request, rag = await self._augment(route, request, call, spec)
+        size = call.body_bytes if rag is None else None  # augmented: no longer that body
         prepared = await contract.prepare_async(
-            route.prepare, request, self.counters.get(served.engine), self.config
+            route.prepare, request, self.counters.get(served.engine), self.config, size
         )
         lease.obs.asked(prepared.body)
         found = await self._cached_vectors(route, call, served, prepared)

@@ -94,24 +94,29 @@ class ModelEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            request = await self._request(scope, receive)
+            read = await self._request(scope, receive)
         except GatewayError as exc:  # refused before the use case saw it: counted here
             self.edge.refused(scope["path"], exc)
             raise
-        if request is None:
+        if read is None:
             return  # the client left while sending (or was refused a too-large body)
+        request, size = read
         pin = control = None
         for name, value in scope["headers"]:
             if name == _PIN:
                 pin = value.decode("latin-1")
             elif name == _CONTROL:
                 control = value.decode("latin-1")
-        call = Call(caller_of(scope), request_id_of(scope), disconnected(receive), pin, control)
+        call = Call(
+            caller_of(scope), request_id_of(scope), disconnected(receive), pin, control,
+            body_bytes=size,
+        )  # fmt: skip
         answer = await self.proxy().handle(self.route, request, call)
         await respond(answer, self.edge.send_timeout_s)(scope, receive, send)
 
-    async def _request(self, scope: Scope, receive: Receive) -> ModelRequest | None:
-        """The validated body; None when the client left before sending all of it."""
+    async def _request(self, scope: Scope, receive: Receive) -> tuple[ModelRequest, int] | None:
+        """The validated body and its size in bytes; None when the client left before
+        sending all of it."""
         if scope["method"] != "POST":
             raise MethodNotAllowed(f"Method {scope['method']} is not allowed on {scope['path']}.")
         raw = await read_body(receive)
@@ -121,7 +126,7 @@ class ModelEndpoint:
         for name, value in scope["headers"]:
             if name == b"content-type":
                 content_type = value.decode("latin-1")
-        return parse(self.model, raw, content_type)
+        return parse(self.model, raw, content_type), len(raw)
 
 
 def routes(proxy: Callable[[], Proxy], edge: Edge | None = None) -> list[StarletteRoute]:
