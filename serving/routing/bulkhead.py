@@ -159,11 +159,17 @@ class Bulkhead:
         line = tenant.queues[priority]
         start = max(self._vtime[priority], tenant.tags[priority])
         tenant.tags[priority] = start + 1.0 / tenant.weight
+        if priority == "interactive":
+            tenant.seen = now
+        if not self._queued and self._may_go_now(tenant, priority, now):
+            # nobody waits and a slot is free for it: what _dispatch would do, at once
+            self._vtime[priority] = start
+            self._take(tenant, priority)
+            return Slot(self, tenant, priority)
         waiter = _Waiter(asyncio.get_running_loop().create_future(), tenant, share, start)
         line.append(waiter)
         self._queued += 1
         if priority == "interactive":
-            tenant.seen = now
             self._note_demand(tenant)
         self._dispatch()
         if waiter.future.done():
@@ -266,6 +272,19 @@ class Bulkhead:
             self._take(chosen.tenant, chosen.share.priority)
             chosen.future.set_result(None)
             self._observe(chosen.tenant, chosen.share.priority)
+
+    def _may_go_now(self, tenant: _Tenant, priority: Priority, now: float) -> bool:
+        """With nobody waiting: may ``tenant`` take a slot at ``priority`` now (as
+        ``_next`` would choose it were it alone in the line)?"""
+        free = self._cap() - self.in_flight
+        if free < 1:
+            return False
+        kept = self._reserved(now)
+        if not kept:
+            return True
+        all_kept = sum(kept.values())
+        others = all_kept - kept.get(tenant.name, 0)
+        return free >= (all_kept if priority == "batch" else others) + 1
 
     def _next(self) -> _Waiter | None:
         now = self.clock()
