@@ -147,12 +147,15 @@ class ResponsesConfig(BaseModel):
 
 class BatchesConfig(BaseModel):
     """The OpenAI Batch API (``/v1/files``, ``/v1/batches``): files and batch state in one
-    SQLite file; a batch's requests run through the gateway at batch priority."""
+    SQLite file, or PostgreSQL; a batch's requests run through the gateway at batch priority."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = True
     sqlite_path: Path = Path("~/.cache/weir/batches.sqlite3")  # one host's gateways share it
+    # PostgreSQL (postgresql://...) shared by every gateway, files' bytes included; unset:
+    # the SQLite file above
+    database_url: SecretStr | None = None
     max_file_bytes: int = Field(50 * 2**20, ge=1024)  # an uploaded file (its own body limit)
     max_requests: int = Field(50_000, ge=1)  # lines of one batch's input file
     concurrency: int = Field(64, ge=1)  # batch requests one gateway has in the works at once
@@ -162,6 +165,15 @@ class BatchesConfig(BaseModel):
     # an upload without expires_after expires this long after it (OpenAI's 30 days); 0: kept
     upload_expires_s: int = Field(30 * 86_400, ge=0)
     sweep_s: float = Field(60.0, gt=0, le=3600)  # expired files' bytes removed this often
+
+    @model_validator(mode="after")
+    def _postgres_only(self) -> BatchesConfig:
+        url = self.database_url
+        if url is not None and not url.get_secret_value().startswith(
+            ("postgresql://", "postgres://")
+        ):
+            raise ValueError("batches.database_url must be a postgresql:// URL")
+        return self
 
 
 MIN_WORKER_TOKEN = 16  # characters of retrieval.worker_token

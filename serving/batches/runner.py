@@ -170,7 +170,8 @@ class Runner:
             raise
         except Exception:
             log.exception("batch %s stopped on an error; it is tried again later", run.id)
-            await self.store.release(run.id, self.owner)
+            with contextlib.suppress(Exception):  # else its lease runs out
+                await self.store.release(run.id, self.owner)
         finally:
             keeper.cancel()
             self._runs.pop(run.id, None)
@@ -189,11 +190,22 @@ class Runner:
         return True
 
     async def _keep(self, run: _Run) -> None:
-        """Renew the lease, and see a cancel made elsewhere or the window running out."""
+        """Renew the lease, and see a cancel made elsewhere or the window running out. A
+        store that cannot be reached is tried again at the next renewal; once the lease
+        has run out meanwhile (another process may hold the batch now) this one stops."""
         every = self.config.lease_s / 3
+        held_until = self.clock() + self.config.lease_s
         while run.stop is None:
             await asyncio.sleep(every)
-            status = await self.store.renew(run.id, self.owner, self.clock(), self.config.lease_s)
+            now = self.clock()
+            try:
+                status = await self.store.renew(run.id, self.owner, now, self.config.lease_s)
+            except Exception:
+                log.warning("batch %s: could not renew its lease", run.id, exc_info=True)
+                if self.clock() >= held_until:
+                    run.halt("lost")
+                continue
+            held_until = now + self.config.lease_s
             if status is None:  # another process holds it now: leave it to that one
                 log.warning("batch %s: lease lost; stopping here", run.id)
                 run.halt("lost")
@@ -203,11 +215,20 @@ class Runner:
                 run.halt("expired")
 
     async def _send_all(self, run: _Run) -> None:
+        """Every line without a result, page by page; then once more from the start while
+        some still have none (a result the store could not take: the line runs again)."""
+        while run.stop is None and await self._send_pass(run):
+            pass
+
+    async def _send_pass(self, run: _Run) -> bool:
+        """One pass over the lines without a result; whether it sent any."""
         above = -1
+        sent = False
         while run.stop is None:
             page = await self.store.pending(run.id, PAGE, above)
             if not page:
                 break
+            sent = True
             for line in page:
                 await self._slots.acquire()
                 if run.stop is not None:
@@ -219,6 +240,7 @@ class Runner:
                 above = line.n
         while run.tasks:
             await asyncio.gather(*list(run.tasks), return_exceptions=True)
+        return sent
 
     async def _one(self, run: _Run, line: Line) -> None:
         try:

@@ -237,7 +237,10 @@ def make_batches(
     metrics: Metrics | None = None,
     keys: KeyLookup | None = None,
 ) -> Batches | None:
-    """The Batch API with its SQLite store (nothing opened yet); None when it is off."""
+    """The Batch API with its store (PostgreSQL at ``database_url``, else the SQLite file;
+    nothing opened yet); None when it is off."""
     if not config.enabled:
         return None
-    return Batches(proxy, BatchStore(config.sqlite_path), config, metrics, keys)
+    url = config.database_url
+    store = BatchStore(url.get_secret_value() if url is not None else config.sqlite_path)
+    return Batches(proxy, store, config, metrics, keys)

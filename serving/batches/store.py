@@ -1,12 +1,17 @@
-"""Files and batches in one SQLite file (WAL), opened on first use.
+"""Files and batches in one database: a SQLite file (WAL; the default, shared by the
+gateway processes of one host) or PostgreSQL (``batches.database_url``, shared by every
+gateway), through one SQL layer (``serving.batches.database``), opened on first use.
 
-Three tables: ``files`` (uploads and the output/error files a batch writes, by tenant),
-``batches`` (the Batch object as JSON, its caller, and which gateway process runs it:
-``owner`` with a lease), and ``lines`` (a batch's input requests and, once done, each one's
-output line). A line's result is written once (``WHERE result IS NULL``) and a running
-batch only takes lines without one, so no request runs again after its result was
-written, whatever crashes. Calls run in a worker thread, one at a time, off the event
-loop; sqlite3's errors become ``BatchesUnavailable`` (503) here.
+Three tables: ``files`` (uploads and the output/error files a batch writes, by tenant,
+their bytes included: a BLOB, or a ``bytea`` in PostgreSQL, at most
+``batches.max_file_bytes``), ``batches`` (the Batch object as JSON, its caller, and which
+gateway process runs it: ``owner`` with a lease), and ``lines`` (a batch's input requests
+and, once done, each one's output line). A batch is claimed by one process at a time
+(one ``UPDATE ... RETURNING``: a row another process holds under a live lease is not
+taken). A line's result is written once (``WHERE result IS NULL``) and a running batch
+only takes lines without one, so no request runs again after its result was written,
+whatever crashes. Calls run in a worker thread, off the event loop; the database's errors
+become ``BatchesUnavailable`` (503) here.
 
 A file's expiry is its File object's ``expires_at`` (indexed as an expression, so a store
 written before expiry needs no migration): from then on the tenant's reads do not find it
@@ -18,38 +23,42 @@ show: who created it and ``output_expires_s`` (its output files' lifetime).
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
+from sqlalchemy import TextClause, bindparam, text
+from sqlalchemy.engine import Connection
 
+from serving.batches.database import Database, Dialect
 from serving.errors import BatchesUnavailable
-from serving.sqlite_file import SqliteFile
 
 T = TypeVar("T")
 JSON = dict[str, Any]
 RUNNING = ("validating", "in_progress", "finalizing", "cancelling")
-EXPIRES = "json_extract(record, '$.expires_at')"  # NULL: kept until deleted
-LIVE = f"({EXPIRES} IS NULL OR {EXPIRES} > ?)"  # not expired at ``now``
+_RUNNING = ", ".join(f"'{status}'" for status in RUNNING)
 
-SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS files (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, "
-    "record TEXT NOT NULL, content BLOB NOT NULL, created_at INTEGER NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS files_tenant ON files (tenant, created_at)",
-    f"CREATE INDEX IF NOT EXISTS files_expiry ON files ({EXPIRES}) WHERE {EXPIRES} IS NOT NULL",
-    "CREATE TABLE IF NOT EXISTS batches (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, "
-    "record TEXT NOT NULL, caller TEXT NOT NULL, status TEXT NOT NULL, "
-    "owner TEXT, lease_until REAL NOT NULL DEFAULT 0, created_at INTEGER NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS batches_tenant ON batches (tenant, created_at)",
-    "CREATE INDEX IF NOT EXISTS batches_status ON batches (status)",
-    "CREATE TABLE IF NOT EXISTS lines (batch_id TEXT NOT NULL, n INTEGER NOT NULL, "
-    "custom_id TEXT NOT NULL, body BLOB NOT NULL, result BLOB, ok INTEGER, "
-    "PRIMARY KEY (batch_id, n))",
-    "CREATE INDEX IF NOT EXISTS lines_pending ON lines (batch_id, result) WHERE result IS NULL",
-)
+
+def schema(d: Dialect) -> list[str]:
+    expires = d.number("record", "expires_at")
+    return [
+        "CREATE TABLE IF NOT EXISTS files (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, "
+        f"record TEXT NOT NULL, content {d.blob} NOT NULL, created_at {d.big} NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS files_tenant ON files (tenant, created_at)",
+        f"CREATE INDEX IF NOT EXISTS files_expiry ON files ({expires}) WHERE {expires} IS NOT NULL",
+        "CREATE TABLE IF NOT EXISTS batches (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, "
+        "record TEXT NOT NULL, caller TEXT NOT NULL, status TEXT NOT NULL, "
+        f"owner TEXT, lease_until {d.real} NOT NULL DEFAULT 0, created_at {d.big} NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS batches_tenant ON batches (tenant, created_at)",
+        "CREATE INDEX IF NOT EXISTS batches_status ON batches (status)",
+        "CREATE TABLE IF NOT EXISTS lines (batch_id TEXT NOT NULL, n INTEGER NOT NULL, "
+        f"custom_id TEXT NOT NULL, body {d.blob} NOT NULL, result {d.blob}, ok INTEGER, "
+        "PRIMARY KEY (batch_id, n))",
+        "CREATE INDEX IF NOT EXISTS lines_pending ON lines (batch_id, result) WHERE result IS NULL",
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,64 +75,70 @@ class Claimed:
 
 
 class BatchStore:
-    def __init__(self, path: Path, *, timeout_s: float = 5.0) -> None:
-        self.path = path.expanduser()
-        self._file = SqliteFile(
-            self.path,
+    def __init__(self, target: Path | str, *, timeout_s: float = 5.0) -> None:
+        """``target``: a SQLite file, or a ``postgresql://`` URL."""
+        self._db = Database(
+            target if isinstance(target, str) else target.expanduser(),
             timeout_s=timeout_s,
-            # WAL with synchronous=NORMAL: a killed process loses no commit
-            setup=("PRAGMA synchronous=NORMAL", *SCHEMA),
+            schema=schema,
             unavailable=lambda why: BatchesUnavailable(f"The batch store is unavailable ({why})."),
         )
+        d = self._db.dialect
+        self.dialect = d.name
+        expires = d.number("record", "expires_at")
+        self._expired = f"{expires} <= :now"
+        self._live = f"({expires} IS NULL OR {expires} > :now)"  # not expired at ``now``
+        self._source = d.string("record", "input_file_id")
 
     def __repr__(self) -> str:
-        return f"BatchStore(path={str(self.path)!r})"
+        return f"BatchStore({self._db!r})"
 
     # -- files ----------------------------------------------------------------------
 
     async def put_file(self, tenant: str, record: JSON, content: bytes) -> None:
-        def write(db: sqlite3.Connection) -> None:
+        def write(db: Connection) -> None:
             db.execute(
-                "INSERT INTO files (id, tenant, record, content, created_at) VALUES (?,?,?,?,?)",
-                (record["id"], tenant, orjson.dumps(record), content, record["created_at"]),
-            )
+                _sql("INSERT INTO files (id, tenant, record, content, created_at) "
+                     "VALUES (:id, :tenant, :record, :content, :created_at)"),
+                {"id": record["id"], "tenant": tenant, "record": _dumps(record),
+                 "content": content, "created_at": record["created_at"]},
+            )  # fmt: skip
 
-        await self._run(write)
+        await self._db.run(write)
 
     async def file(self, tenant: str, file_id: str, now: float) -> JSON | None:
         """The File object, unless it has expired at ``now``."""
+        sql = _sql(f"SELECT record FROM files WHERE id = :id AND tenant = :tenant AND {self._live}")
 
-        def read(db: sqlite3.Connection) -> JSON | None:
-            row = db.execute(
-                f"SELECT record FROM files WHERE id = ? AND tenant = ? AND {LIVE}",
-                (file_id, tenant, now),
-            ).fetchone()
+        def read(db: Connection) -> JSON | None:
+            row = db.execute(sql, {"id": file_id, "tenant": tenant, "now": now}).first()
             return _loads(row[0]) if row else None
 
-        return await self._run(read)
+        return await self._db.run(read, write=False)
 
     async def content(self, tenant: str, file_id: str, now: float) -> bytes | None:
-        def read(db: sqlite3.Connection) -> bytes | None:
-            row = db.execute(
-                f"SELECT content FROM files WHERE id = ? AND tenant = ? AND {LIVE}",
-                (file_id, tenant, now),
-            ).fetchone()
+        sql = _sql(
+            f"SELECT content FROM files WHERE id = :id AND tenant = :tenant AND {self._live}"
+        )
+
+        def read(db: Connection) -> bytes | None:
+            row = db.execute(sql, {"id": file_id, "tenant": tenant, "now": now}).first()
             return bytes(row[0]) if row else None
 
-        return await self._run(read)
+        return await self._db.run(read, write=False)
 
     async def files(
         self, tenant: str, purpose: str | None, limit: int, desc: bool, now: float
     ) -> list[JSON]:
-        def read(db: sqlite3.Connection) -> list[JSON]:
-            order = "DESC" if desc else "ASC"
-            rows = db.execute(
-                f"SELECT record FROM files WHERE tenant = ? AND {LIVE} "
-                f"ORDER BY created_at {order}, id {order}",
-                (tenant, now),
-            )
+        order = "DESC" if desc else "ASC"
+        sql = _sql(
+            f"SELECT record FROM files WHERE tenant = :tenant AND {self._live} "
+            f"ORDER BY created_at {order}, id {order}"
+        )
+
+        def read(db: Connection) -> list[JSON]:
             found = []
-            for (raw,) in rows:
+            for (raw,) in db.execute(sql, {"tenant": tenant, "now": now}):
                 record = _loads(raw)
                 if purpose is None or record.get("purpose") == purpose:
                     found.append(record)
@@ -131,33 +146,29 @@ class BatchStore:
                         break
             return found
 
-        return await self._run(read)
+        return await self._db.run(read, write=False)
 
     async def delete_file(self, tenant: str, file_id: str, now: float) -> bool:
-        def remove(db: sqlite3.Connection) -> bool:
-            cursor = db.execute(
-                f"DELETE FROM files WHERE id = ? AND tenant = ? AND {LIVE}", (file_id, tenant, now)
-            )
-            return cursor.rowcount > 0
+        sql = _sql(f"DELETE FROM files WHERE id = :id AND tenant = :tenant AND {self._live}")
 
-        return await self._run(remove)
+        def remove(db: Connection) -> bool:
+            return db.execute(sql, {"id": file_id, "tenant": tenant, "now": now}).rowcount > 0
+
+        return await self._db.run(remove)
 
     async def sweep(self, now: float, limit: int) -> int:
         """Delete up to ``limit`` files expired at ``now`` (row and bytes), none that an
         unfinished batch reads; how many were deleted."""
+        sql = _sql(
+            f"DELETE FROM files WHERE id IN (SELECT id FROM files WHERE {self._expired} "
+            f"AND id NOT IN (SELECT {self._source} FROM batches WHERE status IN ({_RUNNING}) "
+            f"AND {self._source} IS NOT NULL) LIMIT :limit)"
+        )
 
-        def remove(db: sqlite3.Connection) -> int:
-            marks = ",".join("?" * len(RUNNING))
-            source = "json_extract(record, '$.input_file_id')"
-            cursor = db.execute(
-                f"DELETE FROM files WHERE id IN (SELECT id FROM files WHERE {EXPIRES} <= ? "
-                f"AND id NOT IN (SELECT {source} FROM batches WHERE status IN ({marks}) "
-                f"AND {source} IS NOT NULL) LIMIT ?)",
-                (now, *RUNNING, limit),
-            )
-            return cursor.rowcount
+        def remove(db: Connection) -> int:
+            return db.execute(sql, {"now": now, "limit": limit}).rowcount
 
-        return await self._run(remove)
+        return await self._db.run(remove)
 
     # -- batches --------------------------------------------------------------------
 
@@ -166,211 +177,218 @@ class BatchStore:
     ) -> None:
         """The batch and its input lines, in one transaction."""
 
-        def write(db: sqlite3.Connection) -> None:
-            with _transaction(db):
+        def write(db: Connection) -> None:
+            db.execute(
+                _sql("INSERT INTO batches (id, tenant, record, caller, status, created_at) "
+                     "VALUES (:id, :tenant, :record, :caller, :status, :created_at)"),
+                {"id": batch["id"], "tenant": tenant, "record": _dumps(batch),
+                 "caller": _dumps(caller), "status": batch["status"],
+                 "created_at": batch["created_at"]},
+            )  # fmt: skip
+            rows = [{"batch_id": batch["id"], "n": line.n, "custom_id": line.custom_id,
+                     "body": line.body} for line in lines]  # fmt: skip
+            if rows:
                 db.execute(
-                    "INSERT INTO batches (id, tenant, record, caller, status, created_at) "
-                    "VALUES (?,?,?,?,?,?)",
-                    (batch["id"], tenant, orjson.dumps(batch), orjson.dumps(caller),
-                     batch["status"], batch["created_at"]),
+                    _sql("INSERT INTO lines (batch_id, n, custom_id, body) "
+                         "VALUES (:batch_id, :n, :custom_id, :body)"),
+                    rows,
                 )  # fmt: skip
-                db.executemany(
-                    "INSERT INTO lines (batch_id, n, custom_id, body) VALUES (?,?,?,?)",
-                    ((batch["id"], line.n, line.custom_id, line.body) for line in lines),
-                )
 
-        await self._run(write)
+        await self._db.run(write)
 
     async def batch(self, tenant: str | None, batch_id: str) -> JSON | None:
         """The Batch object (any tenant's when ``tenant`` is None: the runner)."""
 
-        def read(db: sqlite3.Connection) -> JSON | None:
+        def read(db: Connection) -> JSON | None:
             if tenant is None:
-                row = db.execute("SELECT record FROM batches WHERE id = ?", (batch_id,))
+                found = db.execute(
+                    _sql("SELECT record FROM batches WHERE id = :id"), {"id": batch_id}
+                ).first()
             else:
-                row = db.execute(
-                    "SELECT record FROM batches WHERE id = ? AND tenant = ?", (batch_id, tenant)
-                )
-            found = row.fetchone()
+                found = db.execute(
+                    _sql("SELECT record FROM batches WHERE id = :id AND tenant = :tenant"),
+                    {"id": batch_id, "tenant": tenant},
+                ).first()
             return _loads(found[0]) if found else None
 
-        return await self._run(read)
+        return await self._db.run(read, write=False)
 
     async def batches(self, tenant: str, limit: int, after: str | None) -> list[JSON]:
         """Newest first, ``limit`` of them after the batch ``after``."""
 
-        def read(db: sqlite3.Connection) -> list[JSON]:
+        def read(db: Connection) -> list[JSON]:
             start = None
             if after is not None:
                 start = db.execute(
-                    "SELECT created_at, id FROM batches WHERE id = ? AND tenant = ?",
-                    (after, tenant),
-                ).fetchone()
+                    _sql("SELECT created_at, id FROM batches WHERE id = :id AND tenant = :tenant"),
+                    {"id": after, "tenant": tenant},
+                ).first()
             if start is None:
                 rows = db.execute(
-                    "SELECT record FROM batches WHERE tenant = ? "
-                    "ORDER BY created_at DESC, id DESC LIMIT ?",
-                    (tenant, limit),
-                )
+                    _sql("SELECT record FROM batches WHERE tenant = :tenant "
+                         "ORDER BY created_at DESC, id DESC LIMIT :limit"),
+                    {"tenant": tenant, "limit": limit},
+                )  # fmt: skip
             else:
                 rows = db.execute(
-                    "SELECT record FROM batches WHERE tenant = ? AND (created_at < ? OR "
-                    "(created_at = ? AND id < ?)) ORDER BY created_at DESC, id DESC LIMIT ?",
-                    (tenant, start[0], start[0], start[1], limit),
-                )
+                    _sql("SELECT record FROM batches WHERE tenant = :tenant AND "
+                         "(created_at < :at OR (created_at = :at AND id < :id)) "
+                         "ORDER BY created_at DESC, id DESC LIMIT :limit"),
+                    {"tenant": tenant, "at": start[0], "id": start[1], "limit": limit},
+                )  # fmt: skip
             return [_loads(raw) for (raw,) in rows]
 
-        return await self._run(read)
+        return await self._db.run(read, write=False)
 
     async def save(self, batch: JSON, *, unless: tuple[str, ...] = ()) -> bool:
         """Write the Batch object (and its status), unless its stored status is in
         ``unless`` (a cancel another process saw first); True when written."""
+        guard = " AND status NOT IN :unless" if unless else ""
+        sql = _sql(
+            f"UPDATE batches SET record = :record, status = :status WHERE id = :id{guard}",
+            *(("unless",) if unless else ()),
+        )
 
-        def write(db: sqlite3.Connection) -> bool:
-            marks = ",".join("?" * len(unless)) or "''"
-            cursor = db.execute(
-                "UPDATE batches SET record = ?, status = ? "
-                f"WHERE id = ? AND status NOT IN ({marks})",
-                (orjson.dumps(batch), batch["status"], batch["id"], *unless),
-            )
-            return cursor.rowcount > 0
+        def write(db: Connection) -> bool:
+            params: JSON = {"record": _dumps(batch), "status": batch["status"], "id": batch["id"]}
+            if unless:
+                params["unless"] = list(unless)
+            return db.execute(sql, params).rowcount > 0
 
-        return await self._run(write)
+        return await self._db.run(write)
 
     async def claim(self, owner: str, now: float, lease_s: float) -> list[Claimed]:
         """Running batches this process now holds: its own, and those whose holder's
-        lease ran out (a gateway that died or stopped)."""
+        lease ran out (a gateway that died or stopped). One statement: of two processes
+        claiming at once, one takes a batch and the other then finds it held."""
+        sql = _sql(
+            "UPDATE batches SET owner = :owner, lease_until = :until "
+            f"WHERE status IN ({_RUNNING}) "
+            "AND (owner = :owner OR owner IS NULL OR lease_until < :now) "
+            "RETURNING record, caller"
+        )
 
-        def take(db: sqlite3.Connection) -> list[Claimed]:
-            marks = ",".join("?" * len(RUNNING))
-            with _transaction(db):
-                db.execute(
-                    f"UPDATE batches SET owner = ?, lease_until = ? WHERE status IN ({marks}) "
-                    "AND (owner = ? OR owner IS NULL OR lease_until < ?)",
-                    (owner, now + lease_s, *RUNNING, owner, now),
-                )
-                rows = db.execute(
-                    f"SELECT record, caller FROM batches WHERE owner = ? AND status IN ({marks})",
-                    (owner, *RUNNING),
-                ).fetchall()
+        def take(db: Connection) -> list[Claimed]:
+            rows = db.execute(sql, {"owner": owner, "until": now + lease_s, "now": now})
             return [Claimed(_loads(r), _loads(c)) for r, c in rows]
 
-        return await self._run(take)
+        return await self._db.run(take)
 
     async def renew(self, batch_id: str, owner: str, now: float, lease_s: float) -> str | None:
         """Extend ``owner``'s lease; the batch's status, or None when it is not ``owner``'s."""
+        sql = _sql(
+            "UPDATE batches SET lease_until = :until WHERE id = :id AND owner = :owner "
+            "RETURNING status"
+        )
 
-        def extend(db: sqlite3.Connection) -> str | None:
-            cursor = db.execute(
-                "UPDATE batches SET lease_until = ? WHERE id = ? AND owner = ?",
-                (now + lease_s, batch_id, owner),
-            )
-            if cursor.rowcount == 0:
-                return None
-            row = db.execute("SELECT status FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        def extend(db: Connection) -> str | None:
+            row = db.execute(sql, {"until": now + lease_s, "id": batch_id, "owner": owner}).first()
             return str(row[0]) if row else None
 
-        return await self._run(extend)
+        return await self._db.run(extend)
 
     async def release(self, batch_id: str, owner: str) -> None:
-        def free(db: sqlite3.Connection) -> None:
-            db.execute(
-                "UPDATE batches SET owner = NULL, lease_until = 0 WHERE id = ? AND owner = ?",
-                (batch_id, owner),
-            )
+        sql = _sql(
+            "UPDATE batches SET owner = NULL, lease_until = 0 WHERE id = :id AND owner = :owner"
+        )
 
-        await self._run(free)
+        def free(db: Connection) -> None:
+            db.execute(sql, {"id": batch_id, "owner": owner})
+
+        await self._db.run(free)
 
     async def pending(self, batch_id: str, limit: int, above: int = -1) -> list[Line]:
         """Lines with no result yet, in input order, after line ``above``."""
+        sql = _sql(
+            "SELECT n, custom_id, body FROM lines WHERE batch_id = :id AND result IS NULL "
+            "AND n > :above ORDER BY n LIMIT :limit"
+        )
 
-        def read(db: sqlite3.Connection) -> list[Line]:
-            rows = db.execute(
-                "SELECT n, custom_id, body FROM lines WHERE batch_id = ? AND result IS NULL "
-                "AND n > ? ORDER BY n LIMIT ?",
-                (batch_id, above, limit),
-            )
+        def read(db: Connection) -> list[Line]:
+            rows = db.execute(sql, {"id": batch_id, "above": above, "limit": limit})
             return [Line(n, custom_id, bytes(body)) for n, custom_id, body in rows]
 
-        return await self._run(read)
+        return await self._db.run(read, write=False)
 
     async def record(self, batch_id: str, n: int, result: bytes, ok: bool) -> bool:
         """Line ``n``'s output line, written once: False when it already had one."""
+        sql = _sql(
+            "UPDATE lines SET result = :result, ok = :ok WHERE batch_id = :id AND n = :n "
+            "AND result IS NULL"
+        )
 
-        def write(db: sqlite3.Connection) -> bool:
-            cursor = db.execute(
-                "UPDATE lines SET result = ?, ok = ? WHERE batch_id = ? AND n = ? "
-                "AND result IS NULL",
-                (result, int(ok), batch_id, n),
-            )
-            return cursor.rowcount > 0
+        def write(db: Connection) -> bool:
+            params = {"result": result, "ok": int(ok), "id": batch_id, "n": n}
+            return db.execute(sql, params).rowcount > 0
 
-        return await self._run(write)
+        return await self._db.run(write)
 
     async def counts(self, batch_id: str) -> tuple[int, int, int]:
         """(total, completed, failed) lines."""
+        sql = _sql(
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN ok = 1 THEN 1 ELSE 0 END), 0), "
+            "COALESCE(SUM(CASE WHEN ok = 0 THEN 1 ELSE 0 END), 0) "
+            "FROM lines WHERE batch_id = :id"
+        )
 
-        def read(db: sqlite3.Connection) -> tuple[int, int, int]:
-            row = db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(ok = 1), 0), COALESCE(SUM(ok = 0), 0) "
-                "FROM lines WHERE batch_id = ?",
-                (batch_id,),
-            ).fetchone()
+        def read(db: Connection) -> tuple[int, int, int]:
+            row = db.execute(sql, {"id": batch_id}).one()
             return int(row[0]), int(row[1]), int(row[2])
 
-        return await self._run(read)
+        return await self._db.run(read, write=False)
 
     async def results(self, batch_id: str) -> tuple[bytes, bytes]:
         """The output file (lines that succeeded) and the error file, in input order."""
+        sql = _sql(
+            "SELECT result, ok FROM lines WHERE batch_id = :id AND result IS NOT NULL ORDER BY n"
+        )
 
-        def read(db: sqlite3.Connection) -> tuple[bytes, bytes]:
+        def read(db: Connection) -> tuple[bytes, bytes]:
             good: list[bytes] = []
             bad: list[bytes] = []
-            rows = db.execute(
-                "SELECT result, ok FROM lines WHERE batch_id = ? AND result IS NOT NULL ORDER BY n",
-                (batch_id,),
-            )
-            for result, ok in rows:
+            for result, ok in db.execute(sql, {"id": batch_id}):
                 (good if ok else bad).append(bytes(result))
             return _jsonl(good), _jsonl(bad)
 
-        return await self._run(read)
+        return await self._db.run(read, write=False)
 
     async def finish(self, batch: JSON, files: list[tuple[JSON, bytes]], tenant: str) -> None:
         """The batch's final state and its output files, in one transaction."""
 
-        def write(db: sqlite3.Connection) -> None:
-            with _transaction(db):
-                for record, content in files:
-                    db.execute(
-                        "INSERT OR REPLACE INTO files (id, tenant, record, content, created_at) "
-                        "VALUES (?,?,?,?,?)",
-                        (record["id"], tenant, orjson.dumps(record), content,
-                         record["created_at"]),
-                    )  # fmt: skip
+        def write(db: Connection) -> None:
+            for record, content in files:
                 db.execute(
-                    "UPDATE batches SET record = ?, status = ?, owner = NULL WHERE id = ?",
-                    (orjson.dumps(batch), batch["status"], batch["id"]),
-                )
+                    _sql("INSERT INTO files (id, tenant, record, content, created_at) "
+                         "VALUES (:id, :tenant, :record, :content, :created_at) "
+                         "ON CONFLICT (id) DO UPDATE SET tenant = excluded.tenant, "
+                         "record = excluded.record, content = excluded.content, "
+                         "created_at = excluded.created_at"),
+                    {"id": record["id"], "tenant": tenant, "record": _dumps(record),
+                     "content": content, "created_at": record["created_at"]},
+                )  # fmt: skip
+            db.execute(
+                _sql("UPDATE batches SET record = :record, status = :status, owner = NULL "
+                     "WHERE id = :id"),
+                {"record": _dumps(batch), "status": batch["status"], "id": batch["id"]},
+            )  # fmt: skip
 
-        await self._run(write)
+        await self._db.run(write)
 
     async def aclose(self) -> None:
-        await self._file.aclose()
-
-    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        return await self._file.run(work)
+        await self._db.aclose()
 
 
-class _transaction:
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
+@lru_cache(maxsize=256)
+def _sql(statement: str, *expanding: str) -> TextClause:
+    """The statement, made once (``expanding``: parameters that are lists, for ``IN``)."""
+    clause = text(statement)
+    if expanding:
+        clause = clause.bindparams(*(bindparam(name, expanding=True) for name in expanding))
+    return clause
 
-    def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
 
-    def __exit__(self, kind: object, *_: object) -> None:
-        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+def _dumps(value: JSON) -> str:
+    return orjson.dumps(value).decode()
 
 
 def _loads(raw: str | bytes) -> JSON:

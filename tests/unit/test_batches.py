@@ -24,6 +24,7 @@ from starlette.testclient import TestClient
 from models.config import ModelConfig, VersionConfig
 from models.engines.fleet import Fleet, Replica
 from models.types import ReplicaKey
+from serving.errors import BatchesUnavailable
 from serving.http.app import create_app
 from serving.settings import BatchesConfig, GatewayConfig, Settings
 from tests.fakes.engine import FakeEngine
@@ -327,3 +328,64 @@ async def test_the_store_writes_a_result_once(tmp_path: Path) -> None:
     assert await store.renew("batch_1", "me", 112.0, 10) is None  # "me" lost it
     await asyncio.sleep(0)
     await store.aclose()
+
+
+def test_a_result_the_store_could_not_take_is_run_again(tmp_path: Path) -> None:
+    """A line whose result could not be written (the database failed that once) has no
+    result: it is sent again before the batch ends, so it still gets its one line."""
+    engine = FakeEngine()
+    with make_client(engine, tmp_path, poll_s=0.05, lease_s=1.0) as client:
+        store = client.app.api.state.batches.store  # type: ignore[attr-defined]
+        record, failed = store.record, list[int]()
+
+        async def flaky(batch_id: str, n: int, result: bytes, ok: bool) -> bool:
+            if n == 3 and not failed:
+                failed.append(n)
+                raise BatchesUnavailable("The batch store is unavailable (test).")
+            done: bool = await record(batch_id, n, result, ok)
+            return done
+
+        store.record = flaky
+        api = sdk(client)
+        rows = [chat_line(n) for n in range(6)]
+        uploaded = api.files.create(file=("in.jsonl", io.BytesIO(jsonl(rows))), purpose="batch")
+        batch = api.batches.create(input_file_id=uploaded.id, endpoint=CHAT,
+                                   completion_window="24h")  # fmt: skip
+        done = wait_for(api, batch.id, "completed")
+        assert failed == [3]
+        output = api.files.content(done.output_file_id or "").read().splitlines()
+        ids = sorted(orjson.loads(x)["custom_id"] for x in output)
+        assert ids == [f"req-{n}" for n in range(6)]
+        assert len(engine.calls) == 7  # line 3 twice: its first answer could not be kept
+
+
+def test_a_gateway_that_cannot_renew_its_lease_stops_before_it_runs_out(tmp_path: Path) -> None:
+    """While the store cannot be reached the lease is not renewed; once it has run out
+    (another gateway may hold the batch) this one cancels its requests, and takes the
+    batch up again when the store is back and nobody else did."""
+    engine = FakeEngine(hang_s=3600)
+    with make_client(engine, tmp_path, poll_s=0.05, lease_s=0.6, concurrency=2) as client:
+        store = client.app.api.state.batches.store  # type: ignore[attr-defined]
+        renew, down = store.renew, [True]
+
+        async def unreachable(*args: Any) -> str | None:
+            if down[0]:
+                raise BatchesUnavailable("The batch store is unavailable (test).")
+            found: str | None = await renew(*args)
+            return found
+
+        store.renew = unreachable
+        api = sdk(client)
+        rows = [chat_line(n) for n in range(4)]
+        uploaded = api.files.create(file=("in.jsonl", io.BytesIO(jsonl(rows))), purpose="batch")
+        batch = api.batches.create(input_file_id=uploaded.id, endpoint=CHAT,
+                                   completion_window="24h")  # fmt: skip
+        deadline = time.monotonic() + 5
+        while engine.cancelled < 2:  # the two requests in flight, once the lease ran out
+            assert time.monotonic() < deadline, "still running on a lease it no longer holds"
+            time.sleep(0.01)
+        engine.hang_s, down[0] = 0.0, False
+        done = wait_for(api, batch.id, "completed")
+        output = api.files.content(done.output_file_id or "").read().splitlines()
+        ids = sorted(orjson.loads(x)["custom_id"] for x in output)
+        assert ids == [f"req-{n}" for n in range(4)]

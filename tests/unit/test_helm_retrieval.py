@@ -93,3 +93,43 @@ def test_the_worker_token_is_made_at_install_unless_given() -> None:
     short = secret("--set", "retrieval.workerToken=too-short")
     assert short.returncode != 0
     assert "retrieval.workerToken needs at least 16 characters" in short.stderr
+
+
+def configmap(*values: str) -> str:
+    made = subprocess.run(
+        [str(helm_binary()), "template", "weir", "deploy/helm/weir", "-n", "weir",
+         "-s", "templates/gateway-configmap.yaml", *values],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    toml: str = yaml.safe_load(made.stdout)["data"]["weir.toml"]
+    return toml
+
+
+@pytest.mark.parametrize("name", ["default", "gpu"])
+def test_gateways_keep_batches_in_the_shared_postgresql(name: str, tmp_path: Path) -> None:
+    """Issue 23: a batch or file made through one gateway pod is found through every
+    other, and one pod at a time runs it: the store is the chart's PostgreSQL (its
+    password in every gateway's PGPASSWORD), not a file of each pod's own."""
+    rendered = docs(name)
+    config = tmp_path / "weir.toml"
+    config.write_text(named(rendered, "ConfigMap", "weir-config")["data"]["weir.toml"])
+    settings = load_settings(config)
+    assert settings.batches.enabled
+    assert settings.batches.database_url is not None
+    assert settings.retrieval.database_url is not None
+    url = settings.batches.database_url.get_secret_value()
+    assert url == settings.retrieval.database_url.get_secret_value()
+    assert url == "postgresql://weir@weir-postgres:5432/weir"
+    gateway = named(rendered, "Deployment", "weir-gateway")
+    password = {"secretKeyRef": {"name": "weir-keys", "key": "retrieval-database-password"}}
+    assert env(gateway["spec"]["template"]["spec"]["containers"][0])["PGPASSWORD"] == password
+
+    elsewhere = ["--set", "retrieval.postgres.enabled=false",
+                 "--set", "retrieval.postgres.url=postgresql://weir@db:5432/w"]  # fmt: skip
+    config.write_text(configmap(*elsewhere))
+    own = load_settings(config).batches.database_url
+    assert own is not None
+    assert own.get_secret_value() == "postgresql://weir@db:5432/w"
+    config.write_text(configmap("--set", "retrieval.enabled=false"))
+    off = load_settings(config).batches  # no database: no per-pod store answering at random
+    assert (off.enabled, off.database_url) == (False, None)
