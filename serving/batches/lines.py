@@ -4,11 +4,19 @@ Each input line is ``{"custom_id", "method": "POST", "url", "body"}``; the body 
 the endpoint's own request model (the same as the route's), streaming is refused, and
 custom ids are unique. Problems are reported as OpenAI reports them: ``BatchError`` items
 with the 1-based line number, at most ``MAX_ERRORS`` of them.
+
+A file is read one line at a time (lines end with ``\n``; a ``\r`` before it is blank
+space), never split into a list at once: a 50 MB file of tiny lines would be a list of
+millions of objects, a gigabyte, made while the GIL is held. A file with more than
+``max_requests + MAX_BLANK_LINES`` lines in all is refused before any is read, and a line
+is a request: at most ``MAX_LINE_BYTES``, as a request's body to the gateway, and nested
+no deeper than JSON can be written back (``MAX_LINE_DEPTH``).
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +35,9 @@ from serving.protocol.requests import (
 JSON = dict[str, Any]
 MAX_ERRORS = 100
 MAX_CUSTOM_ID = 512
+MAX_BLANK_LINES = 10_000  # empty lines a file may have besides its requests
+MAX_LINE_BYTES = 4 * 2**20  # one request: the gateway's default body limit (max_body_bytes)
+MAX_LINE_DEPTH = 254  # nesting orjson writes back (it reads 1024): deeper is refused
 
 
 @dataclass(frozen=True)
@@ -50,20 +61,49 @@ def error(code: str, message: str, line: int | None = None, param: str | None = 
     return {"code": code, "message": message, "param": param, "line": line}
 
 
+def numbered(content: bytes) -> Iterator[tuple[int, bytes]]:
+    """Each line that is not blank, with its 1-based number, made one at a time."""
+    start, number, end = 0, 0, len(content)
+    while start < end:
+        stop = content.find(b"\n", start)
+        if stop < 0:
+            stop = end
+        number += 1
+        line = content[start:stop]
+        if line and not line.isspace():
+            yield number, line
+        start = stop + 1
+
+
+def too_many_lines(content: bytes, max_lines: int) -> bool:
+    """More lines in all than ``max_lines`` requests and ``MAX_BLANK_LINES`` blank ones
+    (counted in C, before any line is made)."""
+    return content.count(b"\n") > max_lines + MAX_BLANK_LINES
+
+
+def too_long(raw: bytes) -> str | None:
+    if len(raw) > MAX_LINE_BYTES:
+        return f"is {len(raw)} bytes; a request is at most {MAX_LINE_BYTES}"
+    return None
+
+
 def check_jsonl(content: bytes, max_lines: int) -> str | None:
     """What is wrong with an upload for ``purpose=batch`` at a glance (None: nothing):
-    UTF-8, one JSON object a line, at most ``max_lines`` lines."""
-    try:
-        content.decode()
-    except UnicodeDecodeError:
-        return "The file is not UTF-8 text."
+    UTF-8, one JSON object a line, at most ``max_lines`` lines, each a request's size."""
+    if too_many_lines(content, max_lines):
+        return f"The file has more than {max_lines} requests (batches.max_requests)."
     count = 0
-    for number, raw in enumerate(content.splitlines(), 1):
-        if not raw.strip():
-            continue
+    for number, raw in numbered(content):  # blank lines are ASCII: UTF-8 as they are
         count += 1
         if count > max_lines:
             return f"The file has more than {max_lines} requests (batches.max_requests)."
+        long = too_long(raw)
+        if long is not None:
+            return f"Line {number} {long}."
+        try:
+            raw.decode()
+        except UnicodeDecodeError:
+            return "The file is not UTF-8 text."
         try:
             parsed = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -81,11 +121,11 @@ def parse(content: bytes, endpoint: str, max_lines: int) -> tuple[list[Line], li
     lines: list[Line] = []
     errors: list[JSON] = []
     seen: set[str] = set()
-    for number, raw in enumerate(content.splitlines(), 1):
+    if too_many_lines(content, max_lines):
+        return [], [error("too_many_requests", f"More than {max_lines} requests.")]
+    for number, raw in numbered(content):
         if len(errors) >= MAX_ERRORS:
             break
-        if not raw.strip():
-            continue
         if len(lines) >= max_lines:
             errors.append(error("too_many_requests", f"More than {max_lines} requests.", number))
             break
@@ -102,6 +142,9 @@ def parse(content: bytes, endpoint: str, max_lines: int) -> tuple[list[Line], li
 def _line(
     raw: bytes, number: int, target: Endpoint, endpoint: str, seen: set[str], index: int
 ) -> tuple[JSON | None, Line | None]:
+    long = too_long(raw)
+    if long is not None:
+        return error("line_too_large", f"This line {long}.", number), None
     try:
         item = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -126,7 +169,11 @@ def _line(
     if body.get("stream"):
         return error("invalid_request", "A batch request cannot stream.", number,
                      "body.stream"), None  # fmt: skip
-    encoded = orjson.dumps(body)
+    try:
+        encoded = orjson.dumps(body)
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes
+        message = f"body is nested more than {MAX_LINE_DEPTH} levels deep."
+        return error("invalid_request", message, number, "body"), None
     try:
         target.model.model_validate_json(encoded)
     except ValidationError as exc:
