@@ -12,7 +12,10 @@ Only replicas that are healthy and whose breaker lets requests through are candi
 - ``kv_aware``: the replica whose engine holds the longest prefix of the prompt's KV
   blocks (from its KV events, ``kv_index``), against its load: a replica scores the tokens
   it holds minus ``kv_tokens_per_request`` for each request it has in flight beyond the
-  least busy, and is never chosen when ``slack`` busier. For multi-turn chat, agents, RAG:
+  least busy, and is never chosen when ``slack`` busier. A prompt whose first block no
+  replica holds yet (``no_hit``) goes where that block hashes to (as ``prefix_hash``, on
+  the block instead of characters), so that requests arriving together with one new
+  prefix are prefilled and cached on one replica. For multi-turn chat, agents, RAG:
   long shared prefixes. Falls back to least outstanding when no candidate's events can be
   read (``no_events``), the prompt has no full block (``no_prefix``), or its blocks
   cannot be hashed as the engine hashes them (``Unmatched``: ``adapter_unknown``, a LoRA
@@ -108,6 +111,7 @@ class KvAware:
         index = self.kv.index
         held: list[tuple[Candidate, int]] = []
         any_ready = False
+        size = 0
         for candidate in candidates:
             blocks = index.blocks(candidate[0])
             if blocks is None or not blocks.ready:
@@ -122,7 +126,14 @@ class KvAware:
             return self._fallback(candidates, least, "no_events")
         best_hit = max(hit for _, hit in held)
         if best_hit == 0:
-            return self._fallback(candidates, least, "no_hit")
+            # Nobody holds its first block yet (a new system prompt, or its first prefill
+            # still running): the replica its first block hashes to, within slack, so that
+            # prompts arriving together with one prefix are computed and cached once.
+            first = key.hashes(size)  # the block size of the last replica with events
+            self._decided["no_hit"].inc()
+            if not first:
+                return self.fallback.least(candidates, least)
+            return self.fallback.choose(candidates, str(first[0]))
         usable = [(c, hit) for c, hit in held if c[1].outstanding <= least + self.slack]
         per = self.tokens_per_request
 

@@ -233,12 +233,18 @@ async def test_routes_to_the_replica_holding_the_prefix_and_an_eviction_moves_it
         await published(rig, 1, removed(hashes[1:]))
         await published(rig, 0, stored(hashes, tokens[: 3 * BLOCK], BLOCK))
         assert router.choose(rig.candidates(), key)[0] is rig.replicas[0]
-        # both evict it: nobody attracts it, least outstanding decides
+        # both evict it: nobody attracts it; it goes where its first block hashes to,
+        # every time (prompts arriving together are prefilled once), unless that replica
+        # is more than slack busier: then least outstanding decides
         await published(rig, 0, removed(hashes))
         await published(rig, 1, removed(hashes[:1]))
-        rig.loads[0].outstanding = 1
-        assert router.choose(rig.candidates(), key)[0] is rig.replicas[1]
-        assert decisions.labels("m", "no_hit")._value.get() == 1
+        hashed = router.choose(rig.candidates(), key)[0]
+        index = rig.replicas.index(hashed)
+        rig.loads[index].outstanding = 4  # within slack: stays
+        assert router.choose(rig.candidates(), key)[0] is hashed
+        rig.loads[index].outstanding = 5
+        assert router.choose(rig.candidates(), key)[0] is rig.replicas[1 - index]
+        assert decisions.labels("m", "no_hit")._value.get() == 3
 
 
 async def test_adapter_and_salted_prompts_go_where_their_own_blocks_are(base: Path) -> None:
@@ -254,8 +260,8 @@ async def test_adapter_and_salted_prompts_go_where_their_own_blocks_are(base: Pa
         await published(rig, 1, stored(adapter.hashes(BLOCK), tokens[: 2 * BLOCK], BLOCK))
         assert router.choose(rig.candidates(), PromptKey(tokens, hasher))[0] is rig.replicas[0]
         assert router.choose(rig.candidates(), adapter)[0] is rig.replicas[1]
-        # a salted prompt reuses neither (the engine would not): load decides
-        rig.loads[0].outstanding = 1
+        # a salted prompt reuses neither (the engine would not): no hit, load decides
+        rig.loads[0].outstanding = 5
         assert router.choose(rig.candidates(), salted)[0] is rig.replicas[1]
         decisions = router.kv.metrics.decisions
         assert decisions.labels("m", "no_hit")._value.get() == 1
