@@ -24,6 +24,7 @@ The gateway's own tree::
     ├── FileNotFound        404  no file with that id for this key (Batch API)
     ├── BatchNotFound       404  no batch with that id for this key
     ├── BatchesUnavailable  503  the batch store cannot be read or written
+    ├── StorageQuotaExceeded 400 the tenant's stored files are at batches.max_tenant_bytes/_files
     └── ClientClosed        499  the client went away (logged only; nobody reads the answer)
 
 ``models.errors`` brings the model and engine errors, ``retrieval.errors`` the
@@ -199,6 +200,13 @@ class BatchesUnavailable(GatewayError):
     """The batch store cannot be read or written."""
 
 
+class StorageQuotaExceeded(GatewayError):
+    """Storing this would take the tenant's files past ``batches.max_tenant_bytes`` or
+    ``batches.max_tenant_files``; nothing was stored. A 400, as OpenAI answers an upload
+    past a project's file storage quota (``invalid_request_error``): waiting does not
+    help, deleting files does (a 429 would have clients retry it)."""
+
+
 @dataclass(frozen=True)
 class ErrorSpec:
     status: int
@@ -253,6 +261,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorSpec] = {
     FileNotFound: ErrorSpec(404, "invalid_request_error", "file_not_found"),
     BatchNotFound: ErrorSpec(404, "invalid_request_error", "batch_not_found"),
     BatchesUnavailable: ErrorSpec(503, "server_error", "batches_unavailable", retry_after_s=1),
+    StorageQuotaExceeded: ErrorSpec(400, "invalid_request_error", "storage_quota_exceeded"),
 }
 INTERNAL = ErrorSpec(500, "server_error", "internal_error")
 

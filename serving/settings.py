@@ -140,6 +140,11 @@ class ResponsesConfig(BaseModel):
     max_input_items: int = Field(256, ge=1, le=2048)  # items in one request's input
     max_chain_items: int = Field(1024, ge=1)  # items of a conversation (previous_response_id)
     max_chain_bytes: int = Field(4 * 2**20, ge=1024)  # a stored conversation's size
+    # What one tenant may keep stored (every gateway's responses counted in the store, as it
+    # writes one): past either, its oldest responses are evicted to make room (the newest is
+    # always kept; continuing an evicted one is a 404)
+    max_tenant_records: int = Field(10_000, ge=1)
+    max_tenant_bytes: int = Field(256 * 2**20, ge=1024)
 
     def store_url(self, keys: KeysConfig) -> str | None:
         return self.redis_url or keys.redis_url
@@ -165,6 +170,12 @@ class BatchesConfig(BaseModel):
     # an upload without expires_after expires this long after it (OpenAI's 30 days); 0: kept
     upload_expires_s: int = Field(30 * 86_400, ge=0)
     sweep_s: float = Field(60.0, gt=0, le=3600)  # expired files' bytes removed this often
+    # What one tenant may keep stored, counted in the store as each file is written: its
+    # files (uploads and batch output) and the input lines of its running batches. An
+    # upload or batch past either is a 400 (storage_quota_exceeded), nothing stored; a
+    # batch's output files are always written (the tenant may go over by them).
+    max_tenant_bytes: int = Field(10 * 2**30, ge=1024)
+    max_tenant_files: int = Field(1_000, ge=1)
 
     @model_validator(mode="after")
     def _postgres_only(self) -> BatchesConfig:

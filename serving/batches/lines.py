@@ -9,8 +9,9 @@ A file is read one line at a time (lines end with ``\n``; a ``\r`` before it is 
 space), never split into a list at once: a 50 MB file of tiny lines would be a list of
 millions of objects, a gigabyte, made while the GIL is held. A file with more than
 ``max_requests + MAX_BLANK_LINES`` lines in all is refused before any is read, and a line
-is a request: at most ``MAX_LINE_BYTES``, as a request's body to the gateway, and nested
-no deeper than JSON can be written back (``MAX_LINE_DEPTH``).
+is a request: at most ``max_line_bytes``, the gateway's own body limit
+(``gateway.max_body_bytes``, which ``make_batches`` passes), and nested no deeper than JSON
+can be written back (``MAX_LINE_DEPTH``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ JSON = dict[str, Any]
 MAX_ERRORS = 100
 MAX_CUSTOM_ID = 512
 MAX_BLANK_LINES = 10_000  # empty lines a file may have besides its requests
-MAX_LINE_BYTES = 4 * 2**20  # one request: the gateway's default body limit (max_body_bytes)
 MAX_LINE_DEPTH = 254  # nesting orjson writes back (it reads 1024): deeper is refused
 
 
@@ -81,13 +81,13 @@ def too_many_lines(content: bytes, max_lines: int) -> bool:
     return content.count(b"\n") > max_lines + MAX_BLANK_LINES
 
 
-def too_long(raw: bytes) -> str | None:
-    if len(raw) > MAX_LINE_BYTES:
-        return f"is {len(raw)} bytes; a request is at most {MAX_LINE_BYTES}"
+def too_long(raw: bytes, max_line_bytes: int) -> str | None:
+    if len(raw) > max_line_bytes:
+        return f"is {len(raw)} bytes; a request is at most {max_line_bytes}"
     return None
 
 
-def check_jsonl(content: bytes, max_lines: int) -> str | None:
+def check_jsonl(content: bytes, max_lines: int, max_line_bytes: int) -> str | None:
     """What is wrong with an upload for ``purpose=batch`` at a glance (None: nothing):
     UTF-8, one JSON object a line, at most ``max_lines`` lines, each a request's size."""
     if too_many_lines(content, max_lines):
@@ -97,7 +97,7 @@ def check_jsonl(content: bytes, max_lines: int) -> str | None:
         count += 1
         if count > max_lines:
             return f"The file has more than {max_lines} requests (batches.max_requests)."
-        long = too_long(raw)
+        long = too_long(raw, max_line_bytes)
         if long is not None:
             return f"Line {number} {long}."
         try:
@@ -115,7 +115,9 @@ def check_jsonl(content: bytes, max_lines: int) -> str | None:
     return None
 
 
-def parse(content: bytes, endpoint: str, max_lines: int) -> tuple[list[Line], list[JSON]]:
+def parse(
+    content: bytes, endpoint: str, max_lines: int, max_line_bytes: int
+) -> tuple[list[Line], list[JSON]]:
     """The requests of a batch's input file, or the errors that fail the batch."""
     target = ENDPOINTS[endpoint]
     lines: list[Line] = []
@@ -129,7 +131,7 @@ def parse(content: bytes, endpoint: str, max_lines: int) -> tuple[list[Line], li
         if len(lines) >= max_lines:
             errors.append(error("too_many_requests", f"More than {max_lines} requests.", number))
             break
-        problem, line = _line(raw, number, target, endpoint, seen, len(lines))
+        problem, line = _line(raw, number, target, endpoint, seen, len(lines), max_line_bytes)
         if problem is not None:
             errors.append(problem)
         elif line is not None:
@@ -140,9 +142,15 @@ def parse(content: bytes, endpoint: str, max_lines: int) -> tuple[list[Line], li
 
 
 def _line(
-    raw: bytes, number: int, target: Endpoint, endpoint: str, seen: set[str], index: int
+    raw: bytes,
+    number: int,
+    target: Endpoint,
+    endpoint: str,
+    seen: set[str],
+    index: int,
+    max_line_bytes: int,
 ) -> tuple[JSON | None, Line | None]:
-    long = too_long(raw)
+    long = too_long(raw, max_line_bytes)
     if long is not None:
         return error("line_too_large", f"This line {long}.", number), None
     try:

@@ -11,6 +11,15 @@ a batch's ``output_expires_after`` (for its output and error files; else they ar
 give the File object its ``expires_at``, ``created_at`` plus 1 hour to 30 days. From then
 on the file is not found (404, as a missing one) nor listed; the ``Sweeper`` removes its
 bytes.
+
+An upload is a request: it counts against the key's request limits (``rpm``,
+``max_concurrency``) as any other does, and is refused (429) past them before anything is
+read into the store. The tenant's storage quota (``batches.max_tenant_bytes``,
+``max_tenant_files``; ``store.Quota``) is checked before the file is checked (a cheap
+refusal) and again in the store's transaction that writes it, so that gateways sharing
+the store count the same: past it, a 400 ``storage_quota_exceeded`` and nothing stored. A
+batch's input lines count while it runs (creating one past the quota is refused alike);
+its output files are always written and count from then on.
 """
 
 from __future__ import annotations
@@ -24,11 +33,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serving.batches import lines
 from serving.batches.runner import KeyLookup, Runner, caller_record
-from serving.batches.store import RUNNING, BatchStore
+from serving.batches.store import RUNNING, BatchStore, Quota
 from serving.batches.sweeper import Sweeper
 from serving.core.call import Caller
 from serving.core.proxy import Proxy
 from serving.errors import BatchNotFound, FileNotFound, InvalidRequest, PayloadTooLarge
+from serving.limits.limiter import UNLIMITED_TICKET, Limiter, Ticket, Unlimited
+from serving.limits.plan import plan
 from serving.observe.metrics import Metrics
 from serving.settings import BatchesConfig
 
@@ -37,6 +48,8 @@ WINDOW_S = 24 * 3600
 MAX_FILENAME = 256
 MIN_EXPIRY_S = 3600  # OpenAI's bounds on expires_after.seconds: an hour...
 MAX_EXPIRY_S = 30 * 86_400  # ...to 30 days
+FILES_LIMIT_NAME = "files"  # what an upload's admission is made under (no model's limits)
+ONE_REQUEST = frozenset({"requests", "concurrency"})  # the key's checks an upload takes
 
 
 class ExpiresAfter(BaseModel):
@@ -69,10 +82,16 @@ class Batches:
         metrics: Metrics | None = None,
         keys: KeyLookup | None = None,
         clock: Callable[[], float] = time.time,
+        *,
+        max_line_bytes: int,
+        limiter: Limiter | None = None,
     ) -> None:
         self.store = store
         self.config = config
         self.clock = clock
+        self.max_line_bytes = max_line_bytes  # a line is a request: gateway.max_body_bytes
+        self.limiter = limiter
+        self.quota = Quota(config.max_tenant_bytes, config.max_tenant_files)
         self.runner = Runner(proxy, store, config, metrics, keys, clock)
         self.sweeper = Sweeper(store, config.sweep_s, clock)
 
@@ -107,7 +126,20 @@ class Batches:
                 f"The file is {len(content)} bytes; at most {self.config.max_file_bytes} "
                 "(batches.max_file_bytes)."
             )
-        problem = await asyncio.to_thread(lines.check_jsonl, content, self.config.max_requests)
+        ticket = await self._admit(caller)
+        try:
+            return await self._upload(caller, filename, content, expires_after)
+        finally:
+            ticket.finish(0)  # a request holds no tokens: this frees its concurrency slot
+
+    async def _upload(
+        self, caller: Caller, filename: str, content: bytes, expires_after: ExpiresAfter | None
+    ) -> JSON:
+        usage = await self.store.usage(caller.tenant, self.clock())
+        self.quota.check(usage, len(content), 1, "this file")  # before the work of checking
+        problem = await asyncio.to_thread(
+            lines.check_jsonl, content, self.config.max_requests, self.max_line_bytes
+        )
         if problem is not None:
             raise InvalidRequest(problem, param="file")
         now = int(self.clock())
@@ -119,8 +151,18 @@ class Batches:
         }  # fmt: skip
         if lifetime:
             record["expires_at"] = now + lifetime
-        await self.store.put_file(caller.tenant, record, content)
+        await self.store.put_file(caller.tenant, record, content, self.quota)
         return record
+
+    async def _admit(self, caller: Caller) -> Ticket | Unlimited:
+        """The upload counted as one request against its key's limits (429 past them)."""
+        if self.limiter is None:
+            return UNLIMITED_TICKET
+        checks = plan(caller.key, FILES_LIMIT_NAME, 0, None)
+        wanted = [check for check in checks if check.kind in ONE_REQUEST]
+        if not wanted:
+            return UNLIMITED_TICKET
+        return await self.limiter.admit(FILES_LIMIT_NAME, wanted)
 
     async def file(self, caller: Caller, file_id: str) -> JSON:
         found = await self.store.file(caller.tenant, file_id, self.clock())
@@ -157,7 +199,7 @@ class Batches:
             )
         content = await self.store.content(tenant, spec.input_file_id, read_at) or b""
         found, errors = await asyncio.to_thread(
-            lines.parse, content, spec.endpoint, self.config.max_requests
+            lines.parse, content, spec.endpoint, self.config.max_requests, self.max_line_bytes
         )
         now = int(self.clock())
         batch: JSON = {
@@ -178,7 +220,7 @@ class Batches:
         private = caller_record(caller)
         if spec.output_expires_after is not None:
             private["output_expires_s"] = spec.output_expires_after.seconds
-        await self.store.create_batch(tenant, batch, private, found)
+        await self.store.create_batch(tenant, batch, private, found, self.quota)
         if found:
             self.runner.wake()
         return batch
@@ -236,11 +278,17 @@ def make_batches(
     proxy: Callable[[], Proxy],
     metrics: Metrics | None = None,
     keys: KeyLookup | None = None,
+    *,
+    max_line_bytes: int,
+    limiter: Limiter | None = None,
 ) -> Batches | None:
     """The Batch API with its store (PostgreSQL at ``database_url``, else the SQLite file;
-    nothing opened yet); None when it is off."""
+    nothing opened yet); None when it is off. ``max_line_bytes``: the gateway's body limit
+    (``gateway.max_body_bytes``), a line's; ``limiter``: the keys' limits, for uploads."""
     if not config.enabled:
         return None
     url = config.database_url
     store = BatchStore(url.get_secret_value() if url is not None else config.sqlite_path)
-    return Batches(proxy, store, config, metrics, keys)
+    return Batches(
+        proxy, store, config, metrics, keys, max_line_bytes=max_line_bytes, limiter=limiter
+    )

@@ -18,7 +18,19 @@ written before expiry needs no migration): from then on the tenant's reads do no
 (every read is given ``now``), and ``sweep`` deletes its row and bytes, except while an
 unfinished batch names it as its input file (then at the first sweep after that batch
 ends). A batch's ``caller`` holds what its runner needs that the Batch object does not
-show: who created it and ``output_expires_s`` (its output files' lifetime).
+show: who created it, ``output_expires_s`` (its output files' lifetime) and
+``input_bytes`` (its lines' bodies, while it runs).
+
+A tenant's storage quota (``Quota``: bytes and files) is counted by the store itself, in
+the transaction that writes, so gateways sharing it count the same: the bytes of its live
+files (uploads and batch output, until they expire) and of its running batches' input
+lines. ``put_file`` and ``create_batch`` raise ``StorageQuotaExceeded`` before writing
+anything when the write would pass it; ``finish`` always writes a batch's output files
+(work done is never thrown away: a tenant may go over its quota by them, and its uploads
+and batches are refused until it deletes files) and drops the batch's lines, whose
+results are now in those files. In PostgreSQL a tenant's quota-counted writes take turns
+(a transaction-scoped advisory lock on the tenant), so two gateways cannot both see room
+for one; SQLite's writes take turns already (``BEGIN IMMEDIATE``).
 """
 
 from __future__ import annotations
@@ -34,12 +46,13 @@ from sqlalchemy import TextClause, bindparam, text
 from sqlalchemy.engine import Connection
 
 from serving.batches.database import Database, Dialect
-from serving.errors import BatchesUnavailable
+from serving.errors import BatchesUnavailable, StorageQuotaExceeded
 
 T = TypeVar("T")
 JSON = dict[str, Any]
 RUNNING = ("validating", "in_progress", "finalizing", "cancelling")
 _RUNNING = ", ".join(f"'{status}'" for status in RUNNING)
+QUOTA_LOCK = 7243024  # pg_advisory_xact_lock(QUOTA_LOCK, hashtext(tenant)): its writes in turn
 
 
 def schema(d: Dialect) -> list[str]:
@@ -74,6 +87,37 @@ class Claimed:
     caller: JSON
 
 
+@dataclass(frozen=True, slots=True)
+class Usage:
+    bytes: int  # live files' bytes and running batches' input lines'
+    files: int  # live files
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """What one tenant may keep stored (``batches.max_tenant_bytes``, ``max_tenant_files``)."""
+
+    max_bytes: int
+    max_files: int
+
+    def check(self, usage: Usage, more_bytes: int, more_files: int, what: str) -> None:
+        """Raise ``StorageQuotaExceeded`` when ``what`` (adding ``more_bytes`` in
+        ``more_files`` files) would take ``usage`` past the quota."""
+        if more_files and usage.files + more_files > self.max_files:
+            raise StorageQuotaExceeded(
+                f"You have exceeded your file storage quota: this key stores {usage.files} "
+                f"files, at most {self.max_files} (batches.max_tenant_files). Delete files "
+                "(DELETE /v1/files/{file_id}) or wait for them to expire."
+            )
+        if usage.bytes + more_bytes > self.max_bytes:
+            raise StorageQuotaExceeded(
+                f"You have exceeded your file storage quota: this key stores {usage.bytes} "
+                f"bytes and {what} needs {more_bytes} more; at most {self.max_bytes} "
+                "(batches.max_tenant_bytes). Delete files (DELETE /v1/files/{file_id}) or "
+                "wait for them, or running batches, to end."
+            )
+
+
 class BatchStore:
     def __init__(self, target: Path | str, *, timeout_s: float = 5.0) -> None:
         """``target``: a SQLite file, or a ``postgresql://`` URL."""
@@ -89,14 +133,31 @@ class BatchStore:
         self._expired = f"{expires} <= :now"
         self._live = f"({expires} IS NULL OR {expires} > :now)"  # not expired at ``now``
         self._source = d.string("record", "input_file_id")
+        self._usage_files = _sql(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(content)), 0) FROM files "
+            f"WHERE tenant = :tenant AND {self._live}"
+        )
+        input_bytes = d.number("caller", "input_bytes")
+        self._usage_lines = _sql(
+            f"SELECT COALESCE(SUM({input_bytes}), 0) FROM batches "
+            f"WHERE tenant = :tenant AND status IN ({_RUNNING})"
+        )
 
     def __repr__(self) -> str:
         return f"BatchStore({self._db!r})"
 
     # -- files ----------------------------------------------------------------------
 
-    async def put_file(self, tenant: str, record: JSON, content: bytes) -> None:
+    async def put_file(
+        self, tenant: str, record: JSON, content: bytes, quota: Quota | None = None
+    ) -> None:
+        """Store the file; with ``quota``, only if the tenant has room for it (else
+        ``StorageQuotaExceeded``, nothing written), counted in this transaction."""
+
         def write(db: Connection) -> None:
+            if quota is not None:
+                usage = self._usage(db, tenant, record["created_at"])
+                quota.check(usage, len(content), 1, "this file")
             db.execute(
                 _sql("INSERT INTO files (id, tenant, record, content, created_at) "
                      "VALUES (:id, :tenant, :record, :content, :created_at)"),
@@ -105,6 +166,25 @@ class BatchStore:
             )  # fmt: skip
 
         await self._db.run(write)
+
+    async def usage(self, tenant: str, now: float) -> Usage:
+        """What the tenant stores at ``now`` (for a refusal before any work; the write's
+        own transaction counts again)."""
+        return await self._db.run(lambda db: self._usage(db, tenant, now, lock=False), write=False)
+
+    def _usage(self, db: Connection, tenant: str, now: float, *, lock: bool = True) -> Usage:
+        if lock:
+            self._lock(db, tenant)
+        files, stored = db.execute(self._usage_files, {"tenant": tenant, "now": now}).one()
+        running = db.execute(self._usage_lines, {"tenant": tenant}).scalar_one()
+        return Usage(bytes=int(stored) + int(running), files=int(files))
+
+    def _lock(self, db: Connection, tenant: str) -> None:
+        """PostgreSQL: the tenant's quota-counted writes take turns, until this transaction
+        ends (SQLite's writes take turns already)."""
+        if self.dialect == "postgresql":
+            db.execute(_sql("SELECT pg_advisory_xact_lock(:ns, hashtext(:tenant))"),
+                       {"ns": QUOTA_LOCK, "tenant": tenant})  # fmt: skip
 
     async def file(self, tenant: str, file_id: str, now: float) -> JSON | None:
         """The File object, unless it has expired at ``now``."""
@@ -173,11 +253,23 @@ class BatchStore:
     # -- batches --------------------------------------------------------------------
 
     async def create_batch(
-        self, tenant: str, batch: JSON, caller: JSON, lines: Iterable[Line]
+        self,
+        tenant: str,
+        batch: JSON,
+        caller: JSON,
+        lines: Iterable[Line],
+        quota: Quota | None = None,
     ) -> None:
-        """The batch and its input lines, in one transaction."""
+        """The batch and its input lines, in one transaction; with ``quota``, only if the
+        tenant has room for the lines' bodies (they count while the batch runs)."""
+        lines = list(lines)
+        size = sum(len(line.body) for line in lines)
+        caller = caller | {"input_bytes": size}
 
         def write(db: Connection) -> None:
+            if quota is not None and size:
+                usage = self._usage(db, tenant, batch["created_at"])
+                quota.check(usage, size, 0, "this batch's copy of its input")
             db.execute(
                 _sql("INSERT INTO batches (id, tenant, record, caller, status, created_at) "
                      "VALUES (:id, :tenant, :record, :caller, :status, :created_at)"),
@@ -353,9 +445,20 @@ class BatchStore:
         return await self._db.run(read, write=False)
 
     async def finish(self, batch: JSON, files: list[tuple[JSON, bytes]], tenant: str) -> None:
-        """The batch's final state and its output files, in one transaction."""
+        """The batch's final state and its output files, in one transaction, its lines
+        dropped (their results are in the files); nothing when the stored batch has ended
+        already (another process finished it)."""
 
         def write(db: Connection) -> None:
+            if files:
+                self._lock(db, tenant)
+            ended = db.execute(
+                _sql("UPDATE batches SET record = :record, status = :status, owner = NULL "
+                     f"WHERE id = :id AND status IN ({_RUNNING})"),
+                {"record": _dumps(batch), "status": batch["status"], "id": batch["id"]},
+            ).rowcount  # fmt: skip
+            if not ended:
+                return
             for record, content in files:
                 db.execute(
                     _sql("INSERT INTO files (id, tenant, record, content, created_at) "
@@ -366,11 +469,7 @@ class BatchStore:
                     {"id": record["id"], "tenant": tenant, "record": _dumps(record),
                      "content": content, "created_at": record["created_at"]},
                 )  # fmt: skip
-            db.execute(
-                _sql("UPDATE batches SET record = :record, status = :status, owner = NULL "
-                     "WHERE id = :id"),
-                {"record": _dumps(batch), "status": batch["status"], "id": batch["id"]},
-            )  # fmt: skip
+            db.execute(_sql("DELETE FROM lines WHERE batch_id = :id"), {"id": batch["id"]})
 
         await self._db.run(write)
 

@@ -378,6 +378,7 @@ def create_app(
     batches = make_batches(
         settings.batches, lambda: api.state.proxy, metrics,
         _key_lookup(key_store) if keys.enabled else None,
+        max_line_bytes=gateway.max_body_bytes, limiter=limiter,
     )  # fmt: skip
     api.state.batches = batches
     responded = responses_routes.routes(lambda: api.state.responses, edge) if responses else []

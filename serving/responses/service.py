@@ -11,7 +11,12 @@ continue it at once.
 A stored record is ``{"response", "input", "history"}``: the Response object, this
 request's input items and the conversation before them (instructions are never carried
 over, as OpenAI documents). A continuation reads one record. Records live
-``responses.ttl_s`` under the caller's tenant; another tenant's id is a 404.
+``responses.ttl_s`` under the caller's tenant; another tenant's id is a 404. A tenant
+keeps at most ``responses.max_tenant_records`` records of ``max_tenant_bytes`` in all:
+storing one past either evicts the tenant's oldest (the store does, as it writes), so a
+request is never refused, nor its answer lost, for want of room; continuing an evicted
+response is a 404 as an expired one is. A response request is a chat request to the
+key's limits (``rpm`` and the rest), through the proxy.
 """
 
 from __future__ import annotations
@@ -185,7 +190,11 @@ def make_responses(settings: Settings, proxy: Callable[[], Proxy]) -> Responses 
     if not config.enabled:
         return None
     url = config.store_url(settings.keys)
-    return Responses(proxy, make_response_store(url, config.sqlite_path, config.timeout_s), config)
+    store = make_response_store(
+        url, config.sqlite_path, config.timeout_s,
+        max_records=config.max_tenant_records, max_bytes=config.max_tenant_bytes,
+    )  # fmt: skip
+    return Responses(proxy, store, config)
 
 
 def _not_found(response_id: str) -> ResponseNotFound:

@@ -4,6 +4,12 @@ A record is opaque bytes here (``service`` decides what is in it), kept under th
 caller's tenant and the response id, for ``ttl_s`` seconds. A record stored under one
 tenant does not exist for another: every read and delete names the tenant.
 
+A tenant keeps at most ``max_records`` records of at most ``max_bytes`` in all
+(``responses.max_tenant_records``, ``max_tenant_bytes``): a ``put`` past either evicts the
+tenant's oldest records (those that expire first) until it fits, in the same transaction
+(a Redis script; a SQLite write transaction), so gateways sharing the store count the
+same. The record just written is always kept. Another tenant's records are never touched.
+
 Both stores turn their library's errors into ``ResponsesUnavailable`` (503) here, at the
 adapter. Nothing a request carries chooses a path or a host: the tenant and id are only
 ever keys.
@@ -24,6 +30,9 @@ from serving.redis_client import bounded_redis, close
 from serving.sqlite_file import SqliteFile
 
 REDIS_PREFIX = "weir:response:"
+INDEX_PREFIX = "weir:response-index:"  # a tenant's record ids by their expiry (a sorted set)
+SIZES_PREFIX = "weir:response-bytes:"  # a tenant's record sizes, and "#total", their sum
+UNCAPPED = 2**53  # a count or size no tenant reaches (Lua numbers are doubles)
 PURGE_EVERY_S = 60.0  # SQLite: expired rows are deleted at most this often (on a write)
 T = TypeVar("T")
 
@@ -31,20 +40,85 @@ T = TypeVar("T")
 class ResponseStore(Protocol):
     async def get(self, tenant: str, response_id: str) -> bytes | None: ...
 
-    async def put(self, tenant: str, response_id: str, record: bytes, ttl_s: int) -> None: ...
+    async def put(self, tenant: str, response_id: str, record: bytes, ttl_s: int) -> int:
+        """Store the record; how many of the tenant's oldest were evicted for it."""
+        ...
 
     async def delete(self, tenant: str, response_id: str) -> bool: ...
 
     async def aclose(self) -> None: ...
 
 
+# KEYS: the record, the tenant's index and sizes. ARGV: id, record, ttl_s, max_records,
+# max_bytes, the tenant's record key prefix. Returns how many records were evicted.
+_PUT = """
+local id, record, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local max_records, max_bytes, prefix = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
+local function forget(member)
+  local size = redis.call('HGET', KEYS[3], member)
+  if size then
+    redis.call('HDEL', KEYS[3], member)
+    redis.call('HINCRBY', KEYS[3], '#total', 0 - tonumber(size))
+  end
+  redis.call('ZREM', KEYS[2], member)
+end
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
+  forget(member)
+end
+forget(id)
+redis.call('SET', KEYS[1], record, 'EX', ttl)
+redis.call('ZADD', KEYS[2], now + ttl, id)
+redis.call('HSET', KEYS[3], id, #record)
+local total = redis.call('HINCRBY', KEYS[3], '#total', #record)
+local evicted = 0
+while redis.call('ZCARD', KEYS[2]) > max_records or total > max_bytes do
+  local oldest = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+  if not oldest or oldest == id then break end
+  forget(oldest)
+  redis.call('DEL', prefix .. oldest)
+  total = tonumber(redis.call('HGET', KEYS[3], '#total'))
+  evicted = evicted + 1
+end
+for i = 2, 3 do
+  if redis.call('TTL', KEYS[i]) < ttl then redis.call('EXPIRE', KEYS[i], ttl) end
+end
+return evicted
+"""
+# KEYS: the record, the tenant's index and sizes. ARGV: id. Returns 1 when it was there.
+_DELETE = """
+local deleted = redis.call('DEL', KEYS[1])
+local size = redis.call('HGET', KEYS[3], ARGV[1])
+if size then
+  redis.call('HDEL', KEYS[3], ARGV[1])
+  redis.call('HINCRBY', KEYS[3], '#total', 0 - tonumber(size))
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+return deleted
+"""
+
+
 class RedisResponseStore:
     """``weir:response:<tenant>:<id>`` strings with a TTL (run Redis with noeviction: an
-    evicted record is a conversation lost)."""
+    evicted record is a conversation lost), and per tenant a sorted set of its ids by
+    expiry and a hash of their sizes, kept with them by one script per write."""
 
-    def __init__(self, url: str, *, timeout_s: float = 0.5, connections: int = 32) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 0.5,
+        connections: int = 32,
+        max_records: int | None = None,
+        max_bytes: int | None = None,
+    ) -> None:
         self.url = url
+        self.max_records = max_records or UNCAPPED
+        self.max_bytes = max_bytes or UNCAPPED
         self._redis = bounded_redis(url, timeout_s, connections)
+        self._put = self._redis.register_script(_PUT)
+        self._delete = self._redis.register_script(_DELETE)
 
     def __repr__(self) -> str:
         return f"RedisResponseStore(url={self.url!r})"
@@ -57,12 +131,19 @@ class RedisResponseStore:
         found = await self._call(self._redis.get(self.key(tenant, response_id)))
         return found.encode() if isinstance(found, str) else found
 
-    async def put(self, tenant: str, response_id: str, record: bytes, ttl_s: int) -> None:
-        await self._call(self._redis.set(self.key(tenant, response_id), record, ex=ttl_s))
+    async def put(self, tenant: str, response_id: str, record: bytes, ttl_s: int) -> int:
+        args: list[bytes | str | int] = [response_id, record, ttl_s, self.max_records,
+                                         self.max_bytes, self.key(tenant, "")]  # fmt: skip
+        evicted = await self._call(self._put(keys=self._keys(tenant, response_id), args=args))
+        return int(evicted)
 
     async def delete(self, tenant: str, response_id: str) -> bool:
-        deleted: int = await self._call(self._redis.delete(self.key(tenant, response_id)))
-        return deleted > 0
+        keys = self._keys(tenant, response_id)
+        deleted = await self._call(self._delete(keys=keys, args=[response_id]))
+        return int(deleted) > 0
+
+    def _keys(self, tenant: str, response_id: str) -> list[str]:
+        return [self.key(tenant, response_id), INDEX_PREFIX + tenant, SIZES_PREFIX + tenant]
 
     async def aclose(self) -> None:
         await close(self._redis)
@@ -81,10 +162,18 @@ class SqliteResponseStore:
     Calls run in a worker thread, one at a time; ``clock`` is wall time (tests pass theirs)."""
 
     def __init__(
-        self, path: Path, *, timeout_s: float = 5.0, clock: Callable[[], float] = time.time
+        self,
+        path: Path,
+        *,
+        timeout_s: float = 5.0,
+        clock: Callable[[], float] = time.time,
+        max_records: int | None = None,
+        max_bytes: int | None = None,
     ) -> None:
         self.path = path.expanduser()
         self.clock = clock
+        self.max_records = max_records or UNCAPPED
+        self.max_bytes = max_bytes or UNCAPPED
         self._file = SqliteFile(
             self.path,
             timeout_s=timeout_s,
@@ -92,6 +181,7 @@ class SqliteResponseStore:
                 "CREATE TABLE IF NOT EXISTS responses (tenant TEXT NOT NULL, id TEXT NOT NULL, "
                 "record BLOB NOT NULL, expires_at REAL NOT NULL, PRIMARY KEY (tenant, id))",
                 "CREATE INDEX IF NOT EXISTS responses_expiry ON responses (expires_at)",
+                "CREATE INDEX IF NOT EXISTS responses_tenant ON responses (tenant, expires_at)",
             ),
             unavailable=lambda why: ResponsesUnavailable(
                 f"The response store is unavailable ({why})."
@@ -112,19 +202,50 @@ class SqliteResponseStore:
 
         return await self._run(read)
 
-    async def put(self, tenant: str, response_id: str, record: bytes, ttl_s: int) -> None:
-        def write(db: sqlite3.Connection) -> None:
+    async def put(self, tenant: str, response_id: str, record: bytes, ttl_s: int) -> int:
+        def write(db: sqlite3.Connection) -> int:
             now = self.clock()
-            db.execute(
-                "INSERT OR REPLACE INTO responses (tenant, id, record, expires_at) "
-                "VALUES (?, ?, ?, ?)",
-                (tenant, response_id, record, now + ttl_s),
-            )
-            if now - self._purged >= PURGE_EVERY_S:
-                self._purged = now
-                db.execute("DELETE FROM responses WHERE expires_at <= ?", (now,))
+            db.execute("BEGIN IMMEDIATE")  # one writer at a time, processes included
+            try:
+                db.execute(
+                    "INSERT OR REPLACE INTO responses (tenant, id, record, expires_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (tenant, response_id, record, now + ttl_s),
+                )
+                evicted = self._evict(db, tenant, response_id, now)
+                if now - self._purged >= PURGE_EVERY_S:
+                    self._purged = now
+                    db.execute("DELETE FROM responses WHERE expires_at <= ?", (now,))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return evicted
 
-        await self._run(write)
+        return await self._run(write)
+
+    def _evict(self, db: sqlite3.Connection, tenant: str, kept: str, now: float) -> int:
+        """Delete the tenant's oldest records (not ``kept``) until it is within its caps."""
+        db.execute("DELETE FROM responses WHERE tenant = ? AND expires_at <= ?", (tenant, now))
+        count, size = db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(record)), 0) FROM responses WHERE tenant = ?",
+            (tenant,),
+        ).fetchone()
+        if count <= self.max_records and size <= self.max_bytes:
+            return 0
+        oldest = db.execute(
+            "SELECT id, LENGTH(record) FROM responses WHERE tenant = ? AND id != ? "
+            "ORDER BY expires_at, id",
+            (tenant, kept),
+        ).fetchall()
+        gone: list[tuple[str, str]] = []
+        for response_id, length in oldest:
+            if count <= self.max_records and size <= self.max_bytes:
+                break
+            gone.append((tenant, response_id))
+            count, size = count - 1, size - length
+        db.executemany("DELETE FROM responses WHERE tenant = ? AND id = ?", gone)
+        return len(gone)
 
     async def delete(self, tenant: str, response_id: str) -> bool:
         def remove(db: sqlite3.Connection) -> bool:
@@ -144,9 +265,17 @@ class SqliteResponseStore:
 
 
 def make_response_store(
-    redis_url: str | None, sqlite_path: Path, timeout_s: float
+    redis_url: str | None,
+    sqlite_path: Path,
+    timeout_s: float,
+    *,
+    max_records: int | None = None,
+    max_bytes: int | None = None,
 ) -> ResponseStore:
-    """Redis when a URL is given, else the SQLite file."""
+    """Redis when a URL is given, else the SQLite file; each tenant within ``max_records``
+    and ``max_bytes`` (None: uncapped)."""
     if redis_url:
-        return RedisResponseStore(redis_url, timeout_s=timeout_s)
-    return SqliteResponseStore(sqlite_path)
+        return RedisResponseStore(
+            redis_url, timeout_s=timeout_s, max_records=max_records, max_bytes=max_bytes
+        )
+    return SqliteResponseStore(sqlite_path, max_records=max_records, max_bytes=max_bytes)

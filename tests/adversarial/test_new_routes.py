@@ -10,9 +10,11 @@ intact; batch lines and responses are charged to the key's limits as chat reques
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 import tracemalloc
 from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from tests.windows import hold_limit_window
 JSON = dict[str, Any]
 ADMIN = "admin-secret-for-new-route-tests"
 CHAT = "/v1/chat/completions"
+LINE = GatewayConfig().max_body_bytes  # a batch line's limit: a request's
 
 
 class Rig:
@@ -94,14 +97,20 @@ def fleet_of(chat: PassEngine, embed: PassEngine) -> Any:
     return fleet
 
 
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
+@contextmanager
+def running(config: Settings) -> Iterator[Rig]:
     chat = PassEngine(name="chat")
-    app = create_app(settings(tmp_path), fleet_factory=fleet_of(chat, PassEngine(name="embed")),
+    app = create_app(config, fleet_factory=fleet_of(chat, PassEngine(name="embed")),
                      counters={})  # fmt: skip
     with TestClient(app, raise_server_exceptions=False) as client:
         hold_limit_window(client.app)  # its minute never ends under a test
         yield Rig(client, chat)
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    with running(settings(tmp_path)) as made:
+        yield made
 
 
 def chat_line(n: int, model: str = "smollm2", **body: Any) -> bytes:
@@ -143,8 +152,8 @@ def test_a_file_of_millions_of_tiny_lines_is_refused_cheaply(rig: Rig) -> None:
     gigabyte, 7 s of work holding the GIL); now refused by its count of lines."""
     content = b"{}\n" * (16 * 2**20)
     for check in (
-        lambda: lines.check_jsonl(content, 50_000),
-        lambda: lines.parse(content, CHAT, 50_000),
+        lambda: lines.check_jsonl(content, 50_000, LINE),
+        lambda: lines.parse(content, CHAT, 50_000, LINE),
     ):
         tracemalloc.start()
         started = time.perf_counter()
@@ -175,9 +184,21 @@ def test_a_line_is_no_larger_than_a_request(rig: Rig) -> None:
     within = chat_line(3, user="x" * (limit - 1000))
     assert len(within) <= limit
     assert rig.upload(key, within).status_code == 200
-    assert [e["code"] for e in lines.parse(chat_line(2, user=filler), CHAT, 10)[1]] == [
+    assert [e["code"] for e in lines.parse(chat_line(2, user=filler), CHAT, 10, limit)[1]] == [
         "line_too_large"
     ]
+
+
+def test_a_line_follows_the_gateways_own_body_limit(tmp_path: Path) -> None:
+    """The line limit was a constant (the default body limit, 4 MiB): a gateway set to take
+    64 KiB requests took 4 MiB ones in batches."""
+    config = settings(tmp_path).model_copy(update={"gateway": GatewayConfig(max_body_bytes=65_536)})
+    with running(config) as r:
+        key = r.key()
+        line = chat_line(1, user="x" * 100_000)
+        error = refused(r.upload(key, line + b"\n"))
+        assert error["message"] == f"Line 1 is {len(line)} bytes; a request is at most 65536."
+        assert r.upload(key, chat_line(1, user="x" * 60_000) + b"\n").status_code == 200
 
 
 def test_an_endless_upload_without_a_length_is_cut_at_the_file_limit(tmp_path: Path) -> None:
@@ -220,11 +241,78 @@ def test_an_endless_upload_without_a_length_is_cut_at_the_file_limit(tmp_path: P
     assert sent < 65_536 + 2**16 + 2 * 9 * 1024  # read no further than the limit
 
 
+# --- filling the disk ------------------------------------------------------------------
+
+
+def stored(path: Path, sql: str) -> Any:
+    with closing(sqlite3.connect(path)) as db:
+        return db.execute(sql).fetchone()[0]
+
+
+def test_a_tenant_cannot_fill_the_disk_with_files_or_batches(tmp_path: Path) -> None:
+    """Uploads were stored without end, and every batch kept a copy of its input forever:
+    now a tenant's files stop at batches.max_tenant_bytes (a 400 before anything is
+    stored; other tenants unaffected), and a batch's lines go when it ends."""
+    quota = 256 * 1024
+    with running(settings(tmp_path, max_tenant_bytes=quota)) as r:
+        mallory, alice = r.key(), r.key()
+        big = chat_line(1, messages=[{"role": "user", "content": "x" * 60_000}]) + b"\n"
+        answers = [r.upload(mallory, big) for _ in range(6)]
+        assert [a.status_code for a in answers] == [200] * 4 + [400] * 2
+        error = answers[-1].json()["error"]
+        assert (error["code"], error["type"]) == ("storage_quota_exceeded",
+                                                  "invalid_request_error")  # fmt: skip
+        assert str(quota) in error["message"]
+        db = tmp_path / "batches.sqlite3"
+        assert stored(db, "SELECT SUM(LENGTH(content)) FROM files") == 4 * len(big) <= quota
+        assert r.upload(alice, big).status_code == 200  # her quota is her own
+        for file_id in [a.json()["id"] for a in answers[1:4]]:
+            assert r.client.delete(f"/v1/files/{file_id}", headers=mallory).status_code == 200
+        source = answers[0].json()["id"]
+        body = {"input_file_id": source, "endpoint": CHAT, "completion_window": "24h"}
+        for _ in range(5):  # each copied the 60 KB input into the store, never removed
+            made = r.client.post("/v1/batches", json=body, headers=mallory)
+            assert made.status_code == 200, made.text
+            done = r.ended(mallory, made.json()["id"])
+            assert done["status"] == "completed", done.get("errors")
+        assert stored(db, "SELECT COUNT(*) FROM lines") == 0
+        assert stored(db, "SELECT SUM(LENGTH(content)) FROM files") < 2 * len(big) + 10_000
+
+
+def test_uploads_are_charged_to_the_keys_request_limit(rig: Rig) -> None:
+    key = rig.key(rpm=2)
+    answers = [rig.upload(key, chat_line(n) + b"\n") for n in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 429]
+    assert answers[2].json()["error"]["code"] == "rate_limit_exceeded"
+    assert len(rig.client.get("/v1/files", headers=key).json()["data"]) == 2
+
+
+def test_a_tenant_cannot_fill_the_response_store(tmp_path: Path) -> None:
+    """Every stored response was kept for 30 days, however many: now a tenant keeps at
+    most responses.max_tenant_records, its oldest evicted; another tenant's stay."""
+    responses = ResponsesConfig(sqlite_path=tmp_path / "responses.sqlite3", max_tenant_records=5)
+    with running(settings(tmp_path).model_copy(update={"responses": responses})) as r:
+        mallory, alice = r.key(), r.key()
+        body = {"model": "smollm2", "input": "hi"}
+        kept = r.client.post("/v1/responses", json=body, headers=alice).json()["id"]
+        made = []
+        for _ in range(12):
+            answer = r.client.post("/v1/responses", json=body, headers=mallory)
+            assert answer.status_code == 200, answer.text
+            made.append(answer.json()["id"])
+        db = tmp_path / "responses.sqlite3"
+        assert stored(db, "SELECT MAX(n) FROM (SELECT COUNT(*) AS n FROM responses "
+                          "GROUP BY tenant)") == 5  # fmt: skip
+        assert r.client.get(f"/v1/responses/{made[0]}", headers=mallory).status_code == 404
+        assert r.client.get(f"/v1/responses/{made[-1]}", headers=mallory).status_code == 200
+        assert r.client.get(f"/v1/responses/{kept}", headers=alice).status_code == 200
+
+
 # --- what a batch's lines may do --------------------------------------------------------
 
 
 def test_batch_lines_are_charged_to_the_keys_request_limit(rig: Rig) -> None:
-    key = rig.key(rpm=2)
+    key = rig.key(rpm=3)  # the upload is one request (creating the batch is not): 2 lines run
     batch = rig.batch(key, b"".join(chat_line(n) + b"\n" for n in range(5)))
     time.sleep(1.0)  # the runner has had its chances; the rest wait for the next minute
     assert len(rig.chat.calls) == 2

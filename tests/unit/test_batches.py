@@ -237,6 +237,39 @@ def test_too_large_an_upload_is_a_413(engine: FakeEngine, tmp_path: Path) -> Non
         assert answer.status_code == 413
 
 
+def test_an_upload_past_the_tenants_storage_quota_is_refused_and_not_stored(
+    engine: FakeEngine, tmp_path: Path
+) -> None:
+    """OpenAI's answer to an upload past a project's file storage quota: a 400
+    ``invalid_request_error``, nothing stored; deleting a file makes room. A batch's output
+    is written even past the quota (its work is not thrown away), and then counts."""
+    row = jsonl([chat_line(1)])
+    with make_client(engine, tmp_path, poll_s=0.05, lease_s=1.0,
+                     max_tenant_bytes=10_000, max_tenant_files=3) as client:  # fmt: skip
+        api, bob = sdk(client), sdk(client, "sk-bob")
+
+        def upload(as_: openai.OpenAI = api) -> Any:
+            return as_.files.create(file=("in.jsonl", io.BytesIO(row)), purpose="batch")
+
+        first, second = upload(), upload()
+        batch = api.batches.create(input_file_id=first.id, endpoint=CHAT,
+                                   completion_window="24h")  # fmt: skip
+        done = wait_for(api, batch.id, "completed")  # 2 files, its output: the third
+        assert done.output_file_id
+        with pytest.raises(openai.BadRequestError) as refused:
+            upload()
+        error = refused.value.body
+        assert isinstance(error, dict)
+        assert (error["code"], error["type"]) == ("storage_quota_exceeded",
+                                                  "invalid_request_error")  # fmt: skip
+        assert "max_tenant_files" in error["message"]
+        listed = client.get("/v1/files", headers=ALICE).json()["data"]
+        assert len(listed) == 3  # nothing stored
+        upload(bob)  # another tenant's quota is its own
+        api.files.delete(second.id)
+        upload()  # room again
+
+
 def test_files_and_batches_are_the_tenants_own(client: TestClient) -> None:
     api, other = sdk(client), sdk(client, "sk-bob")
     uploaded = api.files.create(file=("in.jsonl", io.BytesIO(jsonl([chat_line(1)]))),

@@ -7,7 +7,8 @@ batch (the other's engine sees nothing) while its lease is live; a cancel throug
 other stops it within a renewal; and when the running gateway stops mid-batch the other
 takes the batch over and finishes it, every input line with exactly one output line.
 The store itself, on both databases: a result written once, two processes claiming at
-once (one wins), a lease running out, and the expiry sweep.
+once (one wins), a lease running out, the expiry sweep, and a tenant's storage quota
+counted by the store as two processes write at once.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import pytest
 from pydantic import SecretStr
 from starlette.testclient import TestClient
 
-from serving.batches.store import BatchStore, Line
+from serving.batches.store import BatchStore, Line, Quota, Usage
 from serving.batches.sweeper import CHUNK, Sweeper
+from serving.errors import StorageQuotaExceeded
 from tests.fakes.engine import FakeEngine
 from tests.retrieval_db import fresh_database
 from tests.unit.test_batches import ALICE, CHAT, chat_line, jsonl, make_client, sdk, wait_for
@@ -179,7 +181,9 @@ async def test_two_stores_claim_a_batch_once_and_write_a_result_once(
         assert await yours.renew("batch_1", holder, 105.0, 10) == "in_progress"
         assert await yours.claim(other, 114.0, 10) == []  # renewed: held until 115
         taken = await yours.claim(other, 116.0, 10)  # the holder died: its lease ran out
-        assert [(c.batch["id"], c.caller) for c in taken] == [("batch_1", {"who": 1})]
+        assert [(c.batch["id"], c.caller) for c in taken] == [
+            ("batch_1", {"who": 1, "input_bytes": 4})  # its lines' bodies: they count
+        ]  # fmt: skip
         assert await mine.renew("batch_1", holder, 117.0, 10) is None  # it lost it
         assert await mine.record("batch_1", 0, b'{"x": 1}', True)
         assert not await yours.record("batch_1", 0, b'{"x": 2}', False)  # never overwritten
@@ -220,5 +224,83 @@ async def test_the_sweep_on_both_databases(shared: JSON, tmp_path: Path) -> None
         assert [f["id"] for f in await store.files("t", None, 10, True, 150.0)] == [
             "later", "kept"
         ]  # fmt: skip
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.anyio
+async def test_the_storage_quota_holds_when_two_stores_write_at_once(
+    shared: JSON, tmp_path: Path
+) -> None:
+    """Two gateways' stores, 32 uploads of 100 bytes each at once against 1,000 bytes: ten
+    are stored, whichever they are, and the others refused with nothing written
+    (PostgreSQL counts under the tenant's lock; counted without it, several saw room)."""
+    target = store_target(shared, tmp_path)
+    mine, yours = BatchStore(target), BatchStore(target)
+    quota = Quota(max_bytes=1000, max_files=100)
+
+    def record(n: int) -> JSON:
+        return {"id": f"file-{n}", "object": "file", "created_at": 100, "purpose": "batch"}
+
+    async def put(store: BatchStore, n: int) -> bool:
+        try:
+            await store.put_file("t", record(n), b"x" * 100, quota)
+        except StorageQuotaExceeded:
+            return False
+        return True
+
+    try:
+        await mine.put_file("other", record(99), b"y" * 900, quota)  # another tenant's
+        await asyncio.gather(put(mine, 100), put(yours, 101))  # both connected
+        stored = await asyncio.gather(*(put((mine, yours)[n % 2], n) for n in range(32)))
+        assert sum(stored) == 8
+        assert len(await yours.files("t", None, 100, True, 100.0)) == 10
+        assert (await mine.usage("t", 100.0)).bytes == 1000
+    finally:
+        await mine.aclose()
+        await yours.aclose()
+
+
+@pytest.mark.anyio
+async def test_what_the_storage_quota_counts(shared: JSON, tmp_path: Path) -> None:
+    """Live files (not expired ones), a running batch's input lines until it ends, then
+    its output files, written even past the quota; the file count apart from bytes."""
+    store = BatchStore(store_target(shared, tmp_path))
+    quota = Quota(max_bytes=1000, max_files=3)
+
+    def record(file_id: str, **more: Any) -> JSON:
+        return {"id": file_id, "object": "file", "created_at": 100, "purpose": "batch"} | more
+
+    try:
+        await store.put_file("t", record("gone", expires_at=150), b"x" * 900, quota)
+        with pytest.raises(StorageQuotaExceeded, match="max_tenant_bytes"):
+            await store.put_file("t", record("late"), b"x" * 200, quota)
+        assert await store.file("t", "late", 120.0) is None  # nothing stored
+        await store.put_file("t", record("in", created_at=200), b"x" * 400, quota)  # expired
+        batch = {"id": "batch_q", "status": "in_progress", "created_at": 200}
+        lines = [Line(n, f"r{n}", b"y" * 100) for n in range(4)]
+        await store.create_batch("t", batch, {}, lines, quota)
+        assert await store.usage("t", 200.0) == Usage(bytes=800, files=1)  # file and lines
+        with pytest.raises(StorageQuotaExceeded):  # its lines count while it runs
+            await store.create_batch("t", batch | {"id": "batch_r"}, {}, lines, quota)
+        with pytest.raises(StorageQuotaExceeded):
+            await store.put_file("t", record("more", created_at=200), b"x" * 201, quota)
+        for n in range(4):
+            await store.record("batch_q", n, b"z" * 200, True)
+        output = record("out", created_at=200, purpose="batch_output")
+        await store.finish(batch | {"status": "completed"}, [(output, b"z" * 800)], "t")
+        usage = await store.usage("t", 200.0)
+        assert (usage.bytes, usage.files) == (1200, 2)  # over: the output was written
+        assert await store.pending("batch_q", 10) == []  # its lines are gone
+        assert await store.counts("batch_q") == (0, 0, 0)
+        again = batch | {"status": "failed"}  # a second finish (a lost lease) writes nothing
+        await store.finish(again, [(record("dup", created_at=200), b"d" * 10)], "t")
+        assert await store.file("t", "dup", 200.0) is None
+        assert (await store.batch("t", "batch_q") or {})["status"] == "completed"
+        await store.delete_file("t", "out", 200.0)
+        await store.put_file("t", record("a", created_at=200), b"1", quota)
+        await store.put_file("t", record("b", created_at=200), b"1", quota)
+        with pytest.raises(StorageQuotaExceeded, match="max_tenant_files"):
+            await store.put_file("t", record("c", created_at=200), b"1", quota)
     finally:
         await store.aclose()

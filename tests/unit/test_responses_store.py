@@ -148,3 +148,57 @@ def test_made_from_settings(tmp_path: Path, redis_url: str) -> None:
     sqlite = make_response_store(None, tmp_path / "x.sqlite3", 0.5)
     assert isinstance(sqlite, SqliteResponseStore)
     assert not (tmp_path / "x.sqlite3").exists()  # opened on first use, not when made
+
+
+def capped(kind: str, tmp_path: Path, redis_url: str, records: int, size: int) -> ResponseStore:
+    if kind == "sqlite":
+        return SqliteResponseStore(tmp_path / "r.sqlite3", max_records=records, max_bytes=size)
+    return RedisResponseStore(redis_url, max_records=records, max_bytes=size)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_a_tenant_past_its_caps_loses_its_oldest_across_gateways(
+    kind: str, tmp_path: Path, redis_url: str
+) -> None:
+    """Two gateways' stores on one Redis or SQLite file count a tenant's records together:
+    past ``max_records`` (or ``max_bytes``) the oldest go, the newest and other tenants'
+    stay. Without the cap a tenant filled the store without end."""
+    one = capped(kind, tmp_path, redis_url, records=3, size=1000)
+    two = capped(kind, tmp_path, redis_url, records=3, size=1000)
+    tenant, other = f"key:a{time.monotonic_ns()}", f"key:b{time.monotonic_ns()}"
+    try:
+        await one.put(other, "resp_o", b"theirs", ttl_s=60)
+        evicted = []
+        for n in range(5):  # alternate gateways, in order of age
+            evicted.append(await (one, two)[n % 2].put(tenant, f"resp_{n}", b"x" * 10, ttl_s=60))
+            await asyncio.sleep(0.002)  # each expires later than the one before
+        assert evicted == [0, 0, 0, 1, 1]
+        found = [n for n in range(5) if await two.get(tenant, f"resp_{n}") is not None]
+        assert found == [2, 3, 4]
+        assert await one.get(other, "resp_o") == b"theirs"
+        await two.put(tenant, "resp_4", b"y" * 10, ttl_s=60)  # a rewrite is not one more
+        assert await one.get(tenant, "resp_2") is not None
+        assert await one.delete(tenant, "resp_2")  # room again: nothing evicted for resp_5
+        assert await two.put(tenant, "resp_5", b"x" * 10, ttl_s=60) == 0
+        assert await one.get(tenant, "resp_3") is not None
+        big = await one.put(tenant, "resp_big", b"z" * 995, ttl_s=60)  # past max_bytes
+        assert big == 3  # all the others went; the newest is kept whatever its size
+        assert await two.get(tenant, "resp_big") == b"z" * 995
+        assert await two.get(tenant, "resp_5") is None
+        assert await one.get(other, "resp_o") == b"theirs"
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
+async def test_sqlite_expired_records_do_not_count(tmp_path: Path) -> None:
+    clock = Clock()
+    store = SqliteResponseStore(tmp_path / "r.sqlite3", clock=clock, max_records=2)
+    try:
+        await store.put("t", "resp_1", b"x", ttl_s=30)
+        await store.put("t", "resp_2", b"x", ttl_s=60)
+        clock.now += 45  # resp_1 has expired: resp_3 takes its place, resp_2 stays
+        assert await store.put("t", "resp_3", b"x", ttl_s=60) == 0
+        assert await store.get("t", "resp_2") == b"x"
+    finally:
+        await store.aclose()

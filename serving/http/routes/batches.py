@@ -4,7 +4,8 @@
 A file's upload is multipart (``file``, ``purpose`` and optionally ``expires_after[anchor]``
 and ``expires_after[seconds]``, as the ``openai`` client sends them); its body limit is
 ``batches.max_file_bytes`` (``Front`` gives this path its own). The answers are OpenAI's
-``OpenAIFile`` and ``Batch`` objects; errors go through the table.
+``OpenAIFile`` and ``Batch`` objects; errors go through the table (an upload past the
+key's request limits is a 429, past its storage quota a 400: ``Batches.upload``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from serving.http.validation import invalid_request_from_errors
 router = APIRouter()
 FILES = "/v1/files"
 ERRORS = errors(400, 401, 404, 503)
+UPLOAD_ERRORS = errors(400, 401, 404, 413, 429, 503)  # 429: an upload is a request to the limits
 
 
 def _service(request: Request) -> Batches:
@@ -44,7 +46,7 @@ def _expires_after(anchor: str | None, seconds: str | None) -> ExpiresAfter | No
         ) from None
 
 
-@router.post(FILES, summary="Upload a JSONL file for the Batch API", responses=ERRORS)
+@router.post(FILES, summary="Upload a JSONL file for the Batch API", responses=UPLOAD_ERRORS)
 async def upload(
     request: Request,
     file: Annotated[UploadFile, File()],
