@@ -14,7 +14,6 @@ What a finished request is charged (``cost_basis`` in the ledger):
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -24,7 +23,7 @@ from serving.billing.budgets import budget_checks, team_of
 from serving.billing.config import BillingConfig
 from serving.billing.prices import Price, PriceBook
 from serving.keys.records import KeyRecord
-from serving.ledger.writer import Ledger
+from serving.ledger.writer import Ledger, new_row_id
 from serving.limits.plan import Check
 
 if TYPE_CHECKING:
@@ -102,7 +101,7 @@ class Meter:
         prompt, completion = _int(usage, "prompt_tokens"), _int(usage, "completion_tokens")
         ledger.record(
             (
-                os.urandom(12).hex(), self.clock(), obs.request_id, obs.key_id, lease.team,
+                new_row_id(), self.clock(), obs.request_id, obs.key_id, lease.team,
                 obs.model, obs.version, obs.route, obs.stream, status, error, prompt,
                 completion, cached_tokens(usage) if usage else 0, cost, basis,
                 (time.perf_counter() - obs.started) * 1000,
