@@ -279,6 +279,8 @@ class Bulkhead:
         free = self._cap() - self.in_flight
         if free < 1:
             return False
+        if priority == "interactive" and len(self._tenants) == 1:
+            return True  # it is the only tenant: no slot is kept for another
         kept = self._reserved(now)
         if not kept:
             return True
