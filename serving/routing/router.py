@@ -13,9 +13,10 @@ Only replicas that are healthy and whose breaker lets requests through are candi
   blocks (from its KV events, ``kv_index``), against its load: a replica scores the tokens
   it holds minus ``kv_tokens_per_request`` for each request it has in flight beyond the
   least busy, and is never chosen when ``slack`` busier. A prompt whose first block no
-  replica holds yet (``no_hit``) goes where that block hashes to (as ``prefix_hash``, on
-  the block instead of characters), so that requests arriving together with one new
-  prefix are prefilled and cached on one replica. For multi-turn chat, agents, RAG:
+  replica holds (``no_hit``) goes to the least busy replica, and the next prompts with
+  that first block for ``PENDING_S`` go to the same one (within slack), so that requests
+  arriving together with a new prefix prefill and cache it once, before any event about
+  it has come back, while new prefixes still spread by load. For multi-turn chat, agents, RAG:
   long shared prefixes. Falls back to least outstanding when no candidate's events can be
   read (``no_events``), the prompt has no full block (``no_prefix``), or its blocks
   cannot be hashed as the engine hashes them (``Unmatched``: ``adapter_unknown``, a LoRA
@@ -29,11 +30,14 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections.abc import Iterable, Sequence
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 from models.engines.fleet import Replica
+from models.types import ReplicaKey
 from serving.routing.load import ReplicaLoad
 
 if TYPE_CHECKING:
@@ -41,6 +45,8 @@ if TYPE_CHECKING:
     from serving.routing.kv_routing import KvRouting, PromptKey
 
 Candidate = tuple[Replica, ReplicaLoad]
+PENDING_S = 10.0  # a new prefix's placement is kept this long (its KV events come sooner)
+PENDING_MAX = 4096  # new prefixes remembered at once
 
 
 @dataclass(frozen=True)
@@ -88,12 +94,22 @@ class LeastOutstanding:
 class KvAware:
     """Longest cached prefix against load (see the module's docstring)."""
 
-    def __init__(self, model: str, kv: KvRouting, slack: int, tokens_per_request: int) -> None:
+    def __init__(
+        self,
+        model: str,
+        kv: KvRouting,
+        slack: int,
+        tokens_per_request: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.model = model
         self.kv = kv
         self.slack = slack
         self.tokens_per_request = tokens_per_request
         self.fallback = LeastOutstanding(slack)
+        self.clock = clock
+        # first-block hash of a new prefix: the replica it was sent to, and when
+        self._pending: OrderedDict[int, tuple[ReplicaKey, float]] = OrderedDict()
         metrics = kv.metrics
         self._decided = {r: metrics.decisions.labels(model, r) for r in _REASONS}
         self._predicted = metrics.predicted.labels(model)
@@ -126,14 +142,11 @@ class KvAware:
             return self._fallback(candidates, least, "no_events")
         best_hit = max(hit for _, hit in held)
         if best_hit == 0:
-            # Nobody holds its first block yet (a new system prompt, or its first prefill
-            # still running): the replica its first block hashes to, within slack, so that
-            # prompts arriving together with one prefix are computed and cached once.
-            first = key.hashes(size)  # the block size of the last replica with events
             self._decided["no_hit"].inc()
+            first = key.hashes(size)  # the block size of the last replica with events
             if not first:
                 return self.fallback.least(candidates, least)
-            return self.fallback.choose(candidates, str(first[0]))
+            return self._place_new(candidates, least, first[0])
         usable = [(c, hit) for c, hit in held if c[1].outstanding <= least + self.slack]
         per = self.tokens_per_request
 
@@ -146,6 +159,23 @@ class KvAware:
             return self._fallback(candidates, least, "busy")
         self._decided["cache_hit"].inc()
         self._predicted.inc(hit)
+        return chosen
+
+    def _place_new(self, candidates: Sequence[Candidate], least: int, block: int) -> Candidate:
+        """A prompt whose first block no replica holds: where that block was sent in the
+        last ``PENDING_S`` (its prefill may still be running, its events not yet heard),
+        within slack; else the least busy replica, remembered for the next ones."""
+        now = self.clock()
+        placed = self._pending.get(block)
+        if placed is not None and now - placed[1] <= PENDING_S:
+            for candidate in candidates:
+                if candidate[0].key == placed[0] and candidate[1].outstanding <= least + self.slack:
+                    return candidate
+        chosen = self.fallback.least(candidates, least)
+        self._pending[block] = (chosen[0].key, now)
+        self._pending.move_to_end(block)
+        while len(self._pending) > PENDING_MAX:
+            self._pending.popitem(last=False)
         return chosen
 
     def _fallback(self, candidates: Sequence[Candidate], least: int, reason: str) -> Candidate:

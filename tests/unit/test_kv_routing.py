@@ -23,7 +23,14 @@ from serving.routing.breaker import CircuitBreaker
 from serving.routing.kv_index import KvIndex, ReplicaBlocks
 from serving.routing.kv_routing import KvRouting, PromptKey
 from serving.routing.load import ReplicaLoad
-from serving.routing.router import Candidate, KvAware, LeastOutstanding, Unmatched, make_router
+from serving.routing.router import (
+    PENDING_S,
+    Candidate,
+    KvAware,
+    LeastOutstanding,
+    Unmatched,
+    make_router,
+)
 from tests.fakes.engine import FakeEngine
 from tests.fakes.kv_publisher import KvPublisher, removed, stored
 from tests.unit.test_contract import store_dir
@@ -233,18 +240,27 @@ async def test_routes_to_the_replica_holding_the_prefix_and_an_eviction_moves_it
         await published(rig, 1, removed(hashes[1:]))
         await published(rig, 0, stored(hashes, tokens[: 3 * BLOCK], BLOCK))
         assert router.choose(rig.candidates(), key)[0] is rig.replicas[0]
-        # both evict it: nobody attracts it; it goes where its first block hashes to,
-        # every time (prompts arriving together are prefilled once), unless that replica
-        # is more than slack busier: then least outstanding decides
+        # both evict it: nobody attracts it; the least busy replica takes it, and the
+        # same prefix follows it there while its first prefill's events are not yet in
+        # (within slack), then is placed by load again
         await published(rig, 0, removed(hashes))
         await published(rig, 1, removed(hashes[:1]))
-        hashed = router.choose(rig.candidates(), key)[0]
-        index = rig.replicas.index(hashed)
-        rig.loads[index].outstanding = 4  # within slack: stays
-        assert router.choose(rig.candidates(), key)[0] is hashed
-        rig.loads[index].outstanding = 5
-        assert router.choose(rig.candidates(), key)[0] is rig.replicas[1 - index]
-        assert decisions.labels("m", "no_hit")._value.get() == 3
+        now = [100.0]
+        router.clock = lambda: now[0]
+        rig.loads[0].outstanding = 1
+        assert router.choose(rig.candidates(), key)[0] is rig.replicas[1]
+        rig.loads[1].outstanding = 5  # within slack (4) of the least busy
+        assert router.choose(rig.candidates(), key)[0] is rig.replicas[1]
+        rig.loads[1].outstanding = 6
+        assert router.choose(rig.candidates(), key)[0] is rig.replicas[0]
+        rig.loads[0].outstanding, rig.loads[1].outstanding = 0, 1  # 1 would keep it, in time
+        now[0] += PENDING_S + 1  # forgotten: placed by load again
+        assert router.choose(rig.candidates(), key)[0] is rig.replicas[0]
+        assert decisions.labels("m", "no_hit")._value.get() == 4
+        # another new prefix at the same time goes by load, not after the first
+        other = PromptKey([t + 1 for t in tokens], BlockHasher())
+        rig.loads[0].outstanding = 1
+        assert router.choose(rig.candidates(), other)[0] is rig.replicas[1]
 
 
 async def test_adapter_and_salted_prompts_go_where_their_own_blocks_are(base: Path) -> None:
