@@ -3,8 +3,9 @@
 Two real vLLM-CPU engines, each pinned to its own core, with a small KV cache
 (``--num-gpu-blocks-override``) and KV events on; one ``weir serve`` in front of them with
 three models over the same two engines, one per ``routing.strategy`` (``lo``, ``ph``,
-``kv``). A multi-turn workload (tenants with their own 1,000+ token system prompt,
-conversations that grow turn by turn) is replayed on the same arrival schedule against
+``kv``). A multi-turn workload (tenants with their own 1,000+ token system prompt, after
+``--preamble-words`` of instructions every tenant shares, if any; conversations that grow
+turn by turn) is replayed on the same arrival schedule against
 each, the engines' prefix caches emptied in between. Reported per strategy: client TTFT
 p50/p90, the engines' own prefix-cache hit rate (``vllm:prefix_cache_hits`` /
 ``queries``), output tokens per second, and the imbalance of requests between the
@@ -106,10 +107,13 @@ class Conversation:
 
 def workload(args: argparse.Namespace) -> tuple[list[str], list[Conversation]]:
     rng = random.Random(args.seed)
+    # what every tenant's system prompt starts with (a platform's own instructions), if any
+    preamble = " ".join(rng.choice(WORDS) for _ in range(args.preamble_words))
+    preamble = f"Platform rules: {preamble}. " if preamble else ""
     systems = []
-    for tenant in range(args.tenants):  # differ from the first characters on
+    for tenant in range(args.tenants):  # differ from the first characters on (after it)
         words = " ".join(rng.choice(WORDS) for _ in range(args.system_words))
-        systems.append(f"Tenant {tenant} ({rng.random():.6f}) assistant rules: {words}.")
+        systems.append(f"{preamble}Tenant {tenant} ({rng.random():.6f}) assistant rules: {words}.")
     conversations = []
     for n in range(args.conversations):
         turns = [" ".join(rng.choice(WORDS) for _ in range(args.user_words)) + "?"
@@ -244,6 +248,9 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--system-words", type=int, default=1100)  # about 1,200 tokens
     parser.add_argument("--user-words", type=int, default=40)
+    # words every tenant's system prompt starts with; past ``affinity_prefix_chars`` (512)
+    # prefix_hash sees one prefix for all tenants
+    parser.add_argument("--preamble-words", type=int, default=0)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--window-s", type=float, default=40.0)  # conversations start within
     parser.add_argument("--gap-s", type=float, default=6.0)  # between a conversation's turns
