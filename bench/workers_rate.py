@@ -1,52 +1,39 @@
 """Requests/s through ``weir serve --workers N`` in front of one mock engine (issue 26).
 
-    python -m bench.workers_rate --workers 1 2 [--seconds 10] [--concurrency 64]
+    python -m bench.workers_rate --workers 1 2 [--seconds 6] [--connections 4 16 32 64]
 
-For each N: a mock engine (``bench.mock_engine``), N gateway workers on one port, then
-``--concurrency`` closed-loop clients (aiohttp, one process) for ``--seconds`` after a
-2 s warm-up; prints requests/s, p50/p99 latency and failures. The client shares the
-machine's cores with the gateway: compare the rows with each other, on one host.
+For each N: N gateway workers on one port in front of one mock engine
+(``bench.mock_engine``), then ``wrk`` (Debian's package, closed loop, as ``bench.overhead``
+runs it) at each connection count, the mock alone at the same counts first. Per N: the
+requests/s and p99 at each count, and the highest rate whose p99 is within 10 ms of the
+mock's own p99 at that count (the gateway's "p99 added under 10 ms"); then that rate over
+one worker's. The load generator and the mock share the machine's cores with the workers:
+on a 2-core host two workers cannot have two whole cores, so the ratio is a floor.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import aiohttp
+from rich.console import Console
+from rich.table import Table
 
 from bench.config_builder import model, weir_toml
-from bench.procs import start, stop_all, wait_for, weir_command
+from bench.overhead import WRK_SCRIPT, wrk
+from bench.procs import free_port, start, stop_all, wait_for, weir_command
 
-BODY = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
-
-
-async def drive(url: str, seconds: float, concurrency: int) -> tuple[int, int, list[float]]:
-    done, failed, took = 0, 0, []
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
-        stop_at = time.monotonic() + seconds
-
-        async def client() -> None:
-            nonlocal done, failed
-            while time.monotonic() < stop_at:
-                t0 = time.perf_counter()
-                async with session.post(url, json=BODY) as answer:
-                    await answer.read()
-                    ok = answer.status == 200
-                took.append(time.perf_counter() - t0)
-                done, failed = done + ok, failed + (not ok)
-
-        await asyncio.gather(*(client() for _ in range(concurrency)))
-    return done, failed, took
+BODY = '{"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}'
+ADDED_P99_MS = 10.0
 
 
-def run(workers: int, seconds: float, concurrency: int, port: int, mock: int) -> str:
+def gateway_rows(
+    workers: int, mock: int, args: argparse.Namespace, script: Path, direct: dict[int, float]
+) -> list[dict[str, float]]:
     work = Path(tempfile.mkdtemp(prefix="weir-workers-"))
+    port = free_port()
     config = work / "weir.toml"
     config.write_text(weir_toml(
         gateway={"port": port}, limits={"enabled": False},
@@ -57,36 +44,59 @@ def run(workers: int, seconds: float, concurrency: int, port: int, mock: int) ->
         [weir_command(), "--config", str(config), "serve", "--workers", str(workers),
          "--log-level", "WARNING"], work / "gateway.log",
     )  # fmt: skip
+    rows = []
     try:
         base = f"http://127.0.0.1:{port}"
         wait_for(f"{base}/readyz", 60)
         url = f"{base}/v1/chat/completions"
-        asyncio.run(drive(url, 2.0, concurrency))
-        done, failed, took = asyncio.run(drive(url, seconds, concurrency))
+        wrk(url, 16, 2, script)  # warm-up
+        for connections in args.connections:
+            measured = wrk(url, connections, args.seconds, script)
+            added = measured["p99"] - direct[connections]
+            rows.append({"connections": connections, **measured, "added_p99": added})
     finally:
         stop_all([gateway])
-    q = statistics.quantiles(took, n=100)
-    return (f"workers={workers} requests/s={done / seconds:.0f} p50={q[49] * 1000:.1f}ms"
-            f" p99={q[98] * 1000:.1f}ms failed={failed}")  # fmt: skip
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--mock-port", type=int, default=9765)
+    parser.add_argument("--seconds", type=int, default=6)
+    parser.add_argument("--connections", type=int, nargs="+", default=[4, 16, 32, 64])
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="weir-mock-"))
-    mock = start([sys.executable, "-m", "bench.mock_engine", "--port", str(args.mock_port)],
+    script = work / "post.lua"
+    script.write_text(WRK_SCRIPT.format(body=BODY, key="unused"))
+    mock_port = free_port()
+    mock = start([sys.executable, "-m", "bench.mock_engine", "--port", str(mock_port)],
                  work / "mock.log")  # fmt: skip
+    console = Console(width=110)
+    best: dict[int, float] = {}
     try:
-        wait_for(f"http://127.0.0.1:{args.mock_port}/health", 30)
+        wait_for(f"http://127.0.0.1:{mock_port}/health", 30)
+        mock_url = f"http://127.0.0.1:{mock_port}/v1/chat/completions"
+        direct = {c: wrk(mock_url, c, args.seconds, script)["p99"] for c in args.connections}
         for n in args.workers:
-            print(run(n, args.seconds, args.concurrency, args.port, args.mock_port), flush=True)
+            rows = gateway_rows(n, mock_port, args, script, direct)
+            table = Table(title=f"weir serve --workers {n}")
+            for column in ("connections", "req/s", "p50 ms", "p99 ms", "p99 added ms", "non-2xx"):
+                table.add_column(column, justify="right")
+            for row in rows:
+                table.add_row(
+                    str(int(row["connections"])), f"{row['rps']:.0f}", f"{row['p50']:.2f}",
+                    f"{row['p99']:.2f}", f"{row['added_p99']:+.2f}", str(int(row["non2xx"])),
+                )  # fmt: skip
+            console.print(table)
+            held = [r["rps"] for r in rows if r["added_p99"] < ADDED_P99_MS and not r["non2xx"]]
+            best[n] = max(held, default=0.0)
     finally:
         stop_all([mock])
+    first = best.get(args.workers[0], 0.0)
+    for n, rate in best.items():
+        ratio = f"{rate / first:.2f}x" if first else "-"
+        console.print(f"workers={n}: {rate:.0f} req/s with p99 added < {ADDED_P99_MS:g} ms"
+                      f" ({ratio} of {args.workers[0]} worker)")  # fmt: skip
 
 
 if __name__ == "__main__":
