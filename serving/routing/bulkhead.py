@@ -282,11 +282,7 @@ class Bulkhead:
         if priority == "interactive" and len(self._tenants) == 1:
             return True  # it is the only tenant: no slot is kept for another
         kept = self._reserved(now)
-        if not kept:
-            return True
-        all_kept = sum(kept.values())
-        others = all_kept - kept.get(tenant.name, 0)
-        return free >= (all_kept if priority == "batch" else others) + 1
+        return not kept or free >= _needed(kept, sum(kept.values()), tenant, priority)
 
     def _next(self) -> _Waiter | None:
         now = self.clock()
@@ -300,9 +296,7 @@ class Bulkhead:
                 if not line:
                     continue
                 head = line[0]
-                others = all_kept - kept.get(tenant.name, 0)
-                # a batch request leaves every interactive reservation free, its own too
-                needed = (all_kept if priority == "batch" else others) + 1
+                needed = _needed(kept, all_kept, tenant, priority)
                 if free >= needed and (best is None or head.tag < best.tag):
                     best = head
             if best is not None:
@@ -391,6 +385,13 @@ class Bulkhead:
     def _observe(self, tenant: _Tenant, priority: Priority) -> None:
         if self.observer is not None:
             self.observer(priority, tenant.label, len(tenant.queues[priority]))
+
+
+def _needed(kept: dict[str, int], all_kept: int, tenant: _Tenant, priority: Priority) -> int:
+    """Free slots there must be for ``tenant`` to take one at ``priority``: one beyond the
+    slots kept for the others; a batch request leaves every interactive reservation free,
+    its own tenant's too."""
+    return (all_kept if priority == "batch" else all_kept - kept.get(tenant.name, 0)) + 1
 
 
 def _handed(future: asyncio.Future[None]) -> bool:
