@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from retrieval import exact
+
 Kind = Literal["flat", "ivf", "hnsw"]
 SNAPSHOT = "index.snapshot"
 
@@ -165,11 +167,30 @@ class VectorIndex:
         with self._lock:
             if self._search_copy is None:
                 self._search_copy = gpu_mirror(self._index)
+            queries = normalise(vectors)
+            flat = self._flat_on_cpu()
+            if flat is not None:
+                return exact.top_k(queries, *flat, k)
             extra = min(len(self.tombstones), 4 * k)
-            scores, ids = self._search_copy.search(normalise(vectors), k + extra)
+            scores, ids = self._search_copy.search(queries, k + extra)
             if self.tombstones:
                 return _without(scores, ids, self.tombstones, k)
             return scores, ids
+
+    def _flat_on_cpu(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The stored vectors and their ids (views into FAISS's arrays, valid while the
+        lock is held) of a flat index searched on the CPU, which ``exact`` scores faster
+        than the faiss-cpu wheel; None for a GPU copy, IVF and HNSW."""
+        if self._search_copy is not self._index or not isinstance(self._index, faiss.IndexIDMap2):
+            return None
+        inner = faiss.downcast_index(self._index.index)
+        if not isinstance(inner, faiss.IndexFlatIP):
+            return None
+        count = int(inner.ntotal)
+        if count == 0:
+            return np.empty((0, self.dim), np.float32), np.empty(0, np.int64)
+        stored = faiss.rev_swig_ptr(inner.get_xb(), count * self.dim).reshape(count, self.dim)
+        return stored, faiss.rev_swig_ptr(self._index.id_map.data(), count)
 
     def _train_ivf(self) -> None:
         """Rebuild as IVF, trained on everything held now (exact search until then)."""
