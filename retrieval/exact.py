@@ -9,10 +9,10 @@ GPU, faiss-gpu searches). Measured on 200,000 x 384 vectors, 2 cores: 32 queries
 56 ms here against 278 ms through FAISS, one query in 15 ms against 28 ms, the same ids.
 
 The stored vectors are scored in blocks whose score matrix is at most ``BLOCK_BYTES``
-(written into one buffer, reused block after block), whatever the index size, and each block's top-k is found without sorting it: the k-th
-largest of the maxima of ``GROUP`` consecutive scores is a floor under the row's k-th
-best (k groups each hold a score at least that high), and only scores at or above that
-floor (a few times k) are sorted.
+(written into one buffer, reused block after block), whatever the index size, and each
+block's top-k is found without sorting it: the k-th largest of the maxima of ``GROUP``
+consecutive scores is a floor under the row's k-th best (k groups each hold a score at
+least that high), and only scores at or above that floor (a few times k) are sorted.
 """
 
 from __future__ import annotations
