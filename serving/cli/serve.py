@@ -104,8 +104,17 @@ def serve(args: argparse.Namespace) -> int:
 
 def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
     """``--workers N``: N gateway processes on one port (uvicorn's workers), sharing
-    Redis for keys, limits and the cache, and one metrics directory."""
+    Redis for keys, limits and the cache, and one metrics directory. Ctrl-C exits 130,
+    as without workers."""
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    class Workers(Multiprocess):
+        interrupted = False  # uvicorn's supervisor returns alike on SIGINT and SIGTERM
+
+        def handle_int(self) -> None:
+            self.interrupted = True
+            super().handle_int()
 
     local = [f"{m.name}@{v.version}" for m in settings.models for v in m.versions if is_local(v)]
     supervisor = None
@@ -128,22 +137,27 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
     host = args.host or gateway.host
     port = args.port if args.port is not None else gateway.port
     print(f"weir: {args.workers} gateway workers on http://{host}:{port} (metrics: {metrics_dir})")
-    try:
-        uvicorn.run(
-            APP_FACTORY,
-            factory=True,
-            workers=args.workers,
-            host=host,
-            port=port,
-            loop="uvloop",
-            http=GuardedHttpTools,
-            log_level=args.log_level.lower(),
-            access_log=False,
-            timeout_graceful_shutdown=30,
-        )
+    config = uvicorn.Config(
+        APP_FACTORY,
+        factory=True,
+        workers=args.workers,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http=GuardedHttpTools,
+        log_level=args.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+    try:  # what uvicorn.run does with workers, keeping the supervisor to ask about Ctrl-C
+        workers = Workers(config, sockets=[config.bind_socket()])
+        workers.run()
     finally:
         if supervisor is not None:
             _stop_supervisor(supervisor, settings.engines.stop_grace_s + 10)
+    if workers.interrupted:
+        print("weir: stopped", file=sys.stderr)
+        return 130
     return 0
 
 

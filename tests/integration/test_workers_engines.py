@@ -1,6 +1,6 @@
 """``weir serve --workers 2`` with local engines (issue 26): one supervisor starts them
 (``weir engines``, the fake engine in vLLM's place), both workers use the same engine,
-and stopping the gateway stops every engine."""
+and Ctrl-C stops every engine and exits 130, as without workers."""
 
 from __future__ import annotations
 
@@ -66,7 +66,8 @@ def test_two_workers_share_one_supervisors_engines(tmp_path: Path) -> None:
             assert counted == REQUESTS
         pid = engines[0].pid
     finally:
-        stop_all([gateway])
+        stop_all([gateway])  # Ctrl-C
+    assert gateway.returncode == 130  # the shell's code for it, as `weir serve` alone
     text = log.read_text()
     assert text.count("Started server process") == 2, text
     assert "engines ready" in text
