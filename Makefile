@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed-$(EXTRA)
 # The braces keep pip's exit status (pipefail) while grep may find nothing to print.
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: help setup models serve test lint typecheck unit integration bench clean
+.PHONY: help setup models serve test lint typecheck unit integration integration-workers bench clean
 
 help:
 	@echo "make serve   set up if needed, then serve on http://127.0.0.1:$(PORT)"
@@ -50,6 +50,10 @@ unit: $(STAMP)
 
 integration: models
 	$(BIN)/pytest tests/integration
+
+# The tests on the session's stack, with that stack as `weir serve --workers 2` (Redis-shared)
+integration-workers: models
+	WEIR_TEST_WORKERS=2 $(BIN)/pytest tests/integration -m stack
 
 test: models lint typecheck
 	$(BIN)/pytest
