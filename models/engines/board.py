@@ -52,6 +52,7 @@ class Entry:
     healthy: bool
     kv_events: str | None = None  # its KV event PUB socket (boards before it: absent)
     kv_replay: str | None = None  # and replay ROUTER socket
+    restarts: int = 0  # times the supervisor restarted it (boards before it: absent)
 
     @property
     def version_key(self) -> VersionKey:
@@ -77,6 +78,7 @@ def entries(replicas: Iterable[Replica], events_of: EventsOf | None = None) -> l
                 key.model, key.version, key.index, url, replica.served_name, replica.healthy,
                 kv_events=None if events is None else events.publisher,
                 kv_replay=None if events is None else events.replay,
+                restarts=replica.restarts,
             )
         )  # fmt: skip
     return out
@@ -192,7 +194,8 @@ class BoardFollower:
             self._events.pop(replica, None)
         added: list[Replica] = []
         for k, entry in wanted.items():
-            if k in self._known:
+            if k in self._known:  # the same engine (restarted on its port: counted)
+                self._known[k].published_restarts = entry.restarts
                 continue
             found = self.lookup(entry.version_key)
             if found is None:
@@ -201,6 +204,7 @@ class BoardFollower:
             key = ReplicaKey(entry.model, entry.version, entry.index)
             replica = self.make_replica(model, version, key, entry.url)
             replica.healthy = entry.healthy  # the supervisor checked it; ours follow
+            replica.published_restarts = entry.restarts
             self._known[k] = replica
             if entry.events is not None:
                 self._events[replica] = entry.events

@@ -36,6 +36,12 @@ class Replica:
     since: float = field(default_factory=time.monotonic)  # last state change or spawn
     failed_checks: int = 0  # health checks failed in a row
     placement: Placement | None = None  # its GPUs or cores (local engines)
+    published_restarts: int = 0  # a board replica's: what the supervisor running it says
+
+    @property
+    def restarts(self) -> int:
+        """How often its engine was restarted, by us or by the supervisor on the board."""
+        return self.process.restarts if self.process is not None else self.published_restarts
 
 
 class Fleet:

@@ -106,7 +106,7 @@ async def list_engines(proxy: ProxyDep, request: Request) -> EngineList:
                 healthy=r.healthy,
                 local=(r.process is not None) if full else None,
                 pid=r.process.pid if full and r.process else None,
-                restarts=r.process.restarts if r.process else 0,
+                restarts=r.restarts,
                 breaker=load.breaker.state,
                 breaker_trips=load.breaker.trips,
                 outstanding=load.outstanding,
