@@ -74,6 +74,8 @@ class SSEResponse(StreamingResponse):
         except TimeoutError:
             # the client stopped reading: over, as if it had left (the connection is cut)
             log.info("client took no event for %ss: stream closed", self.send_timeout_s)
+            if guard is not None:
+                guard.client_left()  # takes back its cancel too, if it left meanwhile
         except OSError as exc:
             log.info("stream write failed: %s", exc)
         finally:
@@ -85,16 +87,65 @@ class SSEResponse(StreamingResponse):
 
     async def _pump(self, send: Send) -> None:
         """Each event waits at most ``send_timeout_s`` for the client to take it (a client
-        that stops reading exerts back-pressure; it must not hold the engine forever)."""
-        loop = asyncio.get_running_loop()
+        that stops reading exerts back-pressure; it must not hold the engine forever).
+        Waiting for the engine is the engine's deadline, not this one."""
         limit = self.send_timeout_s
-        async with asyncio.timeout(None) as deadline:
+        if limit is None:
             async for event in self.events:
-                if limit is not None:
-                    deadline.reschedule(loop.time() + limit)
                 await send({"type": "http.response.body", "body": event, "more_body": True})
-                deadline.reschedule(None)  # waiting for the engine is the engine's deadline
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        watch = SendWatch(limit)
+        try:
+            async for event in self.events:
+                watch.since = watch.loop.time()
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+                watch.since = None
+            watch.since = watch.loop.time()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if watch.fired:
+                watch.task.uncancel()
+                raise TimeoutError from None
+            raise
+        finally:
+            watch.stop()
+
+
+class SendWatch:
+    """One timer per stream for the send deadline (``asyncio.timeout`` rescheduled around
+    every event cost two timers per event). ``since`` is when the send under way began
+    (None between sends); the timer looks at it every ``limit`` seconds and cancels the
+    task once a send has waited ``limit``, else sets itself for when the current send
+    would reach it."""
+
+    def __init__(self, limit: float) -> None:
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("SendWatch needs a running task")
+        self.task = task
+        self.loop = asyncio.get_running_loop()
+        self.limit = limit
+        self.since: float | None = None
+        self.fired = False
+        self._timer: asyncio.TimerHandle | None = self.loop.call_at(
+            self.loop.time() + limit, self._check
+        )
+
+    def _check(self) -> None:
+        now = self.loop.time()
+        since = self.since
+        if since is not None and now - since >= self.limit:
+            self.fired = True
+            self._timer = None
+            self.task.cancel()
+            return
+        self._timer = self.loop.call_at((now if since is None else since) + self.limit, self._check)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def respond(answer: Answer, send_timeout_s: float | None = None) -> Response:
