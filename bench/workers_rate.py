@@ -8,16 +8,21 @@ runs it) at each connection count, the mock alone at the same counts first. Per 
 requests/s and p99 at each count, and the highest rate whose p99 is within 10 ms of the
 mock's own p99 at that count (the gateway's "p99 added under 10 ms"); then that rate over
 one worker's. The load generator and the mock share the machine's cores with the workers:
-on a 2-core host two workers cannot have two whole cores, so the ratio is a floor.
+on a 2-core host two workers cannot have two whole cores, so the ratio is a floor. So each
+run also reads the CPU time of the gateway's processes (all workers and their parent):
+the cores they used, and requests/s per core used, which is what scaling by workers
+keeps or loses whatever the host leaves them.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import psutil
 from rich.console import Console
 from rich.table import Table
 
@@ -51,12 +56,29 @@ def gateway_rows(
         url = f"{base}/v1/chat/completions"
         wrk(url, 16, 2, script)  # warm-up
         for connections in args.connections:
+            cpu_before = cpu_seconds(gateway)
             measured = wrk(url, connections, args.seconds, script)
+            cores = (cpu_seconds(gateway) - cpu_before) / args.seconds
             added = measured["p99"] - direct[connections]
-            rows.append({"connections": connections, **measured, "added_p99": added})
+            per_core = measured["rps"] / max(cores, 1e-9)
+            rows.append({"connections": connections, **measured, "added_p99": added,
+                         "cores": cores, "per_core": per_core})  # fmt: skip
     finally:
         stop_all([gateway])
     return rows
+
+
+def cpu_seconds(gateway: subprocess.Popen[bytes]) -> float:
+    """User and system CPU seconds of the gateway and every process under it so far."""
+    total = 0.0
+    root = psutil.Process(gateway.pid)
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def main() -> None:
@@ -72,7 +94,7 @@ def main() -> None:
     mock = start([sys.executable, "-m", "bench.mock_engine", "--port", str(mock_port)],
                  work / "mock.log")  # fmt: skip
     console = Console(width=110)
-    best: dict[int, float] = {}
+    best: dict[int, dict[str, float]] = {}
     try:
         wait_for(f"http://127.0.0.1:{mock_port}/health", 30)
         mock_url = f"http://127.0.0.1:{mock_port}/v1/chat/completions"
@@ -80,23 +102,28 @@ def main() -> None:
         for n in args.workers:
             rows = gateway_rows(n, mock_port, args, script, direct)
             table = Table(title=f"weir serve --workers {n}")
-            for column in ("connections", "req/s", "p50 ms", "p99 ms", "p99 added ms", "non-2xx"):
+            for column in ("connections", "req/s", "p50 ms", "p99 ms", "p99 added ms", "non-2xx",
+                           "gateway cores", "req/s per core"):  # fmt: skip
                 table.add_column(column, justify="right")
             for row in rows:
                 table.add_row(
                     str(int(row["connections"])), f"{row['rps']:.0f}", f"{row['p50']:.2f}",
                     f"{row['p99']:.2f}", f"{row['added_p99']:+.2f}", str(int(row["non2xx"])),
+                    f"{row['cores']:.2f}", f"{row['per_core']:.0f}",
                 )  # fmt: skip
             console.print(table)
-            held = [r["rps"] for r in rows if r["added_p99"] < ADDED_P99_MS and not r["non2xx"]]
-            best[n] = max(held, default=0.0)
+            held = [r for r in rows if r["added_p99"] < ADDED_P99_MS and not r["non2xx"]]
+            best[n] = max(held, key=lambda r: r["rps"], default={"rps": 0.0, "cores": 0.0,
+                                                                   "per_core": 0.0})  # fmt: skip
     finally:
         stop_all([mock])
-    first = best.get(args.workers[0], 0.0)
-    for n, rate in best.items():
-        ratio = f"{rate / first:.2f}x" if first else "-"
-        console.print(f"workers={n}: {rate:.0f} req/s with p99 added < {ADDED_P99_MS:g} ms"
-                      f" ({ratio} of {args.workers[0]} worker)")  # fmt: skip
+    first = best.get(args.workers[0], {"rps": 0.0, "per_core": 0.0})
+    for n, row in best.items():
+        ratio = f"{row['rps'] / first['rps']:.2f}x" if first["rps"] else "-"
+        per_core = f"{row['per_core'] / first['per_core']:.2f}x" if first["per_core"] else "-"
+        console.print(f"workers={n}: {row['rps']:.0f} req/s with p99 added < {ADDED_P99_MS:g} ms"
+                      f" ({ratio} of {args.workers[0]} worker), on {row['cores']:.2f} gateway"
+                      f" cores: {row['per_core']:.0f} req/s per core ({per_core})")  # fmt: skip
 
 
 if __name__ == "__main__":
