@@ -107,12 +107,15 @@ class ModelEndpoint:
                 pin = value.decode("latin-1")
             elif name == _CONTROL:
                 control = value.decode("latin-1")
+        left = disconnected(receive)  # one reader for the engine call and the stream
         call = Call(
-            caller_of(scope), request_id_of(scope), disconnected(receive), pin, control,
-            body_bytes=size,
+            caller_of(scope), request_id_of(scope), left, pin, control, body_bytes=size
         )  # fmt: skip
-        answer = await self.proxy().handle(self.route, request, call)
-        await respond(answer, self.edge.send_timeout_s)(scope, receive, send)
+        try:
+            answer = await self.proxy().handle(self.route, request, call)
+            await respond(answer, self.edge.send_timeout_s, left)(scope, receive, send)
+        finally:
+            left.close()
 
     async def _request(self, scope: Scope, receive: Receive) -> tuple[ModelRequest, int] | None:
         """The validated body and its size in bytes; None when the client left before

@@ -19,7 +19,8 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from serving.core.answer import Answer, JsonAnswer
-from serving.core.disconnect import DisconnectGuard
+from serving.core.call import Disconnected
+from serving.core.disconnect import DisconnectGuard, DisconnectSignal
 from serving.errors import InvalidRequest, MethodNotAllowed, RouteNotFound, render
 
 log = logging.getLogger("weir.gateway")
@@ -38,15 +39,17 @@ async def until_disconnect(receive: Receive) -> None:
         pass
 
 
-def disconnected(receive: Receive) -> Callable[[], Any]:
-    return partial(until_disconnect, receive)
+def disconnected(receive: Receive) -> DisconnectSignal:
+    """The request's one disconnect signal; the endpoint that made it closes it."""
+    return DisconnectSignal(partial(until_disconnect, receive))
 
 
 class SSEResponse(StreamingResponse):
     """Starlette's StreamingResponse, but it always watches for the client leaving.
 
     ``on_close`` is awaited last, however the response ended (even if the stream never
-    started).
+    started). ``disconnected`` is the request's signal, shared with the guard of the
+    engine call before it; without one the response makes (and closes) its own.
     """
 
     def __init__(
@@ -55,17 +58,23 @@ class SSEResponse(StreamingResponse):
         headers: Mapping[str, str] | None = None,
         on_close: Callable[[], Awaitable[None]] | None = None,
         send_timeout_s: float | None = None,
+        disconnected: Disconnected | None = None,
     ) -> None:
         super().__init__(events, headers=headers, media_type="text/event-stream")
         self.events = events
         self.on_close = on_close
         self.send_timeout_s = send_timeout_s
+        self.disconnected = disconnected
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         guard: DisconnectGuard | None = None  # the stream is pumped in this task
+        own: DisconnectSignal | None = None
+        left = self.disconnected
+        if left is None:
+            left = own = disconnected(receive)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            guard = DisconnectGuard(disconnected(receive))
+            guard = DisconnectGuard(left)
             await self._pump(send)
         except asyncio.CancelledError:
             if guard is None or not guard.client_left():
@@ -81,6 +90,8 @@ class SSEResponse(StreamingResponse):
         finally:
             if guard is not None:
                 guard.disarm()
+            if own is not None:
+                own.close()
             await self.events.aclose()  # closes the engine stream if the pump did not finish
             if self.on_close is not None:
                 await self.on_close()
@@ -148,12 +159,14 @@ class SendWatch:
             self._timer = None
 
 
-def respond(answer: Answer, send_timeout_s: float | None = None) -> Response:
+def respond(
+    answer: Answer, send_timeout_s: float | None = None, disconnected: Disconnected | None = None
+) -> Response:
     if isinstance(answer, JsonAnswer):
         return JSONBytes(answer.body, status_code=answer.status, headers=answer.headers)
     return SSEResponse(
         answer.events, headers=answer.headers, on_close=answer.on_close,
-        send_timeout_s=send_timeout_s,
+        send_timeout_s=send_timeout_s, disconnected=disconnected,
     )  # fmt: skip
 
 

@@ -72,9 +72,13 @@ class CreateEndpoint:
                 pin = value.decode("latin-1")
             elif name == _CONTROL:
                 control = value.decode("latin-1")
-        call = Call(caller_of(scope), request_id_of(scope), disconnected(receive), pin, control)
-        answer = await self.service().create(request, call)
-        await respond(answer, self.edge.send_timeout_s)(scope, receive, send)
+        left = disconnected(receive)  # one reader for the engine call and the stream
+        call = Call(caller_of(scope), request_id_of(scope), left, pin, control)
+        try:
+            answer = await self.service().create(request, call)
+            await respond(answer, self.edge.send_timeout_s, left)(scope, receive, send)
+        finally:
+            left.close()
 
 
 class StoredEndpoint:

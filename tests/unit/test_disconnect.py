@@ -13,7 +13,8 @@ from starlette.types import Message
 
 from models.engines.fleet import Fleet, Replica
 from models.types import ReplicaKey
-from serving.core.disconnect import run_or_cancel
+from serving.core.disconnect import DisconnectSignal, run_or_cancel
+from serving.errors import ClientClosed
 from serving.http.app import create_app
 from serving.settings import Settings
 from tests.asgi import body_then_leave, post_scope
@@ -103,6 +104,80 @@ async def test_the_guard_leaves_no_garbage_cycles() -> None:
                 break
             await asyncio.sleep(0)
         assert not asyncio.all_tasks() - before
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+
+
+async def test_a_stream_cut_midway_closes_the_engine_stream() -> None:
+    engine = FakeEngine(words=["word "] * 20, hold_before_done=asyncio.Event())  # never set
+    sent = await call_and_leave(engine, CHAT | {"stream": True}, leave_after_s=0.3)
+    assert sent[0]["status"] == 200
+    bodies = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert b"word" in bodies
+    assert not bodies.endswith(b"data: [DONE]\n\n")  # cut, never finished
+    assert engine.closed_streams == 1
+
+
+async def test_guards_in_turn_share_one_reader_of_the_channel() -> None:
+    reads = 0
+    leave = asyncio.Event()
+
+    async def wait() -> None:
+        nonlocal reads
+        reads += 1
+        await leave.wait()
+
+    signal = DisconnectSignal(wait)
+
+    async def quick() -> int:
+        await asyncio.sleep(0)
+        return 1
+
+    assert await run_or_cancel(quick(), signal) == 1  # the engine call's guard
+    assert await run_or_cancel(quick(), signal) == 1  # the stream's guard
+    assert reads == 1
+    leave.set()  # the client leaves while no guard is armed
+    await asyncio.sleep(0.01)
+    with pytest.raises(ClientClosed):  # the next guard learns it at once
+        await asyncio.wait_for(run_or_cancel(asyncio.sleep(30), signal), 2)
+    assert reads == 1
+    signal.close()
+
+
+async def test_close_stops_the_reader_and_leaves_no_task() -> None:
+    before = asyncio.all_tasks()
+    signal = DisconnectSignal(asyncio.Event().wait)  # a client that never leaves
+
+    async def quick() -> int:
+        await asyncio.sleep(0)
+        return 1
+
+    assert await run_or_cancel(quick(), signal) == 1
+    assert len(asyncio.all_tasks() - before) == 1  # the reader
+    signal.close()
+    for _ in range(100):
+        if not asyncio.all_tasks() - before:
+            break
+        await asyncio.sleep(0)
+    assert not asyncio.all_tasks() - before
+
+
+async def test_the_shared_signal_leaves_no_garbage_cycles() -> None:
+    async def work() -> int:
+        await asyncio.sleep(0)
+        return 1
+
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(200):
+            signal = DisconnectSignal(asyncio.Event().wait)
+            assert await run_or_cancel(work(), signal) == 1
+            assert await run_or_cancel(work(), signal) == 1
+            signal.close()
+        for _ in range(3):
+            await asyncio.sleep(0)  # the cancelled readers finish
         assert gc.collect() == 0
     finally:
         gc.enable()
