@@ -56,8 +56,10 @@ def engine_pid(stack: Stack, port: int) -> int:
     raise AssertionError(f"no engine process on port {port}")
 
 
-def replicas(stack: Stack) -> dict[str, dict[str, Any]]:
-    view = httpx.get(f"{stack.base_url}/weir/engines", timeout=10).json()["data"]
+def replicas(stack: Stack, client: httpx.Client | None = None) -> dict[str, dict[str, Any]]:
+    """The smollm2 replicas as the gateway process answering sees them (``client``'s)."""
+    get = client.get if client is not None else httpx.get
+    view = get(f"{stack.base_url}/weir/engines", timeout=10).json()["data"]
     return {e["replica"]: e for e in view if e["model"] == "smollm2"}
 
 
@@ -155,12 +157,15 @@ def test_killed_replica_costs_no_requests_and_rejoins(stack: Stack) -> None:
         time.sleep(1)
     else:
         raise AssertionError(f"the killed replica never came back: {replicas(stack)}")
-    served = victim["requests"]
-    with httpx.Client(base_url=stack.base_url, timeout=120) as client:
+    # One connection, so one gateway process routes these requests and shows its counts
+    # (with --workers each worker routes and counts on its own: its /weir/engines says so)
+    one = httpx.Limits(max_connections=1)
+    with httpx.Client(base_url=stack.base_url, timeout=120, limits=one) as client:
+        served = replicas(stack, client)["smollm2@135m-instruct#0"]["requests"]
         for _ in range(30):  # least-outstanding: the idle newcomer gets its share
             client.post("/v1/chat/completions", json=PLAIN).raise_for_status()
-            if replicas(stack)["smollm2@135m-instruct#0"]["requests"] > served:
+            if replicas(stack, client)["smollm2@135m-instruct#0"]["requests"] > served:
                 break
-    after = replicas(stack)["smollm2@135m-instruct#0"]
+        after = replicas(stack, client)["smollm2@135m-instruct#0"]
     assert after["requests"] > served, after
     assert after["breaker"] == "closed"
