@@ -118,8 +118,10 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
 
     local = [f"{m.name}@{v.version}" for m in settings.models for v in m.versions if is_local(v)]
     supervisor = None
+    made: list[str] = []  # temporary directories made here, removed on the way out
     if local and settings.engines.board is None:  # the engines in one process of their own
-        board = Path(tempfile.mkdtemp(prefix="weir-fleet-")) / "fleet.json"
+        made.append(tempfile.mkdtemp(prefix="weir-fleet-"))
+        board = Path(made[-1]) / "fleet.json"
         os.environ["WEIR_ENGINES__BOARD"] = str(board)
         supervisor = _start_supervisor(args, board)
         print(f"weir: engines {', '.join(local)} in supervisor pid {supervisor.pid} ({board})")
@@ -129,6 +131,7 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
         os.makedirs(metrics_dir)
     else:
         metrics_dir = tempfile.mkdtemp(prefix="weir-metrics-")
+        made.append(metrics_dir)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     if args.config is not None:
         os.environ[CONFIG_ENV] = str(args.config.resolve())
@@ -155,6 +158,8 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         if supervisor is not None:
             _stop_supervisor(supervisor, settings.engines.stop_grace_s + 10)
+        for directory in made:
+            shutil.rmtree(directory, ignore_errors=True)
     if workers.interrupted:
         print("weir: stopped", file=sys.stderr)
         return 130

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 from pathlib import Path
 
@@ -54,6 +55,9 @@ def test_two_workers_count_every_request_once(tmp_path: Path) -> None:
         stop_all(procs)
     log = (tmp_path / "gateway.log").read_text()
     assert log.count("Started server process") == 2, log
+    made = re.search(r"\(metrics: (\S+)\)", log)
+    assert made is not None, log
+    assert not Path(made.group(1)).exists()  # the temporary directory it made is gone
     version = {"model": "smollm2", "model_version": "mock"}
     for text in scrapes:  # whichever worker answers, it reports both
         assert sample(text, "weir_requests_total", **version, status="200") == REQUESTS
