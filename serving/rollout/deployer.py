@@ -25,7 +25,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -43,6 +42,7 @@ from models.tokenizer import TokenCounter
 from models.types import VersionKey
 from serving.errors import DeployInProgress, DeployRefused, GatewayError, RouteNotFound
 from serving.rollout import gate
+from serving.rollout.operation import DeployFailed, DeployRequest, GateSpec, Operation
 from serving.rollout.shared import SharedState, overlay
 from serving.rollout.state import RolloutState
 from serving.rollout.tracker import VersionTracker
@@ -58,71 +58,6 @@ class AdapterAttacher(Protocol):
     """Loads a stored adapter into every engine of its base (``serving.adapters``)."""
 
     async def attach(self, base: VersionKey, name: str) -> dict[str, Any]: ...
-
-
-class DeployFailed(Exception):
-    """A step of a started rollout failed; what was started has been stopped."""
-
-
-@dataclass
-class GateSpec:
-    terms: list[gate.Term]
-    window_s: float
-    min_requests: int
-
-    def describe(self) -> str:
-        return ",".join(str(t) for t in self.terms) + f" over {self.window_s:g}s"
-
-
-@dataclass
-class Operation:
-    """One rollout's progress, as ``GET /weir/admin/models/{m}/deployment`` shows it."""
-
-    kind: str  # deploy | canary | rollback
-    model: str
-    version: str
-    phase: str = "starting"
-    started: float = field(default_factory=time.time)
-    steps: list[dict[str, Any]] = field(default_factory=list)
-    error: str | None = None
-    decision: dict[str, Any] | None = None
-    gate: str | None = None
-    _t0: float = field(default_factory=time.monotonic)
-
-    def step(self, phase: str, **facts: Any) -> None:
-        self.phase = phase
-        self.steps.append({"phase": phase, "at_s": round(time.monotonic() - self._t0, 2), **facts})
-        log.info("%s %s@%s: %s %s", self.kind, self.model, self.version, phase, facts or "")
-
-    @property
-    def finished(self) -> bool:
-        return self.phase in ("done", "failed", "promoted", "rolled_back", "canary")
-
-    def view(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "version": self.version,
-            "phase": self.phase,
-            "finished": self.finished,
-            "started": int(self.started),
-            "steps": self.steps,
-            "error": self.error,
-            "gate": self.gate,
-            "decision": self.decision,
-        }
-
-
-@dataclass
-class DeployRequest:
-    version: str
-    canary: float | None = None  # percent of the alias's traffic; None: a full switch
-    weights: str | None = None  # for a version not configured: store entry or directory
-    urls: list[str] = field(default_factory=list)  # or remote engines
-    engine_args: list[str] | None = None
-    replicas: int | None = None
-    promote_if: str | None = None
-    window_s: float = 300.0
-    min_requests: int | None = None
 
 
 class Deployer:

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from serving.http.routes import admin, admin_limits, deploy
 from serving.keys.records import KeyRecord
 from serving.protocol.admin import KeyCreated, KeyView, OperationView
-from serving.rollout.deployer import Operation
+from serving.rollout.operation import Operation
 
 
 def test_a_key_view_shows_every_public_field_of_a_record() -> None:

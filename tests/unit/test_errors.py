@@ -121,7 +121,7 @@ NEVER_RENDERED = {
     # DELETE /admin/keys/{id} turns it into RouteNotFound; `weir keys revoke` prints it
     "serving.keys.store.UnknownKey",
     # raised and caught inside the background deploy task, recorded on its Operation
-    "serving.rollout.deployer.DeployFailed",
+    "serving.rollout.operation.DeployFailed",
     # Deployer._gate turns it into DeployRefused
     "serving.rollout.gate.GateSyntaxError",
     # the weir command's own (it calls the admin API and prints the failure)

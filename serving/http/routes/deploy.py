@@ -11,7 +11,8 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.protocol.admin import DeploymentStatus
-from serving.rollout.deployer import Deployer, DeployRequest
+from serving.rollout.deployer import Deployer
+from serving.rollout.operation import DeployRequest
 
 router = APIRouter(prefix="/weir/admin/models")
 
