@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from bench.config_builder import model, weir_toml
 from bench.procs import stop_all, wait_for
@@ -96,11 +97,25 @@ def generated_tokens(rig: Rig) -> float:
     return total
 
 
+def cache_entries(rig: Rig) -> int:
+    with redis.Redis.from_url(rig.cache.url) as client:
+        return int(client.dbsize())
+
+
+def wait_stored(rig: Rig, entries_before: int) -> None:
+    """An answer is stored in the background, after it is sent: wait until it is."""
+    deadline = time.monotonic() + 10
+    while cache_entries(rig) <= entries_before and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def test_a_hit_never_reaches_the_engine(rig: Rig) -> None:
     body = chat("Name a colour.")
     with httpx.Client(base_url=rig.base, headers=rig.keys[0], timeout=60) as client:
+        entries = cache_entries(rig)
         miss = client.post("/v1/chat/completions", json=body)
         assert miss.headers["x-weir-cache"] == "miss"
+        wait_stored(rig, entries)
         before = generated_tokens(rig)
         hit = client.post("/v1/chat/completions", json=body)
         assert hit.headers["x-weir-cache"] == "hit"
