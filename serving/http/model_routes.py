@@ -113,7 +113,7 @@ class ModelEndpoint:
         )  # fmt: skip
         try:
             answer = await self.proxy().handle(self.route, request, call)
-            await respond(answer, self.edge.send_timeout_s, left)(scope, receive, send)
+            await respond(answer, left, self.edge.send_timeout_s)(scope, receive, send)
         finally:
             left.close()
 

@@ -49,16 +49,16 @@ class SSEResponse(StreamingResponse):
 
     ``on_close`` is awaited last, however the response ended (even if the stream never
     started). ``disconnected`` is the request's signal, shared with the guard of the
-    engine call before it; without one the response makes (and closes) its own.
+    engine call before it; the endpoint that made it closes it.
     """
 
     def __init__(
         self,
         events: AsyncGenerator[bytes, None],
+        disconnected: Disconnected,
         headers: Mapping[str, str] | None = None,
         on_close: Callable[[], Awaitable[None]] | None = None,
         send_timeout_s: float | None = None,
-        disconnected: Disconnected | None = None,
     ) -> None:
         super().__init__(events, headers=headers, media_type="text/event-stream")
         self.events = events
@@ -68,13 +68,9 @@ class SSEResponse(StreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         guard: DisconnectGuard | None = None  # the stream is pumped in this task
-        own: DisconnectSignal | None = None
-        left = self.disconnected
-        if left is None:
-            left = own = disconnected(receive)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            guard = DisconnectGuard(left)
+            guard = DisconnectGuard(self.disconnected)
             await self._pump(send)
         except asyncio.CancelledError:
             if guard is None or not guard.client_left():
@@ -90,8 +86,6 @@ class SSEResponse(StreamingResponse):
         finally:
             if guard is not None:
                 guard.disarm()
-            if own is not None:
-                own.close()
             await self.events.aclose()  # closes the engine stream if the pump did not finish
             if self.on_close is not None:
                 await self.on_close()
@@ -159,14 +153,12 @@ class SendWatch:
             self._timer = None
 
 
-def respond(
-    answer: Answer, send_timeout_s: float | None = None, disconnected: Disconnected | None = None
-) -> Response:
+def respond(answer: Answer, disconnected: Disconnected, send_timeout_s: float | None) -> Response:
     if isinstance(answer, JsonAnswer):
         return JSONBytes(answer.body, status_code=answer.status, headers=answer.headers)
     return SSEResponse(
-        answer.events, headers=answer.headers, on_close=answer.on_close,
-        send_timeout_s=send_timeout_s, disconnected=disconnected,
+        answer.events, disconnected, headers=answer.headers, on_close=answer.on_close,
+        send_timeout_s=send_timeout_s,
     )  # fmt: skip
 
 

@@ -76,7 +76,7 @@ class CreateEndpoint:
         call = Call(caller_of(scope), request_id_of(scope), left, pin, control)
         try:
             answer = await self.service().create(request, call)
-            await respond(answer, self.edge.send_timeout_s, left)(scope, receive, send)
+            await respond(answer, left, self.edge.send_timeout_s)(scope, receive, send)
         finally:
             left.close()
 

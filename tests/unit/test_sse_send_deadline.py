@@ -10,7 +10,7 @@ from collections.abc import AsyncGenerator
 import pytest
 from starlette.types import Message
 
-from serving.http.rendering import SSEResponse
+from serving.http.rendering import SSEResponse, disconnected
 
 pytestmark = pytest.mark.anyio
 LIMIT = 0.2
@@ -39,8 +39,12 @@ async def run(events: AsyncGenerator[bytes, None], send_delay_s: float = 0.0) ->
     async def on_close() -> None:
         closed.set()
 
-    response = SSEResponse(events, on_close=on_close, send_timeout_s=LIMIT)
-    await response({"type": "http"}, never_leaves, send)
+    left = disconnected(never_leaves)
+    response = SSEResponse(events, left, on_close=on_close, send_timeout_s=LIMIT)
+    try:
+        await response({"type": "http"}, never_leaves, send)
+    finally:
+        left.close()
     assert closed.is_set()
     return sent
 
