@@ -7,16 +7,20 @@ For each N: N gateway workers on one port in front of one mock engine
 runs it) at each connection count, the mock alone at the same counts first. Per N: the
 requests/s and p99 at each count, and the highest rate whose p99 is within 10 ms of the
 mock's own p99 at that count (the gateway's "p99 added under 10 ms"); then that rate over
-one worker's. The load generator and the mock share the machine's cores with the workers:
-on a 2-core host two workers cannot have two whole cores, so the ratio is a floor. So each
-run also reads the CPU time of the gateway's processes (all workers and their parent):
-the cores they used, and requests/s per core used, which is what scaling by workers
-keeps or loses whatever the host leaves them.
+one worker's. ``--engine nginx`` answers as the engine from nginx instead (the mock's
+answer, fixed, a few µs of CPU each), leaving more of the machine to the workers; the
+gateway cannot tell the two apart. The load generator and the engine share the machine's
+cores with the workers: on a 2-core host two workers cannot have two whole cores, so the
+ratio is a floor. So each run also reads the CPU time of the gateway's processes (all
+workers and their parent): the cores they used, and requests/s per core used, which is
+what scaling by workers keeps or loses whatever the host leaves them.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,11 +31,47 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.config_builder import model, weir_toml
+from bench.mock_engine import completion
 from bench.overhead import WRK_SCRIPT, wrk
 from bench.procs import free_port, start, stop_all, wait_for, weir_command
 
 BODY = '{"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}'
 ADDED_P99_MS = 10.0
+NGINX_ENGINE = """
+worker_processes 1;
+daemon off;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {work}/nginx-body;
+    server {{
+        listen 127.0.0.1:{port} reuseport backlog=4096;
+        keepalive_requests 1000000;
+        default_type application/json;
+        location = /health {{ return 200 ''; }}
+        location = /v1/models {{ return 200 '{models}'; }}
+        location = /v1/chat/completions {{ return 200 '{answer}'; }}
+    }}
+}}
+"""
+
+
+def start_engine(kind: str, port: int, work: Path) -> subprocess.Popen[bytes]:
+    """The engine the workers share: the mock (Python), or nginx returning its answer."""
+    if kind == "mock":
+        return start([sys.executable, "-m", "bench.mock_engine", "--port", str(port)],
+                     work / "mock.log")  # fmt: skip
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    models = {"object": "list", "data": [{"id": "mock", "object": "model", "max_model_len": 8192}]}
+    config = work / "nginx.conf"
+    answer = json.dumps(completion("mock", 9, 2))
+    config.write_text(NGINX_ENGINE.format(
+        work=work, port=port, models=json.dumps(models), answer=answer,
+    ))  # fmt: skip
+    return start([nginx, "-c", str(config), "-e", str(work / "nginx-error.log")],
+                 work / "nginx.log")  # fmt: skip
 
 
 def gateway_rows(
@@ -86,13 +126,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--seconds", type=int, default=6)
     parser.add_argument("--connections", type=int, nargs="+", default=[4, 16, 32, 64])
+    parser.add_argument("--engine", choices=["mock", "nginx"], default="mock",
+                        help="what answers as the engine: bench.mock_engine or nginx")  # fmt: skip
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="weir-mock-"))
     script = work / "post.lua"
     script.write_text(WRK_SCRIPT.format(body=BODY, key="unused"))
     mock_port = free_port()
-    mock = start([sys.executable, "-m", "bench.mock_engine", "--port", str(mock_port)],
-                 work / "mock.log")  # fmt: skip
+    mock = start_engine(args.engine, mock_port, work)
     console = Console(width=110)
     best: dict[int, dict[str, float]] = {}
     try:
