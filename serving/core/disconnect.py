@@ -6,8 +6,9 @@ call against it; the edge's SSE response uses the same ``DisconnectGuard`` for a
 
 The edge's ``disconnected`` is a ``DisconnectSignal``: one reader of the channel per
 request, started by the first guard that needs it and shared by every guard after it (a
-stream's open and its relay), which each only add and remove a callback. Any other
-awaitable works too, with a watcher task per guard.
+stream's open and its relay), which each only add and remove a callback. ``never`` (the
+internal callers': RAG's embeddings, the Batch API) starts nothing. Any other awaitable
+works too, with a watcher task per guard.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from serving.core.call import Disconnected
+from serving.core.call import Disconnected, never
 from serving.errors import ClientClosed
 
 T = TypeVar("T")
@@ -74,7 +75,7 @@ class DisconnectGuard:
         if isinstance(disconnected, DisconnectSignal):
             self._signal = disconnected.left()
             self._signal.add_done_callback(self._on_left)
-        else:
+        elif disconnected is not never:  # an internal caller (RAG, the Batch API): nothing to watch
             self._watcher = asyncio.ensure_future(self._watch(disconnected))
 
     async def _watch(self, disconnected: Disconnected) -> None:

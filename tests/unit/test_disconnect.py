@@ -13,6 +13,7 @@ from starlette.types import Message
 
 from models.engines.fleet import Fleet, Replica
 from models.types import ReplicaKey
+from serving.core.call import never
 from serving.core.disconnect import DisconnectSignal, run_or_cancel
 from serving.errors import ClientClosed
 from serving.http.app import create_app
@@ -181,3 +182,17 @@ async def test_the_shared_signal_leaves_no_garbage_cycles() -> None:
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+async def test_an_internal_caller_that_never_leaves_starts_no_watcher() -> None:
+    before = asyncio.all_tasks()
+    during: list[int] = []
+
+    async def work() -> int:
+        during.append(len(asyncio.all_tasks() - before))
+        await asyncio.sleep(0)
+        return 1
+
+    assert await run_or_cancel(work(), never) == 1
+    assert during == [0]  # RAG's embeddings and the Batch API's lines: no task per call
+    assert not asyncio.all_tasks() - before
