@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import random
 import socket
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,11 +32,51 @@ from models.types import ReplicaKey, VersionKey
 log = logging.getLogger("weir.launcher")
 
 
+ENGINE_PORTS = (20000, 32767)  # below Linux's default ephemeral range (32768-60999)
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+PORT_TRIES = 64
+_handed_out: set[int] = set()  # ports given to this process's engines (not bound until they load)
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A loopback port for a local engine, free now and outside the kernel's ephemeral
+    range when the host's range leaves room for ``ENGINE_PORTS``.
+
+    A port found free by binding to 0 comes from the ephemeral range, where every
+    outgoing connection's source port comes from too: one made while the engine loads
+    (the gateway's to Redis, a health check) can take it before the engine binds it, and
+    the engine then fails on every restart. Ports outside the range are taken only by a
+    server binding them on purpose; the bind here checks none does now, and none is
+    handed out twice by this process."""
+    low, high = ENGINE_PORTS
+    first_ephemeral = _ephemeral_low()
+    if first_ephemeral is not None:
+        high = min(high, first_ephemeral - 1)
+    for _ in range(PORT_TRIES if high >= low else 0):
+        port = random.randint(low, high)
+        if port not in _handed_out and _bindable(port):
+            _handed_out.add(port)
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # no room: any free one
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        found: int = sock.getsockname()[1]
+        return found
+
+
+def _ephemeral_low() -> int | None:
+    try:
+        return int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def check_weights(models: list[ModelConfig], store: StoreConfig) -> dict[VersionKey, Path]:
