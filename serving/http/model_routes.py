@@ -23,6 +23,7 @@ from starlette.types import Receive, Scope, Send
 
 from serving.cache.entries import CONTROL_HEADER
 from serving.core.call import Call
+from serving.core.disconnect import DisconnectSignal
 from serving.core.passthrough import DETOKENIZE, RERANK, SCORE, TOKENIZE
 from serving.core.proxy import CHAT, COMPLETIONS, EMBEDDINGS, PIN_HEADER, Proxy, Route
 from serving.errors import GatewayError, InvalidRequest, MethodNotAllowed
@@ -45,6 +46,23 @@ from serving.protocol.requests import (
 
 _PIN = PIN_HEADER.encode()
 _CONTROL = CONTROL_HEADER.encode()
+
+
+def edge_call(
+    scope: Scope, receive: Receive, body_bytes: int | None = None
+) -> tuple[Call, DisconnectSignal]:
+    """The use case's ``Call`` for a request at the edge: the caller, its pinned version
+    and cache control headers, and the client's disconnect signal (one reader for the
+    engine call and the stream), which the endpoint closes when the request is over."""
+    pin = control = None
+    for name, value in scope["headers"]:
+        if name == _PIN:
+            pin = value.decode("latin-1")
+        elif name == _CONTROL:
+            control = value.decode("latin-1")
+    left = disconnected(receive)
+    call = Call(caller_of(scope), request_id_of(scope), left, pin, control, body_bytes=body_bytes)
+    return call, left
 
 
 @dataclass(frozen=True)
@@ -101,16 +119,7 @@ class ModelEndpoint:
         if read is None:
             return  # the client left while sending (or was refused a too-large body)
         request, size = read
-        pin = control = None
-        for name, value in scope["headers"]:
-            if name == _PIN:
-                pin = value.decode("latin-1")
-            elif name == _CONTROL:
-                control = value.decode("latin-1")
-        left = disconnected(receive)  # one reader for the engine call and the stream
-        call = Call(
-            caller_of(scope), request_id_of(scope), left, pin, control, body_bytes=size
-        )  # fmt: skip
+        call, left = edge_call(scope, receive, size)
         try:
             answer = await self.proxy().handle(self.route, request, call)
             await respond(answer, left, self.edge.send_timeout_s)(scope, receive, send)

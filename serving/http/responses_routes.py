@@ -20,21 +20,16 @@ from starlette.datastructures import QueryParams
 from starlette.routing import Route as StarletteRoute
 from starlette.types import Receive, Scope, Send
 
-from serving.cache.entries import CONTROL_HEADER
-from serving.core.call import Call
-from serving.core.proxy import PIN_HEADER
 from serving.errors import InvalidRequest, MethodNotAllowed
-from serving.http.front import caller_of, request_id_of
-from serving.http.model_routes import Edge, parse, read_body
-from serving.http.rendering import JSONBytes, disconnected, respond
+from serving.http.front import caller_of
+from serving.http.model_routes import Edge, edge_call, parse, read_body
+from serving.http.rendering import JSONBytes, respond
 from serving.http.routes.openapi_errors import GENERATION_ERRORS, errors
 from serving.http.validation import invalid_request_from_errors
 from serving.protocol.responses import InputItemsQuery, ResponseRequest
 from serving.responses.service import Responses
 
 PATH = "/v1/responses"
-_PIN = PIN_HEADER.encode()
-_CONTROL = CONTROL_HEADER.encode()
 ONE = PATH + "/{response_id}"
 INPUT_ITEMS = ONE + "/input_items"
 Service = Callable[[], Responses]
@@ -66,14 +61,7 @@ class CreateEndpoint:
         if raw is None:
             return  # the client left while sending
         request = cast(ResponseRequest, parse(ResponseRequest, raw, _content_type(scope)))
-        pin = control = None  # as on the chat route: a pinned version, cache control
-        for name, value in scope["headers"]:
-            if name == _PIN:
-                pin = value.decode("latin-1")
-            elif name == _CONTROL:
-                control = value.decode("latin-1")
-        left = disconnected(receive)  # one reader for the engine call and the stream
-        call = Call(caller_of(scope), request_id_of(scope), left, pin, control)
+        call, left = edge_call(scope, receive)  # as on the chat route
         try:
             answer = await self.service().create(request, call)
             await respond(answer, left, self.edge.send_timeout_s)(scope, receive, send)
