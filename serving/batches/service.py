@@ -13,8 +13,10 @@ on the file is not found (404, as a missing one) nor listed; the ``Sweeper`` rem
 bytes.
 
 An upload is a request: it counts against the key's request limits (``rpm``,
-``max_concurrency``) as any other does, and is refused (429) past them before anything is
-read into the store. The tenant's storage quota (``batches.max_tenant_bytes``,
+``max_concurrency``) as any other does, and is refused (429) past them before its body is
+read: ``upload`` admits the caller first and only then calls the route's ``read``, which
+parses the multipart body (in memory), holding the admission until the file is stored.
+The tenant's storage quota (``batches.max_tenant_bytes``,
 ``max_tenant_files``; ``store.Quota``) is checked before the file is checked (a cheap
 refusal) and again in the store's transaction that writes it, so that gateways sharing
 the store count the same: past it, a 400 ``storage_quota_exceeded`` and nothing stored. A
@@ -26,7 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -59,6 +62,20 @@ class ExpiresAfter(BaseModel):
 
     anchor: Literal["created_at"]
     seconds: int = Field(ge=MIN_EXPIRY_S, le=MAX_EXPIRY_S)
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """An upload's form as the route read it: the file's name and bytes, its purpose and
+    its ``expires_after`` (validated where the form was read)."""
+
+    filename: str
+    purpose: str
+    content: bytes
+    expires_after: ExpiresAfter | None = None
+
+
+ReadUpload = Callable[[], Awaitable[Upload]]  # reads the request's body: only once admitted
 
 
 class BatchCreate(BaseModel):
@@ -109,32 +126,28 @@ class Batches:
 
     # -- files ----------------------------------------------------------------------
 
-    async def upload(
-        self,
-        caller: Caller,
-        filename: str,
-        purpose: str,
-        content: bytes,
-        expires_after: ExpiresAfter | None = None,
-    ) -> JSON:
-        if purpose != "batch":
-            raise InvalidRequest(
-                "Only files for the Batch API can be uploaded (purpose 'batch').", param="purpose"
-            )
-        if len(content) > self.config.max_file_bytes:
-            raise PayloadTooLarge(
-                f"The file is {len(content)} bytes; at most {self.config.max_file_bytes} "
-                "(batches.max_file_bytes)."
-            )
+    async def upload(self, caller: Caller, read: ReadUpload) -> JSON:
+        """The caller admitted first (429 past the key's limits: nothing of the body read),
+        then ``read`` reads the form; the admission is held until the file is stored."""
         ticket = await self._admit(caller)
         try:
-            return await self._upload(caller, filename, content, expires_after)
+            form = await read()
+            if form.purpose != "batch":
+                raise InvalidRequest(
+                    "Only files for the Batch API can be uploaded (purpose 'batch').",
+                    param="purpose",
+                )
+            if len(form.content) > self.config.max_file_bytes:
+                raise PayloadTooLarge(
+                    f"The file is {len(form.content)} bytes; at most "
+                    f"{self.config.max_file_bytes} (batches.max_file_bytes)."
+                )
+            return await self._upload(caller, form)
         finally:
             ticket.finish(0)  # a request holds no tokens: this frees its concurrency slot
 
-    async def _upload(
-        self, caller: Caller, filename: str, content: bytes, expires_after: ExpiresAfter | None
-    ) -> JSON:
+    async def _upload(self, caller: Caller, form: Upload) -> JSON:
+        content, expires_after = form.content, form.expires_after
         usage = await self.store.usage(caller.tenant, self.clock())
         self.quota.check(usage, len(content), 1, "this file")  # before the work of checking
         problem = await asyncio.to_thread(
@@ -146,7 +159,7 @@ class Batches:
         lifetime = expires_after.seconds if expires_after else self.config.upload_expires_s
         record = {
             "id": lines.new_id("file-"), "object": "file", "bytes": len(content),
-            "created_at": now, "filename": filename[:MAX_FILENAME] or "batch.jsonl",
+            "created_at": now, "filename": form.filename[:MAX_FILENAME] or "batch.jsonl",
             "purpose": "batch", "status": "processed",
         }  # fmt: skip
         if lifetime:

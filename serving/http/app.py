@@ -398,7 +398,8 @@ def create_app(
     )
     front = Front(
         router, keys=keys_gate, max_body_bytes=gateway.max_body_bytes, tracer=tracer,
-        refused=refused, body_limits={batch_routes.FILES: settings.batches.max_file_bytes + 2**16},
+        refused=refused,
+        body_limits={batch_routes.FILES: settings.batches.max_file_bytes + batch_routes.FORM_BYTES},
     )  # fmt: skip
     return Gateway(front, router, api)
 
