@@ -22,8 +22,6 @@ from openai.types.file_create_params import ExpiresAfter
 from starlette.testclient import TestClient
 
 from serving.batches.service import Batches
-from serving.batches.store import BatchStore, Line
-from serving.batches.sweeper import CHUNK, Sweeper
 from tests.fakes.engine import FakeEngine
 from tests.openai_spec import validate
 from tests.unit.test_batches import ALICE, CHAT, chat_line, jsonl, make_client, sdk, wait_for
@@ -203,37 +201,6 @@ def test_the_sweep_removes_expired_files_but_not_a_running_batchs_input(tmp_path
         while source.id in stored_ids(path):  # the batch has ended: swept
             assert time.monotonic() < deadline, "the input file was never swept"
             time.sleep(0.02)
-
-
-@pytest.mark.anyio
-async def test_store_sweep_in_chunks_and_spares_unfinished_batches_inputs(tmp_path: Path) -> None:
-    store = BatchStore(tmp_path / "b.sqlite3")
-
-    def record(file_id: str, expires_at: int | None) -> JSON:
-        found: JSON = {"id": file_id, "object": "file", "created_at": 1, "purpose": "batch"}
-        return found if expires_at is None else found | {"expires_at": expires_at}
-
-    for n in range(CHUNK * 2 + 3):
-        await store.put_file("t", record(f"old-{n}", 100), b"x" * 1000)
-    await store.put_file("t", record("source", 100), b"{}")
-    await store.put_file("t", record("kept", None), b"{}")
-    await store.put_file("t", record("later", 200), b"{}")
-    batch = {"id": "batch_1", "input_file_id": "source", "status": "in_progress",
-             "created_at": 1}  # fmt: skip
-    await store.create_batch("t", batch, {}, [Line(0, "a", b"{}")])
-    assert await store.file("t", "old-0", 99.0) is not None
-    assert await store.file("t", "old-0", 100.0) is None  # expired at its expires_at
-    assert await store.sweep(99.0, CHUNK) == 0  # nothing has expired yet
-
-    sweeper = Sweeper(store, 60.0, clock=lambda: 150.0)
-    assert await sweeper.sweep() == CHUNK * 2 + 3  # all the old ones, chunk by chunk
-    with sqlite3.connect(tmp_path / "b.sqlite3") as db:
-        left = {row[0] for row in db.execute("SELECT id FROM files")}
-    assert left == {"source", "kept", "later"}
-    await store.finish(batch | {"status": "completed"}, [], "t")
-    assert await sweeper.sweep() == 1  # the batch has ended: its input goes
-    assert [f["id"] for f in await store.files("t", None, 10, True, 150.0)] == ["later", "kept"]
-    await store.aclose()
 
 
 def test_a_batch_past_its_completion_window_expires(tmp_path: Path) -> None:

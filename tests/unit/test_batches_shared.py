@@ -204,7 +204,7 @@ async def test_the_sweep_on_both_databases(shared: JSON, tmp_path: Path) -> None
         return found if expires_at is None else found | {"expires_at": expires_at}
 
     try:
-        for n in range(CHUNK + 3):
+        for n in range(CHUNK * 2 + 3):
             await store.put_file("t", record(f"old-{n}", 100), b"x" * 1000)
         await store.put_file("t", record("source", 100), b"{}")
         await store.put_file("t", record("kept", None), b"\x00\xff")
@@ -214,8 +214,9 @@ async def test_the_sweep_on_both_databases(shared: JSON, tmp_path: Path) -> None
         await store.create_batch("t", batch, {}, [Line(0, "a", b"{}")])
         assert await store.file("t", "old-0", 99.0) is not None
         assert await store.file("t", "old-0", 100.0) is None  # expired at its expires_at
+        assert await store.sweep(99.0, CHUNK) == 0  # nothing has expired yet
         sweeper = Sweeper(store, 60.0, clock=lambda: 150.0)
-        assert await sweeper.sweep() == CHUNK + 3  # the old ones, chunk by chunk
+        assert await sweeper.sweep() == CHUNK * 2 + 3  # the old ones, chunk by chunk
         assert await store.content("t", "source", 99.0) == b"{}"  # a running batch's: kept
         assert await store.content("t", "kept", 150.0) == b"\x00\xff"  # bytes as they were
         await store.finish(batch | {"status": "completed"}, [], "t")
