@@ -9,7 +9,7 @@ line must have exactly one output line (output file plus error file).
 
 Black-box: ``weir`` as a command, HTTP only. ``run`` is what the integration test calls.
 
-    python -m bench.batch_crash [--lines 2000] [--kills 3]
+    python -m bench.batch_crash [--lines 2000] [--kills 3] [--database-url postgresql://...]
 """
 
 from __future__ import annotations
@@ -38,12 +38,15 @@ CHAT = "/v1/chat/completions"
 Starter = Callable[[Path, int], tuple[subprocess.Popen[bytes], str]]  # (work, mock port)
 
 
-def config(port: int, mock: int, work: Path, lease_s: float) -> str:
+def config(port: int, mock: int, work: Path, lease_s: float, database_url: str = "") -> str:
+    """The gateway's configuration: the batch store in the work directory's SQLite file,
+    or in the PostgreSQL database at ``database_url``."""
+    store = {"database_url": database_url} if database_url else {
+        "sqlite_path": str(work / "batches.sqlite3")}  # fmt: skip
     return weir_toml(
         gateway={"port": port, "api_keys": [KEY]},
         engines={"log_dir": work},
-        batches={"sqlite_path": str(work / "batches.sqlite3"), "lease_s": lease_s,
-                 "poll_s": 0.2, "concurrency": 32},
+        batches={**store, "lease_s": lease_s, "poll_s": 0.2, "concurrency": 32},
         models=[model("smollm2", "mock", url=f"http://127.0.0.1:{mock}")],
     )  # fmt: skip
 
@@ -123,6 +126,7 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=16)
     parser.add_argument("--answer-ms", type=float, default=50.0)
     parser.add_argument("--lease-s", type=float, default=2.0)
+    parser.add_argument("--database-url", default="", help="the batch store in PostgreSQL")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="weir-crash-") as tmp:
         work = Path(tmp)
@@ -134,7 +138,7 @@ def main() -> None:
 
         def starter(work: Path, mock: int) -> tuple[subprocess.Popen[bytes], str]:
             port = free_port()
-            text = config(port, mock, work, args.lease_s)
+            text = config(port, mock, work, args.lease_s, args.database_url)
             return start_gateway(text, work, f"gateway-{port}"), f"http://127.0.0.1:{port}"
 
         try:
