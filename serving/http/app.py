@@ -279,6 +279,7 @@ def create_app(
         )  # fmt: skip
         api.state.deployer.adapters = lora  # deploys of versions that are adapters
         api.state.deployer.shared, api.state.deployer.supervised = shared, board is not None
+        api.state.deployer.bases = rollout_shared.bases(settings.models)
         following = rollout_shared.start_following(shared, api.state.deployer, settings)
         if settings.retrieval.enabled:
             embed_model = settings.retrieval.embedding_model

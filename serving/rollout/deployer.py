@@ -99,6 +99,7 @@ class Deployer:
         self._locks: dict[str, asyncio.Lock] = {}
         self.shared: SharedState | None = None  # fleet-wide state (serving.rollout.shared)
         self.supervised = False  # local engines come from `weir engines` (the board)
+        self.bases: dict[str, str] = {}  # each model's configuration (shared.base), in records
         self.shared_ops: dict[str, dict[str, Any]] = {}  # rollouts other gateways run
         self._outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._publisher: asyncio.Task[None] | None = None
@@ -627,6 +628,7 @@ class Deployer:
                 "previous": self.previous.get(model.name),
                 "versions": [v.model_dump(mode="json") for v in model.versions],
                 "operation": operation.view() if operation else self.shared_ops.get(model.name),
+                "base": self.bases.get(model.name),  # the configuration it was made from
             }
         return data
 

@@ -10,6 +10,13 @@ the time to health-check a version's new replicas, which each process does befor
 sends the version any traffic. A process that starts mid-rollout lays the document over
 its configuration before it builds its fleet, so it joins the rollout where it is.
 
+Each model's record names the configuration it was made from (``base``: a digest of the
+model's ``current``, ``split`` and versions as configured). A process whose configuration
+of the model differs (a ``helm upgrade`` that set a new ``current`` or added a version)
+serves its configuration and ignores the record, at start and when following, until a
+rollout made from its configuration writes a new one: the last change wins, whether it
+came from the admin API or from the configuration.
+
 One rollout per model across the fleet: the gateway that takes a deploy holds the
 model's lease (``SET NX PX``, ``lease_s``, renewed every third of it, released when the
 rollout ends); another gateway asked to deploy the same model answers 409.
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import secrets
@@ -129,13 +137,35 @@ class SharedState:
         await close(self.redis)
 
 
+def base(model: ModelConfig) -> str:
+    """A digest of what the configuration says of a model's rollout: its ``current``,
+    ``split`` and versions (each one's name and whether it is a standby)."""
+    said = {
+        "current": model.current,
+        "split": dict(sorted(model.split.items())),
+        "versions": sorted((v.version, v.standby) for v in model.versions),
+    }
+    return hashlib.sha256(json.dumps(said).encode()).hexdigest()[:16]
+
+
+def bases(models: list[ModelConfig]) -> dict[str, str]:
+    return {model.name: base(model) for model in models}
+
+
 def overlay(models: list[ModelConfig], doc: dict[str, Any] | None) -> list[ModelConfig]:
-    """``models`` with the shared document's rollouts laid over them (joining mid-way)."""
+    """``models`` with the shared document's rollouts laid over them (joining mid-way);
+    a model whose record was made from another configuration of it keeps its own."""
     records = (doc or {}).get("models") or {}
     out = []
     for model in models:
         record = records.get(model.name)
         if not isinstance(record, dict):
+            out.append(model)
+            continue
+        made_from = record.get("base")
+        if made_from is not None and made_from != base(model):
+            log.info("%s: configured differently from its shared rollout: serving the"
+                     " configuration", model.name)  # fmt: skip
             out.append(model)
             continue
         try:

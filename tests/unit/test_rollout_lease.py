@@ -4,7 +4,9 @@ Two gateways (in process, fake engines) share the rollout state in the session's
 redis-server (``deploy.redis_url``). While one deploys a model, the other's deploy or
 rollback of it is a 409 ``deploy_in_progress`` that says the rollout runs elsewhere;
 once the first has finished, and released the lease, the other deploys. A gateway that
-died holding the lease holds it only until ``deploy.lease_s`` has run out.
+died holding the lease holds it only until ``deploy.lease_s`` has run out. A gateway
+configured differently from the configuration a rollout was made from (a ``helm upgrade``
+since) serves its configuration.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from typing import Any
 import redis
 from starlette.testclient import TestClient
 
+from models.config import VersionConfig
 from serving.rollout.shared import PREFIX, SharedState
+from serving.settings import Settings
 from tests.fakes.engine import FakeEngine
-from tests.unit.test_rollout import ADMIN, client_for, settings, wait_done
+from tests.unit.test_rollout import ADMIN, client_for, settings, versions_served, wait_done
 
 DEPLOY = "/weir/admin/models/smollm2/deploy"
 ROLLBACK = "/weir/admin/models/smollm2/rollback"
@@ -101,4 +105,35 @@ def test_the_lease_of_a_gateway_that_died_mid_rollout_runs_out(
         answer = b.post(DEPLOY, headers=ADMIN, json={"version": "v2"})
         assert answer.status_code == 202, answer.text
         assert wait_done(b)["current"] == "v2"
+    forget_rollouts(redis_url)
+
+
+def upgraded(config: Settings) -> Settings:
+    """The configuration after a ``helm upgrade`` that added v3 and made it current."""
+    chat = config.models[0]
+    versions = [v.model_copy(update={"standby": True}) for v in chat.versions]
+    versions.append(VersionConfig(version="v3", url="http://unused-3"))
+    models = [chat.model_copy(update={"versions": versions, "current": "v3"}), *config.models[1:]]
+    return config.model_copy(update={"models": models})
+
+
+def test_a_changed_configuration_wins_over_an_older_runtime_rollout(
+    tmp_path: Path, redis_url: str
+) -> None:
+    forget_rollouts(redis_url)
+    config = settings(tmp_path, redis_url=redis_url)
+    with client_for(config, {}) as a:
+        assert a.post(DEPLOY, headers=ADMIN, json={"version": "v2"}).status_code == 202
+        assert wait_done(a)["current"] == "v2"  # the shared state says v2 now
+        with client_for(config, {}) as same:
+            assert status(same)["current"] == "v2"  # same configuration: joins the rollout
+        with client_for(upgraded(config), {}) as c:
+            assert status(c)["current"] == "v3"  # its configuration changed since: it wins
+            assert versions_served(c, 3) == {"v3": 3}
+            # a rollout made from the old configuration does not move it either
+            assert a.post(ROLLBACK, headers=ADMIN).status_code == 202
+            assert wait_done(a)["current"] == "v1"
+            time.sleep(0.5)  # five follow intervals
+            assert status(c)["current"] == "v3"
+            assert versions_served(c, 3) == {"v3": 3}
     forget_rollouts(redis_url)
