@@ -7,7 +7,9 @@ upload reads its body itself instead, once the request has been admitted, with t
 The body is counted as it is read (413 past ``max_bytes``, as ``Front``'s limit), so a
 file part, never larger than the body, is never spooled to disk (``spool_max_size``
 above it). A body that is not multipart, a malformed one, or one with more files or
-fields than asked for is a 400 naming ``param``.
+fields than asked for is a 400 naming ``param``. A client that leaves before the body
+is read (or that ``Front`` cut off past its limit, answering 413) is ``ClientClosed`` (a
+client gone, logged at INFO): not an unhandled error, a 500 and its traceback.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 from starlette.datastructures import FormData
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from serving.errors import InvalidRequest, PayloadTooLarge
+from serving.errors import ClientClosed, InvalidRequest, PayloadTooLarge
 
 MAX_FIELD_BYTES = 1024  # a form field that is not a file (a name, a number)
 
@@ -42,6 +44,8 @@ async def read_form(
         return await parser.parse()
     except MultiPartException as exc:
         raise InvalidRequest(f"The multipart body is invalid: {exc.message}", param=param) from None
+    except ClientDisconnect:
+        raise ClientClosed("The client closed the connection while sending the body.") from None
 
 
 async def _bounded(stream: AsyncIterator[bytes], max_bytes: int) -> AsyncGenerator[bytes, None]:

@@ -9,6 +9,7 @@ in-process limit store); the ASGI receive channel is watched to see what was rea
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -166,3 +167,65 @@ def test_the_openapi_document_describes_the_upload_form(engine_client: TestClien
         "file", "purpose", "expires_after[anchor]", "expires_after[seconds]",
     }  # fmt: skip
     assert "429" in operation["responses"]
+
+
+UPLOAD_HEAD = b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n{"a"'
+
+
+async def _leave_mid_body(app: Any, authorization: str) -> list[int]:
+    """POST /v1/files whose client sends part of the body and leaves: the statuses sent."""
+    messages: list[Message] = [
+        {"type": "http.request", "body": UPLOAD_HEAD, "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    statuses: list[int] = []
+
+    async def receive() -> Message:
+        return messages.pop(0) if len(messages) > 1 else messages[0]
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    headers = [(b"authorization", authorization.encode()), (b"content-length", b"4096"),
+               (b"content-type", MULTIPART_X.encode())]  # fmt: skip
+    scope = {"type": "http", "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": FILES, "raw_path": FILES.encode(), "query_string": b"", "root_path": "",
+             "headers": headers, "client": ("127.0.0.1", 1), "server": ("test", 80)}  # fmt: skip
+    await app(scope, receive, send)
+    return statuses
+
+
+def test_a_client_that_leaves_mid_upload_is_not_a_server_error_and_frees_its_slot(
+    watched: tuple[TestClient, Watched], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The parser's ``ClientDisconnect`` was an unhandled error (its traceback logged, a
+    500) where FastAPI's form reading had made it a 400: now the client closed (499)."""
+    client, app = watched
+    owner = key(client, max_concurrency=1)
+    assert client.portal is not None
+    with caplog.at_level(logging.INFO, logger="weir"):
+        statuses = client.portal.call(_leave_mid_body, app, owner["authorization"])
+    assert statuses in ([], [499]), statuses  # nobody reads it; never a 500
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    small = {"file": ("a.jsonl", jsonl([chat_line(1)]))}  # the one slot was given back
+    assert client.post(FILES, files=small, data={"purpose": "batch"}, headers=owner).is_success
+
+
+def test_a_chunked_upload_past_the_bound_is_a_413_and_no_error_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Front answers 413 as the count passes ``max_file_bytes + FORM_BYTES`` and the route
+    sees the client leave: that was logged as an unhandled error with its traceback."""
+
+    def body() -> Iterator[bytes]:  # no Content-Length: chunked, counted as read
+        yield UPLOAD_HEAD
+        for _ in range(100):
+            yield b"y" * 1000
+
+    limited = make_client(FakeEngine(), tmp_path, max_file_bytes=1024)
+    with limited as client, caplog.at_level(logging.INFO, logger="weir"):
+        answer = client.post(FILES, content=body(), headers={
+            "authorization": "Bearer sk-alice", "content-type": MULTIPART_X})  # fmt: skip
+    assert answer.status_code == 413, answer.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
