@@ -27,6 +27,7 @@ its output files are always written and count from then on.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -49,6 +50,9 @@ from serving.settings import BatchesConfig
 JSON = dict[str, Any]
 WINDOW_S = 24 * 3600
 MAX_FILENAME = 256
+# what a stored filename cannot hold: control characters (NUL: PostgreSQL's text and jsonb
+# take none) and lone surrogates (a multipart charset such as utf-7 decodes to them; not UTF-8)
+_UNSTORABLE = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
 MIN_EXPIRY_S = 3600  # OpenAI's bounds on expires_after.seconds: an hour...
 MAX_EXPIRY_S = 30 * 86_400  # ...to 30 days
 FILES_LIMIT_NAME = "files"  # what an upload's admission is made under (no model's limits)
@@ -159,7 +163,7 @@ class Batches:
         lifetime = expires_after.seconds if expires_after else self.config.upload_expires_s
         record = {
             "id": lines.new_id("file-"), "object": "file", "bytes": len(content),
-            "created_at": now, "filename": form.filename[:MAX_FILENAME] or "batch.jsonl",
+            "created_at": now, "filename": stored_filename(form.filename),
             "purpose": "batch", "status": "processed",
         }  # fmt: skip
         if lifetime:
@@ -266,6 +270,11 @@ class Batches:
             return await self.get(caller, batch_id)  # it ended meanwhile: as it is
         self.runner.cancel(batch_id)
         return batch
+
+
+def stored_filename(name: str) -> str:
+    """An upload's name as stored and answered: what the store cannot hold made ``?``."""
+    return _UNSTORABLE.sub("?", name[:MAX_FILENAME]) or "batch.jsonl"
 
 
 def _page(data: list[JSON], *, has_more: bool) -> JSON:

@@ -229,3 +229,28 @@ def test_a_chunked_upload_past_the_bound_is_a_413_and_no_error_logged(
             "authorization": "Bearer sk-alice", "content-type": MULTIPART_X})  # fmt: skip
     assert answer.status_code == 413, answer.text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize(
+    ("filename", "charset"),
+    [
+        (b"a\x00b\x01.jsonl", ""),  # NUL: PostgreSQL's text (and jsonb) take none: a 503
+        (b"a+2D0-.jsonl", "; charset=utf-7"),  # decodes to a lone surrogate: not UTF-8, a 500
+    ],
+)
+def test_a_filename_the_store_cannot_keep_is_stored_cleaned(
+    engine_client: TestClient, filename: bytes, charset: str
+) -> None:
+    body = (b'--x\r\nContent-Disposition: form-data; name="file"; filename="' + filename
+            + b'"\r\n\r\n' + jsonl([chat_line(1)]) + b'\r\n--x\r\nContent-Disposition: '
+            b'form-data; name="purpose"\r\n\r\nbatch\r\n--x--\r\n')  # fmt: skip
+    headers = {"authorization": "Bearer sk-alice", "content-type": MULTIPART_X + charset}
+    uploaded = engine_client.post(FILES, content=body, headers=headers)
+    assert uploaded.status_code == 200, uploaded.text
+    name = uploaded.json()["filename"]
+    assert (name[0], name[-6:]) == ("a", ".jsonl")
+    assert name.isprintable()  # no control character
+    assert name.encode("utf-8")  # no lone surrogate
+    listed = engine_client.get(FILES, headers=headers)
+    assert name in [f["filename"] for f in listed.json()["data"]]
+    assert engine_client.delete(f"{FILES}/{uploaded.json()['id']}", headers=headers).is_success
