@@ -36,6 +36,7 @@ from serving.protocol.requests import (
 JSON = dict[str, Any]
 MAX_ERRORS = 100
 MAX_CUSTOM_ID = 512
+NUL = "\x00"  # PostgreSQL's text takes none (lines.custom_id): a line with one is refused
 MAX_BLANK_LINES = 10_000  # empty lines a file may have besides its requests
 MAX_LINE_DEPTH = 254  # nesting orjson writes back (it reads 1024): deeper is refused
 
@@ -160,8 +161,12 @@ def _line(
     if not isinstance(item, dict):
         return error("invalid_request", "Each line must be a JSON object.", number), None
     custom_id = item.get("custom_id")
-    if not isinstance(custom_id, str) or not 0 < len(custom_id) <= MAX_CUSTOM_ID:
-        message = f"custom_id must be a string of 1 to {MAX_CUSTOM_ID} characters."
+    if (
+        not isinstance(custom_id, str)
+        or not 0 < len(custom_id) <= MAX_CUSTOM_ID
+        or NUL in custom_id
+    ):
+        message = f"custom_id must be a string of 1 to {MAX_CUSTOM_ID} characters, without NUL."
         return error("invalid_request", message, number, "custom_id"), None
     if custom_id in seen:
         return error("duplicate_custom_id", f"custom_id '{custom_id}' is used twice.", number,

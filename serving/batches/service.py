@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serving.batches import lines
 from serving.batches.runner import KeyLookup, Runner, caller_record
@@ -53,6 +53,7 @@ MAX_FILENAME = 256
 # what a stored filename cannot hold: control characters (NUL: PostgreSQL's text and jsonb
 # take none) and lone surrogates (a multipart charset such as utf-7 decodes to them; not UTF-8)
 _UNSTORABLE = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+_UNSTORABLE_TEXT = re.compile("[\x00\ud800-\udfff]")  # in any text the store keeps
 MIN_EXPIRY_S = 3600  # OpenAI's bounds on expires_after.seconds: an hour...
 MAX_EXPIRY_S = 30 * 86_400  # ...to 30 days
 FILES_LIMIT_NAME = "files"  # what an upload's admission is made under (no model's limits)
@@ -92,6 +93,16 @@ class BatchCreate(BaseModel):
     completion_window: Literal["24h"]
     metadata: dict[str, str] | None = Field(None, max_length=16)
     output_expires_after: ExpiresAfter | None = None  # the output and error files'
+
+    @field_validator("metadata")
+    @classmethod
+    def _storable(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
+        """No NUL (PostgreSQL cannot read the record back as jsonb: the expiry sweep,
+        which reads every running batch's, would fail) nor lone surrogate (not UTF-8)."""
+        for text in (metadata or {}).items():
+            if any(_UNSTORABLE_TEXT.search(part) for part in text):
+                raise ValueError("keys and values cannot hold NUL or a lone surrogate")
+        return metadata
 
 
 class Batches:
