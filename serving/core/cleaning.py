@@ -42,6 +42,11 @@ def clean_generation(body: JSON, requested_model: str, served: ServedVersion) ->
     cleaned: JSON = drop_nulls(body)
     cleaned["model"] = requested_model
     cleaned["system_fingerprint"] = fingerprint(served)
+    if str(cleaned.get("object", "")).startswith("chat.completion"):
+        for choice in cleaned.get("choices") or ():
+            logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
+            if isinstance(logprobs, dict):
+                logprobs.setdefault("refusal", None)  # required (nullable); vLLM leaves it out
     return cleaned
 
 

@@ -21,6 +21,14 @@ from tests.fakes.embedder import vector
 JSON = dict[str, Any]
 
 
+def logprobs_of(words: list[str]) -> JSON:
+    """vLLM's chat ``logprobs`` for these tokens: ``content`` only, no ``refusal``."""
+    entries = [
+        {"token": w, "logprob": -0.5, "bytes": list(w.encode()), "top_logprobs": []} for w in words
+    ]
+    return {"content": entries}
+
+
 def embedding_of(text: Any) -> list[float]:
     """The fake's vector for a text: 16 float32-exact numbers, the same every time."""
     return vector(str(text), 16)
@@ -91,7 +99,7 @@ class FakeEngine:
                     "function_call": None,
                     "reasoning": None,
                 },
-                "logprobs": None,
+                "logprobs": logprobs_of(self.words) if body.get("logprobs") else None,
                 "finish_reason": "stop",
                 "stop_reason": None,
                 "token_ids": None,
@@ -167,10 +175,11 @@ class _FakeStream:
             if self.engine.die_after is not None and n >= self.engine.die_after:
                 raise EngineFailed("connection to engine fake broke: ServerDisconnectedError")
             last = n == len(self.engine.words) - 1
+            scored = self.chat and self.body.get("logprobs")
             choice: JSON = {
                 "index": 0,
                 **({"delta": {"content": word}} if self.chat else {"text": word}),
-                "logprobs": None,
+                "logprobs": logprobs_of([word]) if scored else None,
                 "finish_reason": "stop" if last else None,
                 "token_ids": None,
             }

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from models.config import StoreConfig
 from models.store import ModelStore
@@ -136,10 +137,13 @@ def test_template_errors_are_client_errors(chat_counter: TokenCounter) -> None:
         prepare_chat(chat(), strict, ContractConfig())
     assert caught.value.param == "messages"
     # a null content is no template error: it renders as an empty message and counts as
-    # one (the template's default system prompt and the empty user turn: 30 tokens)
-    empty = chat(messages=[{"role": "user", "content": None}])
-    counted = prepare_chat(empty, chat_counter, ContractConfig()).prompt_tokens
+    # one (the template's default system prompt and the empty user turn: 30 tokens). The
+    # wire model refuses it for a user message (only an assistant's may be null), so the
+    # counter is asked directly.
+    counted = chat_counter.count_chat([{"role": "user", "content": None}])
     assert counted == chat_counter.count_chat([{"role": "user", "content": ""}]) == 30
+    with pytest.raises(ValidationError, match="needs content"):
+        chat(messages=[{"role": "user", "content": None}])
 
 
 def test_completion_budget_uses_the_longest_prompt(chat_counter: TokenCounter) -> None:

@@ -104,6 +104,21 @@ def test_stream_chunks_validate_and_end_with_done(client: TestClient) -> None:
     assert events[-2]["usage"]["total_tokens"] == 8
 
 
+def test_chat_logprobs_carry_refusal_as_the_spec_requires(client: TestClient) -> None:
+    """vLLM's chat ``logprobs`` has ``content`` only; the spec requires ``refusal`` too
+    (null), in an answer and in every stream chunk, as OpenAI sends it."""
+    body = CHAT | {"logprobs": True, "top_logprobs": 0}
+    answer = client.post("/v1/chat/completions", json=body).json()
+    validate("CreateChatCompletionResponse", answer)
+    assert answer["choices"][0]["logprobs"]["refusal"] is None
+    assert answer["choices"][0]["logprobs"]["content"][0]["token"] == "Hello"
+    with client.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as response:
+        chunks = sse(response.read().decode())[:-1]
+    for chunk in chunks:
+        validate("CreateChatCompletionStreamResponse", chunk)
+    assert [c["choices"][0]["logprobs"]["refusal"] for c in chunks[1:]] == [None] * 3
+
+
 def test_engine_dying_mid_stream_tells_the_client() -> None:
     with (
         make_client(FakeEngine(die_after=1)) as client,
@@ -156,6 +171,13 @@ def test_readiness_fails_when_an_engine_is_down() -> None:
             "invalid_request",
             "messages[0].role",
         ),
+        (
+            CHAT | {"messages": [{"role": "user", "content": None}]},
+            400,
+            "invalid_request",
+            "messages[0].content",
+        ),
+        (CHAT | {"messages": [{"role": "system"}]}, 400, "invalid_request", "messages[0].content"),
         (CHAT | {"temperature": 9}, 400, "invalid_request", "temperature"),
         (CHAT | {"n": 1000}, 400, "invalid_request", "n"),
         (CHAT | {"max_tokens": 0}, 400, "invalid_request", "max_tokens"),
