@@ -45,6 +45,8 @@ from serving.errors import BatchNotFound, FileNotFound, InvalidRequest, PayloadT
 from serving.limits.limiter import UNLIMITED_TICKET, Limiter, Ticket, Unlimited
 from serving.limits.plan import plan
 from serving.observe.metrics import Metrics
+from serving.protocol.metadata import MAX_METADATA
+from serving.protocol.metadata import bounded as bounded_metadata
 from serving.settings import BatchesConfig
 
 JSON = dict[str, Any]
@@ -91,7 +93,7 @@ class BatchCreate(BaseModel):
     input_file_id: str = Field(min_length=1, max_length=128)
     endpoint: Literal["/v1/chat/completions", "/v1/embeddings", "/v1/completions"]
     completion_window: Literal["24h"]
-    metadata: dict[str, str] | None = Field(None, max_length=16)
+    metadata: dict[str, str] | None = Field(None, max_length=MAX_METADATA)
     output_expires_after: ExpiresAfter | None = None  # the output and error files'
 
     @field_validator("metadata")
@@ -102,7 +104,7 @@ class BatchCreate(BaseModel):
         for text in (metadata or {}).items():
             if any(_UNSTORABLE_TEXT.search(part) for part in text):
                 raise ValueError("keys and values cannot hold NUL or a lone surrogate")
-        return metadata
+        return bounded_metadata(metadata)
 
 
 class Batches:

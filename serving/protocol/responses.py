@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
+from serving.protocol.metadata import MAX_METADATA
+from serving.protocol.metadata import bounded as bounded_metadata
 from serving.protocol.requests import (
     MAX_MESSAGES,
     MAX_TOKENS,
@@ -30,7 +32,6 @@ from serving.protocol.requests import (
 MAX_INPUT_ITEMS = MAX_MESSAGES  # hard cap; responses.max_input_items is the configured one
 MAX_CONTENT_PARTS = 256  # parts in one message's content
 MAX_TOOLS = 128  # as OpenAI allows
-MAX_METADATA = 16  # keys, as OpenAI allows (64-character keys, 512-character values)
 MAX_ID = 128  # response ids, call ids, item ids
 
 
@@ -207,9 +208,7 @@ class ResponseRequest(ModelRequest):
 
     @model_validator(mode="after")
     def _bounded_metadata(self) -> ResponseRequest:
-        for key, value in (self.metadata or {}).items():
-            if len(key) > 64 or len(value) > 512:
-                raise ValueError("metadata keys are at most 64 characters, values 512")
+        bounded_metadata(self.metadata)
         return self
 
 

@@ -39,9 +39,10 @@ def upload(client: TestClient, content: bytes) -> str:
 
 @pytest.mark.parametrize(
     "metadata",
-    ['{"k": "a\\u0000b"}', '{"a\\u0000": "v"}', '{"k": "\\ud800"}', '{"\\udfff": "v"}'],
-)
-def test_metadata_with_nul_or_a_lone_surrogate_is_a_400(client: TestClient, metadata: str) -> None:
+    ['{"k": "a\\u0000b"}', '{"a\\u0000": "v"}', '{"k": "\\ud800"}', '{"\\udfff": "v"}',
+     '{"' + "k" * 65 + '": "v"}', '{"k": "' + "v" * 513 + '"}'],  # OpenAI's 64 and 512
+)  # fmt: skip
+def test_metadata_unstorable_or_too_long_is_a_400(client: TestClient, metadata: str) -> None:
     source = upload(client, jsonl([chat_line(1)]))
     before = client.get("/v1/batches", headers=ALICE).json()["data"]
     body = (f'{{"input_file_id": "{source}", "endpoint": "{CHAT}", '
