@@ -305,3 +305,23 @@ async def test_what_the_storage_quota_counts(shared: JSON, tmp_path: Path) -> No
             await store.put_file("t", record("c", created_at=200), b"1", quota)
     finally:
         await store.aclose()
+
+
+def test_an_id_no_store_can_hold_is_not_found(tmp_path: Path, shared: JSON) -> None:
+    """NUL (which PostgreSQL's text cannot hold) in an id: a 404 as for any id that does
+    not exist, never the store's error (503)."""
+    with gateway(FakeEngine(), tmp_path, shared) as client:
+        for path in ("/v1/files/file-a%00b", "/v1/files/file-a%00b/content",
+                     "/v1/batches/batch_a%00b"):  # fmt: skip
+            assert client.get(path, headers=ALICE).status_code == 404, path
+        assert client.delete("/v1/files/file-a%00b", headers=ALICE).status_code == 404
+        assert client.post("/v1/batches/batch_a%00b/cancel", headers=ALICE).status_code == 404
+        listed = client.get("/v1/batches", params={"after": "batch_a\x00b"}, headers=ALICE)
+        assert listed.status_code == 200, listed.text
+        # a lone surrogate is not a string to the request's validation: a 400 before that
+        for bad, status in (("file-a\\u0000b", 404), ("file-\\ud800", 400)):
+            body = f'{{"input_file_id": "{bad}", "endpoint": "{CHAT}", "completion_window": "24h"}}'
+            made = client.post("/v1/batches", content=body.encode(),
+                               headers=ALICE | {"content-type": "application/json"})  # fmt: skip
+            assert made.status_code == status, made.text
+            assert made.json()["error"]["param"] == "input_file_id"
