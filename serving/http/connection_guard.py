@@ -53,7 +53,9 @@ class GuardedHttpTools(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._peer: str | None = None  # counted in open_by_client
         self._in_head = True  # the request's head is not complete yet
-        self._head_bytes = 0
+        self._head_bytes = 0  # raw bytes read while the head is incomplete
+        self._parsed_head = 0  # the head's size as parsed: also a head read in one chunk
+        self._refused = False
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -101,20 +103,39 @@ class GuardedHttpTools(HttpToolsProtocol):
         if not self._in_head:
             self._start_head()
 
+    def on_url(self, url: bytes) -> None:
+        self._parsed_head += len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._parsed_head += len(name) + len(value) + 4  # ": " and CRLF
+        super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._disarm()
+        if self._parsed_head > self.limits.max_header_bytes:
+            # the head completed within one read, so data_received never counted it whole
+            limit = self.limits.max_header_bytes
+            self._refuse(HeaderTooLarge(f"The request's headers are over {limit} bytes."))
+            return  # no cycle: the app never sees the request
         super().on_headers_complete()
         if not self.transport.is_closing():
             self._arm(self.limits.body_timeout_s, "body")
 
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
         self._disarm()
-        super().on_message_complete()
+        if not self._refused:
+            super().on_message_complete()
 
     def _start_head(self) -> None:
         self._in_head = True
         self._head_bytes = 0
+        self._parsed_head = 0
         self._arm(self.limits.header_timeout_s, "headers")
 
     def _arm(self, after_s: float, part: str) -> None:
@@ -138,6 +159,7 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def _refuse(self, error: Exception) -> None:
         self._disarm()
+        self._refused = True
         if self.cycle is not None:
             self.cycle.disconnected = True  # the app's own answer is not sent after ours
             self.cycle.message_event.set()
