@@ -395,18 +395,18 @@ def targets(console: Console, results: dict[str, Any], best: dict[str, float]) -
     c1, st = results["c1"], results["stream"]
     peer = best.get("litellm")
     rows = [
-        ("added p50, c=1 (ms)", c1["gateway"]["p50"] - c1["direct"]["p50"], 1.0, "<="),
-        ("added p99, c=1 (ms)", c1["gateway"]["p99"] - c1["direct"]["p99"], 3.0, "<="),
-        ("added TTFT p50 (ms)", st["gateway"]["ttft_p50"] - st["direct"]["ttft_p50"], 1.0, "<="),
+        ("added p50, c=1 (ms)", c1["gateway"]["p50"] - c1["direct"]["p50"], 0.5, "<="),
+        ("added p99, c=1 (ms)", c1["gateway"]["p99"] - c1["direct"]["p99"], 1.5, "<="),
+        ("added TTFT p50 (ms)", st["gateway"]["ttft_p50"] - st["direct"]["ttft_p50"], 0.5, "<="),
         ("gap p99 vs direct (ms)", st["gateway"]["gap_p99"] - st["direct"]["gap_p99"], 1.0, "<="),
         (
             "req/s, p99 added < 10 ms" + (" (10x LiteLLM)" if peer else ""),
             best.get("gateway", 0.0),
-            10 * peer if peer else 1200.0,
+            10 * peer if peer else 3000.0,
             ">=",
         ),
     ]
-    table = Table(title="Targets (issue 10)")
+    table = Table(title="Targets (issue 26; the gap: issue 10)")
     for column in ("what", "measured", "target", "verdict"):
         table.add_column(column, justify="right")
     verdicts = {}
