@@ -98,6 +98,8 @@ class DocStore:
         return [_info(r) for r in rows]
 
     def info(self, tenant: str, name: str) -> CollectionInfo | None:
+        if not _keyable(name):
+            return None
         with self.db.read() as cur:
             row = cur.execute(
                 "SELECT tenant, name, dim, created, head, shards FROM collections"
@@ -111,6 +113,8 @@ class DocStore:
         return None if info is None else info.dim
 
     def drop_collection(self, tenant: str, name: str) -> bool:
+        if not _keyable(name):
+            return False
         with self.db.tx() as cur:
             gone = cur.execute(
                 "DELETE FROM collections WHERE tenant=? AND name=?", (tenant, name)
@@ -169,6 +173,8 @@ class DocStore:
             return Change(self._advance(cur, tenant, collection, last), added, removed)
 
     def delete_document(self, tenant: str, collection: str, doc_id: str) -> Change | None:
+        if not _keyable(doc_id):
+            return None
         with self.db.tx() as cur:
             shards = _lock(cur, tenant, collection)
             gone = cur.execute(
@@ -270,6 +276,13 @@ class DocStore:
                 list(ids),
             ).fetchall()
         return {int(i): Chunk(int(i), str(d), str(t), json.loads(m)) for i, d, t, m in rows}
+
+
+def _keyable(text: str) -> bool:
+    """Whether ``text`` can be a name or id here: PostgreSQL's text holds no NUL and a lone
+    surrogate is no UTF-8, so asking for one would fail the query, where a name or id that
+    cannot exist is simply not found."""
+    return "\x00" not in text and not any("\ud800" <= c <= "\udfff" for c in text)
 
 
 def _info(row: tuple[Any, ...]) -> CollectionInfo:

@@ -6,11 +6,12 @@ limits, and the key's model list and token limits for what it embeds (``serving.
 
 from __future__ import annotations
 
+import re
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from retrieval.service import Document, Retrieval
 from serving.core.rag import RetrievalGate
@@ -19,6 +20,35 @@ from serving.http.deps import configured
 from serving.http.front import caller_of
 
 router = APIRouter(prefix="/v1/collections")
+NUL = "\x00"  # the docstore's ids and texts are PostgreSQL text, which takes none
+_SURROGATE = re.compile("[\ud800-\udfff]")  # alone, no UTF-8: a search could not answer it
+
+
+def _without_nul(text: str) -> str:
+    if NUL in text:
+        raise ValueError("cannot hold NUL")
+    return text
+
+
+def _utf8(value: Any) -> bool:
+    """Whether a JSON value (metadata) has no lone surrogate in any key or string."""
+    if isinstance(value, str):
+        return _SURROGATE.search(value) is None
+    if isinstance(value, dict):
+        return all(_utf8(k) and _utf8(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_utf8(v) for v in value)
+    return True
+
+
+def _storable_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    if not _utf8(metadata):
+        raise ValueError("keys and strings cannot hold a lone surrogate")
+    return metadata
+
+
+StoredText = Annotated[str, AfterValidator(_without_nul)]
+Metadata = Annotated[dict[str, Any], AfterValidator(_storable_metadata)]
 
 
 class CollectionCreate(BaseModel):
@@ -29,9 +59,9 @@ class CollectionCreate(BaseModel):
 
 class DocumentIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    id: str | None = Field(None, min_length=1, max_length=256)
-    text: str = Field(min_length=1)
-    metadata: dict[str, Any] = {}
+    id: StoredText | None = Field(None, min_length=1, max_length=256)
+    text: StoredText = Field(min_length=1)
+    metadata: Metadata = {}
 
 
 class DocumentsIn(BaseModel):
@@ -41,8 +71,8 @@ class DocumentsIn(BaseModel):
 
 class DocumentUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    text: str = Field(min_length=1)
-    metadata: dict[str, Any] = {}
+    text: StoredText = Field(min_length=1)
+    metadata: Metadata = {}
 
 
 class SearchIn(BaseModel):
@@ -117,7 +147,11 @@ async def add(name: str, spec: DocumentsIn, request: Request) -> dict[str, Any]:
 @router.put("/{name}/documents/{doc_id}", summary="Replace one document")
 async def update(name: str, doc_id: str, spec: DocumentUpdate, request: Request) -> dict[str, Any]:
     gate = _gate(request)
-    _check(gate, [DocumentIn(id=doc_id, text=spec.text, metadata=spec.metadata)])
+    try:  # the path's id, checked as a body's is
+        document = DocumentIn(id=doc_id, text=spec.text, metadata=spec.metadata)
+    except ValidationError as exc:
+        raise InvalidRequest(f"doc_id: {exc.errors()[0]['msg']}", param="doc_id") from exc
+    _check(gate, [document])
     async with _for(gate, request) as service:
         await service.upsert(tenant_of(request), name, [Document(spec.text, doc_id, spec.metadata)])
     return {"id": doc_id}
