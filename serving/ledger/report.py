@@ -11,7 +11,8 @@ import csv
 import io
 import re
 import time
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import func, select
@@ -106,13 +107,22 @@ def usage_report(
         query = query.where(c.key_id == key)
     if team is not None:
         query = query.where(c.team == team)
-    with engine.connect() as conn:
-        rows = conn.execute(query).all()
+    rows: Sequence[Any] = ()
+    if all(_storable(text) for text in (key, team) if text is not None):
+        with engine.connect() as conn:
+            rows = conn.execute(query).all()
     lines = [_line(str(r[0]), *(int(v) for v in r[1:])) for r in rows]
     total = _line("total", *(sum(getattr(line, f) for line in lines) for f in _SUMMED))
     return UsageReport(
         since=since, until=until, by=by, key=key, team=team, lines=lines, total=total
     )
+
+
+def _storable(text: str) -> bool:
+    """Whether a row could hold ``text``: PostgreSQL's text takes no NUL and a lone
+    surrogate (``weir usage --key`` given bytes that are not UTF-8) is no UTF-8; asking
+    for one would fail the query, where such a key or team simply has no rows."""
+    return "\x00" not in text and not any("\ud800" <= c <= "\udfff" for c in text)
 
 
 _SUMMED = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_nano")

@@ -167,3 +167,22 @@ def test_backlog_gauge_counts_a_row_as_soon_as_it_is_taken(tmp_path: Path) -> No
         assert count(ledger) == 5
     finally:
         ledger.close()
+
+
+def test_a_key_or_team_no_row_can_hold_matches_none(tmp_path: Path, database: str | None) -> None:
+    """A report's filter (``/weir/admin/usage?team=a%00b``) holding NUL, which PostgreSQL's
+    text cannot hold, or a lone surrogate, which is no UTF-8: no row matches, never the
+    database's error (a 500)."""
+    ledger = Ledger(config(tmp_path, database))
+    ledger.start()
+    try:
+        ledger.record(row(1))
+        assert ledger.flush(10)
+        engine = ledger.engine()
+        for text in ("k1\x00", "\ud800"):
+            for report in (usage_report(engine, since=0, key=text),
+                           usage_report(engine, since=0, team=text, by="team")):  # fmt: skip
+                assert (report.lines, report.total.requests) == ([], 0)
+        assert usage_report(ledger.engine(), since=0, key="k1").total.requests == 1
+    finally:
+        ledger.close()
