@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serving.keys.records import KeyRecord, hash_secret, new_secret
 from serving.keys.store import KeyStore
+
+_SURROGATE = re.compile("[\ud800-\udfff]")  # alone, no UTF-8: a key holding one cannot be shown
 
 
 class KeyCreate(BaseModel):
@@ -29,6 +32,15 @@ class KeyCreate(BaseModel):
     tenant: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,64}$")  # fair-queue tenant
     weight: float = Field(1.0, gt=0, le=1000)  # its share against other tenants'
     priority: Literal["interactive", "batch"] = "interactive"
+
+    @field_validator("models")
+    @classmethod
+    def _utf8(cls, models: list[str]) -> list[str]:
+        """pydantic checks no item of a list of strings; the other strings, checked for
+        their length, are refused with a lone surrogate already."""
+        if any(_SURROGATE.search(model) for model in models):
+            raise ValueError("a model name cannot hold a lone surrogate")
+        return models
 
 
 async def create_key(store: KeyStore, spec: KeyCreate) -> tuple[str, KeyRecord]:

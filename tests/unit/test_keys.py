@@ -223,3 +223,19 @@ async def test_file_store_sees_keys_written_by_another_process(tmp_path: Path) -
     assert await gateway.lookup(first) is not None  # read and cached
     second, _ = await create_key(cli, KeyCreate(name="two"))  # within the same mtime tick, likely
     assert await gateway.lookup(second) is not None
+
+
+def test_a_model_name_with_a_lone_surrogate_is_a_400(keyed: TestClient) -> None:
+    """``models`` items had no string check: a lone surrogate (no UTF-8) was stored, the
+    answer failed to render (500, the key made) and so did every list after it."""
+    body = b'{"name": "s", "models": ["smollm2", "m\\udfff"]}'
+    headers = bearer(ADMIN) | {"content-type": "application/json"}
+    made = keyed.post("/weir/admin/keys", content=body, headers=headers)
+    assert made.status_code == 400, made.text
+    assert made.json()["error"]["param"] == "models"
+    listed = admin(keyed, "GET", "/weir/admin/keys")
+    assert listed.status_code == 200, listed.text
+    assert listed.json()["data"] == []
+    kept = admin(keyed, "POST", "/weir/admin/keys", json={"name": "é\x00", "models": ["m é"]})
+    assert kept.status_code == 200, kept.text  # other text, NUL too, is stored as it is
+    assert kept.json()["models"] == ["m é"]
