@@ -54,7 +54,7 @@ class GuardedHttpTools(HttpToolsProtocol):
         self._peer: str | None = None  # counted in open_by_client
         self._in_head = True  # the request's head is not complete yet
         self._head_bytes = 0  # raw bytes read while the head is incomplete
-        self._parsed_head = 0  # the head's size as parsed: also a head read in one chunk
+        self._reading = 0  # the size of the read being parsed
         self._refused = False
         self._timer: asyncio.TimerHandle | None = None
 
@@ -88,6 +88,7 @@ class GuardedHttpTools(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self.transport.is_closing():
             return
+        self._reading = len(data)
         super().data_received(data)  # the parser starts the next request's head (on_message_begin)
         if self._in_head and not self.transport.is_closing():
             self._head_bytes += len(data)
@@ -103,20 +104,12 @@ class GuardedHttpTools(HttpToolsProtocol):
         if not self._in_head:
             self._start_head()
 
-    def on_url(self, url: bytes) -> None:
-        self._parsed_head += len(url)
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._parsed_head += len(name) + len(value) + 4  # ": " and CRLF
-        super().on_header(name, value)
-
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._disarm()
-        if self._parsed_head > self.limits.max_header_bytes:
-            # the head completed within one read, so data_received never counted it whole
-            limit = self.limits.max_header_bytes
+        limit = self.limits.max_header_bytes
+        if self._head_bytes + self._reading > limit and self._parsed_head() > limit:
+            # the head completed within this read, so data_received never counted it whole
             self._refuse(HeaderTooLarge(f"The request's headers are over {limit} bytes."))
             return  # no cycle: the app never sees the request
         super().on_headers_complete()
@@ -135,8 +128,12 @@ class GuardedHttpTools(HttpToolsProtocol):
     def _start_head(self) -> None:
         self._in_head = True
         self._head_bytes = 0
-        self._parsed_head = 0
         self._arm(self.limits.header_timeout_s, "headers")
+
+    def _parsed_head(self) -> int:
+        """The head's size as parsed (its URL and headers), asked only when this read
+        was big enough to hold a head over the limit."""
+        return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
 
     def _arm(self, after_s: float, part: str) -> None:
         self._disarm()
