@@ -70,7 +70,7 @@ model_list:
 general_settings:
   master_key: {key}
 """
-NGINX_CONFIG = """
+NGINX_MAIN = """
 worker_processes 1;
 daemon off;
 pid {work}/nginx.pid;
@@ -79,6 +79,10 @@ events {{ worker_connections 4096; }}
 http {{
     access_log off;
     client_body_temp_path {work}/nginx-body;
+"""  # one nginx worker, in the foreground, its files in the run's work directory
+NGINX_CONFIG = (
+    NGINX_MAIN
+    + """\
     proxy_temp_path {work}/nginx-proxy;
     fastcgi_temp_path {work}/nginx-fastcgi;
     uwsgi_temp_path {work}/nginx-uwsgi;
@@ -104,6 +108,7 @@ http {{
     }}
 }}
 """
+)
 WRK_SCRIPT = """
 wrk.method = "POST"
 wrk.body = '{body}'

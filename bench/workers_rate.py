@@ -32,20 +32,14 @@ from rich.table import Table
 
 from bench.config_builder import model, weir_toml
 from bench.mock_engine import completion
-from bench.overhead import WRK_SCRIPT, wrk
+from bench.overhead import NGINX_MAIN, WRK_SCRIPT, wrk
 from bench.procs import free_port, start, stop_all, wait_for, weir_command
 
 BODY = '{"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}'
 ADDED_P99_MS = 10.0
-NGINX_ENGINE = """
-worker_processes 1;
-daemon off;
-pid {work}/nginx.pid;
-error_log {work}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {work}/nginx-body;
+NGINX_ENGINE = (
+    NGINX_MAIN
+    + """\
     server {{
         listen 127.0.0.1:{port} reuseport backlog=4096;
         keepalive_requests 1000000;
@@ -56,6 +50,7 @@ http {{
     }}
 }}
 """
+)
 
 
 def start_engine(kind: str, port: int, work: Path) -> subprocess.Popen[bytes]:
