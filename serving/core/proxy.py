@@ -127,6 +127,18 @@ def _check_schema(answer: JSON, schema: JSON) -> None:
     output_check.check_chat_output(answer, schema)
 
 
+def _cut_off(answer: JSON) -> bool:
+    """Whether a choice of ``answer`` ended at ``max_tokens`` (finish_reason "length")."""
+    return any(c.get("finish_reason") == "length" for c in answer.get("choices") or ())
+
+
+def _finished(answer: JSON) -> JSON:
+    """``answer`` without its cut-off choices: their output is unfinished (its JSON cannot
+    be whole), so it is passed on as OpenAI does, unchecked, with finish_reason "length"."""
+    choices = [c for c in answer.get("choices") or () if c.get("finish_reason") != "length"]
+    return {**answer, "choices": choices}
+
+
 def _passes(checks: list[OutputCheck], answer: JSON) -> bool:
     try:
         for check in checks:
@@ -429,8 +441,10 @@ class Proxy:
                 lease.used(lease.ticket.reserved)  # the engine did not say: what was reserved
             lease.end(200, error)
             entry = assembler.entry() if assembler is not None and error is None else None
-            if entry is not None and not _passes(checks, entry):
-                entry = None  # an answer that broke its schema is never stored
+            if entry is not None and checks and (_cut_off(entry) or not _passes(checks, entry)):
+                # an answer that broke its schema is never stored, nor one cut off by
+                # max_tokens (it was not checked: a hit says x-weir-output-valid: true)
+                entry = None
             if entry is not None and self.cache is not None and job.store_key is not None:
                 entry["system_fingerprint"] = cleaning.fingerprint(target)
                 self.cache.store_soon(job.store_key, entry)
@@ -463,11 +477,18 @@ class Proxy:
         lease.used(charged, usage if isinstance(usage, dict) else None)
         storable = job.store_key is not None
         checks = _output_checks(body)
+        checked = answer
+        if checks and _cut_off(answer):
+            # cut off by max_tokens: its unfinished choices are not checked (OpenAI answers
+            # them as they are), so the answer is neither said valid nor stored
+            storable = False
+            checked = _finished(answer)
         if checks:
             try:
                 for check in checks:
-                    check(answer)
-                headers[OUTPUT_VALID_HEADER] = "true"
+                    check(checked)
+                if checked is answer:
+                    headers[OUTPUT_VALID_HEADER] = "true"
             except InvalidModelOutput:
                 if self.config.invalid_output == "reject":
                     raise

@@ -44,6 +44,7 @@ class FakeEngine:
     fail_with: EngineError | None = None
     healthy: bool = True
     content: str | None = None  # the whole answer instead of the joined words
+    finish_reason: str = "stop"  # "length": the answer was cut off by max_tokens
     first_chunk_delay_s: float = 0.0
     # a stream waits on it after its last content chunk (finish_reason sent), before the
     # usage chunk and [DONE]: a client can leave there, with the whole answer delivered
@@ -81,7 +82,7 @@ class FakeEngine:
                 "index": 0,
                 "text": text,
                 "logprobs": None,
-                "finish_reason": "stop",
+                "finish_reason": self.finish_reason,
                 "stop_reason": None,
                 "token_ids": None,
                 "prompt_logprobs": None,
@@ -100,7 +101,7 @@ class FakeEngine:
                     "reasoning": None,
                 },
                 "logprobs": logprobs_of(self.words) if body.get("logprobs") else None,
-                "finish_reason": "stop",
+                "finish_reason": self.finish_reason,
                 "stop_reason": None,
                 "token_ids": None,
             }
@@ -180,7 +181,7 @@ class _FakeStream:
                 "index": 0,
                 **({"delta": {"content": word}} if self.chat else {"text": word}),
                 "logprobs": logprobs_of([word]) if scored else None,
-                "finish_reason": "stop" if last else None,
+                "finish_reason": self.engine.finish_reason if last else None,
                 "token_ids": None,
             }
             yield orjson.dumps(base | {"choices": [choice]})

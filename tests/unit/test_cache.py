@@ -228,6 +228,22 @@ def test_a_streamed_answer_that_breaks_its_schema_is_never_stored(rig: Rig) -> N
     assert again.headers["x-weir-output-valid"] == "true"
 
 
+def test_a_structured_answer_cut_off_by_max_tokens_is_never_stored(rig: Rig) -> None:
+    """It is passed on unchecked (200, finish_reason "length", as OpenAI does), so it is
+    not stored: a hit says x-weir-output-valid: true, which was never checked."""
+    auth = rig.key()
+    rig.chat.words, rig.chat.finish_reason = ['{"city": ', '"Par'], "length"
+    asked = CHAT | {"response_format": SCHEMA_FORMAT}
+    first = post(rig, asked, auth)
+    assert (first.status_code, first.headers["x-weir-cache"]) == (200, "miss")
+    assert first.json()["choices"][0]["finish_reason"] == "length"
+    streamed, _lines = stream(rig, asked, auth)
+    assert streamed.headers["x-weir-cache"] == "miss"
+    again = post(rig, asked, auth)
+    assert (again.status_code, again.headers["x-weir-cache"]) == (200, "miss")
+    assert len(rig.chat.calls) == 3
+
+
 def test_a_fallback_answer_is_never_stored(tmp_path: Path) -> None:
     """Another version's answer, stored under the key of the version asked for, would
     later be served as that version's (issue 29: no test covered it)."""

@@ -321,6 +321,29 @@ def test_structured_output_is_checked(
         validate("ErrorResponse", response.json())
 
 
+@pytest.mark.parametrize("response_format", [{"type": "json_object"}, SCHEMA_FORMAT])
+def test_structured_output_cut_off_by_max_tokens_is_passed_on(
+    response_format: dict[str, Any],
+) -> None:
+    """As OpenAI answers it: 200 with the unfinished text and finish_reason "length" (the
+    gateway's check was a 502 invalid_model_output), JSON and streamed alike; never said
+    valid, since it was not checked."""
+    engine = FakeEngine(words=['{"city": ', '"Par'], finish_reason="length")
+    body = CHAT | {"response_format": response_format, "max_tokens": 2}
+    with make_client(engine) as client:
+        response = client.post("/v1/chat/completions", json=body)
+        with client.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as s:
+            events = sse(s.read().decode())
+    assert response.status_code == 200
+    validate("CreateChatCompletionResponse", response.json())
+    choice = response.json()["choices"][0]
+    assert (choice["message"]["content"], choice["finish_reason"]) == ('{"city": "Par', "length")
+    assert "x-weir-output-valid" not in response.headers
+    assert events[-1] == "[DONE]"
+    assert not any("error" in e for e in events[:-1])
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+
+
 EMBED: dict[str, Any] = {"model": "minilm", "input": "Hi"}
 COMPLETE: dict[str, Any] = {"model": "smollm2", "prompt": "Hi"}
 WIZARD = {"role": "wizard", "content": "x"}
