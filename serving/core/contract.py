@@ -101,9 +101,28 @@ def _budget(prompt_tokens: int, requested: int | None, counter: TokenCounter, pa
     return requested
 
 
-def _check_n(n: int, config: ContractConfig) -> None:
+# vLLM samples greedily below this temperature (``vllm.sampling_params._SAMPLING_EPS``) and
+# then refuses n > 1 ("n must be 1 when using greedy sampling"), unless it beam-searches.
+GREEDY_BELOW = 1e-5
+
+
+def _check_n(request: ChatCompletionRequest | CompletionRequest, config: ContractConfig) -> None:
+    n = request.n
+    if n == 1:
+        return
     if n > config.max_n:
         raise InvalidRequest(f"n is {n}; at most {config.max_n} is allowed.", param="n")
+    temperature = request.temperature
+    if (
+        temperature is not None
+        and temperature < GREEDY_BELOW
+        and not (request.model_extra or {}).get("use_beam_search")
+    ):
+        raise InvalidRequest(
+            f"n is {n}, but temperature {temperature} means greedy sampling, which gives"
+            " one answer. Ask for n=1, or a temperature above 0.",
+            param="n",
+        )
 
 
 def _check_requested(requested: int | None, config: ContractConfig, param: str) -> None:
@@ -147,7 +166,7 @@ def prepare_chat(
             f"{len(request.messages)} messages; at most {config.max_messages} are allowed.",
             param="messages",
         )
-    _check_n(request.n, config)
+    _check_n(request, config)
     check_response_format(request.response_format)
     tools.check_tools(request)
     param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
@@ -180,7 +199,7 @@ def prepare_completion(
     request: CompletionRequest, counter: TokenCounter | None, config: ContractConfig
 ) -> Prepared:
     check_fields(request, config)
-    _check_n(request.n, config)
+    _check_n(request, config)
     _check_requested(request.max_tokens, config, "max_tokens")
     body = request.model_dump(exclude_unset=True)
     prompts = _prompt_list(request.prompt)

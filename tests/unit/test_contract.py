@@ -109,6 +109,36 @@ def test_configured_maxima(
     assert caught.value.param == param
 
 
+@pytest.mark.parametrize("temperature", [0, 0.0, 0.000009])
+def test_n_over_one_with_greedy_sampling_is_refused_naming_n(temperature: float) -> None:
+    """vLLM samples greedily below temperature 1e-5 and then refuses n > 1 (a 400 with
+    param null); the gateway refuses it first, naming n, for chat and completions."""
+    with pytest.raises(InvalidRequest, match="greedy sampling") as chat_refused:
+        prepare_chat(chat(n=2, temperature=temperature), None, ContractConfig())
+    completion = CompletionRequest(model="smollm2", prompt="hi", n=3, temperature=temperature)
+    with pytest.raises(InvalidRequest, match="greedy sampling") as completion_refused:
+        prepare_completion(completion, None, ContractConfig())
+    for caught in (chat_refused, completion_refused):
+        assert caught.value.param == "n"
+        assert "n=1" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"n": 1, "temperature": 0},  # one greedy answer
+        {"n": 2, "temperature": 0.00001},  # vLLM's threshold: sampled
+        {"n": 2},  # no temperature: the model's default, sampled
+        {"n": 2, "temperature": 0, "use_beam_search": True},  # beam search takes n
+    ],
+)
+def test_n_with_sampling_or_beam_search_passes(fields: dict[str, Any]) -> None:
+    prepared = prepare_chat(chat(**fields), None, ContractConfig())
+    assert prepared.body["n"] == fields["n"]
+    completion = CompletionRequest(model="smollm2", prompt="hi", **fields)
+    assert prepare_completion(completion, None, ContractConfig()).body["n"] == fields["n"]
+
+
 def test_unknown_fields_are_logged_by_name_or_refused(
     chat_counter: TokenCounter, caplog: pytest.LogCaptureFixture
 ) -> None:
