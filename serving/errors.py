@@ -8,7 +8,7 @@ The gateway's own tree::
     ├── Unauthenticated     401
     ├── PermissionDenied    403
     ├── RouteNotFound       404
-    ├── MethodNotAllowed    405
+    ├── MethodNotAllowed    405  ``Allow`` names the methods the route accepts
     ├── PayloadTooLarge     413
     ├── ContextLengthExceeded 400  prompt + max_tokens over the model's context (both numbers said)
     ├── RateLimited         429  a limit said no; ``Retry-After`` and ``x-ratelimit-*`` headers
@@ -36,6 +36,7 @@ in the table is a 500 ``internal_error`` that names the request id.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,7 +91,11 @@ class RouteNotFound(GatewayError):
 
 
 class MethodNotAllowed(GatewayError):
-    pass
+    """``allow``: the methods the route accepts, sent as the ``Allow`` header HTTP requires."""
+
+    def __init__(self, message: str, *, allow: Iterable[str]) -> None:
+        super().__init__(message)
+        self.headers = {"allow": ", ".join(allow)}
 
 
 class PayloadTooLarge(GatewayError):

@@ -130,7 +130,9 @@ class ModelEndpoint:
         """The validated body and its size in bytes; None when the client left before
         sending all of it."""
         if scope["method"] != "POST":
-            raise MethodNotAllowed(f"Method {scope['method']} is not allowed on {scope['path']}.")
+            raise MethodNotAllowed(
+                f"Method {scope['method']} is not allowed on {scope['path']}.", allow=["POST"]
+            )
         raw = await read_body(receive)
         if raw is None:
             return None

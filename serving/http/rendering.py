@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from starlette.exceptions import HTTPException
 from starlette.responses import Response, StreamingResponse
+from starlette.routing import Match, Route
 from starlette.types import Receive, Scope, Send
 
 from serving.core.answer import Answer, JsonAnswer
@@ -170,8 +171,24 @@ def as_ours(exc: Exception, scope: Scope) -> Exception:
     if exc.status_code == 404:
         return RouteNotFound(f"No route {scope['method']} {scope['path']}.")
     if exc.status_code == 405:
-        return MethodNotAllowed(f"Method {scope['method']} is not allowed on {scope['path']}.")
+        return MethodNotAllowed(
+            f"Method {scope['method']} is not allowed on {scope['path']}.",
+            allow=_allowed(exc, scope),
+        )
     return InvalidRequest(str(exc.detail) or "Bad request.")
+
+
+def _allowed(exc: HTTPException, scope: Scope) -> list[str]:
+    """The methods the path accepts. Starlette's ``Allow`` names those of the first route
+    that matched the path only, and FastAPI makes a route per method (``GET`` and ``POST``
+    of one path are two): so every route of the app's router that matches the path but
+    not the method adds its own (an error path: the routes are walked only here)."""
+    methods = {m for m in (exc.headers or {}).get("Allow", "").split(", ") if m}
+    router = getattr(scope.get("app"), "router", None)
+    for route in getattr(router, "routes", ()):
+        if isinstance(route, Route) and route.matches(scope)[0] is Match.PARTIAL:
+            methods |= route.methods or set()
+    return sorted(methods)
 
 
 def error_response(exc: BaseException, request_id: str) -> Response:

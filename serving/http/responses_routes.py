@@ -38,7 +38,9 @@ STORED_ERRORS = errors(400, 401, 404, 405, 503)
 
 def _allow(scope: Scope, *methods: str) -> None:
     if scope["method"] not in methods:
-        raise MethodNotAllowed(f"Method {scope['method']} is not allowed on {scope['path']}.")
+        raise MethodNotAllowed(
+            f"Method {scope['method']} is not allowed on {scope['path']}.", allow=methods
+        )
 
 
 def _content_type(scope: Scope) -> str | None:

@@ -51,7 +51,7 @@ CASES: list[tuple[Exception, int, str, str]] = [
     (PermissionDenied("no"), 403, "permission_error", "permission_denied"),
     (ModelNotFound("x"), 404, "invalid_request_error", "model_not_found"),
     (RouteNotFound("x"), 404, "invalid_request_error", "not_found"),
-    (MethodNotAllowed("x"), 405, "invalid_request_error", "method_not_allowed"),
+    (MethodNotAllowed("x", allow=["POST"]), 405, "invalid_request_error", "method_not_allowed"),
     (PayloadTooLarge("big"), 413, "invalid_request_error", "payload_too_large"),
     (InvalidName("bad name"), 400, "invalid_request_error", "invalid_request"),
     (CollectionNotFound("no c"), 404, "invalid_request_error", "collection_not_found"),

@@ -224,6 +224,24 @@ def test_unknown_route_and_method(client: TestClient) -> None:
     validate("ErrorResponse", response.json())
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("PUT", "/v1/batches", "GET, POST"),  # two routes, one per method: both named
+        ("DELETE", "/v1/files", "GET, POST"),
+        ("POST", "/v1/models", "GET"),
+    ],
+)
+def test_a_405_says_which_methods_the_route_allows(
+    client: TestClient, method: str, path: str, allow: str
+) -> None:
+    """HTTP requires an Allow header on 405; Starlette's named only the first route's."""
+    response = client.request(method, path)
+    assert response.status_code == 405
+    assert response.headers["allow"] == allow
+    validate("ErrorResponse", response.json())
+
+
 def test_engine_rejection_keeps_its_param() -> None:
     from models.errors import EngineRejected
 
@@ -401,6 +419,7 @@ def test_other_methods_on_a_model_route_are_405(client: TestClient, path: str) -
     for method in ("GET", "PUT", "DELETE"):
         response = client.request(method, path)
         assert response.status_code == 405
+        assert response.headers["allow"] == "POST"
         assert response.json()["error"]["code"] == "method_not_allowed"
         validate("ErrorResponse", response.json())
 

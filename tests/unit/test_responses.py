@@ -419,8 +419,12 @@ def test_the_chat_contract_names_the_responses_field(client: TestClient) -> None
 
 
 def test_methods_and_stream_retrieval_are_refused(client: TestClient) -> None:
-    assert client.get("/v1/responses", headers=ALICE).status_code == 405
-    assert client.put("/v1/responses/resp_1", headers=ALICE).status_code == 405
+    listed = client.get("/v1/responses", headers=ALICE)
+    assert (listed.status_code, listed.headers["allow"]) == (405, "POST")
+    put = client.put("/v1/responses/resp_1", headers=ALICE)
+    assert (put.status_code, put.headers["allow"]) == (405, "GET, DELETE")
+    items = client.post("/v1/responses/resp_1/input_items", headers=ALICE)
+    assert (items.status_code, items.headers["allow"]) == (405, "GET")
     body = create(client, input="Hi").json()
     answer = client.get(f"/v1/responses/{body['id']}?stream=true", headers=ALICE)
     assert answer.status_code == 400
