@@ -61,6 +61,7 @@ from retrieval.errors import (
     StoreUnavailable,
     WorkerUnauthenticated,
 )
+from serving.core.answer import VERSION_HEADER
 
 
 class GatewayError(Exception):
@@ -271,6 +272,12 @@ ERROR_TABLE: dict[type[BaseException], ErrorSpec] = {
 INTERNAL = ErrorSpec(500, "server_error", "internal_error")
 
 
+def answered_by(exc: BaseException, version: str) -> None:
+    """Mark ``exc`` as raised once ``version`` was chosen to answer: ``render`` gives it
+    the ``x-weir-model-version`` header, as answers have."""
+    exc.weir_version = version  # type: ignore[attr-defined]
+
+
 def spec_for(exc: BaseException) -> ErrorSpec | None:
     for cls in type(exc).__mro__:
         if cls in ERROR_TABLE:
@@ -294,4 +301,7 @@ def render(exc: BaseException, request_id: str) -> tuple[int, dict[str, Any], di
     extra = getattr(exc, "headers", None) if isinstance(exc, GatewayError) else None
     if isinstance(extra, dict):
         headers.update(extra)
+    version = getattr(exc, "weir_version", None)
+    if isinstance(version, str):
+        headers[VERSION_HEADER] = version
     return spec.status, body, headers

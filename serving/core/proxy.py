@@ -52,6 +52,7 @@ from serving.errors import (
     PermissionDenied,
     RateLimited,
     WrongTask,
+    answered_by,
     spec_for,
 )
 from serving.limits.limiter import UNLIMITED_TICKET, Limiter, Ticket, Unlimited
@@ -198,6 +199,8 @@ class Proxy:
         try:
             answer = await self._handle(route, request, call, lease)
         except BaseException as exc:
+            if lease.obs.chosen is not None:
+                answered_by(exc, lease.obs.chosen)  # its error says which version, too
             spec = spec_for(exc)
             if isinstance(exc, RateLimited) and self.metrics is not None:
                 self.metrics.limit_rejections.labels(exc.limit).inc()

@@ -64,6 +64,11 @@ class Observation:
     _served: bool = False
     _done: bool = False
 
+    @property
+    def chosen(self) -> str | None:
+        """The version chosen to answer (its fallback's once it fell back); None before."""
+        return self.version if self._served else None
+
     def served(self, model: str, version: str) -> None:
         self.model, self.version = model, version
         self._served = True

@@ -254,6 +254,25 @@ def test_engine_rejection_keeps_its_param() -> None:
     assert response.json()["error"]["param"] == "max_tokens"
 
 
+def test_an_error_from_a_chosen_version_names_it() -> None:
+    """The engine refused it (dimensions on a model that cannot do them): the version was
+    chosen, so the error says which, as answers do; an unknown model's cannot."""
+    from models.errors import EngineRejected
+
+    refusing = FakeEngine(name="embed", fail_with=EngineRejected("no dimensions", status=400))
+    chat = FakeEngine(fail_with=EngineRejected("too long", status=400))
+    with make_client(chat, refusing) as client:
+        embedded = client.post("/v1/embeddings", json=EMBED | {"dimensions": 8})
+        streamed = client.post("/v1/chat/completions", json=CHAT | {"stream": True})
+        unknown = client.post("/v1/chat/completions", json=CHAT | {"model": "nope"})
+    assert embedded.status_code == 400
+    assert embedded.headers["x-weir-model-version"] == "l6-v2"
+    assert streamed.status_code == 400
+    assert streamed.headers["x-weir-model-version"] == "135m-instruct"
+    assert unknown.status_code == 404
+    assert "x-weir-model-version" not in unknown.headers
+
+
 def test_api_keys_are_enforced() -> None:
     with make_client(FakeEngine(), api_keys=[SecretStr("sk-right")]) as client:
         assert client.post("/v1/chat/completions", json=CHAT).status_code == 401
