@@ -3,8 +3,10 @@
 vLLM's raw responses carry ``null`` where the spec wants a field absent (``usage
 .prompt_tokens_details``, ``service_tier``, ``message.audio``...) and its own extras
 (``prompt_logprobs``, ``kv_transfer_params``...). We drop null-valued fields except
-those the spec requires to be present even when null, name the model the way the client
-asked for it, and put the served version in ``system_fingerprint``.
+those the spec requires to be present even when null, drop vLLM's extras by name (with
+values too: an echo's ``prompt_token_ids``, a stop string's ``stop_reason``), name the
+model the way the client asked for it, and put the served version in
+``system_fingerprint``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,15 @@ JSON = dict[str, Any]
 
 # Fields the spec marks required-and-nullable somewhere in our responses.
 KEEP_NULL = frozenset({"content", "refusal", "logprobs", "finish_reason"})
+
+# vLLM's fields that OpenAI's chat and completion objects (and chunks) do not have
+# (vllm/entrypoints/openai/{chat_completion,completion}/protocol.py): popped by name,
+# a few dict lookups per chunk, never a walk.
+VLLM_TOP = (
+    "prompt_logprobs", "prompt_token_ids", "prompt_text", "kv_transfer_params",
+    "ec_transfer_params", "metrics",
+)  # fmt: skip
+VLLM_CHOICE = ("stop_reason", "token_ids", "prompt_logprobs", "prompt_token_ids", "routed_experts")
 
 
 def drop_nulls(value: Any) -> Any:
@@ -40,13 +51,19 @@ def fingerprint(served: ServedVersion) -> str:
 def clean_generation(body: JSON, requested_model: str, served: ServedVersion) -> JSON:
     """A chat completion, a completion, or one chunk of either."""
     cleaned: JSON = drop_nulls(body)
+    for key in VLLM_TOP:
+        cleaned.pop(key, None)
     cleaned["model"] = requested_model
     cleaned["system_fingerprint"] = fingerprint(served)
-    if str(cleaned.get("object", "")).startswith("chat.completion"):
-        for choice in cleaned.get("choices") or ():
-            logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
-            if isinstance(logprobs, dict):
-                logprobs.setdefault("refusal", None)  # required (nullable); vLLM leaves it out
+    chat = str(cleaned.get("object", "")).startswith("chat.completion")
+    for choice in cleaned.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        for key in VLLM_CHOICE:
+            choice.pop(key, None)
+        logprobs = choice.get("logprobs") if chat else None
+        if isinstance(logprobs, dict):
+            logprobs.setdefault("refusal", None)  # required (nullable); vLLM leaves it out
     return cleaned
 
 

@@ -21,6 +21,15 @@ from tests.fakes.embedder import vector
 JSON = dict[str, Any]
 
 
+PROMPT_IDS = [1, 2, 3]  # the ids vLLM returns for a prompt (echo, return_token_ids)
+
+
+def _stop_reason(body: JSON) -> str | None:
+    """vLLM's ``stop_reason``: the stop string that ended it (the fake's: the first asked)."""
+    stop = body.get("stop")
+    return stop if isinstance(stop, str) else (stop[0] if stop else None)
+
+
 def logprobs_of(words: list[str]) -> JSON:
     """vLLM's chat ``logprobs`` for these tokens: ``content`` only, no ``refusal``."""
     entries = [
@@ -78,14 +87,16 @@ class FakeEngine:
             }
         text = self.content if self.content is not None else "".join(self.words)
         if path == "/v1/completions":
+            echo = body.get("echo")
             choice: JSON = {
                 "index": 0,
-                "text": text,
+                "text": f"{body['prompt']}{text}" if echo else text,
                 "logprobs": None,
                 "finish_reason": self.finish_reason,
-                "stop_reason": None,
-                "token_ids": None,
+                "stop_reason": _stop_reason(body),
+                "token_ids": PROMPT_IDS if body.get("return_token_ids") else None,
                 "prompt_logprobs": None,
+                "prompt_token_ids": PROMPT_IDS if echo or body.get("return_token_ids") else None,
             }
             obj = "text_completion"
         else:
@@ -102,8 +113,8 @@ class FakeEngine:
                 },
                 "logprobs": logprobs_of(self.words) if body.get("logprobs") else None,
                 "finish_reason": self.finish_reason,
-                "stop_reason": None,
-                "token_ids": None,
+                "stop_reason": _stop_reason(body),
+                "token_ids": PROMPT_IDS if body.get("return_token_ids") else None,
             }
             obj = "chat.completion"
         return {
@@ -115,6 +126,7 @@ class FakeEngine:
             "service_tier": None,
             "system_fingerprint": "vllm-fake",
             "kv_transfer_params": None,
+            "prompt_token_ids": PROMPT_IDS if body.get("return_token_ids") else None,
             "usage": {
                 "prompt_tokens": 5,
                 "completion_tokens": len(self.words),
@@ -171,7 +183,16 @@ class _FakeStream:
             except asyncio.CancelledError:
                 self.engine.cancelled += 1
                 raise
-        yield orjson.dumps(base | {"choices": [first], "prompt_token_ids": None})
+        ids = bool(self.body.get("return_token_ids"))
+        if self.chat:  # vLLM's chat stream: the prompt's ids on the first chunk
+            yield orjson.dumps(
+                base | {"choices": [first], "prompt_token_ids": PROMPT_IDS if ids else None}
+            )
+        else:  # its completions: on the first choice, when echoed (with the prompt) or asked
+            echo = self.body.get("echo")
+            first["text"] = str(self.body["prompt"]) if echo else ""
+            first["prompt_token_ids"] = PROMPT_IDS if echo or ids else None
+            yield orjson.dumps(base | {"choices": [first]})
         for n, word in enumerate(self.engine.words):
             if self.engine.die_after is not None and n >= self.engine.die_after:
                 raise EngineFailed("connection to engine fake broke: ServerDisconnectedError")
@@ -182,7 +203,8 @@ class _FakeStream:
                 **({"delta": {"content": word}} if self.chat else {"text": word}),
                 "logprobs": logprobs_of([word]) if scored else None,
                 "finish_reason": self.engine.finish_reason if last else None,
-                "token_ids": None,
+                "stop_reason": _stop_reason(self.body) if last else None,
+                "token_ids": PROMPT_IDS if ids else None,
             }
             yield orjson.dumps(base | {"choices": [choice]})
             await asyncio.sleep(0)

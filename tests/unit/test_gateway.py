@@ -104,6 +104,32 @@ def test_stream_chunks_validate_and_end_with_done(client: TestClient) -> None:
     assert events[-2]["usage"]["total_tokens"] == 8
 
 
+VLLM_ONLY = {"prompt_token_ids", "token_ids", "stop_reason", "prompt_logprobs"}
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", {"model": "smollm2", "prompt": "Hi", "echo": True, "stop": "."}),
+        ("/v1/completions", {"model": "smollm2", "prompt": "Hi", "return_token_ids": True}),
+        ("/v1/chat/completions", CHAT | {"return_token_ids": True, "stop": ["."]}),
+    ],
+)
+def test_vllm_extras_are_cleaned_out(client: TestClient, path: str, body: dict[str, Any]) -> None:
+    """vLLM's own fields with values (prompt_token_ids of an echo, token_ids, stop_reason)
+    are not OpenAI's: gone from answers and from every stream chunk."""
+    answer = client.post(path, json=body).json()
+    with client.stream("POST", path, json=body | {"stream": True}) as response:
+        chunks = sse(response.read().decode())[:-1]
+    for each in [answer, *chunks]:
+        assert not VLLM_ONLY & each.keys()
+        for choice in each["choices"]:
+            assert not VLLM_ONLY & choice.keys()
+    if body.get("echo"):
+        assert answer["choices"][0]["text"].startswith("Hi")
+        assert chunks[0]["choices"][0]["text"] == "Hi"
+
+
 def test_chat_logprobs_carry_refusal_as_the_spec_requires(client: TestClient) -> None:
     """vLLM's chat ``logprobs`` has ``content`` only; the spec requires ``refusal`` too
     (null), in an answer and in every stream chunk, as OpenAI sends it."""
