@@ -149,7 +149,7 @@ def test_tenants_never_share_unless_they_share_a_namespace(rig: Rig) -> None:
     "change",
     [
         {"max_tokens": 21}, {"top_p": 0.5}, {"stop": ["x"]}, {"seed": 1},
-        {"presence_penalty": 0.1}, {"frequency_penalty": 0.1}, {"n": 2},
+        {"presence_penalty": 0.1}, {"frequency_penalty": 0.1},
         {"logit_bias": {"50256": -100}}, {"response_format": {"type": "text"}},
         {"messages": [{"role": "system", "content": "Be brief."}, *CHAT["messages"]]},
         {"model": "smollm2@135m-instruct", "messages": [{"role": "user", "content": "Other"}]},
@@ -163,6 +163,16 @@ def test_any_generation_parameter_changes_the_entry(rig: Rig, change: dict[str, 
     # naming the version explicitly is the same version: same entry
     pinned = CHAT | {"model": "smollm2@135m-instruct"}
     assert post(rig, pinned, auth).headers["x-weir-cache"] == "hit"
+
+
+def test_n_changes_the_entry(rig: Rig) -> None:
+    """n > 1 is refused at temperature 0 (greedy sampling gives one answer): a seeded,
+    sampled request is the cached one that n can change."""
+    auth = rig.key()
+    seeded = CHAT | {"temperature": 0.9, "seed": 7}
+    assert post(rig, seeded, auth).headers["x-weir-cache"] == "miss"
+    assert post(rig, seeded | {"n": 2}, auth).headers["x-weir-cache"] == "miss"
+    assert post(rig, seeded, auth).headers["x-weir-cache"] == "hit"
 
 
 def stream(rig: Rig, body: dict[str, Any], auth: dict[str, str]) -> tuple[Any, list[Any]]:
