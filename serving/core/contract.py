@@ -260,6 +260,7 @@ def prepare_embeddings(
     count = request.input_count()
     if count == 0:
         raise InvalidRequest("input is empty.", param="input")
+    _check_no_empty_text(request.input)
     if count > config.max_embedding_inputs:
         raise InvalidRequest(
             f"{count} inputs; at most {config.max_embedding_inputs} are allowed.", param="input"
@@ -277,6 +278,17 @@ def prepare_embeddings(
             param="input",
         )
     return Prepared(body, sum(counts), None, tuple(counts))
+
+
+def _check_no_empty_text(inputs: str | list[str] | list[int] | list[list[int]]) -> None:
+    """OpenAI's embeddings input "cannot be an empty string", alone or in a list."""
+    if inputs == "":
+        raise InvalidRequest("input cannot be an empty string.", param="input")
+    if isinstance(inputs, list) and isinstance(inputs[0], str) and "" in inputs:
+        index = inputs.index("")
+        raise InvalidRequest(
+            f"input[{index}] is an empty string; no input can be.", param=f"input[{index}]"
+        )
 
 
 def prompt_chars(request: ModelRequest) -> int:

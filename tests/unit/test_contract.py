@@ -139,6 +139,20 @@ def test_n_with_sampling_or_beam_search_passes(fields: dict[str, Any]) -> None:
     assert prepare_completion(completion, None, ContractConfig()).body["n"] == fields["n"]
 
 
+@pytest.mark.parametrize(
+    ("given", "param"), [("", "input"), ([""], "input[0]"), (["a", "b", ""], "input[2]")]
+)
+def test_an_empty_string_to_embed_is_refused_naming_it(given: Any, param: str) -> None:
+    """OpenAI: the input "cannot be an empty string" (vLLM embedded it)."""
+    request = EmbeddingRequest(model="minilm", input=given)
+    with pytest.raises(InvalidRequest, match="empty string") as caught:
+        prepare_embeddings(request, None, ContractConfig())
+    assert caught.value.param == param
+    # text, token ids and a space are inputs
+    for fine in ("a", ["a", " "], [1, 2], [[1], [2]]):
+        prepare_embeddings(EmbeddingRequest(model="minilm", input=fine), None, ContractConfig())
+
+
 def test_unknown_fields_are_logged_by_name_or_refused(
     chat_counter: TokenCounter, caplog: pytest.LogCaptureFixture
 ) -> None:
