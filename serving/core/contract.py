@@ -111,7 +111,9 @@ def _check_n(request: ChatCompletionRequest | CompletionRequest, config: Contrac
     if n == 1:
         return
     if n > config.max_n:
-        raise InvalidRequest(f"n is {n}; at most {config.max_n} is allowed.", param="n")
+        raise InvalidRequest(
+            f"n is {n}; at most {config.max_n} is allowed (contract.max_n).", param="n"
+        )
     temperature = request.temperature
     if (
         temperature is not None

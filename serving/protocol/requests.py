@@ -26,7 +26,6 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-MAX_N = 16
 MAX_TOKENS = 1_000_000
 MAX_MESSAGES = 2048
 MAX_STOP = 4
@@ -168,7 +167,7 @@ class _Sampling(ModelRequest):
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    n: int = Field(1, ge=1, le=MAX_N)
+    n: int = Field(1, ge=1)  # at most contract.max_n (itself at most 16): the contract's check
     stop: Stop | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     presence_penalty: Penalty | None = None

@@ -221,6 +221,22 @@ def test_bad_input_gets_an_openai_error(
     assert response.json()["error"]["param"] == param
 
 
+@pytest.mark.parametrize("n", [9, 17, 10**30])
+def test_n_over_the_configured_bound_names_that_bound(n: int) -> None:
+    """contract.max_n (8 here) is the bound applied: every n above it, within the old wire
+    cap of 16 or past it, gets a 400 naming 8 and the setting, not a cap it never saw."""
+    with make_client(FakeEngine(), contract=ContractConfig(max_n=8)) as client:
+        for path, body in (
+            ("/v1/chat/completions", CHAT | {"n": n, "temperature": 1}),
+            ("/v1/completions", {"model": "smollm2", "prompt": "Hi", "n": n, "temperature": 1}),
+        ):
+            error = client.post(path, json=body).json()["error"]
+            assert error["param"] == "n"
+            assert "at most 8" in error["message"]
+            assert "contract.max_n" in error["message"]
+            assert "16" not in error["message"]
+
+
 def test_body_that_is_not_json(client: TestClient) -> None:
     response = client.post(
         "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
