@@ -6,7 +6,8 @@ them, its limit ticket (tokens reserved), its bulkhead slot, its attempt on a re
 the version tracker that drains and canary gates read). ``end`` releases all of it exactly
 once, whichever way the request ended: answered, refused, failed mid-stream, or left by
 its client; later calls do nothing. The ticket settles to the tokens ``used`` recorded,
-or is released when nothing was recorded (a failure before an answer) or the client left;
+or is released when nothing was recorded (a failure before an answer) or the client left
+before any content (a stream left later is charged what it was sent);
 its budgets settle to what the request cost (``serving.billing.meter``), and its ledger row
 is taken here, the one place every request ends.
 """
@@ -71,7 +72,7 @@ class Lease:
         left = status == CLIENT_LEFT
         meter = self.meter
         cost, basis = meter.cost(self, left) if meter is not None else (0, "none")
-        self.ticket.finish(None if left else self.tokens, cost)
+        self.ticket.finish(self._left_tokens() if left else self.tokens, cost)
         if self.attempt is not None:
             self.attempt.end(error, left=left)
         if self.slot is not None:
@@ -83,3 +84,13 @@ class Lease:
         self.obs.finish(status, error_type=code, usage=None if left else self.usage)
         if meter is not None:
             meter.record(self, status, code, cost, basis)
+
+    def _left_tokens(self) -> int | None:
+        """What a request its client left is charged: its usage if the engine reported it,
+        else the prompt plus the content chunks it was sent (as its money budget is), else
+        nothing (the reservation is released): a stream read to its last chunk and then
+        dropped is not free."""
+        if self.tokens is not None:
+            return self.tokens
+        chunks = self.obs.chunks
+        return self.prompt_tokens + chunks if chunks else None
