@@ -14,6 +14,7 @@ from opentelemetry.trace import Tracer
 from models.errors import EngineFailed
 from models.types import ServedVersion
 from serving.cache.entries import (
+    NOT_OUTPUT,
     RESULT_HEADER,
     Mode,
     embedding_key,
@@ -34,6 +35,8 @@ from serving.routing.dispatch import Dispatcher
 
 JSON = dict[str, Any]
 EMBEDDINGS_PATH = "/v1/embeddings"
+# an embedding request's fields that never change its vectors (the rest are in its keys)
+NOT_VECTOR = NOT_OUTPUT | {"input", "dimensions", "encoding_format"}
 
 
 @dataclass(frozen=True)
@@ -130,8 +133,10 @@ class CachedCalls:
         single = isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int))
         inputs: list[Any] = [raw] if single else list(raw)
         dims = body.get("dimensions")
-        # the scope is part of what is hashed: [scope, text] as JSON, unambiguous
-        keys = [embedding_key(target.model, target.version, dims, [scope, text])
+        # every other field that can change a vector (truncate_prompt_tokens, normalize,
+        # ...) is hashed too, with the scope: [scope, fields, text] as JSON, unambiguous
+        fields = {k: v for k, v in body.items() if k not in NOT_VECTOR}
+        keys = [embedding_key(target.model, target.version, dims, [scope, fields, text])
                 for text in inputs]  # fmt: skip
         with span(self.tracer, "weir.cache") as current:
             vectors = await self.cache.lookup_vectors(keys)
