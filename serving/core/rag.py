@@ -199,6 +199,11 @@ class RetrievalGate:
             )
         messages = body.get("messages") or []
         query = _last_user_text(messages)
+        if not query.strip():  # nothing to embed: the engine cannot, and it would match nothing
+            raise InvalidRequest(
+                "weir.retrieval searches with the last user message's text, and it has none.",
+                param="messages",
+            )
         self._check_model(caller)
         working = _working_for.set(caller)
         try:

@@ -253,3 +253,45 @@ def test_rag_embeddings_are_cached_under_the_tenants_scope(rig: Rig) -> None:
     assert theirs.headers["x-weir-cache-hits"] == "0/1"  # b learns nothing of a's document
     own = c.post("/v1/embeddings", json=probe, headers=a)
     assert own.headers["x-weir-cache-hits"] == "1/1"  # a's document, embedded for a
+
+
+def _embedded(rig: Rig) -> list[str]:
+    return [t for call in rig.embed.calls for t in call["input"]]
+
+
+def test_blank_text_is_refused_at_the_collections_api_never_embedded(rig: Rig) -> None:
+    """/v1/embeddings refuses an empty string (OpenAI's spec; contract), but retrieval
+    embeds through the proxy, past that check: a blank document or query is refused where
+    it is sent (400 naming its field), so no empty text reaches the embedding engine."""
+    a = rig.key()
+    c = rig.client
+    assert c.post("/v1/collections", json={"name": "notes"}, headers=a).status_code == 201
+    for text in ("", " \n\t "):
+        docs = {"documents": [{"text": FACT}, {"id": "blank", "text": text}]}
+        added = c.post("/v1/collections/notes/documents", json=docs, headers=a)
+        assert added.status_code == 400
+        assert added.json()["error"]["param"] == "documents[1].text"
+        put = c.put("/v1/collections/notes/documents/d", json={"text": text}, headers=a)
+        assert put.status_code == 400
+        assert put.json()["error"]["param"] == "text"
+        found = c.post("/v1/collections/notes/search", json={"query": text}, headers=a)
+        assert found.status_code == 400
+        assert found.json()["error"]["param"] == "query"
+    assert c.get("/v1/collections", headers=a).json()["data"][0]["documents"] == 0
+    assert not [t for t in _embedded(rig) if not t.strip()]
+
+
+@pytest.mark.parametrize(
+    "content", ["", "  \n", [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]]
+)
+def test_rag_with_no_text_to_search_with_is_a_400(rig: Rig, content: Any) -> None:
+    a = rig.key()
+    rig.client.post("/v1/collections", json={"name": "facts"}, headers=a)
+    body = chat_with_retrieval()
+    body["messages"] = [{"role": "user", "content": content}]
+    answer = rig.client.post("/v1/chat/completions", json=body, headers=a)
+    assert answer.status_code == 400
+    assert answer.json()["error"]["param"] == "messages"
+    assert "text" in answer.json()["error"]["message"]
+    assert not [t for t in _embedded(rig) if not t.strip()]
+    assert not rig.chat.calls

@@ -30,6 +30,12 @@ def _without_nul(text: str) -> str:
     return text
 
 
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("has no text to embed (it is empty or only whitespace)")
+    return text
+
+
 def _utf8(value: Any) -> bool:
     """Whether a JSON value (metadata) has no lone surrogate in any key or string."""
     if isinstance(value, str):
@@ -48,6 +54,8 @@ def _storable_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
 
 
 StoredText = Annotated[str, AfterValidator(_without_nul)]
+# what is embedded (a document's text, a query): never blank, which the engine cannot embed
+EmbeddedText = Annotated[StoredText, AfterValidator(_not_blank)]
 Metadata = Annotated[dict[str, Any], AfterValidator(_storable_metadata)]
 
 
@@ -60,7 +68,7 @@ class CollectionCreate(BaseModel):
 class DocumentIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: StoredText | None = Field(None, min_length=1, max_length=256)
-    text: StoredText = Field(min_length=1)
+    text: EmbeddedText = Field(min_length=1)
     metadata: Metadata = {}
 
 
@@ -71,13 +79,13 @@ class DocumentsIn(BaseModel):
 
 class DocumentUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    text: StoredText = Field(min_length=1)
+    text: EmbeddedText = Field(min_length=1)
     metadata: Metadata = {}
 
 
 class SearchIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    query: str = Field(min_length=1)
+    query: Annotated[str, AfterValidator(_not_blank)] = Field(min_length=1)
     top_k: int = Field(4, ge=1)
     min_score: float | None = Field(None, ge=-1, le=1)
     filter: dict[str, Any] | None = None
