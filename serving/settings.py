@@ -265,6 +265,9 @@ class ContractConfig(BaseModel):
     max_messages: int = Field(256, ge=1, le=2048)
     max_embedding_inputs: int = Field(256, ge=1, le=2048)
     invalid_output: Literal["reject", "pass"] = "reject"  # schema-breaking JSON: 502 or header
+    # Hosts an image part's http(s) URL may name: a multimodal engine fetches it from its
+    # own network. None: only data: URLs (the image in the request) reach the engine.
+    image_url_hosts: tuple[str, ...] = ()
 
 
 class DeployConfig(BaseModel):

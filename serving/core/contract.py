@@ -22,6 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from jinja2 import TemplateError
 
@@ -32,6 +33,7 @@ from serving.protocol.requests import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    ImagePart,
     ModelRequest,
 )
 from serving.settings import ContractConfig
@@ -159,6 +161,36 @@ def check_response_format(response_format: JSON | None) -> None:
     output_check.check_request_schema(schema, param="response_format.json_schema.schema")
 
 
+def _check_image_urls(request: ChatCompletionRequest, config: ContractConfig) -> None:
+    """An image part's URL is a ``data:`` URL, or http(s) on a host the configuration
+    names (``contract.image_url_hosts``): a multimodal engine fetches any other URL from
+    its own network, where a tenant must not make it reach (internal addresses, files)."""
+    for i, message in enumerate(request.messages):
+        content = message.content
+        if not isinstance(content, list):
+            continue  # text: the common case, one check a message
+        for j, part in enumerate(content):
+            if not isinstance(part, ImagePart):
+                continue
+            param = f"messages[{i}].content[{j}].image_url.url"
+            found = part.image_url.get("url") if isinstance(part.image_url, dict) else None
+            if not isinstance(found, str):
+                raise InvalidRequest("An image part needs image_url.url, a string.", param=param)
+            if found[:5].lower() == "data:":
+                continue
+            url = urlsplit(found)
+            if url.scheme.lower() in ("http", "https") and (url.hostname or "") in {
+                host.lower() for host in config.image_url_hosts
+            }:
+                continue
+            allowed = ", ".join(config.image_url_hosts) or "none configured"
+            raise InvalidRequest(
+                "An image must be sent in the request as a data: URL, or be an http(s) URL on"
+                f" a host in contract.image_url_hosts ({allowed}).",
+                param=param,
+            )
+
+
 def prepare_chat(
     request: ChatCompletionRequest, counter: TokenCounter | None, config: ContractConfig
 ) -> Prepared:
@@ -168,6 +200,7 @@ def prepare_chat(
             f"{len(request.messages)} messages; at most {config.max_messages} are allowed.",
             param="messages",
         )
+    _check_image_urls(request, config)
     _check_n(request, config)
     check_response_format(request.response_format)
     tools.check_tools(request)

@@ -341,3 +341,35 @@ def test_piecewise_counting_is_used_only_where_it_is_exact(
 ) -> None:
     assert added_token_splitter(chat_counter.tokenizer) is not None  # byte-level BPE
     assert added_token_splitter(embed_counter.tokenizer) is None  # BERT's normalizer
+
+
+def image(url: object) -> ChatCompletionRequest:
+    part = {"type": "image_url", "image_url": {"url": url}}
+    parts = [{"type": "text", "text": "This:"}, part]
+    return chat(messages=[{"role": "user", "content": "Look."}, {"role": "user", "content": parts}])
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://169.254.169.254/latest/meta-data/", "https://internal.example/x.png",
+     "file:///etc/passwd", "ftp://images.example/a.png", "HTTP://images.example.evil/a.png",
+     "https://images.example@evil.example/a.png", 7],
+)  # fmt: skip
+def test_an_image_url_the_engine_would_fetch_is_refused_unless_its_host_is_allowed(
+    url: object,
+) -> None:
+    config = ContractConfig(image_url_hosts=("images.example",))
+    with pytest.raises(InvalidRequest) as refused:
+        prepare_chat(image(url), None, config)
+    assert refused.value.param == "messages[1].content[1].image_url.url"
+
+
+@pytest.mark.parametrize(
+    ("url", "hosts"),
+    [("data:image/png;base64,iVBORw0KGgo=", ()), ("DATA:image/png;base64,AAAA", ()),
+     ("https://images.example/a.png", ("images.example",)),
+     ("http://IMAGES.example:8080/a.png", ("images.example",))],
+)  # fmt: skip
+def test_data_urls_and_allowed_hosts_pass(url: str, hosts: tuple[str, ...]) -> None:
+    prepared = prepare_chat(image(url), None, ContractConfig(image_url_hosts=hosts))
+    assert prepared.body["messages"][1]["content"][1]["image_url"]["url"] == url

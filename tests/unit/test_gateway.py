@@ -21,6 +21,8 @@ from tests.fakes.engine import FakeEngine
 from tests.openai_spec import validate
 
 CHAT: dict[str, Any] = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}
+# an image the engine would fetch from the cloud metadata address: refused before it
+METADATA_IMAGE = {"type": "image_url", "image_url": {"url": "http://169.254.169.254/"}}
 
 
 def make_client(
@@ -204,6 +206,12 @@ def test_readiness_fails_when_an_engine_is_down() -> None:
             "messages[0].content",
         ),
         (CHAT | {"messages": [{"role": "system"}]}, 400, "invalid_request", "messages[0].content"),
+        (
+            CHAT | {"messages": [{"role": "user", "content": [METADATA_IMAGE]}]},
+            400,
+            "invalid_request",
+            "messages[0].content[0].image_url.url",
+        ),
         (CHAT | {"temperature": 9}, 400, "invalid_request", "temperature"),
         (CHAT | {"n": 1000}, 400, "invalid_request", "n"),
         (CHAT | {"max_tokens": 0}, 400, "invalid_request", "max_tokens"),
