@@ -209,7 +209,7 @@ def crash_and_check(tmp_path: Path, database: str | None) -> None:
             hits = await service.search("t", "docs", f"text of document {n}", top_k=3)
             if any(h.document_id == doc for h in hits):
                 resurrected.append(doc)
-        service.docstore.close()
+        await service.close()  # its follower too, before the database is dropped
         return missing, resurrected
 
     missing, resurrected = asyncio.run(check())
