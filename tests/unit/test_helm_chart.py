@@ -176,6 +176,46 @@ def test_gateways_share_rollouts_through_their_redis(name: str, tmp_path: Path) 
     assert rollout_url(load_settings(config)) == "redis://redis.example:6379/2"
 
 
+def test_with_retrieval_off_the_batch_api_keeps_its_shared_postgresql(tmp_path: Path) -> None:
+    """The chart's PostgreSQL is made when retrieval or batches needs it: with retrieval
+    off (and batches on, the default) the gateways keep the Batch API in it, shared by
+    every pod, instead of turning it off; with both off there is no database."""
+
+    def render(*values: str) -> list[dict[str, Any]]:
+        made = subprocess.run(
+            [str(helm_binary()), "template", "weir", "deploy/helm/weir", "-n", "weir", *values],
+            cwd=ROOT, capture_output=True, text=True, timeout=120, check=True,
+        )  # fmt: skip
+        return [d for d in yaml.safe_load_all(made.stdout) if d]
+
+    rendered = render("--set", "retrieval.enabled=false")
+    config = tmp_path / "weir.toml"
+    config.write_text(by_kind(rendered, "ConfigMap")[0]["data"]["weir.toml"])
+    settings = load_settings(config)
+    assert not settings.retrieval.enabled
+    assert settings.batches.enabled
+    assert settings.batches.database_url is not None
+    assert settings.batches.database_url.get_secret_value() == (
+        "postgresql://weir@weir-postgres:5432/weir"
+    )
+    sets = {d["metadata"]["name"] for d in by_kind(rendered, "StatefulSet")}
+    assert "weir-postgres" in sets
+    assert "weir-index" not in sets  # no index workers without retrieval
+    services = {d["metadata"]["name"] for d in by_kind(rendered, "Service")}
+    assert "weir-postgres" in services
+    (gateway,) = [
+        d for d in by_kind(rendered, "Deployment") if d["metadata"]["name"] == "weir-gateway"
+    ]
+    env = {e["name"]: e for e in gateway["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "retrieval-database-password"
+    assert "WEIR_RETRIEVAL__WORKER_TOKEN" not in env  # the Secret holds none then
+
+    neither = render("--set", "retrieval.enabled=false", "--set", "batches.enabled=false")
+    assert not [d for d in neither if d["metadata"]["name"] == "weir-postgres"]
+    config.write_text(by_kind(neither, "ConfigMap")[0]["data"]["weir.toml"])
+    assert not load_settings(config).batches.enabled
+
+
 def test_the_chart_ships_the_same_dashboard() -> None:
     chart_copy = (ROOT / "deploy/helm/weir/files/weir.json").read_text()
     assert chart_copy == (ROOT / "deploy/grafana/weir.json").read_text()

@@ -130,6 +130,8 @@ def test_gateways_keep_batches_in_the_shared_postgresql(name: str, tmp_path: Pat
     own = load_settings(config).batches.database_url
     assert own is not None
     assert own.get_secret_value() == "postgresql://weir@db:5432/w"
-    config.write_text(configmap("--set", "retrieval.enabled=false"))
-    off = load_settings(config).batches  # no database: no per-pod store answering at random
+    config.write_text(
+        configmap("--set", "retrieval.enabled=false", "--set", "batches.enabled=false")
+    )
+    off = load_settings(config).batches  # off: the routes, never a per-pod store
     assert (off.enabled, off.database_url) == (False, None)

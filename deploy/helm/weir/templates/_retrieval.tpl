@@ -1,5 +1,12 @@
-{{/* The retrieval docstore's URL, without its password (PGPASSWORD from the Secret). */}}
-{{- define "weir.retrievalDatabaseUrl" -}}
+{{/* Whether the release needs a PostgreSQL: retrieval's docstore, the Batch API's store,
+or both (one database, shared). */}}
+{{- define "weir.usesDatabase" -}}
+{{- if or .Values.retrieval.enabled .Values.batches.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{/* The PostgreSQL's URL (retrieval's docstore and the batch store), without its
+password (PGPASSWORD from the Secret). */}}
+{{- define "weir.databaseUrl" -}}
 {{- if .Values.retrieval.postgres.enabled -}}
 postgresql://weir@{{ include "weir.fullname" . }}-postgres:5432/weir
 {{- else -}}
@@ -7,12 +14,17 @@ postgresql://weir@{{ include "weir.fullname" . }}-postgres:5432/weir
 {{- end -}}
 {{- end -}}
 
-{{/* The env of a process that opens the docstore (the database password) and that
-scatters searches or answers them (the token gateways and index workers share). */}}
-{{- define "weir.retrievalEnv" -}}
+{{/* The env of a process that opens the PostgreSQL (its password). */}}
+{{- define "weir.databaseEnv" -}}
 - name: PGPASSWORD
   valueFrom:
     secretKeyRef: {name: {{ include "weir.secretName" . }}, key: retrieval-database-password}
+{{- end -}}
+
+{{/* The env of a process that opens the docstore (the database password) and that
+scatters searches or answers them (the token gateways and index workers share). */}}
+{{- define "weir.retrievalEnv" -}}
+{{ include "weir.databaseEnv" . }}
 - name: WEIR_RETRIEVAL__WORKER_TOKEN
   valueFrom:
     secretKeyRef: {name: {{ include "weir.secretName" . }}, key: retrieval-worker-token}
