@@ -342,7 +342,8 @@ async def test_a_restarted_replica_starts_empty(base: Path) -> None:
 
         def seen() -> bool:  # what the new engine sends before the subscriber reconnects is lost
             fresh.publish(stored([5], [2] * BLOCK, BLOCK))
-            return 5 in rig.blocks(0).blocks
+            # the rebuild's replay applies it before the blocks are marked ready: wait for both
+            return 5 in rig.blocks(0).blocks and rig.blocks(0).ready
 
         await until(seen)
         assert rig.blocks(0).matched(hashes) == 0
