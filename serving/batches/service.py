@@ -48,6 +48,7 @@ from serving.observe.metrics import Metrics
 from serving.protocol.metadata import MAX_METADATA
 from serving.protocol.metadata import bounded as bounded_metadata
 from serving.settings import BatchesConfig
+from serving.sql_text import UNSTORABLE
 
 JSON = dict[str, Any]
 WINDOW_S = 24 * 3600
@@ -55,7 +56,6 @@ MAX_FILENAME = 256
 # what a stored filename cannot hold: control characters (NUL: PostgreSQL's text and jsonb
 # take none) and lone surrogates (a multipart charset such as utf-7 decodes to them; not UTF-8)
 _UNSTORABLE = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
-_UNSTORABLE_TEXT = re.compile("[\x00\ud800-\udfff]")  # in any text the store keeps
 MIN_EXPIRY_S = 3600  # OpenAI's bounds on expires_after.seconds: an hour...
 MAX_EXPIRY_S = 30 * 86_400  # ...to 30 days
 FILES_LIMIT_NAME = "files"  # what an upload's admission is made under (no model's limits)
@@ -102,7 +102,7 @@ class BatchCreate(BaseModel):
         """No NUL (PostgreSQL cannot read the record back as jsonb: the expiry sweep,
         which reads every running batch's, would fail) nor lone surrogate (not UTF-8)."""
         for text in (metadata or {}).items():
-            if any(_UNSTORABLE_TEXT.search(part) for part in text):
+            if any(UNSTORABLE.search(part) for part in text):
                 raise ValueError("keys and values cannot hold NUL or a lone surrogate")
         return bounded_metadata(metadata)
 

@@ -47,6 +47,7 @@ from sqlalchemy.engine import Connection
 
 from serving.batches.database import Database, Dialect
 from serving.errors import BatchesUnavailable, StorageQuotaExceeded
+from serving.sql_text import keyable
 
 T = TypeVar("T")
 JSON = dict[str, Any]
@@ -188,7 +189,7 @@ class BatchStore:
 
     async def file(self, tenant: str, file_id: str, now: float) -> JSON | None:
         """The File object, unless it has expired at ``now``."""
-        if not _keyable(file_id):
+        if not keyable(file_id):
             return None
         sql = _sql(f"SELECT record FROM files WHERE id = :id AND tenant = :tenant AND {self._live}")
 
@@ -199,7 +200,7 @@ class BatchStore:
         return await self._db.run(read, write=False)
 
     async def content(self, tenant: str, file_id: str, now: float) -> bytes | None:
-        if not _keyable(file_id):
+        if not keyable(file_id):
             return None
         sql = _sql(
             f"SELECT content FROM files WHERE id = :id AND tenant = :tenant AND {self._live}"
@@ -233,7 +234,7 @@ class BatchStore:
         return await self._db.run(read, write=False)
 
     async def delete_file(self, tenant: str, file_id: str, now: float) -> bool:
-        if not _keyable(file_id):
+        if not keyable(file_id):
             return False
         sql = _sql(f"DELETE FROM files WHERE id = :id AND tenant = :tenant AND {self._live}")
 
@@ -296,7 +297,7 @@ class BatchStore:
 
     async def batch(self, tenant: str | None, batch_id: str) -> JSON | None:
         """The Batch object (any tenant's when ``tenant`` is None: the runner)."""
-        if not _keyable(batch_id):
+        if not keyable(batch_id):
             return None
 
         def read(db: Connection) -> JSON | None:
@@ -316,7 +317,7 @@ class BatchStore:
     async def batches(self, tenant: str, limit: int, after: str | None) -> list[JSON]:
         """Newest first, ``limit`` of them after the batch ``after`` (one that cannot
         exist: from the newest)."""
-        if after is not None and not _keyable(after):
+        if after is not None and not keyable(after):
             after = None
 
         def read(db: Connection) -> list[JSON]:
@@ -508,10 +509,3 @@ def _loads(raw: str | bytes) -> JSON:
 
 def _jsonl(lines: list[bytes]) -> bytes:
     return b"".join(line + b"\n" for line in lines)
-
-
-def _keyable(text: str) -> bool:
-    """Whether ``text`` can be an id here: PostgreSQL's text holds no NUL and a lone
-    surrogate is no UTF-8, so asking for one would fail the query (a 503), where an id
-    that cannot exist is simply not found."""
-    return "\x00" not in text and not any("\ud800" <= c <= "\udfff" for c in text)

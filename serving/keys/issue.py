@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serving.keys.records import KeyRecord, hash_secret, new_secret
 from serving.keys.store import KeyStore
-
-_SURROGATE = re.compile("[\ud800-\udfff]")  # alone, no UTF-8: a key holding one cannot be shown
+from serving.sql_text import SURROGATE
 
 
 class KeyCreate(BaseModel):
@@ -38,7 +36,7 @@ class KeyCreate(BaseModel):
     def _utf8(cls, models: list[str]) -> list[str]:
         """pydantic checks no item of a list of strings; the other strings, checked for
         their length, are refused with a lone surrogate already."""
-        if any(_SURROGATE.search(model) for model in models):
+        if any(SURROGATE.search(model) for model in models):  # a key holding one cannot be shown
             raise ValueError("a model name cannot hold a lone surrogate")
         return models
 

@@ -20,6 +20,7 @@ from sqlalchemy.engine import Engine
 
 from serving.billing.budgets import usd
 from serving.ledger.schema import usage
+from serving.sql_text import keyable
 
 By = Literal["day", "model", "version", "key", "team"]
 SINCE = re.compile(r"^(\d+)([smhdw])$")
@@ -108,7 +109,9 @@ def usage_report(
     if team is not None:
         query = query.where(c.team == team)
     rows: Sequence[Any] = ()
-    if all(_storable(text) for text in (key, team) if text is not None):
+    # a key or team no row can hold (NUL, or a lone surrogate from `weir usage --key`
+    # given bytes that are not UTF-8) simply has no rows: never the query's failure
+    if all(keyable(text) for text in (key, team) if text is not None):
         with engine.connect() as conn:
             rows = conn.execute(query).all()
     lines = [_line(str(r[0]), *(int(v) for v in r[1:])) for r in rows]
@@ -116,13 +119,6 @@ def usage_report(
     return UsageReport(
         since=since, until=until, by=by, key=key, team=team, lines=lines, total=total
     )
-
-
-def _storable(text: str) -> bool:
-    """Whether a row could hold ``text``: PostgreSQL's text takes no NUL and a lone
-    surrogate (``weir usage --key`` given bytes that are not UTF-8) is no UTF-8; asking
-    for one would fail the query, where such a key or team simply has no rows."""
-    return "\x00" not in text and not any("\ud800" <= c <= "\udfff" for c in text)
 
 
 _SUMMED = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_nano")

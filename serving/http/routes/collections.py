@@ -6,7 +6,6 @@ limits, and the key's model list and token limits for what it embeds (``serving.
 
 from __future__ import annotations
 
-import re
 from contextlib import AbstractAsyncContextManager
 from typing import Annotated, Any
 
@@ -18,10 +17,10 @@ from serving.core.rag import RetrievalGate
 from serving.errors import InvalidRequest
 from serving.http.deps import configured
 from serving.http.front import caller_of
+from serving.sql_text import SURROGATE
 
 router = APIRouter(prefix="/v1/collections")
 NUL = "\x00"  # the docstore's ids and texts are PostgreSQL text, which takes none
-_SURROGATE = re.compile("[\ud800-\udfff]")  # alone, no UTF-8: a search could not answer it
 
 
 def _without_nul(text: str) -> str:
@@ -39,7 +38,7 @@ def _not_blank(text: str) -> str:
 def _utf8(value: Any) -> bool:
     """Whether a JSON value (metadata) has no lone surrogate in any key or string."""
     if isinstance(value, str):
-        return _SURROGATE.search(value) is None
+        return SURROGATE.search(value) is None  # a search could not answer it
     if isinstance(value, dict):
         return all(_utf8(k) and _utf8(v) for k, v in value.items())
     if isinstance(value, list):
